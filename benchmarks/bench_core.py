@@ -1,0 +1,606 @@
+"""Core side-by-side benchmark: raw ASGI vs sse-starlette vs sseviews.
+
+Each contender serves the same two endpoints (``/burst?n=N`` and ``/idle``, see
+``benchmarks/apps/``) from a real uvicorn subprocess (uvloop + httptools, one
+worker) on 127.0.0.1, and is driven by the raw-socket client in
+``benchmarks/loadclient.py`` running in this process.
+
+Cases (every contender, same run, side by side):
+
+A. server RSS growth per idle stream with ``--conns`` (5000) streams open;
+B. events/s of one stream of ``--events`` (100k) events;
+C. aggregate events/s of ``--streams`` (10) concurrent streams of
+   ``--stream-events`` (20k) events each;
+D. seconds from the first connect to the last response head when opening the
+   ``--conns`` streams of case A.
+
+A/D and B/C each get a fresh server per run; the order of the contenders is
+rotated between runs. Every case is repeated ``--runs`` times and the median is
+reported as a markdown table (with ratios against the targets) and written,
+with the raw per-run numbers, to ``benchmarks/results/core-<timestamp>.json``.
+
+Usage (from anywhere; paths are resolved from this file)::
+
+    python benchmarks/bench_core.py              # full run, 3 runs
+    python benchmarks/bench_core.py --quick      # smoke test: small sizes, 1 run
+    python benchmarks/bench_core.py --servers raw,sse-starlette --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.dont_write_bytecode = True  # keep __pycache__ out of the work tree
+
+import psutil  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.loadclient import (  # noqa: E402
+    BurstResult,
+    ProtocolError,
+    burst,
+    open_many,
+    raise_nofile_limit,
+    run,
+)
+
+HOST = "127.0.0.1"
+EVENT_ON_WIRE = b"data: x\n\n"
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+SERVER_START_TIMEOUT = 30.0
+SERVER_STOP_TIMEOUT = 5.0
+STREAM_OPEN_TIMEOUT = 30.0  # connect + response head, per idle stream
+IDLE_CASE_TIMEOUT = 300.0  # whole of case A/D
+BURST_TIMEOUT = 180.0  # one burst measurement, all streams
+WARMUP_IDLE_STREAMS = 20
+
+
+class BenchError(Exception):
+    """A measurement could not be taken or its result is wrong."""
+
+
+# -- contenders ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    key: str
+    label: str
+    app: str  # "module:attribute" for uvicorn
+
+    @property
+    def module(self) -> str:
+        return self.app.partition(":")[0]
+
+
+SERVERS: tuple[ServerSpec, ...] = (
+    ServerSpec("raw", "raw ASGI", "benchmarks.apps.raw_app:app"),
+    ServerSpec("sse-starlette", "sse-starlette", "benchmarks.apps.sse_starlette_app:app"),
+    ServerSpec("sseviews", "sseviews", "benchmarks.apps.sseviews_app:app"),
+)
+SERVERS_BY_KEY = {spec.key: spec for spec in SERVERS}
+
+
+# -- sizes and cases ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    runs: int
+    conns: int
+    concurrency: int
+    events: int
+    streams: int
+    stream_events: int
+    settle_seconds: float
+    hold_seconds: float
+
+
+FULL = Sizes(runs=3, conns=5000, concurrency=200, events=100_000, streams=10,
+             stream_events=20_000, settle_seconds=1.0, hold_seconds=2.0)
+QUICK = Sizes(runs=1, conns=500, concurrency=200, events=10_000, streams=10,
+              stream_events=2_000, settle_seconds=0.5, hold_seconds=1.0)
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    label: str  # formatted with the Sizes fields
+    higher_is_better: bool
+    decimals: int
+    target_baseline: str | None = None  # "raw" or "sse-starlette"
+    target_ratio: float | None = None
+
+    @property
+    def target_text(self) -> str:
+        if self.target_baseline is None or self.target_ratio is None:
+            return ""
+        op = ">=" if self.higher_is_better else "<="
+        return f"sseviews {op} {self.target_ratio:g}x {SERVERS_BY_KEY[self.target_baseline].label}"
+
+    def target_met(self, ratio: float) -> bool:
+        assert self.target_ratio is not None
+        return ratio >= self.target_ratio if self.higher_is_better else ratio <= self.target_ratio
+
+
+CASES: tuple[Case, ...] = (
+    Case("rss_kb_per_stream", "A. RSS per idle stream, KB ({conns} open)", False, 2, "raw", 1.25),
+    Case("one_stream_eps", "B. 1 stream x {events} events, events/s", True, 0, "sse-starlette", 4.0),
+    Case("multi_stream_eps", "C. {streams} streams x {stream_events} events, aggregate events/s",
+         True, 0, "sse-starlette", 3.0),
+    Case("open_seconds", "D. open {conns} streams, s", False, 3, "raw", 1.3),
+    # Diagnostics without a target: server CPU time per event (less noisy
+    # than wall-clock throughput on a busy machine).
+    Case("one_stream_cpu_us", "(info) B server CPU, us/event", False, 2),
+    Case("multi_stream_cpu_us", "(info) C server CPU, us/event", False, 2),
+)
+
+
+# -- server subprocess ----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _raise_nofile_in_child() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _child_env(sse_starlette_ping: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    if sse_starlette_ping is not None:
+        env["SSE_STARLETTE_PING"] = sse_starlette_ping
+    return env
+
+
+class UvicornServer:
+    """One uvicorn process serving ``spec.app`` on a free loopback port."""
+
+    def __init__(self, spec: ServerSpec, env: dict[str, str], log_dir: Path) -> None:
+        self.spec = spec
+        self.env = env
+        self.log_path = log_dir / f"{spec.key}-{time.monotonic_ns()}.log"
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._ps: psutil.Process | None = None
+
+    def __enter__(self) -> UvicornServer:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        for attempt in range(3):
+            self.port = _free_port()
+            command = [
+                sys.executable, "-m", "uvicorn", self.spec.app,
+                "--host", HOST, "--port", str(self.port),
+                "--loop", "uvloop", "--http", "httptools",
+                "--no-access-log", "--log-level", "warning", "--backlog", "4096",
+            ]
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(
+                    command, cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=_raise_nofile_in_child,
+                )
+            self._ps = psutil.Process(self.process.pid)
+            if self._wait_ready():
+                return
+            self.stop()
+            if "address already in use" not in self.log_tail().lower():
+                break
+        raise BenchError(f"{self.spec.label} server did not start:\n{self.log_tail()}")
+
+    def _wait_ready(self) -> bool:
+        assert self.process is not None
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5):
+                    return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def rss(self) -> int:
+        assert self._ps is not None
+        return int(self._ps.memory_info().rss)
+
+    def cpu_seconds(self) -> float:
+        assert self._ps is not None
+        times = self._ps.cpu_times()
+        return float(times.user + times.system)
+
+    def check_alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            raise BenchError(f"{self.spec.label} server exited:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(SERVER_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(SERVER_STOP_TIMEOUT)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+# -- measurements -----------------------------------------------------------------
+
+
+def _check_burst(result: BurstResult, expected_events: int) -> None:
+    for head in result.heads:
+        if head.status != 200:
+            raise BenchError(f"status {head.status} from /burst")
+    for events, body_bytes in zip(result.events, result.body_bytes):
+        if events != expected_events:
+            raise BenchError(f"expected {expected_events} events per stream, counted {events}")
+        if body_bytes != expected_events * len(EVENT_ON_WIRE):
+            raise BenchError(
+                f"expected {expected_events * len(EVENT_ON_WIRE)} body bytes, got {body_bytes}"
+                f" (events are not {EVENT_ON_WIRE!r}?)"
+            )
+
+
+async def validate(server: UvicornServer) -> dict[str, Any]:
+    """Check the server speaks the expected wire format; return what it sent."""
+    result = await burst(HOST, server.port, "/burst?n=3", timeout=10.0)
+    _check_burst(result, 3)
+    headers = result.heads[0].headers
+    if not headers.get("content-type", "").startswith("text/event-stream"):
+        raise BenchError(f"bad content-type {headers.get('content-type')!r}")
+    idle = await open_many(HOST, server.port, "/idle", 1, timeout=10.0)
+    idle.close_all()
+    if idle.errors or idle.heads[0].status != 200:
+        raise BenchError(f"/idle did not answer 200: {idle.errors or idle.heads[0].status}")
+    return {"burst_headers": headers, "idle_headers": idle.heads[0].headers}
+
+
+async def measure_idle(server: UvicornServer, sizes: Sizes) -> dict[str, float]:
+    """Cases A and D on a fresh server."""
+    port = server.port
+    # Warm the code paths (imports, routing, first-request allocations).
+    _check_burst(await burst(HOST, port, "/burst?n=100", timeout=30.0), 100)
+    warm = await open_many(HOST, port, "/idle", WARMUP_IDLE_STREAMS, timeout=STREAM_OPEN_TIMEOUT)
+    warm.close_all()
+    if warm.errors:
+        raise BenchError(f"warm-up streams failed: {warm.errors[0]}")
+    await asyncio.sleep(sizes.settle_seconds)
+
+    rss_before = server.rss()
+    async with asyncio.timeout(IDLE_CASE_TIMEOUT):
+        opened = await open_many(
+            HOST, port, "/idle", sizes.conns,
+            concurrency=sizes.concurrency, timeout=STREAM_OPEN_TIMEOUT,
+        )
+    try:
+        if opened.errors:
+            raise BenchError(
+                f"{len(opened.errors)} of {sizes.conns} idle streams failed, e.g. {opened.errors[0]}"
+            )
+        bad = [head.status for head in opened.heads if head.status != 200]
+        if bad:
+            raise BenchError(f"{len(bad)} idle streams answered non-200, e.g. {bad[0]}")
+        await asyncio.sleep(sizes.hold_seconds)
+        ended = sum(1 for stream in opened.streams if stream.done.done())
+        if ended:
+            raise BenchError(f"{ended} idle streams ended while held open")
+        server.check_alive()
+        rss_after = server.rss()
+    finally:
+        opened.close_all()
+    return {
+        "rss_kb_per_stream": (rss_after - rss_before) / sizes.conns / 1024,
+        "open_seconds": opened.elapsed,
+        "rss_before_mb": rss_before / 2**20,
+        "rss_after_mb": rss_after / 2**20,
+    }
+
+
+async def measure_bursts(server: UvicornServer, sizes: Sizes) -> dict[str, float]:
+    """Cases B and C on a fresh server."""
+    port = server.port
+    _check_burst(await burst(HOST, port, "/burst?n=1000", timeout=30.0), 1000)  # warm-up
+
+    cpu_start = server.cpu_seconds()
+    one = await burst(HOST, port, f"/burst?n={sizes.events}", timeout=BURST_TIMEOUT)
+    cpu_one = server.cpu_seconds() - cpu_start
+    _check_burst(one, sizes.events)
+
+    cpu_start = server.cpu_seconds()
+    multi = await burst(
+        HOST, port, f"/burst?n={sizes.stream_events}", streams=sizes.streams, timeout=BURST_TIMEOUT
+    )
+    cpu_multi = server.cpu_seconds() - cpu_start
+    _check_burst(multi, sizes.stream_events)
+    server.check_alive()
+    return {
+        "one_stream_eps": one.events_per_second,
+        "multi_stream_eps": multi.events_per_second,
+        "one_stream_cpu_us": cpu_one / one.total_events * 1e6,
+        "multi_stream_cpu_us": cpu_multi / multi.total_events * 1e6,
+        "one_stream_seconds": one.elapsed,
+        "multi_stream_seconds": multi.elapsed,
+    }
+
+
+# -- orchestration ------------------------------------------------------------------
+
+
+@dataclass
+class ServerResults:
+    label: str
+    available: bool = True
+    skipped_reason: str | None = None
+    validation: dict[str, Any] | None = None
+    runs: dict[str, list[float]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.runs.setdefault(key, []).append(value)
+
+    def median(self, key: str) -> float | None:
+        values = self.runs.get(key)
+        return statistics.median(values) if values else None
+
+
+def _probe_import(module: str, env: dict[str, str]) -> str | None:
+    """Return None if ``module`` imports in a child like the server's, else why not."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", f"import {module}"], cwd=REPO_ROOT, env=env,
+            capture_output=True, text=True, timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        return f"importing {module} timed out"
+    if proc.returncode == 0:
+        return None
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1] if lines else f"import {module} failed"
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_benchmark(
+    specs: Sequence[ServerSpec], sizes: Sizes, env: dict[str, str], explicit: bool, log_dir: Path
+) -> dict[str, ServerResults]:
+    results: dict[str, ServerResults] = {}
+    active: list[ServerSpec] = []
+    for spec in specs:
+        results[spec.key] = ServerResults(spec.label)
+        reason = _probe_import(spec.module, env)
+        if reason is not None:
+            results[spec.key].available = False
+            results[spec.key].skipped_reason = reason
+            if explicit:
+                raise SystemExit(f"{spec.label} requested but unavailable: {reason}")
+            _say(f"skipping {spec.label}: {reason}")
+        else:
+            active.append(spec)
+
+    def attempt(spec: ServerSpec, what: str, run_index: int, phase: str) -> None:
+        outcome = results[spec.key]
+        _say(f"run {run_index + 1}/{sizes.runs} {spec.label}: {what}")
+        try:
+            with UvicornServer(spec, env, log_dir) as server:
+                if outcome.validation is None:
+                    outcome.validation = run(validate(server))
+                measure = measure_idle if phase == "idle" else measure_bursts
+                values = run(measure(server, sizes))
+        except (BenchError, ProtocolError, OSError, TimeoutError) as exc:
+            message = f"run {run_index + 1} {what}: {type(exc).__name__}: {exc}"
+            _say(f"  FAILED: {message}")
+            outcome.errors.append(message)
+            return
+        _say("  " + ", ".join(f"{key}={value:,.3f}" for key, value in values.items()))
+        outcome.add(values)
+
+    for run_index in range(sizes.runs):
+        shift = run_index % max(len(active), 1)
+        order = active[shift:] + active[:shift]  # rotate to spread drift fairly
+        for spec in order:
+            attempt(spec, f"A/D, {sizes.conns} idle streams", run_index, "idle")
+        for spec in order:
+            attempt(spec, "B/C, bursts", run_index, "burst")
+    return results
+
+
+# -- reporting ------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, decimals: int) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{decimals}f}"
+
+
+def _ratio(results: dict[str, ServerResults], case: Case, baseline: str) -> float | None:
+    if "sseviews" not in results or baseline not in results:
+        return None
+    ours, theirs = results["sseviews"].median(case.key), results[baseline].median(case.key)
+    if ours is None or theirs is None or theirs == 0:
+        return None
+    return ours / theirs
+
+
+def build_report(results: dict[str, ServerResults], sizes: Sizes) -> tuple[str, dict[str, Any]]:
+    """Return the markdown table and a JSON-able summary of medians and ratios."""
+    columns = [spec for spec in SERVERS if spec.key in results]
+    header = ["Case"] + [spec.label for spec in columns]
+    header += ["sseviews/raw", "sseviews/sse-starlette", "target", "met"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    summary: dict[str, Any] = {}
+    for case in CASES:
+        medians = {spec.key: results[spec.key].median(case.key) for spec in columns}
+        ratios = {base: _ratio(results, case, base) for base in ("raw", "sse-starlette")}
+        met: bool | None = None
+        if case.target_baseline is not None and ratios.get(case.target_baseline) is not None:
+            met = case.target_met(ratios[case.target_baseline])  # type: ignore[arg-type]
+        cells = [case.label.format(**asdict(sizes))]
+        cells += [_fmt(medians[spec.key], case.decimals) for spec in columns]
+        cells += [f"{r:.2f}x" if r is not None else "n/a" for r in ratios.values()]
+        cells += [case.target_text, "" if case.target_baseline is None else
+                  ("n/a" if met is None else "yes" if met else "NO")]
+        rows.append("| " + " | ".join(cells) + " |")
+        summary[case.key] = {
+            "label": cells[0], "higher_is_better": case.higher_is_better,
+            "medians": medians, "ratios": {f"sseviews/{k}": v for k, v in ratios.items()},
+            "target": case.target_text or None, "target_met": met,
+        }
+    return "\n".join(rows), summary
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in ("uvicorn", "starlette", "sse-starlette", "uvloop", "httptools", "anyio", "psutil", "sseviews"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_json(
+    path: Path, table: str, summary: dict[str, Any], results: dict[str, ServerResults],
+    sizes: Sizes, argv: Sequence[str], started: dt.datetime, seconds: float,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "benchmark": "core",
+        "started": started.isoformat(timespec="seconds"),
+        "duration_seconds": round(seconds, 1),
+        "argv": list(argv),
+        "sizes": asdict(sizes),
+        "environment": {
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "versions": _versions(),
+            "sse_starlette_ping": os.environ.get("SSE_STARLETTE_PING", "0"),
+        },
+        "table_markdown": table,
+        "cases": summary,
+        "servers": {key: asdict(value) for key, value in results.items()},
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Side-by-side SSE benchmark: raw ASGI vs sse-starlette vs sseviews.",
+    )
+    parser.add_argument("--runs", type=int, help=f"repetitions per case (default {FULL.runs}; --quick: {QUICK.runs})")
+    parser.add_argument("--quick", action="store_true", help="small sizes and 1 run: a smoke test")
+    parser.add_argument("--servers", help="comma-separated subset of: " + ",".join(SERVERS_BY_KEY))
+    parser.add_argument("--conns", type=int, help="idle streams for cases A/D")
+    parser.add_argument("--concurrency", type=int, help="max handshakes in flight when opening idle streams")
+    parser.add_argument("--events", type=int, help="events of the single stream (case B)")
+    parser.add_argument("--streams", type=int, help="concurrent streams (case C)")
+    parser.add_argument("--stream-events", type=int, help="events per stream (case C)")
+    parser.add_argument("--sse-starlette-ping", metavar="SECONDS",
+                        help="ping interval for sse-starlette (default 0 = no ping task)")
+    parser.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/core-<timestamp>.json)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    base = QUICK if args.quick else FULL
+    overrides = {
+        name: getattr(args, name)
+        for name in ("runs", "conns", "concurrency", "events", "streams", "stream_events")
+        if getattr(args, name) is not None
+    }
+    sizes = Sizes(**{**asdict(base), **overrides})
+    if min(sizes.runs, sizes.conns, sizes.concurrency, sizes.events, sizes.streams, sizes.stream_events) < 1:
+        raise SystemExit("sizes and --runs must be >= 1")
+
+    explicit = args.servers is not None
+    keys = args.servers.split(",") if explicit else list(SERVERS_BY_KEY)
+    unknown = [key for key in keys if key not in SERVERS_BY_KEY]
+    if unknown:
+        raise SystemExit(f"unknown server(s) {unknown}; choose from {list(SERVERS_BY_KEY)}")
+    specs = [SERVERS_BY_KEY[key] for key in keys]
+
+    nofile = raise_nofile_limit()
+    if nofile < sizes.conns + 100:
+        raise SystemExit(f"RLIMIT_NOFILE is {nofile}: too low for {sizes.conns} streams")
+    if args.sse_starlette_ping is not None:
+        os.environ["SSE_STARLETTE_PING"] = args.sse_starlette_ping
+    env = _child_env(args.sse_starlette_ping)
+
+    started = dt.datetime.now()
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-core-") as log_dir:
+        results = run_benchmark(specs, sizes, env, explicit, Path(log_dir))
+    table, summary = build_report(results, sizes)
+
+    output = args.output or RESULTS_DIR / f"core-{started.strftime('%Y%m%dT%H%M%S')}.json"
+    write_json(output, table, summary, results, sizes, argv, started, time.monotonic() - t0)
+
+    runs_note = f"median of {sizes.runs} run(s)" + (" [--quick]" if args.quick else "")
+    print(f"\n## SSE core benchmark ({runs_note})\n")
+    print(table)
+    for key, outcome in results.items():
+        if outcome.skipped_reason:
+            print(f"\n{outcome.label}: skipped ({outcome.skipped_reason})")
+        for error in outcome.errors:
+            print(f"\n{outcome.label}: {error}")
+    print(f"\nJSON: {output}")
+    failed = any(outcome.errors for outcome in results.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""`Event`, one Server-Sent Events message, and its wire encoding.
+
+The encoding follows the WHATWG HTML "Server-sent events" section: fields are
+`name: value` lines separated by `\\n`, and every message ends with a blank line.
+An event is encoded once, when it is built, so an event broadcast to many clients
+costs one encoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import enum
+import json
+import uuid
+from typing import Any
+
+__all__ = ["Event", "encode_data"]
+
+_SEPARATORS = (",", ":")
+
+
+def _json_default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    model_dump = getattr(value, "model_dump", None)  # pydantic v2 models
+    if callable(model_dump):
+        return model_dump(mode="json")
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | decimal.Decimal):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    raise TypeError(
+        f"event data of type {type(value).__name__} is not JSON serializable: "
+        "expected str, bytes, dict, list, a number, bool, None, a dataclass, "
+        "a pydantic model, a date/time, a UUID or a Decimal"
+    )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=_SEPARATORS, ensure_ascii=False, default=_json_default)
+
+
+def _data_text(data: Any) -> str:
+    """Return the text that the `data:` lines carry."""
+    if isinstance(data, str):
+        return data
+    if isinstance(data, bytes | bytearray | memoryview):
+        try:
+            return bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"bytes event data must be valid UTF-8 text: {exc}") from None
+    return _dumps(data)
+
+
+def _split_lines(text: str) -> list[str]:
+    # Only CRLF, CR and LF end lines in SSE; str.splitlines() would also split on
+    # \v, \f, \x1c, \u2028 and others, which the browser keeps inside the data.
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.split("\n")
+
+
+def _data_field(text: str) -> str:
+    if "\n" not in text and "\r" not in text:
+        return "data: " + text + "\n"
+    return "".join(["data: " + line + "\n" for line in _split_lines(text)])
+
+
+def _encode_utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"event text must be encodable as UTF-8: {exc}") from None
+
+
+def encode_data(data: Any) -> bytes:
+    """Encode `data` as one unnamed message, the way `Event(data).encode()` would.
+
+    This is the fast path for values that a view yields without wrapping them in
+    an `Event`.
+    """
+    if isinstance(data, str) and "\n" not in data and "\r" not in data:
+        return _encode_utf8("data: " + data + "\n\n")
+    return _encode_utf8(_data_field(_data_text(data)) + "\n")
+
+
+def _check_line(name: str, value: str | None, *, allow_nul: bool = True) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"Event {name} must be a str or None, got {type(value).__name__}")
+    if "\n" in value or "\r" in value:
+        raise ValueError(
+            f"Event {name} must not contain CR or LF (it would inject SSE fields): {value!r}"
+        )
+    if not allow_nul and "\0" in value:
+        raise ValueError(f"Event {name} must not contain NUL (browsers ignore such ids): {value!r}")
+
+
+class Event:
+    """One Server-Sent Events message.
+
+    Args:
+        data: The payload. A `str` is sent as it is, split into one `data:` line per
+            line; `bytes` are taken as UTF-8 text; anything else (dict, list, number,
+            bool, None, dataclass, pydantic model) is JSON-encoded compactly, without
+            ASCII escaping. `None` sends no `data:` field at all.
+        event: The event name (`event:` field). Browsers dispatch unnamed events to
+            `onmessage`, and named ones to `addEventListener(name, ...)`.
+        id: The event id (`id:` field); the browser sends the last one it saw back
+            as `Last-Event-ID` when it reconnects. An `int` is converted to `str`.
+        retry: The reconnection delay the browser should use, in milliseconds.
+        comment: A comment (`: ` lines), ignored by browsers; a multi-line comment
+            becomes several comment lines.
+
+    Raises:
+        ValueError: `event` or `id` contains CR or LF, `id` contains NUL, `retry` is
+            negative, or the text is not valid UTF-8.
+        TypeError: A field has the wrong type, or `data` cannot be JSON-encoded.
+
+    Events are immutable: their wire bytes are computed once, when they are built.
+    """
+
+    __slots__ = ("_wire", "comment", "data", "event", "id", "retry")
+
+    data: Any
+    event: str | None
+    id: str | None
+    retry: int | None
+    comment: str | None
+    _wire: bytes
+
+    def __init__(
+        self,
+        data: Any = None,
+        *,
+        event: str | None = None,
+        id: str | int | None = None,
+        retry: int | None = None,
+        comment: str | None = None,
+    ) -> None:
+        if isinstance(id, int) and not isinstance(id, bool):
+            id = str(id)
+        _check_line("event", event)
+        _check_line("id", id, allow_nul=False)  # type: ignore[arg-type]
+        assert id is None or isinstance(id, str)
+        if retry is not None:
+            if not isinstance(retry, int) or isinstance(retry, bool):
+                raise TypeError(
+                    f"Event retry must be an int of milliseconds, got {type(retry).__name__}"
+                )
+            if retry < 0:
+                raise ValueError(f"Event retry must be a non-negative int, got {retry}")
+        if comment is not None and not isinstance(comment, str):
+            raise TypeError(f"Event comment must be a str or None, got {type(comment).__name__}")
+
+        parts: list[str] = []
+        if comment is not None:
+            parts.extend([": " + line + "\n" for line in _split_lines(comment)])
+        if event is not None:
+            parts.append("event: " + event + "\n")
+        if id is not None:
+            parts.append("id: " + id + "\n")
+        if retry is not None:
+            parts.append(f"retry: {retry}\n")
+        if data is not None:
+            parts.append(_data_field(_data_text(data)))
+        parts.append("\n")
+
+        set_ = object.__setattr__
+        set_(self, "data", data)
+        set_(self, "event", event)
+        set_(self, "id", id)
+        set_(self, "retry", retry)
+        set_(self, "comment", comment)
+        set_(self, "_wire", _encode_utf8("".join(parts)))
+
+    def encode(self) -> bytes:
+        """Return the message's wire bytes, ending with a blank line."""
+        return self._wire
+
+    def json(self) -> Any:
+        """Decode the data as JSON, as `JSON.parse(event.data)` would in a browser."""
+        if self.data is None:
+            raise ValueError("this event has no data")
+        return json.loads(_data_text(self.data))
+
+    def _with_id(self, id: str) -> Event:
+        """Return a copy carrying `id`, reusing the already encoded fields."""
+        clone = object.__new__(Event)
+        set_ = object.__setattr__
+        set_(clone, "data", self.data)
+        set_(clone, "event", self.event)
+        set_(clone, "id", id)
+        set_(clone, "retry", self.retry)
+        set_(clone, "comment", self.comment)
+        set_(clone, "_wire", b"id: " + id.encode() + b"\n" + self._wire)
+        return clone
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Event is immutable; build a new Event instead")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Event is immutable; build a new Event instead")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.data, self.event, self.id, self.retry, self.comment) == (
+            other.data,
+            other.event,
+            other.id,
+            other.retry,
+            other.comment,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # data may be a dict
+
+    def __repr__(self) -> str:
+        fields = [f"{self.data!r}"] if self.data is not None else []
+        for name in ("event", "id", "retry", "comment"):
+            value = getattr(self, name)
+            if value is not None:
+                fields.append(f"{name}={value!r}")
+        return f"Event({', '.join(fields)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.data, self.event, self.id, self.retry, self.comment))
+
+
+def _rebuild(
+    data: Any, event: str | None, id: str | None, retry: int | None, comment: str | None
+) -> Event:
+    return Event(data, event=event, id=id, retry=retry, comment=comment)

@@ -1,0 +1,47 @@
+"""Exceptions raised by sseviews.
+
+Every exception the library raises on purpose derives from `SSEViewsError`:
+
+    SSEViewsError
+    ├── StreamEnded            the test client's stream has ended
+    ├── InvalidLastEventId     a Last-Event-ID this broadcast layer did not issue
+    └── BroadcastError         the broadcast layer cannot do its job
+        ├── BroadcastNotConnected
+        └── BackendError       the live backend or the history store failed
+
+Bad values given to a constructor or a function raise the built-in `ValueError`
+or `TypeError` where the value enters, with a message that says what was expected.
+"""
+
+from __future__ import annotations
+
+
+class SSEViewsError(Exception):
+    """Base class of every exception raised by sseviews."""
+
+
+class StreamEnded(SSEViewsError):
+    """Raised by the test client when a stream has ended and no event is left to read."""
+
+
+class InvalidLastEventId(SSEViewsError):
+    """Raised when a `Last-Event-ID` was not issued by this broadcast layer.
+
+    Views turn it into a `400 Bad Request` response.
+    """
+
+
+class BroadcastError(SSEViewsError):
+    """Raised when the broadcast layer cannot publish or deliver events."""
+
+
+class BroadcastNotConnected(BroadcastError):
+    """Raised when a broadcast is used before `async with broadcast:` connected it."""
+
+
+class BackendError(BroadcastError):
+    """Raised when the live backend (Redis) or the history store (SQL) fails.
+
+    Subscribers end with this error instead of hanging or silently missing events;
+    clients reconnect and replay from their `Last-Event-ID`.
+    """

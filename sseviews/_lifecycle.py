@@ -1,0 +1,180 @@
+"""Why a stream ended, and how a server tells its open streams that it is shutting down.
+
+Shutdown state belongs to one server, never to the process: a `ShutdownSignal`
+is found per request, either in the ASGI scope (put there by `ShutdownMiddleware`
+or by the test client) or, under uvicorn, on the running `uvicorn.Server` itself.
+Two servers started one after another in one process each get their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import signal
+from typing import Any, Protocol
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["DisconnectReason", "ShutdownMiddleware", "ShutdownSignal", "find_shutdown_signal"]
+
+logger = logging.getLogger("sseviews")
+
+#: The ASGI scope extension under which a `ShutdownSignal` is looked up.
+SCOPE_KEY = "sseviews.shutdown"
+
+# How often the uvicorn watcher looks at `Server.should_exit`, in seconds. uvicorn's
+# own main loop ticks every 0.1 s, so a faster poll would not end streams sooner.
+_UVICORN_POLL = 0.1
+_UVICORN_ATTR = "_sseviews_shutdown_signal"
+
+
+class DisconnectReason(enum.StrEnum):
+    """Why a stream ended; passed to `EventStreamView.on_disconnect`."""
+
+    #: The client closed the connection (or the test client left its `stream` block).
+    CLIENT_CLOSED = "client_closed"
+    #: `events()` returned.
+    COMPLETED = "completed"
+    #: The server is shutting down.
+    SHUTDOWN = "shutdown"
+    #: One write blocked for longer than `send_timeout`: the client stopped reading.
+    SEND_TIMEOUT = "send_timeout"
+    #: The client fell further behind its group events than the connection's buffer allows.
+    SLOW_CONSUMER = "slow_consumer"
+    #: `events()` raised, or an event could not be encoded.
+    ERROR = "error"
+
+
+class _Stoppable(Protocol):
+    def begin_shutdown(self) -> None: ...
+
+
+class ShutdownSignal:
+    """The shutdown state of one server.
+
+    Call `trigger()` when the server starts shutting down: every stream that uses
+    this signal ends (after its view's `shutdown_grace_period`), and new streams are
+    refused with 503. Under uvicorn sseviews finds and triggers one automatically;
+    with other servers, give one to `ShutdownMiddleware` and trigger it from the
+    server's shutdown hook.
+
+    `trigger()` must be called from the event loop thread; from a signal handler or
+    another thread use `loop.call_soon_threadsafe(signal.trigger)`.
+    """
+
+    __slots__ = ("__weakref__", "_streams", "_triggered", "_watcher")
+
+    def __init__(self) -> None:
+        self._streams: set[_Stoppable] = set()
+        self._triggered = False
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def is_set(self) -> bool:
+        """Whether shutdown has started."""
+        return self._triggered
+
+    @property
+    def open_streams(self) -> int:
+        """How many streams are registered with this signal right now."""
+        return len(self._streams)
+
+    def trigger(self) -> None:
+        """Start shutdown: end every open stream that uses this signal."""
+        if self._triggered:
+            return
+        self._triggered = True
+        if self._streams:
+            logger.info("shutdown: ending %d open stream(s)", len(self._streams))
+        for stream in list(self._streams):
+            stream.begin_shutdown()
+
+    def _register(self, stream: _Stoppable) -> None:
+        self._streams.add(stream)
+        if self._triggered:
+            stream.begin_shutdown()
+
+    def _unregister(self, stream: _Stoppable) -> None:
+        self._streams.discard(stream)
+
+
+class ShutdownMiddleware:
+    """ASGI middleware that hands a `ShutdownSignal` to every stream below it.
+
+    Use it with ASGI servers other than uvicorn (hypercorn, granian, ...), and
+    trigger the signal from the server's shutdown hook:
+
+        shutdown = ShutdownSignal()
+        app = ShutdownMiddleware(app, shutdown)
+
+    Args:
+        app: The ASGI app to wrap.
+        signal: The signal to hand out; a new one when omitted (see `.signal`).
+    """
+
+    def __init__(self, app: ASGIApp, signal: ShutdownSignal | None = None) -> None:
+        self.app = app
+        self.signal = signal if signal is not None else ShutdownSignal()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            extensions = scope.get("extensions")
+            if extensions is None:
+                extensions = scope["extensions"] = {}
+            extensions[SCOPE_KEY] = self.signal
+        await self.app(scope, receive, send)
+
+
+def find_shutdown_signal(scope: Scope) -> ShutdownSignal | None:
+    """Return the `ShutdownSignal` of the server that runs this request, if any."""
+    extensions = scope.get("extensions")
+    if extensions:
+        found = extensions.get(SCOPE_KEY)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+    return _uvicorn_signal()
+
+
+def _uvicorn_server() -> Any | None:
+    # uvicorn's Server.serve() installs its bound method `handle_exit` as the
+    # SIGTERM/SIGINT handler for as long as it runs, and restores the previous
+    # handler afterwards, so the handler leads to the server running right now.
+    handler = signal.getsignal(signal.SIGTERM)
+    server = getattr(handler, "__self__", None)
+    if server is None or not hasattr(server, "should_exit") or not hasattr(server, "handle_exit"):
+        return None
+    return server
+
+
+def _uvicorn_signal() -> ShutdownSignal | None:
+    server = _uvicorn_server()
+    if server is None:
+        return None
+    found: ShutdownSignal | None = server.__dict__.get(_UVICORN_ATTR)
+    if found is None:
+        found = ShutdownSignal()
+        server.__dict__[_UVICORN_ATTR] = found
+    if server.should_exit:
+        found.trigger()
+    elif found._watcher is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - uvicorn always runs asyncio
+            return found
+        found._watcher = loop.create_task(_watch_uvicorn(server, found))
+    return found
+
+
+async def _watch_uvicorn(server: Any, found: ShutdownSignal) -> None:
+    """Trigger `found` when `server.should_exit` flips; live only while streams are open."""
+    try:
+        # Let the stream that started us register before the first look.
+        await asyncio.sleep(_UVICORN_POLL)
+        while not server.should_exit:
+            if not found._streams:
+                return  # the next stream starts a new watcher
+            await asyncio.sleep(_UVICORN_POLL)
+        found.trigger()
+    finally:
+        found._watcher = None

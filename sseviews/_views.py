@@ -1,0 +1,382 @@
+"""`EventStreamView`, the class-based SSE endpoint users subclass."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Generator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import parse_qsl
+
+import anyio
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.types import Message, Receive, Scope, Send
+
+from ._connection import Connection
+from ._events import Event, encode_data
+from ._lifecycle import DisconnectReason, ShutdownSignal, find_shutdown_signal
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+__all__ = ["EventStreamView"]
+
+logger = logging.getLogger("sseviews")
+
+MAX_LAST_EVENT_ID_BYTES = 1024
+
+_DEFAULT_HEADERS: dict[str, str] = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-store",
+    "x-accel-buffering": "no",
+}
+_DEFAULT_RAW_HEADERS = [(k.encode(), v.encode()) for k, v in _DEFAULT_HEADERS.items()]
+_PING = Event(comment="ping")
+_UNSET: Any = object()
+
+
+def _check_seconds(cls: type, name: str, *, allow_none: bool, allow_zero: bool) -> None:
+    value = getattr(cls, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        expected = "a number of seconds" + (" or None" if allow_none else "")
+        raise TypeError(f"{cls.__name__}.{name} must be {expected}, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{cls.__name__}.{name} must be {bound}, got {value!r}")
+
+
+def _check_settings(cls: type[EventStreamView]) -> None:
+    _check_seconds(cls, "ping_interval", allow_none=True, allow_zero=False)
+    _check_seconds(cls, "send_timeout", allow_none=True, allow_zero=False)
+    _check_seconds(cls, "shutdown_grace_period", allow_none=False, allow_zero=True)
+    _check_seconds(cls, "disconnect_timeout", allow_none=False, allow_zero=False)
+    retry = cls.retry
+    if retry is not None and (not isinstance(retry, int) or isinstance(retry, bool) or retry < 0):
+        raise ValueError(f"{cls.__name__}.retry must be None or an int >= 0 (ms), got {retry!r}")
+    if not isinstance(cls.headers, Mapping):
+        raise TypeError(f"{cls.__name__}.headers must be a mapping of str to str")
+
+
+def _bad_request(detail: str) -> HTTPException:
+    return HTTPException(status_code=400, detail=detail)
+
+
+def _read_last_event_id(scope: Scope) -> str | None:
+    """Return the client's Last-Event-ID (header first, then `?lastEventId=`)."""
+    raw: bytes | None = None
+    for name, value in scope["headers"]:
+        if name == b"last-event-id":
+            raw = value
+            break
+    if raw is not None:
+        if len(raw) > MAX_LAST_EVENT_ID_BYTES:
+            raise _bad_request(f"Last-Event-ID is longer than {MAX_LAST_EVENT_ID_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad_request("Last-Event-ID is not valid UTF-8") from None
+        if text:
+            if "\0" in text:
+                raise _bad_request("Last-Event-ID contains NUL")
+            return text
+    query: bytes = scope.get("query_string", b"")
+    if b"lastEventId" not in query:
+        return None
+    try:
+        pairs = parse_qsl(
+            query.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="strict"
+        )
+    except UnicodeDecodeError:
+        raise _bad_request("the query string is not valid UTF-8") from None
+    for key, value in pairs:
+        if key == "lastEventId":
+            if len(value.encode("utf-8")) > MAX_LAST_EVENT_ID_BYTES:
+                raise _bad_request(f"lastEventId is longer than {MAX_LAST_EVENT_ID_BYTES} bytes")
+            if "\0" in value:
+                raise _bad_request("lastEventId contains NUL")
+            return value or None
+    return None
+
+
+def _refusal(exc: HTTPException) -> Response:
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return PlainTextResponse(str(exc.detail), status_code=exc.status_code, headers=exc.headers)
+
+
+def _describe(view: EventStreamView) -> str:
+    client = view.scope.get("client")
+    who = f"{client[0]}:{client[1]}" if client else "unknown client"
+    return f"{type(view).__name__} {view.scope.get('path', '')} ({who})"
+
+
+class EventStreamView:
+    """A Server-Sent Events endpoint: subclass it, override the hooks, route to the class.
+
+    The class itself is an ASGI app, like Starlette's `HTTPEndpoint`, so
+    `Route("/clock", ClockView)` works, and there is one instance per connection.
+
+    Hooks, in order: `on_connect()` before any byte is sent (raise `HTTPException`
+    or return a `Response` to refuse), `events()` for the stream itself, and
+    `on_disconnect(reason)` exactly once after `events()` has been closed, whatever
+    ended the stream.
+    """
+
+    # Seconds without any write after which a keep-alive ping is sent; None: no pings.
+    ping_interval: ClassVar[float | None] = 15.0
+    # Seconds one write may block before the client is dropped (SEND_TIMEOUT); None: no limit.
+    send_timeout: ClassVar[float | None] = 30.0
+    # Reconnection delay (ms) sent to the browser before any event; None sends none.
+    retry: ClassVar[int | None] = None
+    # Extra response headers; they may override the defaults (cache-control, ...).
+    headers: ClassVar[Mapping[str, str]] = {}
+    # Seconds events() may go on after shutdown starts, to send a farewell and return.
+    shutdown_grace_period: ClassVar[float] = 0.0
+    # Upper bound (seconds) on on_disconnect(), and again on closing the session after it.
+    disconnect_timeout: ClassVar[float] = 5.0
+    # A SQLAlchemy async_sessionmaker: self.session is then opened in the stream task.
+    # (typed Any: a callable class attribute would otherwise be read as a method)
+    session_factory: ClassVar[Any] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_settings(cls)
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            raise TypeError(f"{type(self).__name__} serves HTTP requests, not {scope['type']!r}")
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.request = Request(scope, receive)
+        self._last_event_id: str | None = _UNSET
+        self._connection: Connection | None = None
+        self._stream_task: int | None = None
+        self._session: AsyncSession | None = None
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self.dispatch().__await__()
+
+    # -- hooks ----------------------------------------------------------------
+
+    async def on_connect(self) -> Response | None:
+        """Run before any byte is sent; raise `HTTPException` or return a `Response` to refuse."""
+        return None
+
+    async def events(self) -> AsyncIterator[Any]:
+        """Yield the stream's events: `Event`s, or values sent as the data of unnamed events."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must override events() (an async generator)"
+        )
+        yield  # pragma: no cover - makes this an async generator
+
+    async def on_disconnect(self, reason: DisconnectReason) -> None:
+        """Run once after `events()` has been closed, with the reason the stream ended."""
+
+    def ping_message(self) -> Event:
+        """Return the keep-alive message sent after `ping_interval` of silence."""
+        return _PING
+
+    # -- context --------------------------------------------------------------
+
+    @property
+    def last_event_id(self) -> str | None:
+        """The `Last-Event-ID` header, else the `lastEventId` query parameter, else None.
+
+        Raises:
+            HTTPException: 400 when the value is longer than 1024 UTF-8 bytes,
+                contains NUL, or is not valid UTF-8.
+        """
+        if self._last_event_id is _UNSET:
+            self._last_event_id = _read_last_event_id(self.scope)
+        return self._last_event_id
+
+    @property
+    def is_shutting_down(self) -> bool:
+        """True once the server has started shutting down (see `shutdown_grace_period`)."""
+        connection = self._connection
+        return connection is not None and connection.shutting_down
+
+    @property
+    def session(self) -> AsyncSession:
+        """The view's `AsyncSession`, made by `session_factory` in the stream task.
+
+        It is created on first use inside `events()` or `on_disconnect()`, only ever
+        used from the task that iterates `events()`, and closed in that task right
+        after `on_disconnect()` returns.
+
+        Raises:
+            RuntimeError: `session_factory` is not set, or the session is used
+                outside `events()`/`on_disconnect()` (for example in `on_connect()`)
+                or from another task.
+        """
+        factory = self.session_factory
+        if factory is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.session needs a session_factory "
+                "(for example session_factory = async_sessionmaker(engine))"
+            )
+        owner = self._stream_task
+        if owner is None or anyio.get_current_task().id != owner:
+            raise RuntimeError(
+                "self.session is only available inside events() and on_disconnect(), in the "
+                "task that iterates events(): it is created and closed in that task so that it "
+                "is never shared between tasks (on_connect() runs before the stream exists)"
+            )
+        session = self._session
+        if session is None:
+            session = self._session = factory()
+        return session
+
+    # -- the ASGI endpoint ----------------------------------------------------
+
+    async def dispatch(self) -> None:
+        """Serve the request: refuse it, answer HEAD, or run the stream."""
+        scope, receive, send = self.scope, self.receive, self.send
+        if scope["method"] not in ("GET", "HEAD"):
+            response: Response = PlainTextResponse(
+                "Method Not Allowed", status_code=405, headers={"Allow": "GET, HEAD"}
+            )
+            await response(scope, receive, send)
+            return
+        shutdown = find_shutdown_signal(scope)
+        if shutdown is not None and shutdown.is_set:
+            response = PlainTextResponse(
+                "The server is shutting down", status_code=503, headers={"Retry-After": "1"}
+            )
+            await response(scope, receive, send)
+            return
+        try:
+            refusal = await self.on_connect()
+            if refusal is None:
+                _ = self.last_event_id  # 400 for a bad one, after authentication
+        except HTTPException as exc:
+            refusal = _refusal(exc)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        if scope["method"] == "HEAD":
+            await send(self._response_start())
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        await self._serve_stream(shutdown)
+
+    def _response_start(self) -> Message:
+        extra = self.headers
+        if not extra:
+            headers = _DEFAULT_RAW_HEADERS
+        else:
+            merged = dict(_DEFAULT_HEADERS)
+            merged.update({key.lower(): value for key, value in extra.items()})
+            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in merged.items()]
+        return {"type": "http.response.start", "status": 200, "headers": headers}
+
+    async def _serve_stream(self, shutdown: ShutdownSignal | None) -> None:
+        connection = self._connection = Connection(self, self.receive, self.send)
+        if shutdown is not None:
+            shutdown._register(connection)
+        try:
+            await self._run(connection)
+        finally:
+            if shutdown is not None:
+                shutdown._unregister(connection)
+
+    async def _run(self, connection: Connection) -> None:
+        self._stream_task = anyio.get_current_task().id
+        try:
+            if await self._start(connection):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(connection.run_writer)
+                    await self._produce(connection)
+                    connection.finish()
+        finally:
+            if connection.reason is None:
+                # Cancelled from outside (the server gave up on its graceful shutdown).
+                connection.reason = DisconnectReason.SHUTDOWN
+            await self._teardown(connection.reason)
+
+    async def _start(self, connection: Connection) -> bool:
+        """Send the response head (and `retry`) at once; False if the client is gone."""
+        timeout = self.send_timeout
+        with anyio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+            await self.send(self._response_start())
+        if scope.cancelled_caught:
+            connection.stop(DisconnectReason.SEND_TIMEOUT)
+            return False
+        connection.last_write = anyio.current_time()
+        if self.retry is not None:
+            return await connection.send_body(b"retry: %d\n\n" % self.retry)
+        return True
+
+    async def _produce(self, connection: Connection) -> None:
+        """Iterate `events()` in this task, encoding each item into the connection's buffer."""
+        agen = self.events()
+        if not hasattr(agen, "__anext__"):
+            logger.error("%s: events() must be an async generator", _describe(self))
+            connection.reason = DisconnectReason.ERROR
+            return
+        push = connection.push
+        try:
+            with connection.events_scope:
+                async for item in agen:
+                    if type(item) is Event:
+                        data = item._wire
+                    elif isinstance(item, Event):
+                        data = item.encode()
+                    else:
+                        data = encode_data(item)
+                    if push(data):
+                        await connection.wait_for_space()
+            if connection.reason is None:
+                connection.reason = (
+                    DisconnectReason.SHUTDOWN
+                    if connection.shutting_down
+                    else DisconnectReason.COMPLETED
+                )
+        except Exception:
+            if connection.reason is None:
+                logger.exception("%s: events() raised; ending the stream", _describe(self))
+                connection.reason = DisconnectReason.ERROR
+            else:
+                logger.exception("%s: events() raised while closing", _describe(self))
+        finally:
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(self.disconnect_timeout) as closing:
+                    try:
+                        await agen.aclose()  # type: ignore[attr-defined]
+                    except Exception:
+                        logger.exception("%s: events() raised while closing", _describe(self))
+                if closing.cancelled_caught:
+                    logger.warning(
+                        "%s: events() took longer than %ss to close",
+                        _describe(self),
+                        self.disconnect_timeout,
+                    )
+
+    async def _teardown(self, reason: DisconnectReason) -> None:
+        """Run `on_disconnect`, then close the session, shielded and bounded, in this task."""
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.disconnect_timeout) as bounded:
+                try:
+                    await self.on_disconnect(reason)
+                except Exception:
+                    logger.exception("%s: on_disconnect() raised", _describe(self))
+            if bounded.cancelled_caught:
+                logger.warning(
+                    "%s: on_disconnect() took longer than %ss and was cancelled",
+                    _describe(self),
+                    self.disconnect_timeout,
+                )
+            session, self._session = self._session, None
+            if session is not None:
+                with anyio.move_on_after(self.disconnect_timeout):
+                    try:
+                        await session.close()
+                    except Exception:
+                        logger.exception("%s: closing the session failed", _describe(self))
+            self._stream_task = None
+        log = logger.warning if reason is DisconnectReason.SEND_TIMEOUT else logger.debug
+        log("%s: stream ended (%s)", _describe(self), reason.value)
