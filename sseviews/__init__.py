@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from ._broadcast import RESET_EVENT as RESET_EVENT
+from ._broadcast import Broadcast as Broadcast
+from ._broadcast import Subscription as Subscription
 from ._events import Event as Event
 from ._exceptions import BackendError as BackendError
 from ._exceptions import BroadcastError as BroadcastError
 from ._exceptions import BroadcastNotConnected as BroadcastNotConnected
 from ._exceptions import InvalidLastEventId as InvalidLastEventId
+from ._exceptions import SlowConsumer as SlowConsumer
 from ._exceptions import SSEViewsError as SSEViewsError
 from ._exceptions import StreamEnded as StreamEnded
 from ._lifecycle import DisconnectReason as DisconnectReason
@@ -18,7 +22,9 @@ from ._views import EventStreamView as EventStreamView
 __version__ = "0.1.0"
 
 __all__ = [
+    "RESET_EVENT",
     "BackendError",
+    "Broadcast",
     "BroadcastError",
     "BroadcastNotConnected",
     "DisconnectReason",
@@ -28,6 +34,8 @@ __all__ = [
     "SSEViewsError",
     "ShutdownMiddleware",
     "ShutdownSignal",
+    "SlowConsumer",
     "StreamEnded",
     "StreamRouter",
+    "Subscription",
 ]

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine, Generator
+from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 from starlette.types import Message, Receive, Send
 
 from ._lifecycle import DisconnectReason
 
 if TYPE_CHECKING:
+    from ._broadcast import Attachment
     from ._views import EventStreamView
 
 logger = logging.getLogger("sseviews")
@@ -47,17 +49,52 @@ DROP_REASONS = frozenset(
 SHUTDOWN_WRITE_TIMEOUT = 1.0
 
 
+class _Resume:
+    """Finish, in the writer task, a `send` coroutine that suspended when it was
+    started synchronously by a publisher (the socket's buffer was full)."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro = self.coro
+        pending = self.first
+        while True:
+            try:
+                value = yield pending
+            except BaseException as exc:  # cancellation thrown into the writer
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration:
+                    return
+                continue
+            try:
+                pending = coro.send(value)
+            except StopIteration:
+                return
+
+
 class Connection:
     """The state of one open stream, shared by its request task and its writer task."""
 
     __slots__ = (
         "_finishing",
+        "_held",
+        "_pending_send",
         "_space",
         "_wake",
+        "backlog",
         "buffer",
         "buffered",
+        "direct",
         "events_scope",
+        "floor",
         "last_write",
+        "max_bytes",
+        "max_events",
         "on_stop",
         "ping_interval",
         "reason",
@@ -84,6 +121,14 @@ class Connection:
         self._wake: anyio.CancelScope | None = None
         self._space: anyio.Event | None = None
         self._finishing = False
+        # Broadcast state: set when this connection is a sink of its view's groups.
+        self.direct = False  # no events() task: group events go straight to the writer
+        self.floor = 0  # highest seq sent (or replayed); older offers are duplicates
+        self.backlog: list[bytes] = []  # the replay, written paced, outside the bound
+        self._held: list[tuple[int, bytes]] | None = None  # live events during attach
+        self._pending_send: _Resume | None = None
+        self.max_events: int = view.max_buffer_events
+        self.max_bytes: int = view.max_buffer_bytes
 
     # -- called by the request task -------------------------------------------------
 
@@ -121,6 +166,103 @@ class Connection:
             if self.on_stop is not None:
                 self.on_stop(reason)
         self.events_scope.cancel()
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.cancel()
+
+    # -- the broadcast sink ---------------------------------------------------------
+
+    def hold(self) -> None:
+        """Hold back live events until `start_live()` (while the replay is read)."""
+        self._held = []
+
+    def start_live(self, attachment: Attachment) -> None:
+        """Queue the replay (or reset event), then the held live events after it."""
+        if attachment.reset is not None:
+            self.backlog.append(attachment.reset.encode())
+        self.backlog.extend(attachment.backlog)
+        self.floor = attachment.floor
+        held, self._held = self._held or [], None
+        for seq, wire in held:
+            self.offer(seq, wire)
+
+    def offer(self, seq: int, wire: bytes) -> None:
+        """Take one group event (called synchronously by the broadcast's fan-out)."""
+        if seq <= self.floor or self.reason is not None:
+            return
+        held = self._held
+        if held is not None:
+            held.append((seq, wire))
+            if len(held) > self.max_events:
+                self._slow()
+            return
+        self.floor = seq
+        if (
+            self._wake is not None
+            and not self.buffer
+            and not self.backlog
+            and self._pending_send is None
+            and not self._finishing
+        ):
+            self._write_now(wire)
+            return
+        self.buffer.append(wire)
+        self.buffered += len(wire)
+        if len(self.buffer) > self.max_events or self.buffered > self.max_bytes:
+            self._slow()
+            return
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.cancel()
+
+    def _write_now(self, wire: bytes) -> None:
+        # The writer is idle, so nobody else is sending: start the send right here.
+        # On an unblocked socket the ASGI server writes synchronously and the
+        # coroutine finishes in one step, which saves waking a task per event.
+        coro: Any = self.send({"type": "http.response.body", "body": wire, "more_body": True})
+        try:
+            first = coro.send(None)
+        except StopIteration:
+            self.last_write = anyio.current_time()
+            return
+        except OSError:
+            self.stop(DisconnectReason.CLIENT_CLOSED)
+            return
+        except Exception:
+            logger.exception("sending to the client failed; ending the stream")
+            self.stop(DisconnectReason.ERROR)
+            return
+        # The socket is full: the writer task finishes this send, under send_timeout.
+        self._pending_send = _Resume(coro, first)
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.cancel()
+
+    def _slow(self) -> None:
+        logger.warning(
+            "%s: slow consumer: more than %d events or %d bytes waiting; disconnecting "
+            "(the client resumes from its Last-Event-ID)",
+            self.view.describe(),
+            self.max_events,
+            self.max_bytes,
+        )
+        self.buffer.clear()
+        self.buffered = 0
+        self._held = None
+        self.stop(DisconnectReason.SLOW_CONSUMER)
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream because the broadcast backend failed."""
+        self.stop(DisconnectReason.ERROR)
+
+    def close(self) -> None:
+        """Release what the stream still holds (a half-finished send)."""
+        pending, self._pending_send = self._pending_send, None
+        if pending is not None:
+            pending.coro.close()
 
     def begin_shutdown(self) -> None:
         """Start ending this stream because the server is shutting down."""
@@ -128,7 +270,7 @@ class Connection:
             return
         self.shutting_down = True
         grace = self.view.shutdown_grace_period
-        if grace > 0:
+        if grace > 0 and not self.direct:
             # events() may go on for the grace period to send a farewell and return.
             self.events_scope.deadline = min(
                 self.events_scope.deadline, anyio.current_time() + grace
@@ -141,15 +283,18 @@ class Connection:
     async def send_body(self, data: bytes, *, more_body: bool = True) -> bool:
         """Send one body chunk; return False (and stop the stream) if it could not be sent."""
         message: Message = {"type": "http.response.body", "body": data, "more_body": more_body}
+        return await self._bounded(self.send(message))
+
+    async def _bounded(self, sending: Any) -> bool:
         timeout = self.send_timeout
         if self.shutting_down or self.reason is not None:
             timeout = min(timeout or math.inf, SHUTDOWN_WRITE_TIMEOUT)
         try:
             if timeout is None:
-                await self.send(message)
+                await sending
             else:
                 with anyio.move_on_after(timeout) as scope:
-                    await self.send(message)
+                    await sending
                 if scope.cancelled_caught:
                     self.stop(DisconnectReason.SEND_TIMEOUT)
                     return False
@@ -162,6 +307,24 @@ class Connection:
             self.stop(DisconnectReason.ERROR)
             return False
         self.last_write = anyio.current_time()
+        return True
+
+    async def _send_backlog(self) -> bool:
+        # The replay goes out in slices, so it is paced by the client's reading
+        # (send_timeout applies) and never held twice in memory.
+        backlog = self.backlog
+        size = 0
+        count = 0
+        for wire in backlog:
+            size += len(wire)
+            count += 1
+            if size >= HIGH_WATER:
+                break
+        chunk = b"".join(backlog[:count])
+        del backlog[:count]
+        if not await self.send_body(chunk):
+            return False
+        await anyio.lowlevel.checkpoint()
         return True
 
     async def flush(self) -> bool:
@@ -180,13 +343,24 @@ class Connection:
         receive = self.receive
         ping_interval = self.ping_interval
         while True:
-            if self.reason in DROP_REASONS:
+            reason = self.reason
+            if reason in DROP_REASONS:
                 return
+            pending = self._pending_send
+            if pending is not None:
+                self._pending_send = None
+                if not await self._bounded(pending):
+                    return
+                continue
+            if self.backlog:
+                if not await self._send_backlog():
+                    return
+                continue
             if self.buffer:
                 if not await self.flush():
                     return
                 continue
-            if self._finishing:
+            if self._finishing or (reason is not None and self.direct):
                 await self.send_body(b"", more_body=False)
                 return
             deadline = math.inf if ping_interval is None else self.last_write + ping_interval

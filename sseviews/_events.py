@@ -16,7 +16,7 @@ import json
 import uuid
 from typing import Any
 
-__all__ = ["Event", "encode_data"]
+__all__ = ["Event", "encode_data", "event_from_wire"]
 
 _SEPARATORS = (",", ":")
 
@@ -238,3 +238,30 @@ def _rebuild(
     data: Any, event: str | None, id: str | None, retry: int | None, comment: str | None
 ) -> Event:
     return Event(data, event=event, id=id, retry=retry, comment=comment)
+
+
+def event_from_wire(wire: bytes) -> Event:
+    """Rebuild an `Event` from bytes this module encoded, keeping those exact bytes."""
+    data: list[str] = []
+    comments: list[str] = []
+    fields: dict[str, str] = {}
+    for line in wire.decode("utf-8").split("\n"):
+        if not line:
+            continue
+        name, _, value = line.partition(": ")
+        if name == "data":
+            data.append(value)
+        elif name == "":
+            comments.append(value)
+        else:
+            fields[name] = value
+    clone = object.__new__(Event)
+    set_ = object.__setattr__
+    set_(clone, "data", "\n".join(data) if data else None)
+    set_(clone, "event", fields.get("event"))
+    set_(clone, "id", fields.get("id"))
+    retry = fields.get("retry")
+    set_(clone, "retry", int(retry) if retry is not None else None)
+    set_(clone, "comment", "\n".join(comments) if comments else None)
+    set_(clone, "_wire", wire)
+    return clone

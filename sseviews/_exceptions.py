@@ -7,6 +7,7 @@ Every exception the library raises on purpose derives from `SSEViewsError`:
     ├── InvalidLastEventId     a Last-Event-ID this broadcast layer did not issue
     └── BroadcastError         the broadcast layer cannot do its job
         ├── BroadcastNotConnected
+        ├── SlowConsumer       a subscriber fell too far behind its groups
         └── BackendError       the live backend or the history store failed
 
 Bad values given to a constructor or a function raise the built-in `ValueError`
@@ -37,6 +38,14 @@ class BroadcastError(SSEViewsError):
 
 class BroadcastNotConnected(BroadcastError):
     """Raised when a broadcast is used before `async with broadcast:` connected it."""
+
+
+class SlowConsumer(BroadcastError):
+    """Raised when a subscriber fell further behind its groups than its buffer allows.
+
+    Nothing is dropped silently: the subscription ends, and the client resumes
+    from its last event id (streams end with `DisconnectReason.SLOW_CONSUMER`).
+    """
 
 
 class BackendError(BroadcastError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -13,8 +14,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
+from ._broadcast import Broadcast, Subscription, check_group
 from ._connection import Connection
 from ._events import Event, encode_data
+from ._exceptions import BackendError, BroadcastNotConnected, InvalidLastEventId, SlowConsumer
 from ._lifecycle import DisconnectReason, ShutdownSignal, find_shutdown_signal
 
 if TYPE_CHECKING:
@@ -58,6 +61,18 @@ def _check_settings(cls: type[EventStreamView]) -> None:
         raise ValueError(f"{cls.__name__}.retry must be None or an int >= 0 (ms), got {retry!r}")
     if not isinstance(cls.headers, Mapping):
         raise TypeError(f"{cls.__name__}.headers must be a mapping of str to str")
+    if cls.broadcast is not None and not isinstance(cls.broadcast, Broadcast):
+        raise TypeError(f"{cls.__name__}.broadcast must be a Broadcast, got {cls.broadcast!r}")
+    for name in ("max_buffer_events", "max_buffer_bytes", "max_groups"):
+        value = getattr(cls, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{cls.__name__}.{name} must be an int >= 1, got {value!r}")
+    groups = cls.__dict__.get("groups")
+    if isinstance(groups, str):
+        raise TypeError(f"{cls.__name__}.groups must be a list of names or a method, not a str")
+    if groups is not None and not callable(groups):
+        for group in groups:
+            check_group(group)
 
 
 def _bad_request(detail: str) -> HTTPException:
@@ -107,12 +122,6 @@ def _refusal(exc: HTTPException) -> Response:
     return PlainTextResponse(str(exc.detail), status_code=exc.status_code, headers=exc.headers)
 
 
-def _describe(view: EventStreamView) -> str:
-    client = view.scope.get("client")
-    who = f"{client[0]}:{client[1]}" if client else "unknown client"
-    return f"{type(view).__name__} {view.scope.get('path', '')} ({who})"
-
-
 class EventStreamView:
     """A Server-Sent Events endpoint: subclass it, override the hooks, route to the class.
 
@@ -140,6 +149,16 @@ class EventStreamView:
     # A SQLAlchemy async_sessionmaker: self.session is then opened in the stream task.
     # (typed Any: a callable class attribute would otherwise be read as a method)
     session_factory: ClassVar[Any] = None
+    # The Broadcast whose groups this view streams (None: no groups).
+    broadcast: ClassVar[Broadcast | None] = None
+    # Group names: a list, or a (sync or async) method returning them from the request.
+    groups: ClassVar[Any] = ()
+    # Live group events a connection may hold before it ends with SLOW_CONSUMER.
+    max_buffer_events: ClassVar[int] = 1000
+    # ... and bytes (whichever bound is reached first).
+    max_buffer_bytes: ClassVar[int] = 1024 * 1024
+    # Most groups one connection may join (more gets 400).
+    max_groups: ClassVar[int] = 64
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -156,6 +175,7 @@ class EventStreamView:
         self._connection: Connection | None = None
         self._stream_task: int | None = None
         self._session: AsyncSession | None = None
+        self._subscription: Subscription | None = None
 
     def __await__(self) -> Generator[Any, None, None]:
         return self.dispatch().__await__()
@@ -167,9 +187,13 @@ class EventStreamView:
         return None
 
     async def events(self) -> AsyncIterator[Any]:
-        """Yield the stream's events: `Event`s, or values sent as the data of unnamed events."""
+        """Yield the stream's events: `Event`s, or values sent as the data of unnamed events.
+
+        Not overriding it streams the view's groups (see `broadcast` and `groups`).
+        """
         raise NotImplementedError(
-            f"{type(self).__name__} must override events() (an async generator)"
+            f"{type(self).__name__} must override events() (an async generator), "
+            "or set broadcast and groups to stream group events"
         )
         yield  # pragma: no cover - makes this an async generator
 
@@ -193,6 +217,30 @@ class EventStreamView:
         if self._last_event_id is _UNSET:
             self._last_event_id = _read_last_event_id(self.scope)
         return self._last_event_id
+
+    @property
+    def subscription(self) -> Subscription:
+        """The view's group events (replay first, then live), for an overridden `events()`.
+
+        Iterate it inside `events()` to merge group events with your own:
+        `async for event in self.subscription: yield event`.
+
+        Raises:
+            RuntimeError: The view has no `broadcast`/`groups`, or the stream has
+                not started.
+        """
+        if self._subscription is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.subscription needs broadcast and groups set on the "
+                "view, and exists only inside events()"
+            )
+        return self._subscription
+
+    def describe(self) -> str:
+        """Name this connection in log lines: view, path and client address."""
+        client = self.scope.get("client")
+        who = f"{client[0]}:{client[1]}" if client else "unknown client"
+        return f"{type(self).__name__} {self.scope.get('path', '')} ({who})"
 
     @property
     def is_shutting_down(self) -> bool:
@@ -262,7 +310,72 @@ class EventStreamView:
             await send(self._response_start())
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        await self._serve_stream(shutdown)
+        connection = self._connection = Connection(self, receive, send)
+        groups: list[str] = []
+        if self.broadcast is not None:
+            try:
+                groups = await self._resolve_groups()
+            except HTTPException as exc:
+                await _refusal(exc)(scope, receive, send)
+                return
+        if not groups:
+            await self._serve_stream(connection, shutdown)
+            return
+        broadcast = self.broadcast
+        assert broadcast is not None
+        direct = type(self).events is EventStreamView.events
+        sink: Connection | Subscription
+        if direct:
+            connection.direct = True
+            connection.hold()
+            sink = connection
+        else:
+            sink = self._subscription = Subscription(
+                max_events=self.max_buffer_events, max_bytes=self.max_buffer_bytes
+            )
+        try:
+            attachment = await broadcast._attach(sink, groups, self.last_event_id)
+        except InvalidLastEventId as exc:
+            logger.info("%s: refused Last-Event-ID: %s", self.describe(), exc)
+            await PlainTextResponse(str(exc), status_code=400)(scope, receive, send)
+            return
+        except (BackendError, BroadcastNotConnected) as exc:
+            logger.warning("%s: broadcast unavailable: %s", self.describe(), exc)
+            response = PlainTextResponse(
+                "Event broadcast temporarily unavailable",
+                status_code=503,
+                headers={"Retry-After": "2"},
+            )
+            await response(scope, receive, send)
+            return
+        try:
+            if direct:
+                connection.start_live(attachment)
+            else:
+                self._subscription._start(attachment)  # type: ignore[union-attr]
+            await self._serve_stream(connection, shutdown)
+        finally:
+            broadcast._unregister(sink, groups)
+
+    async def _resolve_groups(self) -> list[str]:
+        value = self.groups
+        if callable(value):
+            value = value()
+            if inspect.isawaitable(value):
+                value = await value
+        if isinstance(value, str):
+            raise TypeError(f"{type(self).__name__}.groups must return a list of names, not a str")
+        groups = list(dict.fromkeys(value))  # unique, in order
+        if len(groups) > self.max_groups:
+            raise HTTPException(
+                400, f"too many groups for one stream ({len(groups)} > {self.max_groups})"
+            )
+        for group in groups:
+            try:
+                check_group(group)
+            except (TypeError, ValueError) as exc:
+                raise HTTPException(400, f"invalid group name: {exc}") from None
+        return groups
 
     def _response_start(self) -> Message:
         extra = self.headers
@@ -274,8 +387,7 @@ class EventStreamView:
             headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in merged.items()]
         return {"type": "http.response.start", "status": 200, "headers": headers}
 
-    async def _serve_stream(self, shutdown: ShutdownSignal | None) -> None:
-        connection = self._connection = Connection(self, self.receive, self.send)
+    async def _serve_stream(self, connection: Connection, shutdown: ShutdownSignal | None) -> None:
         if shutdown is not None:
             shutdown._register(connection)
         try:
@@ -288,11 +400,16 @@ class EventStreamView:
         self._stream_task = anyio.get_current_task().id
         try:
             if await self._start(connection):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(connection.run_writer)
-                    await self._produce(connection)
-                    connection.finish()
+                if connection.direct:
+                    # Group events only: this task is the writer; no second task.
+                    await connection.run_writer()
+                else:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(connection.run_writer)
+                        await self._produce(connection)
+                        connection.finish()
         finally:
+            connection.close()
             if connection.reason is None:
                 # Cancelled from outside (the server gave up on its graceful shutdown).
                 connection.reason = DisconnectReason.SHUTDOWN
@@ -315,7 +432,7 @@ class EventStreamView:
         """Iterate `events()` in this task, encoding each item into the connection's buffer."""
         agen = self.events()
         if not hasattr(agen, "__anext__"):
-            logger.error("%s: events() must be an async generator", _describe(self))
+            logger.error("%s: events() must be an async generator", self.describe())
             connection.reason = DisconnectReason.ERROR
             return
         push = connection.push
@@ -336,23 +453,27 @@ class EventStreamView:
                     if connection.shutting_down
                     else DisconnectReason.COMPLETED
                 )
+        except SlowConsumer as exc:
+            if connection.reason is None:
+                logger.warning("%s: %s; disconnecting", self.describe(), exc)
+                connection.reason = DisconnectReason.SLOW_CONSUMER
         except Exception:
             if connection.reason is None:
-                logger.exception("%s: events() raised; ending the stream", _describe(self))
+                logger.exception("%s: events() raised; ending the stream", self.describe())
                 connection.reason = DisconnectReason.ERROR
             else:
-                logger.exception("%s: events() raised while closing", _describe(self))
+                logger.exception("%s: events() raised while closing", self.describe())
         finally:
             with anyio.CancelScope(shield=True):
                 with anyio.move_on_after(self.disconnect_timeout) as closing:
                     try:
                         await agen.aclose()  # type: ignore[attr-defined]
                     except Exception:
-                        logger.exception("%s: events() raised while closing", _describe(self))
+                        logger.exception("%s: events() raised while closing", self.describe())
                 if closing.cancelled_caught:
                     logger.warning(
                         "%s: events() took longer than %ss to close",
-                        _describe(self),
+                        self.describe(),
                         self.disconnect_timeout,
                     )
 
@@ -363,11 +484,11 @@ class EventStreamView:
                 try:
                     await self.on_disconnect(reason)
                 except Exception:
-                    logger.exception("%s: on_disconnect() raised", _describe(self))
+                    logger.exception("%s: on_disconnect() raised", self.describe())
             if bounded.cancelled_caught:
                 logger.warning(
                     "%s: on_disconnect() took longer than %ss and was cancelled",
-                    _describe(self),
+                    self.describe(),
                     self.disconnect_timeout,
                 )
             session, self._session = self._session, None
@@ -376,7 +497,7 @@ class EventStreamView:
                     try:
                         await session.close()
                     except Exception:
-                        logger.exception("%s: closing the session failed", _describe(self))
+                        logger.exception("%s: closing the session failed", self.describe())
             self._stream_task = None
         log = logger.warning if reason is DisconnectReason.SEND_TIMEOUT else logger.debug
-        log("%s: stream ended (%s)", _describe(self), reason.value)
+        log("%s: stream ended (%s)", self.describe(), reason.value)

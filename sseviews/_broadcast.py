@@ -1,0 +1,465 @@
+"""`Broadcast`: groups, event ids, replay, and fan-out to this process's subscribers.
+
+A broadcast pairs a live backend (memory or Redis), which carries each published
+event to every process, with a history store (memory, Redis or SQL), which
+assigns ids from one monotonic cursor and keeps recent events per group.
+
+Each process keeps a hub: group name -> the sinks (open streams or
+subscriptions) of that group in this process. Delivery to a sink is a
+synchronous `offer(seq, wire)`: no task and no queue per subscriber per event,
+and the event's bytes are shared by every subscriber.
+
+Resuming is gap-free: a sink is registered (live events are held back) before
+the history after its cursor is read; then it gets the replay, then the held
+live events whose seq is greater than the last one replayed.
+"""
+
+from __future__ import annotations
+
+import logging
+import unicodedata
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, Protocol, Self
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.lowlevel
+
+from ._events import Event, event_from_wire
+from ._exceptions import (
+    BackendError,
+    BroadcastNotConnected,
+    InvalidLastEventId,
+    SlowConsumer,
+)
+from .backends.base import LiveBackend
+from .stores.base import HistoryStore, format_id, parse_id
+
+__all__ = ["RESET_EVENT", "Broadcast", "Subscription", "check_group"]
+
+logger = logging.getLogger("sseviews")
+
+#: The name of the event sent instead of a replay when a cursor cannot be resumed.
+RESET_EVENT = "sseviews.reset"
+#: Longest group name accepted, in characters.
+MAX_GROUP_LENGTH = 200
+
+
+def check_group(group: object) -> str:
+    """Return `group` if it is a valid group name.
+
+    Raises:
+        TypeError: `group` is not a str.
+        ValueError: It is empty, longer than 200 characters, or contains
+            whitespace or control characters.
+    """
+    if not isinstance(group, str):
+        raise TypeError(f"a group name must be a str, got {type(group).__name__}")
+    if not group or len(group) > MAX_GROUP_LENGTH:
+        raise ValueError(f"a group name must be 1 to {MAX_GROUP_LENGTH} characters, got {group!r}")
+    for char in group:
+        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            raise ValueError(
+                f"a group name must not contain whitespace or control characters: {group!r}"
+            )
+    return group
+
+
+class Sink(Protocol):
+    """Something that receives a group's events in this process."""
+
+    def offer(self, seq: int, wire: bytes) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+
+class Attachment:
+    """What a sink must send first after subscribing: a replay or a reset event."""
+
+    __slots__ = ("backlog", "floor", "reset")
+
+    def __init__(self, backlog: list[bytes], floor: int, reset: Event | None) -> None:
+        self.backlog = backlog
+        self.floor = floor
+        self.reset = reset
+
+
+def _backend_for(url: str, prefix: str) -> LiveBackend:
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        from .backends.memory import MemoryBackend
+
+        return MemoryBackend()
+    if scheme in ("redis", "rediss", "unix"):
+        from .backends.redis import RedisBackend
+
+        return RedisBackend(url, prefix=prefix)
+    raise ValueError(
+        f"unsupported broadcast URL {url!r}: expected memory:// or redis://host:port/db"
+    )
+
+
+def _store_for(
+    history: str, *, prefix: str, retention: int | None, max_age: float | None, publish: bool
+) -> HistoryStore:
+    scheme = urlsplit(history).scheme
+    if scheme == "memory":
+        from .stores.memory import MemoryStore
+
+        return MemoryStore(retention=retention, max_age=max_age)
+    if scheme in ("redis", "rediss", "unix"):
+        from .stores.redis import RedisStore
+
+        return RedisStore(
+            history, prefix=prefix, retention=retention, max_age=max_age, publish=publish
+        )
+    if scheme.split("+")[0] in ("sqlite", "postgresql", "postgres"):
+        from .stores.sqlalchemy import SQLAlchemyStore
+
+        return SQLAlchemyStore(history, table_prefix=prefix, retention=retention, max_age=max_age)
+    raise ValueError(
+        f"unsupported history {history!r}: expected memory://, redis://..., "
+        "sqlite+aiosqlite:///file.db or postgresql+asyncpg://..."
+    )
+
+
+class Broadcast:
+    """Publish events to groups and subscribe to them, with ids and replay.
+
+    Args:
+        url: The live layer: `"memory://"` (one process, no setup),
+            `"redis://host:port/db"` (any number of processes and machines), or a
+            `LiveBackend` instance.
+        history: Where the replay log lives. By default `memory://` keeps a bounded
+            log in memory and `redis://` keeps it in Redis Streams. Give
+            `"sqlite+aiosqlite:///events.db"`, `"postgresql+asyncpg://..."` or a
+            `HistoryStore` instance for a durable SQL log.
+        prefix: Prefix of every Redis key and channel, and of the SQL table names,
+            so two apps (or tests) can share one server.
+        retention: Events kept per group (default 1000); None for no count bound.
+        max_age: Seconds an event is kept; None (default) for no age bound.
+
+    Connect it in the app's lifespan with `async with broadcast:`.
+    """
+
+    def __init__(
+        self,
+        url: str | LiveBackend = "memory://",
+        *,
+        history: str | HistoryStore | None = None,
+        prefix: str = "sseviews",
+        retention: int | None = 1000,
+        max_age: float | None = None,
+    ) -> None:
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
+        if isinstance(url, LiveBackend):
+            self.live = url
+            url_text = "memory://"
+        elif isinstance(url, str):
+            self.live = _backend_for(url, prefix)
+            url_text = url
+        else:
+            raise TypeError(f"url must be a URL str or a LiveBackend, got {type(url).__name__}")
+        # Redis live + Redis history publish in one atomic script (ids in live order).
+        self._fused = False
+        if history is None:
+            fused = urlsplit(url_text).scheme in ("redis", "rediss", "unix")
+            self.store = _store_for(
+                url_text, prefix=prefix, retention=retention, max_age=max_age, publish=fused
+            )
+            self._fused = fused
+        elif isinstance(history, HistoryStore):
+            self.store = history
+        elif isinstance(history, str):
+            self.store = _store_for(
+                history, prefix=prefix, retention=retention, max_age=max_age, publish=False
+            )
+        else:
+            raise TypeError(
+                f"history must be a URL str, a HistoryStore or None, got {type(history).__name__}"
+            )
+        self._hub: dict[str, set[Sink]] = {}
+        self._connected = False
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect the history store and the live backend."""
+        await self.store.connect()
+        try:
+            await self.live.connect(self._dispatch, self._fail_all)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.store.disconnect()
+            raise
+        self._connected = True
+
+    async def disconnect(self) -> None:
+        """End every subscription and close the backend and the store."""
+        self._connected = False
+        self._fail_all(BroadcastNotConnected("the broadcast was closed"))
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.live.disconnect()
+            finally:
+                await self.store.disconnect()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()
+
+    @property
+    def epoch(self) -> str:
+        """The history's epoch, the first part of every id; it changes when history resets."""
+        return self.store.epoch
+
+    @property
+    def subscriber_count(self) -> int:
+        """Open subscriptions (streams included) in this process, counted per group."""
+        return sum(len(sinks) for sinks in self._hub.values())
+
+    def _check_connected(self) -> None:
+        if not self._connected:
+            raise BroadcastNotConnected(
+                "connect the broadcast first: `async with broadcast:` in the app's lifespan"
+            )
+
+    # -- publishing -------------------------------------------------------------
+
+    async def publish(self, group: str, event: Any) -> str:
+        """Publish an event (or data for an unnamed event) to `group`; return its id.
+
+        Raises:
+            ValueError: The event already has an id (the broadcast assigns ids), or
+                the group name is invalid.
+            BroadcastNotConnected: The broadcast is not connected.
+            BackendError: Redis or the database cannot be reached.
+        """
+        check_group(group)
+        if not isinstance(event, Event):
+            event = Event(event)
+        elif event.id is not None:
+            raise ValueError(
+                "publish() assigns event ids itself; build the Event without id= "
+                f"(got id={event.id!r})"
+            )
+        self._check_connected()
+        live = self.live
+
+        async def deliver(seq: int, wire: bytes) -> None:
+            if not self._fused:
+                await live.deliver(group, seq, wire)
+
+        seq = await self.store.append(group, event._wire, deliver)
+        # Let the writers run between publishes: a burst must not starve them.
+        await anyio.lowlevel.checkpoint()
+        return format_id(self.store.epoch, seq)
+
+    # -- local fan-out -----------------------------------------------------------
+
+    def _dispatch(self, group: str, seq: int, wire: bytes) -> None:
+        sinks = self._hub.get(group)
+        if sinks:
+            for sink in sinks:
+                sink.offer(seq, wire)
+
+    def _fail_all(self, error: BaseException) -> None:
+        if self._hub and not isinstance(error, BroadcastNotConnected):
+            logger.warning(
+                "broadcast backend failed; ending %d subscriber(s): %s",
+                self.subscriber_count,
+                error,
+            )
+        sinks = {sink for group in self._hub.values() for sink in group}
+        for sink in sinks:
+            sink.fail(error)
+
+    def _register(self, sink: Sink, groups: Sequence[str]) -> None:
+        hub = self._hub
+        for group in groups:
+            members = hub.get(group)
+            if members is None:
+                members = hub[group] = set()
+            members.add(sink)
+
+    def _unregister(self, sink: Sink, groups: Sequence[str]) -> None:
+        hub = self._hub
+        for group in groups:
+            members = hub.get(group)
+            if members is not None:
+                members.discard(sink)
+                if not members:
+                    del hub[group]
+
+    async def _attach(
+        self, sink: Sink, groups: Sequence[str], last_event_id: str | None
+    ) -> Attachment:
+        """Register `sink` for `groups` and work out what it must be sent first.
+
+        The sink must hold back the live events it is offered until it has sent
+        the attachment's backlog, and drop those with seq <= `floor`.
+
+        Raises:
+            InvalidLastEventId: A malformed id, or one ahead of the history.
+            BackendError: The backend is down.
+        """
+        self._check_connected()
+        if not self.live.healthy:
+            raise BackendError("the broadcast backend is reconnecting")
+        cursor: tuple[str, int] | None = None
+        if last_event_id is not None:
+            cursor = parse_id(last_event_id)
+        self._register(sink, groups)
+        try:
+            if cursor is None:
+                return Attachment([], 0, None)
+            epoch, after = cursor
+            store = self.store
+            if epoch != store.epoch:
+                head = await store.head()
+                return Attachment([], head, self._reset_event("unknown_epoch", head))
+            head = await store.head()
+            if after > head:
+                raise InvalidLastEventId(
+                    f"Last-Event-ID {last_event_id!r} is ahead of this history "
+                    f"(latest id is {format_id(epoch, head)!r})"
+                )
+            replay = await store.read(groups, after)
+            if replay is None:
+                return Attachment([], head, self._reset_event("expired", head))
+            floor = replay[-1][0] if replay else after
+            return Attachment([wire for _, wire in replay], floor, None)
+        except BaseException:
+            self._unregister(sink, groups)
+            raise
+
+    def _reset_event(self, reason: str, head: int) -> Event:
+        epoch = self.store.epoch
+        head_id = format_id(epoch, head)
+        return Event(
+            {"reason": reason, "epoch": epoch, "head": head_id},
+            event=RESET_EVENT,
+            id=head_id,
+        )
+
+    # -- subscribing ---------------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        *groups: str,
+        last_event_id: str | None = None,
+        max_events: int = 1000,
+        max_bytes: int = 1024 * 1024,
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe to `groups`: replay what came after `last_event_id`, then live.
+
+        Args:
+            *groups: Group names.
+            last_event_id: An id this broadcast issued; replay starts after it.
+            max_events: Live events this subscription may hold before it fails
+                with `SlowConsumer`.
+            max_bytes: Bytes it may hold before it fails with `SlowConsumer`.
+
+        Raises:
+            InvalidLastEventId: `last_event_id` was not issued by this broadcast,
+                or is ahead of its history.
+            BackendError: The backend is down.
+        """
+        if not groups:
+            raise ValueError("subscribe() needs at least one group")
+        for group in groups:
+            check_group(group)
+        subscription = Subscription(max_events=max_events, max_bytes=max_bytes)
+        attachment = await self._attach(subscription, groups, last_event_id)
+        try:
+            subscription._start(attachment)
+            yield subscription
+        finally:
+            self._unregister(subscription, groups)
+
+
+class Subscription:
+    """The events of some groups: the replay first, then live. Iterate with `async for`.
+
+    Iteration raises `SlowConsumer` when more than `max_events` or `max_bytes`
+    of live events were waiting, and `BackendError` when the backend failed:
+    events are never dropped silently. Resume with the last event's id.
+    """
+
+    def __init__(self, *, max_events: int = 1000, max_bytes: int = 1024 * 1024) -> None:
+        if max_events < 1 or max_bytes < 1:
+            raise ValueError("max_events and max_bytes must be >= 1")
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._backlog: deque[bytes] = deque()
+        self._live: deque[tuple[int, bytes]] = deque()
+        self._bytes = 0
+        self._floor = 0
+        self._error: BaseException | None = None
+        self._waiter: anyio.Event | None = None
+
+    def _start(self, attachment: Attachment) -> None:
+        if attachment.reset is not None:
+            self._backlog.append(attachment.reset.encode())
+        self._backlog.extend(attachment.backlog)
+        self._floor = attachment.floor
+        held = [item for item in self._live if item[0] > self._floor]
+        self._live = deque(held)
+        self._bytes = sum(len(wire) for _, wire in held)
+
+    def offer(self, seq: int, wire: bytes) -> None:
+        if self._error is not None:
+            return
+        self._live.append((seq, wire))
+        self._bytes += len(wire)
+        if len(self._live) > self.max_events or self._bytes > self.max_bytes:
+            self._live.clear()
+            self._bytes = 0
+            self._error = SlowConsumer(
+                f"a subscriber fell more than {self.max_events} events or "
+                f"{self.max_bytes} bytes behind"
+            )
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Event:
+        while True:
+            if self._backlog:
+                return event_from_wire(self._backlog.popleft())
+            live = self._live
+            while live:
+                seq, wire = live.popleft()
+                self._bytes -= len(wire)
+                if seq > self._floor:
+                    self._floor = seq
+                    return event_from_wire(wire)
+            if self._error is not None:
+                raise self._error
+            waiter = self._waiter = anyio.Event()
+            await waiter.wait()

@@ -1,0 +1,127 @@
+"""The interface of a history store, and the event id format it issues."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+
+from .._exceptions import InvalidLastEventId
+
+__all__ = [
+    "Deliver",
+    "HistoryStore",
+    "check_retention",
+    "format_id",
+    "id_line",
+    "new_epoch",
+    "parse_id",
+]
+
+#: Awaited by `append` with `(seq, wire)` once the event is stored, before the next
+#: append may take a seq, so live delivery happens in id order.
+Deliver = Callable[[int, bytes], Awaitable[None]]
+
+_ID = re.compile(r"([0-9a-f]{8})-(0|[1-9][0-9]{0,18})")
+
+
+def new_epoch() -> str:
+    """Return a new random epoch: 8 lowercase hex digits."""
+    return secrets.token_hex(4)
+
+
+def format_id(epoch: str, seq: int) -> str:
+    """Return the event id for `seq` in `epoch`: `"<epoch>-<seq>"`."""
+    return f"{epoch}-{seq}"
+
+
+def parse_id(value: str) -> tuple[str, int]:
+    """Split an id issued by `format_id` into `(epoch, seq)`.
+
+    Raises:
+        InvalidLastEventId: `value` is not of the form `<8 hex digits>-<seq>`.
+    """
+    match = _ID.fullmatch(value)
+    if match is None:
+        raise InvalidLastEventId(
+            f"Last-Event-ID {value[:80]!r} was not issued by this server: "
+            "expected '<epoch>-<sequence>', for example 'a1b2c3d4-42'"
+        )
+    return match.group(1), int(match.group(2))
+
+
+def id_line(epoch: str, seq: int) -> bytes:
+    """Return the `id:` line that prefixes a stored event's wire bytes."""
+    return b"id: %s-%d\n" % (epoch.encode(), seq)
+
+
+class HistoryStore(ABC):
+    """Keeps the last events of each group, and assigns the broadcast's event ids.
+
+    Ids come from one monotonic sequence per store (`seq`, starting at 1), shared
+    by all groups, plus the store's `epoch`, which changes when the history is
+    reset. Retention is per group: the last `retention` events, and/or those
+    younger than `max_age` seconds.
+    """
+
+    #: Set by `connect()`.
+    epoch: str
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open the store (create tables, read or create the epoch)."""
+
+    @abstractmethod
+    async def disconnect(self) -> None:
+        """Close the store."""
+
+    @abstractmethod
+    async def append(self, group: str, wire: bytes, deliver: Deliver) -> int:
+        """Store one event and return its seq.
+
+        `wire` is the encoded event without an `id:` line; the store keeps
+        `id_line(epoch, seq) + wire`, applies retention to `group` (remembering the
+        highest seq it trimmed from it), then awaits `deliver(seq, stored_wire)`.
+        Appends are serialised from assigning the seq until `deliver` returns,
+        across every process sharing the store, so live order is id order.
+
+        Raises:
+            BackendError: The store cannot be reached.
+        """
+
+    @abstractmethod
+    async def read(self, groups: Sequence[str], after: int) -> list[tuple[int, bytes]] | None:
+        """Return `(seq, wire)` of every retained event of `groups` after `after`, by seq.
+
+        Returns None when the cursor expired: some event of `groups` with a seq
+        greater than `after` has been trimmed (recovery is all or nothing).
+
+        Raises:
+            BackendError: The store cannot be reached.
+        """
+
+    @abstractmethod
+    async def head(self) -> int:
+        """Return the highest seq issued so far (0 before the first event)."""
+
+
+def check_retention(retention: int | None, max_age: float | None) -> None:
+    """Validate retention settings where they enter.
+
+    Raises:
+        ValueError: Neither bound is set, or a bound is not positive.
+        TypeError: A bound has the wrong type.
+    """
+    if retention is not None and (not isinstance(retention, int) or isinstance(retention, bool)):
+        raise TypeError(f"retention must be an int (events per group) or None, got {retention!r}")
+    if max_age is not None and (isinstance(max_age, bool) or not isinstance(max_age, int | float)):
+        raise TypeError(f"max_age must be a number of seconds or None, got {max_age!r}")
+    if retention is None and max_age is None:
+        raise ValueError(
+            "history needs a bound: set retention (events per group), max_age, or both"
+        )
+    if retention is not None and retention < 1:
+        raise ValueError(f"retention must be >= 1 event per group, got {retention}")
+    if max_age is not None and max_age <= 0:
+        raise ValueError(f"max_age must be > 0 seconds, got {max_age}")
