@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import unicodedata
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -316,6 +316,7 @@ class Broadcast:
             BackendError: The backend is down.
         """
         self._check_connected()
+        groups = list(dict.fromkeys(groups))
         if not self.live.healthy:
             raise BackendError("the broadcast backend is reconnecting")
         cursor: tuple[str, int] | None = None
@@ -327,10 +328,11 @@ class Broadcast:
                 return Attachment([], 0, None)
             epoch, after = cursor
             store = self.store
-            if epoch != store.epoch:
-                head = await store.head()
-                return Attachment([], head, self._reset_event("unknown_epoch", head))
+            # head() first: a store that lost its history (a Redis restart without
+            # persistence) learns its new epoch there.
             head = await store.head()
+            if epoch != store.epoch:
+                return Attachment([], head, self._reset_event("unknown_epoch", head))
             if after > head:
                 raise InvalidLastEventId(
                     f"Last-Event-ID {last_event_id!r} is ahead of this history "
@@ -338,7 +340,9 @@ class Broadcast:
                 )
             replay = await store.read(groups, after)
             if replay is None:
-                return Attachment([], head, self._reset_event("expired", head))
+                reason = "expired" if store.epoch == epoch else "unknown_epoch"
+                head = await store.head()
+                return Attachment([], head, self._reset_event(reason, head))
             floor = replay[-1][0] if replay else after
             return Attachment([wire for _, wire in replay], floor, None)
         except BaseException:
@@ -382,6 +386,7 @@ class Broadcast:
             raise ValueError("subscribe() needs at least one group")
         for group in groups:
             check_group(group)
+        groups = tuple(dict.fromkeys(groups))  # a group named twice is joined once
         subscription = Subscription(max_events=max_events, max_bytes=max_bytes)
         attachment = await self._attach(subscription, groups, last_event_id)
         try:
@@ -410,6 +415,8 @@ class Subscription:
         self._floor = 0
         self._error: BaseException | None = None
         self._waiter: anyio.Event | None = None
+        #: Called once when the subscription fails (slow consumer, backend loss).
+        self.on_error: Callable[[BaseException], None] | None = None
 
     def _start(self, attachment: Attachment) -> None:
         if attachment.reset is not None:
@@ -428,15 +435,20 @@ class Subscription:
         if len(self._live) > self.max_events or self._bytes > self.max_bytes:
             self._live.clear()
             self._bytes = 0
-            self._error = SlowConsumer(
-                f"a subscriber fell more than {self.max_events} events or "
-                f"{self.max_bytes} bytes behind"
+            self.fail(
+                SlowConsumer(
+                    f"a subscriber fell more than {self.max_events} events or "
+                    f"{self.max_bytes} bytes behind"
+                )
             )
+            return
         self._wake()
 
     def fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
+            if self.on_error is not None:
+                self.on_error(error)
         self._wake()
 
     def _wake(self) -> None:

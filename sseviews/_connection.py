@@ -84,6 +84,7 @@ class Connection:
         "_finishing",
         "_held",
         "_pending_send",
+        "_send_scope",
         "_space",
         "_wake",
         "backlog",
@@ -95,6 +96,7 @@ class Connection:
         "last_write",
         "max_bytes",
         "max_events",
+        "max_pending",
         "on_stop",
         "ping_interval",
         "reason",
@@ -127,24 +129,29 @@ class Connection:
         self.backlog: list[bytes] = []  # the replay, written paced, outside the bound
         self._held: list[tuple[int, bytes]] | None = None  # live events during attach
         self._pending_send: _Resume | None = None
+        self._send_scope: anyio.CancelScope | None = None  # the write in flight
         self.max_events: int = view.max_buffer_events
         self.max_bytes: int = view.max_buffer_bytes
+        # Events events() may get ahead of the client (lowered to max_events when
+        # events() relays a subscription, so that group events stay bounded).
+        self.max_pending = 1 << 30
 
     # -- called by the request task -------------------------------------------------
 
     def push(self, data: bytes) -> bool:
         """Buffer one encoded message; return True when the caller must `wait_for_space()`."""
-        self.buffer.append(data)
+        buffer = self.buffer
+        buffer.append(data)
         self.buffered += len(data)
         wake = self._wake
         if wake is not None:
             self._wake = None
             wake.cancel()
-        return self.buffered >= HIGH_WATER
+        return self.buffered >= HIGH_WATER or len(buffer) >= self.max_pending
 
     async def wait_for_space(self) -> None:
         """Wait until the writer has taken the buffer."""
-        if self.buffered < HIGH_WATER:
+        if self.buffered < HIGH_WATER and len(self.buffer) < self.max_pending:
             return
         space = self._space = anyio.Event()
         await space.wait()
@@ -170,6 +177,16 @@ class Connection:
         if wake is not None:
             self._wake = None
             wake.cancel()
+        sending = self._send_scope
+        if sending is not None:
+            if reason in DROP_REASONS:
+                sending.cancel()
+            else:
+                # A write stuck on a client that stopped reading must not hold
+                # the stream (or the server's shutdown) for the whole send_timeout.
+                sending.deadline = min(
+                    sending.deadline, anyio.current_time() + SHUTDOWN_WRITE_TIMEOUT
+                )
 
     # -- the broadcast sink ---------------------------------------------------------
 
@@ -290,14 +307,16 @@ class Connection:
         if self.shutting_down or self.reason is not None:
             timeout = min(timeout or math.inf, SHUTDOWN_WRITE_TIMEOUT)
         try:
-            if timeout is None:
-                await sending
-            else:
-                with anyio.move_on_after(timeout) as scope:
+            with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                self._send_scope = scope
+                try:
                     await sending
-                if scope.cancelled_caught:
+                finally:
+                    self._send_scope = None
+            if scope.cancelled_caught:
+                if self.reason is None:
                     self.stop(DisconnectReason.SEND_TIMEOUT)
-                    return False
+                return False
         except OSError:
             # Some servers raise once the peer is gone; uvicorn just drops the write.
             self.stop(DisconnectReason.CLIENT_CLOSED)

@@ -59,10 +59,16 @@ def _check_settings(cls: type[EventStreamView]) -> None:
     _check_seconds(cls, "shutdown_grace_period", allow_none=False, allow_zero=True)
     _check_seconds(cls, "disconnect_timeout", allow_none=False, allow_zero=False)
     retry = cls.retry
-    if retry is not None and (not isinstance(retry, int) or isinstance(retry, bool) or retry < 0):
-        raise ValueError(f"{cls.__name__}.retry must be None or an int >= 0 (ms), got {retry!r}")
-    if not isinstance(cls.headers, Mapping):
-        raise TypeError(f"{cls.__name__}.headers must be a mapping of str to str")
+    if retry is not None:
+        if not isinstance(retry, int) or isinstance(retry, bool):
+            raise TypeError(f"{cls.__name__}.retry must be None or an int of ms, got {retry!r}")
+        if retry < 0:
+            raise ValueError(f"{cls.__name__}.retry must be >= 0 (ms), got {retry!r}")
+    headers = cls.headers
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in headers.items()
+    ):
+        raise TypeError(f"{cls.__name__}.headers must be a mapping of str to str, got {headers!r}")
     if cls.broadcast is not None and not isinstance(cls.broadcast, Broadcast):
         raise TypeError(f"{cls.__name__}.broadcast must be a Broadcast, got {cls.broadcast!r}")
     for name in ("max_buffer_events", "max_buffer_bytes", "max_groups"):
@@ -350,6 +356,8 @@ class EventStreamView:
             sink = self._subscription = Subscription(
                 max_events=self.max_buffer_events, max_bytes=self.max_buffer_bytes
             )
+            sink.on_error = self._subscription_failed
+            connection.max_pending = self.max_buffer_events
         try:
             attachment = await broadcast._attach(sink, groups, self.last_event_id)
         except InvalidLastEventId as exc:
@@ -373,6 +381,17 @@ class EventStreamView:
             await self._serve_stream(connection, shutdown)
         finally:
             broadcast._unregister(sink, groups)
+
+    def _subscription_failed(self, error: BaseException) -> None:
+        # events() may be parked behind a blocked write and never see the error.
+        connection = self._connection
+        if connection is None or connection.reason is not None:
+            return
+        if isinstance(error, SlowConsumer):
+            logger.warning("%s: %s; disconnecting", self.describe(), error)
+            connection.stop(DisconnectReason.SLOW_CONSUMER)
+        else:
+            connection.stop(DisconnectReason.ERROR)
 
     async def _resolve_groups(self) -> list[str]:
         value = self.groups

@@ -19,8 +19,8 @@ import codecs
 import json as jsonlib
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager, suppress
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote, unquote, urlencode, urlsplit
@@ -38,6 +38,20 @@ __all__ = ["EventParser", "EventStream", "EventStreamClient", "StreamEnded", "Te
 
 _LINE_END = re.compile(r"[\r\n]")
 _DIGITS = re.compile(r"[0-9]+")
+
+
+@contextmanager
+def _collapse_groups() -> Iterator[None]:
+    """Re-raise a task group's single error as itself, as a test expects to see it."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+            inner = group.exceptions[0]
+            if not isinstance(inner, BaseExceptionGroup):
+                raise inner from inner.__cause__
+            group = inner
+        raise
 
 
 class EventParser:
@@ -190,7 +204,9 @@ class _Exchange:
         if not self._request_sent:
             self._request_sent = True
             return {"type": "http.request", "body": self.body, "more_body": False}
-        await self._disconnected.wait()
+        if not self._disconnected.is_set():
+            # Like uvicorn: once disconnected, receive() answers without waiting.
+            await self._disconnected.wait()
         return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
@@ -417,6 +433,7 @@ class EventStreamClient:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._lifespan_send: Any = None
         self._lifespan_receive: Any = None
+        self._lifespan_streams: list[Any] = []
         self._lifespan_running = False
 
     async def __aenter__(self) -> Self:
@@ -427,7 +444,12 @@ class EventStreamClient:
                 await self._startup()
         except BaseException as exc:
             self._task_group.cancel_scope.cancel()
-            await self._task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            try:
+                with _collapse_groups():
+                    await self._task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            finally:
+                for stream in self._lifespan_streams:
+                    stream.close()
             raise
         return self
 
@@ -449,7 +471,12 @@ class EventStreamClient:
                     await self._lifespan_shutdown()
         finally:
             task_group.cancel_scope.cancel()
-            await task_group.__aexit__(exc_type, exc, tb)
+            try:
+                with _collapse_groups():
+                    await task_group.__aexit__(exc_type, exc, tb)
+            finally:
+                for stream in self._lifespan_streams:
+                    stream.close()
         return None
 
     # -- lifespan -------------------------------------------------------------
@@ -459,6 +486,7 @@ class EventStreamClient:
         to_app_send, to_app_receive = anyio.create_memory_object_stream[Message](4)
         from_app_send, from_app_receive = anyio.create_memory_object_stream[Message](4)
         self._lifespan_send, self._lifespan_receive = to_app_send, from_app_receive
+        self._lifespan_streams = [to_app_send, to_app_receive, from_app_send, from_app_receive]
         scope: Scope = {
             "type": "lifespan",
             "asgi": {"version": "3.0", "spec_version": "2.0"},
@@ -472,7 +500,12 @@ class EventStreamClient:
                 if isinstance(exc, anyio.get_cancelled_exc_class()):
                     raise
                 # Apps without lifespan support raise; say so instead of hanging.
-                await from_app_send.send({"type": "sseviews.lifespan.error", "error": exc})
+                ended: Message = {"type": "sseviews.lifespan.ended", "error": exc}
+            else:
+                # Bare ASGI apps often just return for scopes they don't handle.
+                ended = {"type": "sseviews.lifespan.ended", "error": None}
+            with suppress(anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                from_app_send.send_nowait(ended)
 
         self._task_group.start_soon(run)
         with anyio.fail_after(self.timeout):
@@ -480,7 +513,7 @@ class EventStreamClient:
             message = await from_app_receive.receive()
         if message["type"] == "lifespan.startup.failed":
             raise RuntimeError(f"lifespan startup failed: {message.get('message', '')}")
-        if message["type"] == "sseviews.lifespan.error":
+        if message["type"] == "sseviews.lifespan.ended":
             return  # the app has no lifespan
         self._lifespan_running = True
 
@@ -488,6 +521,8 @@ class EventStreamClient:
         self._lifespan_running = False
         await self._lifespan_send.send({"type": "lifespan.shutdown"})
         message = await self._lifespan_receive.receive()
+        if message["type"] == "sseviews.lifespan.ended" and message["error"] is not None:
+            raise RuntimeError(f"lifespan shutdown failed: {message['error']!r}")
         if message["type"] == "lifespan.shutdown.failed":
             raise RuntimeError(f"lifespan shutdown failed: {message.get('message', '')}")
 

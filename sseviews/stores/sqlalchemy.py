@@ -1,0 +1,399 @@
+"""A durable history in SQL: SQLite through aiosqlite, or PostgreSQL through asyncpg.
+
+Install the extra that matches your database, `sseviews[sqlite]` or `sseviews[postgres]`,
+and give `Broadcast` a URL or a store:
+
+    broadcast = Broadcast("redis://localhost:6379/0", history="postgresql+asyncpg://db/app")
+
+PostgreSQL serves any number of processes and machines: appends are serialised by an
+advisory lock, so ids and live delivery keep one order everywhere. A SQLite history is
+for one process (one `SQLAlchemyStore` instance): appends are serialised by a lock in
+that instance only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    bindparam,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, InvalidRequestError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from .._exceptions import BackendError, BroadcastNotConnected
+from .base import Deliver, HistoryStore, check_retention, id_line, new_epoch
+
+__all__ = ["SQLAlchemyStore"]
+
+logger = logging.getLogger("sseviews.sqlalchemy")
+
+_PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+# The async driver used when a URL names none (`sqlite:///events.db`).
+_ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+# Cleanup that must run even when the append was cancelled gets this many seconds.
+_CLEANUP_SECONDS = 5.0
+
+
+class SQLAlchemyStore(HistoryStore):
+    """Keeps the history in SQL tables, so it survives restarts and is shared by processes.
+
+    Three tables are created on `connect()`, named after `table_prefix`:
+    `<prefix>_meta` (the epoch and the last seq issued), `<prefix>_events` (each event's
+    seq, group, creation time and wire bytes, id line included) and `<prefix>_trim`
+    (per group, the highest seq removed by retention).
+
+    Args:
+        url_or_engine: A database URL such as `"sqlite+aiosqlite:///events.db"` or
+            `"postgresql+asyncpg://user@host/db"` (a URL without a driver gets the async
+            one), or an `AsyncEngine` you created and dispose of yourself. A URL's engine
+            gets WAL mode on SQLite (replays read while appends write) and pre-ping on
+            PostgreSQL (a dropped connection is replaced); an engine is used as it is.
+        table_prefix: Prefix of the table names, so several histories share a database.
+        retention: Events kept per group, or None for no count bound.
+        max_age: Seconds an event is kept, or None for no age bound.
+
+    Raises:
+        ValueError: The URL is not a SQLite file or PostgreSQL URL with an async driver,
+            `table_prefix` is not an identifier of at most 40 characters, or a retention
+            bound is not positive (or neither is set).
+        TypeError: `url_or_engine` is neither a URL nor an `AsyncEngine`.
+        ImportError: The URL's driver is not installed.
+    """
+
+    def __init__(
+        self,
+        url_or_engine: str | URL | AsyncEngine,
+        *,
+        table_prefix: str = "sseviews",
+        retention: int | None = 1000,
+        max_age: float | None = None,
+    ) -> None:
+        check_retention(retention, max_age)
+        if not isinstance(table_prefix, str) or _PREFIX.fullmatch(table_prefix) is None:
+            raise ValueError(
+                "table_prefix must be letters, digits and underscores, not starting with a "
+                f"digit, at most 40 characters; got {table_prefix!r}"
+            )
+        self.retention = retention
+        self.max_age = max_age
+        self.table_prefix = table_prefix
+        if isinstance(url_or_engine, AsyncEngine):
+            self._engine = url_or_engine
+            self._owns_engine = False
+        elif isinstance(url_or_engine, str | URL):
+            self._engine = _create_engine(url_or_engine)
+            self._owns_engine = True
+        else:
+            raise TypeError(
+                "SQLAlchemyStore needs a database URL or an AsyncEngine, "
+                f"got {type(url_or_engine).__name__}"
+            )
+        dialect = self._engine.dialect.name
+        if dialect not in _ASYNC_DRIVERS:
+            raise ValueError(f"SQLAlchemyStore supports SQLite and PostgreSQL, not {dialect!r}")
+        self._postgres = dialect == "postgresql"
+        self._errors = _database_errors(self._engine)
+        self._where = self._engine.url.render_as_string(hide_password=True)
+        # A session-level advisory lock, one per history in a database: prefixes differ,
+        # keys differ (a rare collision only serialises two histories together).
+        digest = hashlib.blake2b(f"sseviews:{table_prefix}".encode(), digest_size=8).digest()
+        self._lock_key = int.from_bytes(digest, "big", signed=True)
+        self._lock = anyio.Lock()
+        self._connected = False
+
+        metadata = MetaData()
+        self._meta = Table(
+            f"{table_prefix}_meta",
+            metadata,
+            Column("id", Integer, primary_key=True, autoincrement=False),
+            Column("epoch", Text, nullable=False),
+            Column("head", BigInteger, nullable=False),
+        )
+        self._events = Table(
+            f"{table_prefix}_events",
+            metadata,
+            Column("seq", BigInteger, primary_key=True, autoincrement=False),
+            Column("grp", Text, nullable=False),
+            Column("created", Double, nullable=False),
+            Column("wire", LargeBinary, nullable=False),
+            Index(f"ix_{table_prefix}_events_grp_seq", "grp", "seq"),
+            # Age retention deletes across all groups on every append; without this
+            # index each append would scan the whole table.
+            Index(f"ix_{table_prefix}_events_created", "created"),
+        )
+        self._trim = Table(
+            f"{table_prefix}_trim",
+            metadata,
+            Column("grp", Text, primary_key=True),
+            Column("upto", BigInteger, nullable=False),
+        )
+        self._metadata = metadata
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine this store runs on."""
+        return self._engine
+
+    async def connect(self) -> None:
+        """Create the tables if needed, and read the epoch (or start one in a new database).
+
+        Raises:
+            BackendError: The database cannot be reached.
+        """
+        insert = postgresql.insert if self._postgres else sqlite.insert
+        claim = insert(self._meta).values(id=1, epoch=new_epoch(), head=0)
+        async with self._wrap("connect"), self._engine.begin() as conn:
+            # Two stores starting together would race in CREATE TABLE.
+            if self._postgres:
+                await conn.execute(select(func.pg_advisory_xact_lock(self._key())))
+            else:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            await conn.run_sync(self._metadata.create_all)
+            await conn.execute(claim.on_conflict_do_nothing(index_elements=["id"]))
+            epoch = (await conn.execute(select(self._meta.c.epoch))).scalar_one()
+        self.epoch = epoch
+        self._connected = True
+
+    async def disconnect(self) -> None:
+        """Close the store's connections (the engine is disposed only if the store made it)."""
+        self._connected = False
+        if self._owns_engine:
+            await self._engine.dispose()
+
+    async def append(self, group: str, wire: bytes, deliver: Deliver) -> int:
+        """Store one event and return its seq (see `HistoryStore.append`).
+
+        Raises:
+            BackendError: The database cannot be reached. An exception raised by
+                `deliver` propagates unchanged (the event stays stored).
+        """
+        self._check_connected()
+        # In-process first: a burst of publishes then waits here, not in PostgreSQL with
+        # every pooled connection taken.
+        async with self._lock:
+            async with self._wrap("append an event"):
+                conn = await self._engine.connect()
+            locked = False
+            try:
+                async with self._wrap("append an event"), conn.begin():
+                    if self._postgres:
+                        # Session-level: it outlives the commit, so deliver runs under it.
+                        locked = True
+                        await conn.execute(select(func.pg_advisory_lock(self._key())))
+                    seq, stored = await self._store(conn, group, wire)
+                await deliver(seq, stored)
+                return seq
+            finally:
+                await self._release(conn, locked)
+
+    async def read(self, groups: Sequence[str], after: int) -> list[tuple[int, bytes]] | None:
+        """Return the retained events of `groups` after `after` (see `HistoryStore.read`).
+
+        Raises:
+            BackendError: The database cannot be reached.
+        """
+        self._check_connected()
+        if not groups:
+            return []
+        events, trim = self._events, self._trim
+        rows = (
+            select(events.c.seq, events.c.created, events.c.wire)
+            .where(events.c.grp.in_(groups), events.c.seq > after)
+            .order_by(events.c.seq)
+        )
+        trimmed = select(func.max(trim.c.upto)).where(trim.c.grp.in_(groups))
+        async with self._wrap("read the history"), self._engine.connect() as conn:
+            found = (await conn.execute(rows)).all()
+            # Read after the events: a trim committed before that read is seen here, so
+            # no event can vanish unnoticed between the two statements.
+            upto = (await conn.execute(trimmed)).scalar()
+        if upto is not None and upto > after:
+            return None
+        if self.max_age is not None and found:
+            oldest = time.time() - self.max_age
+            # Expired by age but not deleted yet (its group saw no append since).
+            if any(created < oldest for _, created, _ in found):
+                return None
+        return [(seq, bytes(stored)) for seq, _, stored in found]
+
+    async def head(self) -> int:
+        """Return the highest seq issued so far.
+
+        Raises:
+            BackendError: The database cannot be reached.
+        """
+        self._check_connected()
+        async with self._wrap("read the head"), self._engine.connect() as conn:
+            head = (await conn.execute(select(self._meta.c.head))).scalar_one()
+        return int(head)
+
+    async def _store(self, conn: AsyncConnection, group: str, wire: bytes) -> tuple[int, bytes]:
+        meta, events, trim = self._meta, self._events, self._trim
+        # The row lock taken here also serialises publishers inside PostgreSQL.
+        bump = (
+            update(meta).where(meta.c.id == 1).values(head=meta.c.head + 1).returning(meta.c.head)
+        )
+        seq = int((await conn.execute(bump)).scalar_one())
+        stored = id_line(self.epoch, seq) + wire
+        now = time.time()
+        await conn.execute(events.insert().values(seq=seq, grp=group, created=now, wire=stored))
+
+        removed: dict[str, int] = {}
+        if self.retention is not None:
+            cutoff = (
+                select(events.c.seq)
+                .where(events.c.grp == group)
+                .order_by(events.c.seq.desc())
+                .limit(1)
+                .offset(self.retention)
+                .scalar_subquery()
+            )
+            gone = delete(events).where(events.c.grp == group, events.c.seq <= cutoff)
+            for (old,) in await conn.execute(gone.returning(events.c.seq)):
+                removed[group] = max(removed.get(group, 0), old)
+        if self.max_age is not None:
+            gone = delete(events).where(events.c.created < now - self.max_age)
+            for grp, old in await conn.execute(gone.returning(events.c.grp, events.c.seq)):
+                removed[grp] = max(removed.get(grp, 0), old)
+        if removed:
+            insert = postgresql.insert if self._postgres else sqlite.insert
+            greatest = func.greatest if self._postgres else func.max
+            marks = insert(trim).values([{"grp": g, "upto": s} for g, s in removed.items()])
+            await conn.execute(
+                marks.on_conflict_do_update(
+                    index_elements=["grp"],
+                    set_={"upto": greatest(trim.c.upto, marks.excluded.upto)},
+                )
+            )
+        return seq, stored
+
+    async def _release(self, conn: AsyncConnection, locked: bool) -> None:
+        """Unlock and return the connection, even when the append was cancelled."""
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(_CLEANUP_SECONDS):
+                try:
+                    if locked:
+                        await conn.rollback()
+                        await conn.execute(select(func.pg_advisory_unlock(self._key())))
+                        await conn.commit()
+                    await conn.close()
+                except Exception as exc:
+                    logger.warning("SQL history %s: dropping a broken connection: %r", self, exc)
+                else:
+                    return
+            # Closing the session is what frees a lock we could not release.
+            with anyio.move_on_after(_CLEANUP_SECONDS):
+                try:
+                    await conn.invalidate()
+                    await conn.close()
+                except Exception as exc:
+                    logger.warning("SQL history %s: could not close a connection: %r", self, exc)
+
+    def _key(self) -> Any:
+        return bindparam("lock_key", self._lock_key, type_=BigInteger)
+
+    def _check_connected(self) -> None:
+        if not self._connected:
+            raise BroadcastNotConnected(f"SQL history {self} is not connected: call connect()")
+
+    @asynccontextmanager
+    async def _wrap(self, action: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except self._errors as exc:
+            logger.warning("SQL history %s could not %s: %r", self, action, exc)
+            raise BackendError(f"SQL history {self} could not {action}: {exc}") from exc
+
+    def __str__(self) -> str:
+        return f"{self._where} ({self.table_prefix}_*)"
+
+
+def _create_engine(url: str | URL) -> AsyncEngine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ValueError(f"history must be a database URL, got {url!r}: {exc}") from exc
+    backend = parsed.get_backend_name()
+    if backend == "postgres":
+        backend = "postgresql"
+    if backend not in _ASYNC_DRIVERS:
+        raise ValueError(
+            "history URL must be 'sqlite+aiosqlite:///path.db' or "
+            f"'postgresql+asyncpg://user@host/db', got {parsed.drivername!r}"
+        )
+    if "+" not in parsed.drivername:
+        parsed = parsed.set(drivername=f"{backend}+{_ASYNC_DRIVERS[backend]}")
+    options: dict[str, Any] = {}
+    if backend == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+            raise ValueError(
+                "a SQLite history needs a file, such as 'sqlite+aiosqlite:///events.db'; "
+                "for a history in memory leave history unset"
+            )
+        if not database.startswith("file:"):
+            # Resolved now, so the app changing directory later does not move the log.
+            parsed = parsed.set(database=os.path.abspath(database))
+    else:
+        # Notice connections the server dropped (restart, failover) before using them.
+        options["pool_pre_ping"] = True
+    try:
+        engine = create_async_engine(parsed, **options)
+    except (ArgumentError, InvalidRequestError) as exc:
+        raise ValueError(
+            f"history URL {parsed.drivername!r} needs an async driver, such as "
+            f"'{backend}+{_ASYNC_DRIVERS[backend]}': {exc}"
+        ) from exc
+    except ImportError as exc:
+        extra = "sqlite" if backend == "sqlite" else "postgres"
+        raise ImportError(
+            f"history URL {parsed.drivername!r} needs its driver: {exc}; "
+            f"install it with `pip install sseviews[{extra}]`"
+        ) from exc
+    if backend == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_wal)
+    return engine
+
+
+def _sqlite_wal(dbapi_connection: Any, connection_record: Any) -> None:
+    # WAL lets readers (replays) run while an append writes.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    finally:
+        cursor.close()
+
+
+def _database_errors(engine: AsyncEngine) -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, ConnectionError)
+    if engine.dialect.driver == "asyncpg":
+        # Most asyncpg errors arrive wrapped by SQLAlchemy, but not all (connecting).
+        asyncpg = importlib.import_module("asyncpg")
+        errors += (asyncpg.PostgresError, asyncpg.InterfaceError)
+    return errors
