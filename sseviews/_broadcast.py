@@ -17,6 +17,7 @@ live events whose seq is greater than the last one replayed.
 from __future__ import annotations
 
 import logging
+import os
 import unicodedata
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -126,6 +127,23 @@ def _store_for(
     )
 
 
+def _worker_count() -> int:
+    """Guess how many worker processes serve this app (1 when unknown)."""
+    counts = [os.environ.get("WEB_CONCURRENCY", "")]
+    # uvicorn --workers N and gunicorn -w N run us in a child of the supervisor.
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as file:
+            argv = file.read().decode(errors="replace").split("\0")
+    except OSError:
+        argv = []
+    for flag in ("--workers", "-w"):
+        if flag in argv[:-1]:
+            counts.append(argv[argv.index(flag) + 1])
+    counts += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--workers=")]
+    found = [int(count) for count in counts if count.isdigit()]
+    return max(found, default=1)
+
+
 class Broadcast:
     """Publish events to groups and subscribe to them, with ids and replay.
 
@@ -184,6 +202,9 @@ class Broadcast:
             )
         self._hub: dict[str, set[Sink]] = {}
         self._connected = False
+        self._in_process = urlsplit(url_text).scheme == "memory" and not isinstance(
+            url, LiveBackend
+        )
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -197,6 +218,15 @@ class Broadcast:
                 await self.store.disconnect()
             raise
         self._connected = True
+        if self._in_process:
+            workers = _worker_count()
+            if workers > 1:
+                logger.warning(
+                    "Broadcast('memory://') under %d worker processes: each worker has its "
+                    "own groups and history, so events published in one worker never reach "
+                    "clients of the others. Use redis://host:port/db",
+                    workers,
+                )
 
     async def disconnect(self) -> None:
         """End every subscription and close the backend and the store."""
