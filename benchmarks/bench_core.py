@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import datetime as dt
 import importlib.metadata
 import json
@@ -118,10 +120,26 @@ class Sizes:
     hold_seconds: float
 
 
-FULL = Sizes(runs=3, conns=5000, concurrency=200, events=100_000, streams=10,
-             stream_events=20_000, settle_seconds=1.0, hold_seconds=2.0)
-QUICK = Sizes(runs=1, conns=500, concurrency=200, events=10_000, streams=10,
-              stream_events=2_000, settle_seconds=0.5, hold_seconds=1.0)
+FULL = Sizes(
+    runs=3,
+    conns=5000,
+    concurrency=200,
+    events=100_000,
+    streams=10,
+    stream_events=20_000,
+    settle_seconds=1.0,
+    hold_seconds=2.0,
+)
+QUICK = Sizes(
+    runs=1,
+    conns=500,
+    concurrency=200,
+    events=10_000,
+    streams=10,
+    stream_events=2_000,
+    settle_seconds=0.5,
+    hold_seconds=1.0,
+)
 
 
 @dataclass(frozen=True)
@@ -147,14 +165,23 @@ class Case:
 
 CASES: tuple[Case, ...] = (
     Case("rss_kb_per_stream", "A. RSS per idle stream, KB ({conns} open)", False, 2, "raw", 1.25),
-    Case("one_stream_eps", "B. 1 stream x {events} events, events/s", True, 0, "sse-starlette", 4.0),
-    Case("multi_stream_eps", "C. {streams} streams x {stream_events} events, aggregate events/s",
-         True, 0, "sse-starlette", 3.0),
+    Case(
+        "one_stream_eps", "B. 1 stream x {events} events, events/s", True, 0, "sse-starlette", 4.0
+    ),
+    Case(
+        "multi_stream_eps",
+        "C. {streams} streams x {stream_events} events, aggregate events/s",
+        True,
+        0,
+        "sse-starlette",
+        3.0,
+    ),
     Case("open_seconds", "D. open {conns} streams, s", False, 3, "raw", 1.3),
     # Diagnostics without a target: server CPU time per event (less noisy
     # than wall-clock throughput on a busy machine).
     Case("one_stream_cpu_us", "(info) B server CPU, us/event", False, 2),
     Case("multi_stream_cpu_us", "(info) C server CPU, us/event", False, 2),
+    Case("one_stream_events_per_chunk", "(info) B events per HTTP chunk", False, 1),
 )
 
 
@@ -170,6 +197,25 @@ def _free_port() -> int:
 def _raise_nofile_in_child() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _process_cpu_clock(pid: int) -> int | None:
+    """The POSIX CPU-time clock of another process (ns resolution), if any."""
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return None
+    try:
+        clock_getcpuclockid = ctypes.CDLL(library).clock_getcpuclockid
+    except (OSError, AttributeError):
+        return None
+    clock_id = ctypes.c_int()
+    if clock_getcpuclockid(pid, ctypes.byref(clock_id)) != 0:
+        return None
+    try:
+        time.clock_gettime(clock_id.value)
+    except OSError:
+        return None
+    return clock_id.value
 
 
 def _child_env(sse_starlette_ping: str | None) -> dict[str, str]:
@@ -190,6 +236,7 @@ class UvicornServer:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self._ps: psutil.Process | None = None
+        self._cpu_clock: int | None = None
 
     def __enter__(self) -> UvicornServer:
         try:
@@ -203,20 +250,39 @@ class UvicornServer:
         self.stop()
 
     def start(self) -> None:
-        for attempt in range(3):
+        for _ in range(3):  # retry if another process grabbed the free port
             self.port = _free_port()
             command = [
-                sys.executable, "-m", "uvicorn", self.spec.app,
-                "--host", HOST, "--port", str(self.port),
-                "--loop", "uvloop", "--http", "httptools",
-                "--no-access-log", "--log-level", "warning", "--backlog", "4096",
+                sys.executable,
+                "-m",
+                "uvicorn",
+                self.spec.app,
+                "--host",
+                HOST,
+                "--port",
+                str(self.port),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                "--backlog",
+                "4096",
             ]
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
-                    command, cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=_raise_nofile_in_child,
+                    command,
+                    cwd=REPO_ROOT,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_raise_nofile_in_child,
                 )
             self._ps = psutil.Process(self.process.pid)
+            self._cpu_clock = _process_cpu_clock(self.process.pid)
             if self._wait_ready():
                 return
             self.stop()
@@ -242,8 +308,11 @@ class UvicornServer:
         return int(self._ps.memory_info().rss)
 
     def cpu_seconds(self) -> float:
+        """CPU time (user + system, all threads) the server has used so far."""
+        if self._cpu_clock is not None:
+            return time.clock_gettime(self._cpu_clock)
         assert self._ps is not None
-        times = self._ps.cpu_times()
+        times = self._ps.cpu_times()  # clock-tick (10 ms) resolution
         return float(times.user + times.system)
 
     def check_alive(self) -> None:
@@ -276,7 +345,7 @@ def _check_burst(result: BurstResult, expected_events: int) -> None:
     for head in result.heads:
         if head.status != 200:
             raise BenchError(f"status {head.status} from /burst")
-    for events, body_bytes in zip(result.events, result.body_bytes):
+    for events, body_bytes in zip(result.events, result.body_bytes, strict=True):
         if events != expected_events:
             raise BenchError(f"expected {expected_events} events per stream, counted {events}")
         if body_bytes != expected_events * len(EVENT_ON_WIRE):
@@ -288,12 +357,12 @@ def _check_burst(result: BurstResult, expected_events: int) -> None:
 
 async def validate(server: UvicornServer) -> dict[str, Any]:
     """Check the server speaks the expected wire format; return what it sent."""
-    result = await burst(HOST, server.port, "/burst?n=3", timeout=10.0)
+    result = await burst(HOST, server.port, "/burst?n=3", time_limit=10.0)
     _check_burst(result, 3)
     headers = result.heads[0].headers
     if not headers.get("content-type", "").startswith("text/event-stream"):
         raise BenchError(f"bad content-type {headers.get('content-type')!r}")
-    idle = await open_many(HOST, server.port, "/idle", 1, timeout=10.0)
+    idle = await open_many(HOST, server.port, "/idle", 1, time_limit=10.0)
     idle.close_all()
     if idle.errors or idle.heads[0].status != 200:
         raise BenchError(f"/idle did not answer 200: {idle.errors or idle.heads[0].status}")
@@ -304,8 +373,8 @@ async def measure_idle(server: UvicornServer, sizes: Sizes) -> dict[str, float]:
     """Cases A and D on a fresh server."""
     port = server.port
     # Warm the code paths (imports, routing, first-request allocations).
-    _check_burst(await burst(HOST, port, "/burst?n=100", timeout=30.0), 100)
-    warm = await open_many(HOST, port, "/idle", WARMUP_IDLE_STREAMS, timeout=STREAM_OPEN_TIMEOUT)
+    _check_burst(await burst(HOST, port, "/burst?n=100", time_limit=30.0), 100)
+    warm = await open_many(HOST, port, "/idle", WARMUP_IDLE_STREAMS, time_limit=STREAM_OPEN_TIMEOUT)
     warm.close_all()
     if warm.errors:
         raise BenchError(f"warm-up streams failed: {warm.errors[0]}")
@@ -314,13 +383,18 @@ async def measure_idle(server: UvicornServer, sizes: Sizes) -> dict[str, float]:
     rss_before = server.rss()
     async with asyncio.timeout(IDLE_CASE_TIMEOUT):
         opened = await open_many(
-            HOST, port, "/idle", sizes.conns,
-            concurrency=sizes.concurrency, timeout=STREAM_OPEN_TIMEOUT,
+            HOST,
+            port,
+            "/idle",
+            sizes.conns,
+            concurrency=sizes.concurrency,
+            time_limit=STREAM_OPEN_TIMEOUT,
         )
     try:
         if opened.errors:
             raise BenchError(
-                f"{len(opened.errors)} of {sizes.conns} idle streams failed, e.g. {opened.errors[0]}"
+                f"{len(opened.errors)} of {sizes.conns} idle streams failed,"
+                f" e.g. {opened.errors[0]}"
             )
         bad = [head.status for head in opened.heads if head.status != 200]
         if bad:
@@ -344,16 +418,20 @@ async def measure_idle(server: UvicornServer, sizes: Sizes) -> dict[str, float]:
 async def measure_bursts(server: UvicornServer, sizes: Sizes) -> dict[str, float]:
     """Cases B and C on a fresh server."""
     port = server.port
-    _check_burst(await burst(HOST, port, "/burst?n=1000", timeout=30.0), 1000)  # warm-up
+    _check_burst(await burst(HOST, port, "/burst?n=1000", time_limit=30.0), 1000)  # warm-up
 
     cpu_start = server.cpu_seconds()
-    one = await burst(HOST, port, f"/burst?n={sizes.events}", timeout=BURST_TIMEOUT)
+    one = await burst(HOST, port, f"/burst?n={sizes.events}", time_limit=BURST_TIMEOUT)
     cpu_one = server.cpu_seconds() - cpu_start
     _check_burst(one, sizes.events)
 
     cpu_start = server.cpu_seconds()
     multi = await burst(
-        HOST, port, f"/burst?n={sizes.stream_events}", streams=sizes.streams, timeout=BURST_TIMEOUT
+        HOST,
+        port,
+        f"/burst?n={sizes.stream_events}",
+        streams=sizes.streams,
+        time_limit=BURST_TIMEOUT,
     )
     cpu_multi = server.cpu_seconds() - cpu_start
     _check_burst(multi, sizes.stream_events)
@@ -363,6 +441,7 @@ async def measure_bursts(server: UvicornServer, sizes: Sizes) -> dict[str, float
         "multi_stream_eps": multi.events_per_second,
         "one_stream_cpu_us": cpu_one / one.total_events * 1e6,
         "multi_stream_cpu_us": cpu_multi / multi.total_events * 1e6,
+        "one_stream_events_per_chunk": one.total_events / max(one.total_chunks, 1),
         "one_stream_seconds": one.elapsed,
         "multi_stream_seconds": multi.elapsed,
     }
@@ -393,8 +472,12 @@ def _probe_import(module: str, env: dict[str, str]) -> str | None:
     """Return None if ``module`` imports in a child like the server's, else why not."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", f"import {module}"], cwd=REPO_ROOT, env=env,
-            capture_output=True, text=True, timeout=60,
+            [sys.executable, "-c", f"import {module}"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except subprocess.TimeoutExpired:
         return f"importing {module} timed out"
@@ -475,7 +558,10 @@ def build_report(results: dict[str, ServerResults], sizes: Sizes) -> tuple[str, 
     columns = [spec for spec in SERVERS if spec.key in results]
     header = ["Case"] + [spec.label for spec in columns]
     header += ["sseviews/raw", "sseviews/sse-starlette", "target", "met"]
-    rows = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    rows = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
     summary: dict[str, Any] = {}
     for case in CASES:
         medians = {spec.key: results[spec.key].median(case.key) for spec in columns}
@@ -486,20 +572,36 @@ def build_report(results: dict[str, ServerResults], sizes: Sizes) -> tuple[str, 
         cells = [case.label.format(**asdict(sizes))]
         cells += [_fmt(medians[spec.key], case.decimals) for spec in columns]
         cells += [f"{r:.2f}x" if r is not None else "n/a" for r in ratios.values()]
-        cells += [case.target_text, "" if case.target_baseline is None else
-                  ("n/a" if met is None else "yes" if met else "NO")]
+        cells += [
+            case.target_text,
+            ""
+            if case.target_baseline is None
+            else ("n/a" if met is None else "yes" if met else "NO"),
+        ]
         rows.append("| " + " | ".join(cells) + " |")
         summary[case.key] = {
-            "label": cells[0], "higher_is_better": case.higher_is_better,
-            "medians": medians, "ratios": {f"sseviews/{k}": v for k, v in ratios.items()},
-            "target": case.target_text or None, "target_met": met,
+            "label": cells[0],
+            "higher_is_better": case.higher_is_better,
+            "medians": medians,
+            "ratios": {f"sseviews/{k}": v for k, v in ratios.items()},
+            "target": case.target_text or None,
+            "target_met": met,
         }
     return "\n".join(rows), summary
 
 
 def _versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
-    for name in ("uvicorn", "starlette", "sse-starlette", "uvloop", "httptools", "anyio", "psutil", "sseviews"):
+    for name in (
+        "uvicorn",
+        "starlette",
+        "sse-starlette",
+        "uvloop",
+        "httptools",
+        "anyio",
+        "psutil",
+        "sseviews",
+    ):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -508,8 +610,14 @@ def _versions() -> dict[str, str | None]:
 
 
 def write_json(
-    path: Path, table: str, summary: dict[str, Any], results: dict[str, ServerResults],
-    sizes: Sizes, argv: Sequence[str], started: dt.datetime, seconds: float,
+    path: Path,
+    table: str,
+    summary: dict[str, Any],
+    results: dict[str, ServerResults],
+    sizes: Sizes,
+    argv: Sequence[str],
+    started: dt.datetime,
+    seconds: float,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {
@@ -539,17 +647,28 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Side-by-side SSE benchmark: raw ASGI vs sse-starlette vs sseviews.",
     )
-    parser.add_argument("--runs", type=int, help=f"repetitions per case (default {FULL.runs}; --quick: {QUICK.runs})")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        help=f"repetitions per case (default {FULL.runs}; --quick: {QUICK.runs})",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes and 1 run: a smoke test")
     parser.add_argument("--servers", help="comma-separated subset of: " + ",".join(SERVERS_BY_KEY))
     parser.add_argument("--conns", type=int, help="idle streams for cases A/D")
-    parser.add_argument("--concurrency", type=int, help="max handshakes in flight when opening idle streams")
+    parser.add_argument(
+        "--concurrency", type=int, help="max handshakes in flight when opening idle streams"
+    )
     parser.add_argument("--events", type=int, help="events of the single stream (case B)")
     parser.add_argument("--streams", type=int, help="concurrent streams (case C)")
     parser.add_argument("--stream-events", type=int, help="events per stream (case C)")
-    parser.add_argument("--sse-starlette-ping", metavar="SECONDS",
-                        help="ping interval for sse-starlette (default 0 = no ping task)")
-    parser.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/core-<timestamp>.json)")
+    parser.add_argument(
+        "--sse-starlette-ping",
+        metavar="SECONDS",
+        help="ping interval for sse-starlette (default 0 = no ping task)",
+    )
+    parser.add_argument(
+        "--output", type=Path, help="JSON path (default benchmarks/results/core-<timestamp>.json)"
+    )
     return parser.parse_args(argv)
 
 
@@ -563,7 +682,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) is not None
     }
     sizes = Sizes(**{**asdict(base), **overrides})
-    if min(sizes.runs, sizes.conns, sizes.concurrency, sizes.events, sizes.streams, sizes.stream_events) < 1:
+    if (
+        min(
+            sizes.runs,
+            sizes.conns,
+            sizes.concurrency,
+            sizes.events,
+            sizes.streams,
+            sizes.stream_events,
+        )
+        < 1
+    ):
         raise SystemExit("sizes and --runs must be >= 1")
 
     explicit = args.servers is not None
@@ -592,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs_note = f"median of {sizes.runs} run(s)" + (" [--quick]" if args.quick else "")
     print(f"\n## SSE core benchmark ({runs_note})\n")
     print(table)
-    for key, outcome in results.items():
+    for outcome in results.values():
         if outcome.skipped_reason:
             print(f"\n{outcome.label}: skipped ({outcome.skipped_reason})")
         for error in outcome.errors:

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import contextlib
 import resource
-import sys
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +81,7 @@ class EventCounter:
     pair is remembered and paired with a newline starting the next piece.
     """
 
-    __slots__ = ("events", "body_bytes", "_pending_newline")
+    __slots__ = ("_pending_newline", "body_bytes", "events")
 
     def __init__(self) -> None:
         self.events = 0
@@ -127,6 +126,7 @@ class SSEStreamProtocol(asyncio.Protocol):
         self._loop = loop or asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.counter = EventCounter()
+        self.chunks = 0  # non-empty body chunks received (chunked coding only)
         self.head: asyncio.Future[ResponseHead] = self._loop.create_future()
         self.done: asyncio.Future[None] = self._loop.create_future()
         for future in (self.head, self.done):
@@ -276,6 +276,7 @@ class SSEStreamProtocol(asyncio.Protocol):
                 if size == 0:
                     state = self._TRAILER
                     continue
+                self.chunks += 1
                 if n - pos >= size + 2:  # fast path: the whole chunk is here
                     counter.feed(data, pos, pos + size)
                     pos += size
@@ -336,22 +337,20 @@ def _swallow_unretrieved(future: asyncio.Future[Any]) -> None:
 # -- helpers -------------------------------------------------------------
 
 
-async def connect(host: str, port: int, *, timeout: float = 10.0) -> SSEStreamProtocol:
+async def connect(host: str, port: int, *, time_limit: float = 10.0) -> SSEStreamProtocol:
     """Open a TCP connection carrying a fresh :class:`SSEStreamProtocol`."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        _, protocol = await loop.create_connection(
-            lambda: SSEStreamProtocol(loop), host, port
-        )
+    async with asyncio.timeout(time_limit):
+        _, protocol = await loop.create_connection(lambda: SSEStreamProtocol(loop), host, port)
     return protocol
 
 
 async def open_stream(
-    host: str, port: int, path: str, *, timeout: float = 10.0
+    host: str, port: int, path: str, *, time_limit: float = 10.0
 ) -> tuple[SSEStreamProtocol, ResponseHead]:
     """Connect, send the request and wait for the response head."""
-    async with asyncio.timeout(timeout):
-        protocol = await connect(host, port, timeout=timeout)
+    async with asyncio.timeout(time_limit):
+        protocol = await connect(host, port, time_limit=time_limit)
         try:
             protocol.send_request(path, host)
             head = await protocol.head
@@ -389,11 +388,11 @@ async def open_many(
     count: int,
     *,
     concurrency: int = 200,
-    timeout: float = 30.0,
+    time_limit: float = 30.0,
 ) -> OpenManyResult:
     """Open ``count`` streams, at most ``concurrency`` handshakes in flight.
 
-    Each stream is done once its response head arrived; ``timeout`` bounds each
+    Each stream is done once its response head arrived; ``time_limit`` bounds each
     stream's connect + head. Failures are collected, not raised.
     """
     semaphore = asyncio.Semaphore(concurrency)
@@ -402,7 +401,7 @@ async def open_many(
     async def one() -> None:
         async with semaphore:
             try:
-                protocol, head = await open_stream(host, port, path, timeout=timeout)
+                protocol, head = await open_stream(host, port, path, time_limit=time_limit)
             except (OSError, ProtocolError, TimeoutError) as exc:
                 result.errors.append(f"{type(exc).__name__}: {exc}")
                 return
@@ -425,6 +424,7 @@ class BurstResult:
 
     events: list[int]
     body_bytes: list[int]
+    chunks: list[int]
     heads: list[ResponseHead]
     t_first_request: float
     t_last_done: float
@@ -433,6 +433,10 @@ class BurstResult:
     @property
     def total_events(self) -> int:
         return sum(self.events)
+
+    @property
+    def total_chunks(self) -> int:
+        return sum(self.chunks)
 
     @property
     def elapsed(self) -> float:
@@ -445,7 +449,7 @@ class BurstResult:
 
 
 async def burst(
-    host: str, port: int, path: str, *, streams: int = 1, timeout: float = 120.0
+    host: str, port: int, path: str, *, streams: int = 1, time_limit: float = 120.0
 ) -> BurstResult:
     """Read ``streams`` concurrent responses of ``path`` to their end.
 
@@ -455,9 +459,9 @@ async def burst(
     protocols: list[SSEStreamProtocol] = []
     heads: list[ResponseHead] = []
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(time_limit):
             for _ in range(streams):
-                protocols.append(await connect(host, port, timeout=timeout))
+                protocols.append(await connect(host, port, time_limit=time_limit))
             for protocol in protocols:
                 protocol.send_request(path, host)
             heads = list(await asyncio.gather(*(p.head for p in protocols)))
@@ -468,6 +472,7 @@ async def burst(
     return BurstResult(
         events=[p.events for p in protocols],
         body_bytes=[p.body_bytes for p in protocols],
+        chunks=[p.chunks for p in protocols],
         heads=heads,
         t_first_request=min(p.t_request_sent for p in protocols),
         t_last_done=max(p.t_done for p in protocols),
@@ -503,9 +508,12 @@ def run(coro: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
 
 
 async def _cli_burst(args: argparse.Namespace) -> None:
-    result = await burst(args.host, args.port, args.path, streams=args.streams, timeout=args.timeout)
+    result = await burst(
+        args.host, args.port, args.path, streams=args.streams, time_limit=args.timeout
+    )
     print(
-        f"{result.total_events} events ({sum(result.body_bytes)} body bytes) over "
+        f"{result.total_events} events ({sum(result.body_bytes)} body bytes, "
+        f"{result.total_chunks} chunks) over "
         f"{args.streams} stream(s) in {result.elapsed:.3f} s: "
         f"{result.events_per_second:,.0f} events/s; status {result.heads[0].status}"
     )
@@ -513,8 +521,12 @@ async def _cli_burst(args: argparse.Namespace) -> None:
 
 async def _cli_idle(args: argparse.Namespace) -> None:
     result = await open_many(
-        args.host, args.port, args.path, args.count,
-        concurrency=args.concurrency, timeout=args.timeout,
+        args.host,
+        args.port,
+        args.path,
+        args.count,
+        concurrency=args.concurrency,
+        time_limit=args.timeout,
     )
     try:
         print(
@@ -531,11 +543,15 @@ async def _cli_idle(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--timeout", type=float, default=60.0)
-    parser.add_argument("--asyncio", action="store_true", help="use the stock asyncio loop, not uvloop")
+    parser.add_argument(
+        "--asyncio", action="store_true", help="use the stock asyncio loop, not uvloop"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     burst_parser = commands.add_parser("burst", help="read streams to their end, report events/s")
     burst_parser.add_argument("--path", default="/burst?n=100000")
@@ -553,4 +569,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

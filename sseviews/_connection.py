@@ -16,6 +16,7 @@ it (backpressure: a view never gets further ahead of a slow client than that).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Callable, Coroutine, Generator
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
+import sniffio
 from starlette.types import Message, Receive, Send
 
 from ._lifecycle import DisconnectReason
@@ -83,6 +85,7 @@ class Connection:
     __slots__ = (
         "_finishing",
         "_held",
+        "_loop",
         "_pending_send",
         "_send_scope",
         "_space",
@@ -123,6 +126,9 @@ class Connection:
         self._wake: anyio.CancelScope | None = None
         self._space: anyio.Event | None = None
         self._finishing = False
+        self._loop = (
+            asyncio.get_running_loop() if sniffio.current_async_library() == "asyncio" else None
+        )
         # Broadcast state: set when this connection is a sink of its view's groups.
         self.direct = False  # no events() task: group events go straight to the writer
         self.floor = 0  # highest seq sent (or replayed); older offers are duplicates
@@ -143,11 +149,27 @@ class Connection:
         buffer = self.buffer
         buffer.append(data)
         self.buffered += len(data)
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            wake.cancel()
+        if self._wake is not None:
+            self._wake_later()
         return self.buffered >= HIGH_WATER or len(buffer) >= self.max_pending
+
+    def _wake_later(self) -> None:
+        """Wake the idle writer once the producer yields to the event loop.
+
+        Deferring by one loop iteration lets a `receive()` that is already
+        completing (a disconnect) win over the wake-up, so a view that yields
+        without ever waiting cannot keep the writer from noticing that its client
+        left. The producer yields before events sit anywhere, so no latency is added.
+        """
+        wake = self._wake
+        if wake is None:
+            return
+        self._wake = None
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon(wake.cancel)
+        else:
+            wake.cancel()
 
     async def wait_for_space(self) -> None:
         """Wait until the writer has taken the buffer."""
@@ -289,9 +311,12 @@ class Connection:
         grace = self.view.shutdown_grace_period
         if grace > 0 and not self.direct:
             # events() may go on for the grace period to send a farewell and return.
-            self.events_scope.deadline = min(
-                self.events_scope.deadline, anyio.current_time() + grace
-            )
+            limit = anyio.current_time() + grace
+            self.events_scope.deadline = min(self.events_scope.deadline, limit)
+            sending = self._send_scope
+            if sending is not None:
+                # ... but a write stuck on a client that stopped reading may not.
+                sending.deadline = min(sending.deadline, limit + SHUTDOWN_WRITE_TIMEOUT)
         else:
             self.stop(DisconnectReason.SHUTDOWN)
 

@@ -315,10 +315,8 @@ class EventStreamView:
             return
         shutdown = find_shutdown_signal(scope)
         if shutdown is not None and shutdown.is_set:
-            response = PlainTextResponse(
-                "The server is shutting down", status_code=503, headers={"Retry-After": "1"}
-            )
-            await response(scope, receive, send)
+            logger.info("%s: refused a new stream during shutdown", self.describe())
+            await self._end_at_once()
             return
         try:
             refusal = await self.on_connect()
@@ -366,12 +364,7 @@ class EventStreamView:
             return
         except (BackendError, BroadcastNotConnected) as exc:
             logger.warning("%s: broadcast unavailable: %s", self.describe(), exc)
-            response = PlainTextResponse(
-                "Event broadcast temporarily unavailable",
-                status_code=503,
-                headers={"Retry-After": "2"},
-            )
-            await response(scope, receive, send)
+            await self._end_at_once()
             return
         try:
             if direct:
@@ -412,6 +405,17 @@ class EventStreamView:
             except (TypeError, ValueError) as exc:
                 raise HTTPException(400, f"invalid group name: {exc}") from None
         return groups
+
+    async def _end_at_once(self) -> None:
+        """Answer 200 and end the stream at once, so that EventSource retries later.
+
+        Browsers give up for good on any status but 200, so a stream that cannot
+        be served right now (shutdown, backend reconnecting) ends cleanly instead:
+        the browser reconnects after its retry delay, with its Last-Event-ID.
+        """
+        await self.send(self._response_start())
+        body = b"retry: %d\n\n" % self.retry if self.retry is not None else b""
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _response_start(self) -> Message:
         extra = self.headers
@@ -488,7 +492,12 @@ class EventStreamView:
         """Iterate `events()` in this task, encoding each item into the connection's buffer."""
         agen = self.events()
         if not hasattr(agen, "__anext__"):
-            logger.error("%s: events() must be an async generator", self.describe())
+            if inspect.iscoroutine(agen):
+                agen.close()  # an `async def` without `yield`: never started
+            logger.error(
+                "%s: events() must be an async generator (an async def with yield)",
+                self.describe(),
+            )
             connection.reason = DisconnectReason.ERROR
             return
         push = connection.push

@@ -4,6 +4,7 @@ import logging
 import random
 import re
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -209,6 +210,61 @@ async def test_broadcasts_side_by_side_are_independent() -> None:
             assert [e.data for e in await take(sub_second, 1)] == ["second"]
             assert await nothing_more(sub_second)
     assert seq_of(first_id) == 1
+
+
+class FlakyBackend(MemoryBackend):
+    """A memory backend that can refuse to connect or report itself unhealthy."""
+
+    def __init__(self, *, refuse: bool = False) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.up = True
+
+    async def connect(self, dispatch: Any, on_failure: Any) -> None:
+        if self.refuse:
+            raise BackendError("cannot reach the backend")
+        await super().connect(dispatch, on_failure)
+
+    @property
+    def healthy(self) -> bool:
+        return self.up
+
+
+class TrackedStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = False
+
+    async def connect(self) -> None:
+        self.open = True
+
+    async def disconnect(self) -> None:
+        self.open = False
+
+
+async def test_connect_failure_closes_the_store_and_stays_disconnected() -> None:
+    store = TrackedStore()
+    broadcast = Broadcast(FlakyBackend(refuse=True), history=store)
+    with pytest.raises(BackendError, match="cannot reach"):
+        async with broadcast:
+            pass  # pragma: no cover
+    assert not store.open
+    with pytest.raises(BroadcastNotConnected):
+        await broadcast.publish("a", "x")
+
+
+async def test_subscribe_while_backend_unhealthy_raises_backend_error() -> None:
+    backend = FlakyBackend()
+    async with Broadcast(backend) as broadcast:
+        backend.up = False
+        with pytest.raises(BackendError):
+            async with broadcast.subscribe("a"):
+                pass  # pragma: no cover
+        assert broadcast.subscriber_count == 0
+        backend.up = True
+        async with broadcast.subscribe("a") as sub:
+            event_id = await broadcast.publish("a", "back")
+            assert [e.id for e in await take(sub, 1)] == [event_id]
 
 
 # -- subscribing, replay and retention ------------------------------------------------------

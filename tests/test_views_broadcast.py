@@ -197,14 +197,20 @@ async def test_view_invalid_group_name_from_path_gets_400(room: str) -> None:
     assert broadcast.subscriber_count == 0
 
 
-async def test_view_without_connected_broadcast_gets_503() -> None:
+async def test_view_without_connected_broadcast_ends_at_once_and_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Not 503: EventSource would stop retrying for good. A 200 that ends at once
+    # makes the browser come back after its retry delay, with its Last-Event-ID.
     broadcast = Broadcast("memory://")  # never connected: no lifespan
     app = Starlette(routes=[Route("/room", room_view(broadcast))])
-    async with EventStreamClient(app, timeout=TIMEOUT) as client:
-        response = await client.get("/room")
-    assert response.status_code == 503
-    assert response.headers["retry-after"]
-    assert "unavailable" in response.text
+    with caplog.at_level(logging.WARNING, logger="sseviews"):
+        async with EventStreamClient(app, timeout=TIMEOUT) as client:
+            response = await client.get("/room")
+    assert response.status_code == 200
+    assert response.content == b""
+    assert any("broadcast unavailable" in r.getMessage() for r in caplog.records)
+    assert broadcast.subscriber_count == 0
 
 
 # -- Last-Event-ID ---------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""Shared pieces of the fan-out benchmark apps (see ``benchmarks/bench_fanout.py``).
+
+Every fan-out app serves the same routes:
+
+* ``GET /events`` -- an SSE stream of the ``bench`` group. The subscriber is
+  registered *before* the response head is sent, so a client that has its head
+  is guaranteed to receive the next event published.
+* ``GET /start?n=20&interval=0.02`` -- starts one background task that
+  publishes ``n`` events ``interval`` seconds apart (on a fixed schedule) and
+  answers at once. Each event's data is ``{"t": <time.time() at publish>,
+  "i": <index>}``, JSON-encoded once per event, so the client can compute the
+  publish-to-client latency of every delivery.
+* ``GET /stats`` -- JSON: subscribers registered in this process, whether a
+  publisher task is running, and the garbage collector's activity
+  (collections, total and longest pause, per generation) since the last
+  ``?reset=1``; ``?objects=1`` adds the number of GC-tracked objects.
+
+The sseviews app adds the replay routes (see ``fanout_sseviews.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+GROUP = "bench"
+DEFAULT_EVENTS = 20
+DEFAULT_INTERVAL = 0.02
+MAX_EVENTS = 1_000_000
+_SEPARATORS = (",", ":")
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, the same bytes sseviews produces for a dict."""
+    return json.dumps(value, separators=_SEPARATORS)
+
+
+def payload(index: int) -> dict[str, Any]:
+    """The data of event ``index``, stamped with the publish time (wall clock)."""
+    return {"t": time.time(), "i": index}
+
+
+def start_params(query: dict[str, list[str]]) -> tuple[int, float]:
+    """``n`` and ``interval`` of a ``/start`` request (ValueError when invalid)."""
+    n = int(query.get("n", [str(DEFAULT_EVENTS)])[0])
+    interval = float(query.get("interval", [str(DEFAULT_INTERVAL)])[0])
+    if not 1 <= n <= MAX_EVENTS or not 0 <= interval <= 10:
+        raise ValueError("n must be 1..1000000 and interval 0..10 s")
+    return n, interval
+
+
+async def publish_paced(
+    n: int, interval: float, publish_one: Callable[[int], Awaitable[Any]]
+) -> None:
+    """Call ``publish_one(i)`` for i in 0..n-1, at ``start + i * interval``.
+
+    The schedule is fixed: a publish that runs late (the loop was busy fanning
+    out the previous event) does not push the later ones back.
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for index in range(n):
+        if index:
+            delay = start + index * interval - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await publish_one(index)
+
+
+class Publisher:
+    """Runs at most one paced publishing task at a time (kept referenced)."""
+
+    def __init__(self, publish_one: Callable[[int], Awaitable[Any]]) -> None:
+        self._publish_one = publish_one
+        self._task: asyncio.Task[None] | None = None
+        self.error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self, n: int, interval: float) -> bool:
+        """Start publishing; False if a previous run is still going."""
+        if self.running:
+            return False
+        self.error = None
+        self._task = asyncio.get_running_loop().create_task(
+            publish_paced(n, interval, self._publish_one)
+        )
+        self._task.add_done_callback(self._done)
+        return True
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.error = repr(task.exception())
+
+
+class GCMonitor:
+    """Counts the collector's passes and times its pauses, per generation."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self.reset()
+        gc.callbacks.append(self._callback)
+
+    def reset(self) -> None:
+        self.collections = [0, 0, 0]
+        self.pause_total = [0.0, 0.0, 0.0]
+        self.pause_max = [0.0, 0.0, 0.0]
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._started
+        generation = info["generation"]
+        self.collections[generation] += 1
+        self.pause_total[generation] += pause
+        if pause > self.pause_max[generation]:
+            self.pause_max[generation] = pause
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "collections": list(self.collections),
+            "pause_total_ms": [round(p * 1e3, 3) for p in self.pause_total],
+            "pause_max_ms": [round(p * 1e3, 3) for p in self.pause_max],
+        }
+
+
+GC = GCMonitor()
+
+
+def stats(subscribers: int, publisher: Publisher, query: dict[str, list[str]]) -> dict[str, Any]:
+    """The body of ``/stats``; ``?reset=1`` zeroes the GC counters afterwards."""
+    body: dict[str, Any] = {
+        "pid": os.getpid(),
+        "subscribers": subscribers,
+        "publishing": publisher.running,
+        "publish_error": publisher.error,
+        "gc": GC.snapshot(),
+    }
+    if query.get("objects") == ["1"]:
+        body["gc_tracked_objects"] = len(gc.get_objects())
+    if query.get("reset") == ["1"]:
+        GC.reset()
+    return body

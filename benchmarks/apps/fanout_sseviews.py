@@ -1,0 +1,131 @@
+"""Fan-out with sseviews: a ``Broadcast`` and a view that streams its group.
+
+``/events`` is an ``EventStreamView`` with ``broadcast = bc`` and
+``groups = ["bench"]`` that does not override ``events()``, so it streams the
+group's events as the library does by default. ``/start`` publishes with
+``await bc.publish("bench", {"t": ..., "i": n})``: sseviews encodes each event
+once and hands the same bytes to every subscriber. Pings and send timeouts are
+off, as in ``benchmarks/apps/sseviews_app.py``; the buffer bounds keep their
+defaults.
+
+Environment:
+
+* ``FANOUT_BROADCAST_URL`` -- ``memory://`` (default) or
+  ``redis://127.0.0.1:6379/0``: with Redis, several processes share the group.
+* ``FANOUT_PREFIX`` -- the Redis key/channel prefix (default ``sseviews-bench``).
+* ``FANOUT_RETENTION`` -- events kept per group (default: the library's 1000).
+
+Replay routes (for the replay-rate case):
+
+* ``GET /replay-events`` -- a view of the ``replay`` group whose live buffer
+  bound is raised to 100k events / 64 MiB, so a connected client can take a
+  burst published as fast as possible. Send ``Last-Event-ID`` to resume.
+* ``GET /publish-burst?n=N`` -- publishes N events to ``replay`` as fast as
+  ``publish`` allows, in this request, then answers JSON with the first and last
+  ids, and the seconds it took.
+
+Routes shared with the other fan-out apps: see ``fanout_common.py``.
+
+Run with ``python -m uvicorn benchmarks.apps.fanout_sseviews:app`` from the repo
+root.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import ClassVar
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from benchmarks.apps.fanout_common import GROUP, Publisher, payload, start_params, stats
+from sseviews import Broadcast, EventStreamView
+
+REPLAY_GROUP = "replay"
+MAX_BURST = 1_000_000
+
+_retention = os.environ.get("FANOUT_RETENTION")
+bc = Broadcast(
+    os.environ.get("FANOUT_BROADCAST_URL", "memory://"),
+    prefix=os.environ.get("FANOUT_PREFIX", "sseviews-bench"),
+    **({"retention": int(_retention)} if _retention else {}),
+)
+
+
+class Subscribe(EventStreamView):
+    broadcast = bc
+    groups: ClassVar[list[str]] = [GROUP]
+    ping_interval = None
+    send_timeout = None
+
+
+class ReplaySubscribe(EventStreamView):
+    broadcast = bc
+    groups: ClassVar[list[str]] = [REPLAY_GROUP]
+    ping_interval = None
+    send_timeout = None
+    max_buffer_events = 100_000
+    max_buffer_bytes = 64 * 1024 * 1024
+
+
+async def publish_one(index: int) -> None:
+    await bc.publish(GROUP, payload(index))
+
+
+publisher = Publisher(publish_one)
+
+
+def _query(request: Request) -> dict[str, list[str]]:
+    return {key: request.query_params.getlist(key) for key in request.query_params}
+
+
+async def start(request: Request) -> JSONResponse:
+    try:
+        n, interval = start_params(_query(request))
+    except ValueError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+    if not publisher.start(n, interval):
+        return JSONResponse({"error": "already publishing"}, status_code=409)
+    return JSONResponse({"started": True, "subscribers": bc.subscriber_count})
+
+
+async def stats_route(request: Request) -> JSONResponse:
+    return JSONResponse(stats(bc.subscriber_count, publisher, _query(request)))
+
+
+async def publish_burst(request: Request) -> JSONResponse:
+    try:
+        n = int(request.query_params.get("n", "10000"))
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_BURST:
+        return JSONResponse({"error": f"n must be 1..{MAX_BURST}"}, status_code=400)
+    started = time.perf_counter()
+    first = last = await bc.publish(REPLAY_GROUP, payload(0))
+    for index in range(1, n):
+        last = await bc.publish(REPLAY_GROUP, payload(index))
+    seconds = time.perf_counter() - started
+    return JSONResponse({"n": n, "first_id": first, "last_id": last, "seconds": seconds})
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async with bc:
+        yield
+
+
+app = Starlette(
+    routes=[
+        Route("/events", Subscribe),
+        Route("/start", start),
+        Route("/stats", stats_route),
+        Route("/replay-events", ReplaySubscribe),
+        Route("/publish-burst", publish_burst),
+    ],
+    lifespan=lifespan,
+)

@@ -1,0 +1,1 @@
+"""ASGI apps and scripts that the real-server tests run in uvicorn subprocesses."""
