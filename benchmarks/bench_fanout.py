@@ -317,6 +317,21 @@ async def wait_subscribers(port: int, expected: int) -> dict[str, Any]:
         ) from None
 
 
+def run_queue_wait(pid: int) -> float:
+    """Seconds the main thread of ``pid`` has waited for a CPU (Linux schedstat), or NaN."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as file:
+            return int(file.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def _pid(server: UvicornServer) -> int:
+    if server.process is None:
+        raise BenchError(f"{server.spec.label} server is not running")
+    return server.process.pid
+
+
 @contextmanager
 def client_gc_paused() -> Iterator[None]:
     """Keep the client's own collector out of the measured window."""
@@ -458,6 +473,8 @@ async def measure_fanout(
         for server in servers:
             await get_json(server.port, "/stats?reset=1")
         cpu_before = [server.cpu_seconds() for server in servers]
+        pids = [os.getpid()] + [_pid(server) for server in servers]
+        waits_before = [run_queue_wait(pid) for pid in pids]
         deadline = sizes.events * interval + DELIVERY_GRACE
         with client_gc_paused():
             t_start = time.time()
@@ -474,6 +491,7 @@ async def measure_fanout(
                 ) from None
             t_end = time.time()
         cpu = sum(s.cpu_seconds() - c for s, c in zip(servers, cpu_before, strict=True))
+        waits = [run_queue_wait(pid) - w for pid, w in zip(pids, waits_before, strict=True)]
         await asyncio.sleep(0.1)  # anything extra would show up now
         stats = [await get_json(server.port, "/stats") for server in servers]
         for server in servers:
@@ -497,6 +515,12 @@ async def measure_fanout(
     values.update(gc_summary(stats))
     values["server_cpu_us_per_delivery"] = cpu / (total * sizes.events) * 1e6
     values["window_seconds"] = t_end - t_start
+    # Time the event-loop threads were runnable but waiting for a CPU, in the window.
+    values["client_run_queue_wait_ms"] = waits[0] * 1e3
+    values["server_run_queue_wait_ms"] = sum(waits[1:]) * 1e3
+    if len(servers) > 1:
+        for index, wait in enumerate(waits[1:]):
+            values[f"run_queue_wait_ms_process{index}"] = wait * 1e3
     values["loadavg_1min_before"] = load_before
     return values
 
@@ -838,6 +862,12 @@ def _rows(sizes: Sizes) -> list[Row]:
             trio, 2, ("sseviews", "raw", "server_cpu_us_per_delivery")),
         Row("(info) server CPU per delivery, Redis (both processes), us",
             "server_cpu_us_per_delivery", (*ours_only, "sseviews-redis"), 2),
+        Row("(info) server event loop waiting for a CPU while publishing, memory layer, ms",
+            "server_run_queue_wait_ms", trio, 1),
+        Row("(info) the same, Redis, publishing process, ms",
+            "run_queue_wait_ms_process0", (*ours_only, "sseviews-redis"), 1),
+        Row("(info) the same, Redis, other process, ms",
+            "run_queue_wait_ms_process1", (*ours_only, "sseviews-redis"), 1),
         Row("(info) server gen-2 GC passes while publishing, memory layer",
             "server_gc_gen2_collections", trio, 1),
         Row("(info) server longest GC pause while publishing, memory layer, ms",

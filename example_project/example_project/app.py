@@ -18,7 +18,8 @@ from urllib.parse import parse_qsl, urlencode
 
 import anyio
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sseviews import Broadcast, BroadcastError, StreamRouter
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -222,6 +223,22 @@ async def start_job(request: Request) -> Response:
 # -- the app -----------------------------------------------------------------------
 
 
+async def create_tables(engine: AsyncEngine) -> None:
+    """Create the missing tables (a real project would run Alembic migrations instead).
+
+    Several workers starting at once may all see a table missing; the losers of
+    that race fail their CREATE, and find the table there on a second look.
+    """
+    for attempt in range(2):
+        try:
+            async with engine.begin() as connection:
+                await connection.run_sync(Base.metadata.create_all)
+            return
+        except DBAPIError:
+            if attempt:
+                raise
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app: database, broadcast and routes, from `settings` or the environment."""
     settings = Settings.from_env() if settings is None else settings
@@ -235,9 +252,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.started = anyio.current_time()
         try:
-            # A real project would run migrations (Alembic) instead.
-            async with engine.begin() as connection:
-                await connection.run_sync(Base.metadata.create_all)
+            await create_tables(engine)
             async with broadcast, anyio.create_task_group() as tasks:
                 app.state.jobs = JobRunner(
                     tasks, sessions, broadcast, step_seconds=settings.job_step_seconds
