@@ -477,13 +477,8 @@ class EventStreamView:
 
     async def _start(self, connection: Connection) -> bool:
         """Send the response head (and `retry`) at once; False if the client is gone."""
-        timeout = self.send_timeout
-        with anyio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
-            await self.send(self._response_start())
-        if scope.cancelled_caught:
-            connection.stop(DisconnectReason.SEND_TIMEOUT)
+        if not await connection.send_bounded(self.send(self._response_start())):
             return False
-        connection.last_write = anyio.current_time()
         if self.retry is not None:
             return await connection.send_body(b"retry: %d\n\n" % self.retry)
         return True

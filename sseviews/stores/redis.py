@@ -42,16 +42,28 @@ _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 _URL_SCHEMES = ("redis", "rediss", "unix")
 _EPOCH = re.compile(rb"[0-9a-f]{8}")
 
+
+def _get_or_create_epoch(key: int, arg: int) -> str:
+    """Lua that sets `epoch` to the history's epoch, creating it from ARGV[arg] if absent.
+
+    Every script starts with it, so a history that Redis lost (a restart without
+    persistence) gets its new epoch from whichever script runs first.
+    """
+    return f"""local epoch = redis.call('GET', KEYS[{key}])
+if not epoch then
+  epoch = ARGV[{arg}]
+  redis.call('SET', KEYS[{key}], epoch)
+end
+"""
+
+
 # Takes the next seq, stores the event and trims its group, atomically.
 # KEYS: seq, epoch, group stream, trim hash.
 # ARGV: wire (without id line), retention (0: none), max age in ms (0: none),
 #       live channel ('' : don't publish), group, epoch to create if none exists.
-_APPEND = """
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[6]
-  redis.call('SET', KEYS[2], epoch)
-end
+_APPEND = (
+    _get_or_create_epoch(2, 6)
+    + """
 local seq = string.format('%d', redis.call('INCR', KEYS[1]))
 local wire = 'id: ' .. epoch .. '-' .. seq .. '\\n' .. ARGV[1]
 local time = redis.call('TIME')
@@ -105,18 +117,16 @@ if ARGV[4] ~= '' then
 end
 return {seq, epoch}
 """
+)
 
 # Reads what follows a cursor in some groups, atomically, or reports it expired.
 # KEYS: epoch, trim hash, then one stream per group.
 # ARGV: first stream id to read ('{after+1}-0'), after, max age in ms (0: none),
 #       epoch to create if none exists, then the group names.
 # Returns {epoch, expired (0/1), id, wire, id, wire, ...}.
-_READ = """
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then
-  epoch = ARGV[4]
-  redis.call('SET', KEYS[1], epoch)
-end
+_READ = (
+    _get_or_create_epoch(1, 4)
+    + """
 local after = tonumber(ARGV[2])
 local marks = redis.call('HMGET', KEYS[2], unpack(ARGV, 5))
 for i = 1, #marks do
@@ -140,16 +150,15 @@ for i = 3, #KEYS do
 end
 return out
 """
+)
 
 # KEYS: seq, epoch. ARGV: epoch to create if none exists. Returns {head, epoch}.
-_HEAD = """
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('SET', KEYS[2], epoch)
-end
+_HEAD = (
+    _get_or_create_epoch(2, 1)
+    + """
 return {redis.call('GET', KEYS[1]) or '0', epoch}
 """
+)
 
 
 # Returns (client, owned): a client made from a URL is ours to close.
