@@ -38,6 +38,12 @@ logger = logging.getLogger("sseviews")
 # Bytes buffered before the producer waits for the writer. Large enough that a
 # view yielding small events as fast as it can is written in few sends.
 HIGH_WATER = 64 * 1024
+# A writer that has not waited on receive() for LISTEN_INTERVAL, because it always
+# had something to flush (events() never waits and each send yields, as under
+# Starlette's BaseHTTPMiddleware), listens for up to LISTEN_WAIT before flushing
+# again, so a disconnect is still noticed: at most a 2.5% pause (seconds).
+LISTEN_INTERVAL = 0.2
+LISTEN_WAIT = 0.005
 # Reasons after which nothing more is written: the client is gone or cannot keep up.
 DROP_REASONS = frozenset(
     {
@@ -85,6 +91,7 @@ class Connection:
     __slots__ = (
         "_finishing",
         "_held",
+        "_listened",
         "_loop",
         "_pending_send",
         "_send_scope",
@@ -125,6 +132,7 @@ class Connection:
         self._wake: anyio.CancelScope | None = None
         self._space: anyio.Event | None = None
         self._finishing = False
+        self._listened = 0.0  # when the writer last waited on receive()
         self._loop = (
             asyncio.get_running_loop() if sniffio.current_async_library() == "asyncio" else None
         )
@@ -375,10 +383,24 @@ class Connection:
             space.set()
         return await self.send_body(data)
 
+    async def _listen(self, deadline: float, *, wakeable: bool) -> bool:
+        """Wait on `receive()` until `deadline` (or a wake-up); False once disconnected."""
+        self._listened = self.clock()
+        with anyio.CancelScope(deadline=deadline) as wait:
+            self._wake = wait if wakeable else None
+            message = await self.receive()
+            self._wake = None
+            if message["type"] == "http.disconnect":
+                self.stop(DisconnectReason.CLIENT_CLOSED)
+                return False
+            # Anything else is a request body chunk: nothing to do with it.
+        self._wake = None
+        return True
+
     async def run_writer(self) -> None:
         """Write buffered events and pings until the stream ends."""
-        receive = self.receive
         ping_interval = self.ping_interval
+        self._listened = self.clock()
         while True:
             reason = self.reason
             if reason in DROP_REASONS:
@@ -387,6 +409,10 @@ class Connection:
             if pending is not None:
                 self._pending_send = None
                 if not await self.send_bounded(pending):
+                    return
+                continue
+            if self.clock() - self._listened >= LISTEN_INTERVAL:
+                if not await self._listen(self.clock() + LISTEN_WAIT, wakeable=False):
                     return
                 continue
             if self.backlog:
@@ -401,15 +427,8 @@ class Connection:
                 await self.send_body(b"", more_body=False)
                 return
             deadline = math.inf if ping_interval is None else self.last_write + ping_interval
-            with anyio.CancelScope(deadline=deadline) as wait:
-                self._wake = wait
-                message = await receive()
-                self._wake = None
-                if message["type"] == "http.disconnect":
-                    self.stop(DisconnectReason.CLIENT_CLOSED)
-                    return
-                continue  # a request body chunk: nothing to do with it
-            self._wake = None
+            if not await self._listen(deadline, wakeable=True):
+                return
             if (
                 ping_interval is not None
                 and not self.buffer
