@@ -47,14 +47,6 @@ async def redis_client(url: str = REDIS_URL) -> AsyncIterator[redis.asyncio.Redi
         await client.aclose()
 
 
-def free_port() -> int:
-    """A loopback port with nothing listening on it (at the time of the call)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class RedisServer:
     """A `redis-server` subprocess on 127.0.0.1, without persistence."""
 

@@ -4,15 +4,13 @@ of its own that the fault test kills and restarts."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
+from process_helpers import free_port
 from redis_helpers import (
     REDIS_URL,
     RedisServer,
-    delete_prefix,
-    free_port,
     redis_client,
     unique_prefix,
 )
@@ -23,13 +21,6 @@ from sseviews.stores.base import id_line
 from sseviews.stores.redis import RedisStore
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    prefix = unique_prefix()
-    yield prefix
-    await delete_prefix(prefix)
 
 
 class Recorder:

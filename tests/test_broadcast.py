@@ -3,12 +3,13 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
+from broadcast_helpers import YieldingStore
 
 from sseviews import (
     RESET_EVENT,
@@ -424,21 +425,6 @@ async def test_last_event_id_ahead_of_head_raises_invalid(broadcast: Broadcast) 
 
 
 # -- gap-free resume under concurrent publishing ---------------------------------------------
-
-
-class YieldingStore(MemoryStore):
-    """A memory store whose reads let other tasks (publishers) run in between, as a
-    networked store would: live events then arrive while a subscriber attaches."""
-
-    async def head(self) -> int:
-        await anyio.lowlevel.checkpoint()
-        return await super().head()
-
-    async def read(self, groups: Sequence[str], after: int) -> list[tuple[int, bytes]] | None:
-        await anyio.lowlevel.checkpoint()
-        rows = await super().read(groups, after)
-        await anyio.lowlevel.checkpoint()
-        return rows
 
 
 @pytest.mark.parametrize("store_class", [MemoryStore, YieldingStore])

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,24 +13,13 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from process_helpers import clean_env, free_port, stop_process, wait_until_serving
 
 from sseviews import __version__
 from sseviews._cli import CommandError, main, render_project, resolve_target
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without what the outer pytest (and pytest-cov) put in it."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("PYTEST_", "COV_CORE_", "COVERAGE_"))
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 def sseviews_command(*args: str) -> list[str]:
@@ -315,12 +301,6 @@ def test_run_reports_a_missing_module_or_app(
 # -- sseviews run: serving -----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def request(
     method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
@@ -341,26 +321,10 @@ def serving(command: list[str], cwd: Path, log: Path, env: dict[str, str]) -> It
     with log.open("wb") as output:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=output)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if request("GET", base + "/")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not start:\n{log.read_text()}")
-            time.sleep(0.1)
+        wait_until_serving(process, base + "/", log.read_text)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
 
 
 @pytest.mark.slow

@@ -31,7 +31,8 @@ import anyio.to_thread
 import httpx
 import pytest
 import redis
-from redis_helpers import REDIS_URL, free_port, keys_under, unique_prefix
+from process_helpers import free_port
+from redis_helpers import REDIS_URL, keys_under, unique_prefix
 
 from sseviews import Event
 from sseviews.testing import EventParser

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import anyio
 import psutil
 import pytest
+from process_helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -49,12 +50,6 @@ def anyio_backend() -> str:
 
 
 # -- the server process -----------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def _server_env(record: Path) -> dict[str, str]:
@@ -170,7 +165,7 @@ async def wait_until(
 def _start_uvicorn(tmp: Path, *args: str) -> ServerProcess:
     record = tmp / "record.jsonl"
     for _attempt in range(3):
-        port = _free_port()
+        port = free_port()
         stderr_path = tmp / f"uvicorn-{port}.log"
         with stderr_path.open("wb") as stderr:
             proc = subprocess.Popen(

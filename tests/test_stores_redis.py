@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 import redis.asyncio
+from process_helpers import free_port
 from redis_helpers import (
     REDIS_URL,
     RedisServer,
     delete_prefix,
-    free_port,
     keys_under,
     redis_client,
     unique_prefix,
@@ -23,13 +23,6 @@ from sseviews.stores.base import id_line, parse_id
 from sseviews.stores.redis import RedisStore
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    prefix = unique_prefix()
-    yield prefix
-    await delete_prefix(prefix)
 
 
 @pytest.fixture

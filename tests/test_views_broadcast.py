@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 import anyio
 import anyio.lowlevel
 import pytest
+from broadcast_helpers import YieldingStore
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
@@ -342,21 +343,6 @@ async def test_view_groups_method_may_refuse_with_http_exception() -> None:
         response = await client.get("/room")
     assert (response.status_code, response.text) == (404, "no such room")
     assert broadcast.subscriber_count == 0
-
-
-class YieldingStore(MemoryStore):
-    """A memory store whose reads let publishers run in between, as a networked store
-    would: live events then arrive while a stream attaches."""
-
-    async def head(self) -> int:
-        await anyio.lowlevel.checkpoint()
-        return await super().head()
-
-    async def read(self, groups: Sequence[str], after: int) -> list[tuple[int, bytes]] | None:
-        await anyio.lowlevel.checkpoint()
-        rows = await super().read(groups, after)
-        await anyio.lowlevel.checkpoint()
-        return rows
 
 
 @pytest.mark.parametrize("store_class", [MemoryStore, YieldingStore])

@@ -8,17 +8,14 @@ browser is ever downloaded. Each test saves a screenshot of its page(s) in
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from process_helpers import clean_env, free_port, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -36,12 +33,6 @@ TOKEN = "browser-token"
 STARTUP_SECONDS = 20.0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 class ExampleServer:
     """`python -m example_project` in a subprocess, on a fixed loopback port.
 
@@ -53,16 +44,11 @@ class ExampleServer:
         self.folder = folder
         self.port = free_port()
         self.base = f"http://{HOST}:{self.port}"
-        self.env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("PYTEST_", "COV_CORE_", "COVERAGE_"))
-        }
+        self.env = clean_env()
         pythonpath = [str(REPO / "example_project"), self.env.get("PYTHONPATH", "")]
         self.env.update(
             {
                 "PYTHONPATH": os.pathsep.join(filter(None, pythonpath)),
-                "PYTHONUNBUFFERED": "1",
                 "DATABASE_URL": f"sqlite+aiosqlite:///{folder / 'example.db'}",
                 "PRIVATE_TOKEN": TOKEN,
                 "JOB_STEP_SECONDS": "0.2",
@@ -89,19 +75,7 @@ class ExampleServer:
             self.process = subprocess.Popen(
                 command, cwd=self.folder, env=self.env, stdout=log, stderr=log
             )
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"the server exited ({self.process.returncode}):\n{self.output()}")
-            try:
-                with urllib.request.urlopen(self.url("/"), timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (OSError, urllib.error.URLError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer in {STARTUP_SECONDS}s:\n{self.output()}")
-            time.sleep(0.1)
+        wait_until_serving(self.process, self.url("/"), self.output, STARTUP_SECONDS)
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, the open streams just break."""
@@ -113,12 +87,7 @@ class ExampleServer:
         process = self.process
         if process is None or process.poll() is not None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
