@@ -16,6 +16,7 @@ from ._exceptions import StreamEnded as StreamEnded
 from ._lifecycle import DisconnectReason as DisconnectReason
 from ._lifecycle import ShutdownMiddleware as ShutdownMiddleware
 from ._lifecycle import ShutdownSignal as ShutdownSignal
+from ._metrics import Metrics as Metrics
 from ._routing import StreamRouter as StreamRouter
 from ._views import EventStreamView as EventStreamView
 
@@ -31,6 +32,7 @@ __all__ = [
     "Event",
     "EventStreamView",
     "InvalidLastEventId",
+    "Metrics",
     "SSEViewsError",
     "ShutdownMiddleware",
     "ShutdownSignal",

@@ -101,6 +101,7 @@ class Connection:
         "buffer",
         "buffered",
         "clock",
+        "counters",
         "direct",
         "events_scope",
         "floor",
@@ -150,6 +151,7 @@ class Connection:
         self._send_scope: anyio.CancelScope | None = None  # the write in flight
         self.max_events: int = view.max_buffer_events
         self.max_bytes: int = view.max_buffer_bytes
+        self.counters = view._counters
         # Events events() may get ahead of the client (lowered to max_events when
         # events() relays a subscription, so that group events stay bounded).
         self.max_pending = 1 << 30
@@ -268,6 +270,10 @@ class Connection:
             first = coro.send(None)
         except StopIteration:
             self.last_write = self.clock()
+            counters = self.counters
+            if counters is not None:
+                counters.events += 1
+                counters.bytes += len(wire)
             return
         except OSError:
             self.stop(DisconnectReason.CLIENT_CLOSED)
@@ -369,19 +375,30 @@ class Connection:
         del backlog[:count]
         if not await self.send_body(chunk):
             return False
+        self._count(count, len(chunk))
         await anyio.lowlevel.checkpoint()
         return True
 
+    def _count(self, events: int, size: int) -> None:
+        counters = self.counters
+        if counters is not None:
+            counters.events += events
+            counters.bytes += size
+
     async def flush(self) -> bool:
         buffer = self.buffer
-        data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        events = len(buffer)
+        data = buffer[0] if events == 1 else b"".join(buffer)
         buffer.clear()
         self.buffered = 0
         space = self._space
         if space is not None:
             self._space = None
             space.set()
-        return await self.send_body(data)
+        if not await self.send_body(data):
+            return False
+        self._count(events, len(data))
+        return True
 
     async def _listen(self, deadline: float, *, wakeable: bool) -> bool:
         """Wait on `receive()` until `deadline` (or a wake-up); False once disconnected."""
@@ -435,5 +452,9 @@ class Connection:
                 and not self._finishing
                 and self.clock() - self.last_write >= ping_interval
             ):
-                if not await self.send_body(self.view.ping_message().encode()):
+                ping = self.view.ping_message().encode()
+                if not await self.send_body(ping):
                     return
+                if self.counters is not None:
+                    self.counters.pings += 1
+                    self.counters.bytes += len(ping)

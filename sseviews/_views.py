@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Generator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl
 
@@ -21,6 +21,7 @@ from ._connection import Connection
 from ._events import Event, encode_data
 from ._exceptions import BackendError, BroadcastNotConnected, InvalidLastEventId, SlowConsumer
 from ._lifecycle import DisconnectReason, ShutdownSignal, find_shutdown_signal
+from ._metrics import Metrics
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -71,7 +72,12 @@ def _check_settings(cls: type[EventStreamView]) -> None:
         raise TypeError(f"{cls.__name__}.headers must be a mapping of str to str, got {headers!r}")
     if cls.broadcast is not None and not isinstance(cls.broadcast, Broadcast):
         raise TypeError(f"{cls.__name__}.broadcast must be a Broadcast, got {cls.broadcast!r}")
-    for name in ("max_buffer_events", "max_buffer_bytes", "max_groups"):
+    if cls.metrics is not None and not isinstance(cls.metrics, Metrics):
+        raise TypeError(f"{cls.__name__}.metrics must be a Metrics, got {cls.metrics!r}")
+    limit = cls.max_connections
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"{cls.__name__}.max_connections must be None or an int >= 1")
+    for name in ("max_buffer_events", "max_buffer_bytes", "max_groups", "retry_after"):
         value = getattr(cls, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{cls.__name__}.{name} must be an int >= 1, got {value!r}")
@@ -174,10 +180,20 @@ class EventStreamView:
     max_buffer_bytes: ClassVar[int] = 1024 * 1024
     # Most groups one connection may join (more gets 400).
     max_groups: ClassVar[int] = 64
+    # Most streams of this view open at once in this process; more get 503. None: no limit.
+    max_connections: ClassVar[int | None] = None
+    # The Retry-After (seconds) sent with that 503.
+    retry_after: ClassVar[int] = 5
+    # A Metrics instance that counts this view's streams; None counts nothing.
+    metrics: ClassVar[Metrics | None] = None
+    # Streams (and requests being answered) of this class open in this process: the
+    # limit protects this process, so it counts here (see __init_subclass__).
+    _open_streams: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _check_settings(cls)
+        cls._open_streams = 0  # each view class counts its own streams
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -191,6 +207,8 @@ class EventStreamView:
         self._stream_task: int | None = None
         self._session: AsyncSession | None = None
         self._subscription: Subscription | None = None
+        metrics = self.metrics
+        self._counters = metrics.for_view(type(self).__name__) if metrics is not None else None
 
     def __await__(self) -> Generator[Any, None, None]:
         return self.dispatch().__await__()
@@ -214,6 +232,10 @@ class EventStreamView:
 
     async def on_disconnect(self, reason: DisconnectReason) -> None:
         """Run once after `events()` has been closed, with the reason the stream ended."""
+
+    def authorize_group(self, group: str) -> bool | Awaitable[bool]:
+        """Decide whether this request may join `group` (sync or async); False gets 403."""
+        return True
 
     def ping_message(self) -> Event:
         """Return the keep-alive message sent after `ping_interval` of silence."""
@@ -306,13 +328,40 @@ class EventStreamView:
 
     async def dispatch(self) -> None:
         """Serve the request: refuse it, answer HEAD, or run the stream."""
-        scope, receive, send = self.scope, self.receive, self.send
-        if scope["method"] not in ("GET", "HEAD"):
-            response: Response = PlainTextResponse(
-                "Method Not Allowed", status_code=405, headers={"Allow": "GET, HEAD"}
+        if self.scope["method"] not in ("GET", "HEAD"):
+            await self._refuse(
+                PlainTextResponse(
+                    "Method Not Allowed", status_code=405, headers={"Allow": "GET, HEAD"}
+                )
             )
-            await response(scope, receive, send)
             return
+        view = type(self)
+        limit = self.max_connections
+        if limit is not None and view._open_streams >= limit:
+            logger.warning("%s: refused: %d streams open (max_connections)", self.describe(), limit)
+            await self._refuse(
+                PlainTextResponse(
+                    "Too many open streams",
+                    status_code=503,
+                    headers={"Retry-After": str(self.retry_after)},
+                )
+            )
+            return
+        # The slot is taken before any await, so a burst cannot overshoot the limit.
+        view._open_streams += 1
+        try:
+            await self._dispatch_stream()
+        finally:
+            view._open_streams -= 1
+
+    async def _refuse(self, response: Response) -> None:
+        counters = self._counters
+        if counters is not None:
+            counters.refuse(response.status_code)
+        await response(self.scope, self.receive, self.send)
+
+    async def _dispatch_stream(self) -> None:
+        scope, receive, send = self.scope, self.receive, self.send
         shutdown = find_shutdown_signal(scope)
         if shutdown is not None and shutdown.is_set:
             logger.info("%s: refused a new stream during shutdown", self.describe())
@@ -325,7 +374,7 @@ class EventStreamView:
         except HTTPException as exc:
             refusal = _refusal(exc)
         if refusal is not None:
-            await refusal(scope, receive, send)
+            await self._refuse(refusal)
             return
         if scope["method"] == "HEAD":
             await send(self._response_start())
@@ -337,7 +386,7 @@ class EventStreamView:
             try:
                 groups = await self._resolve_groups()
             except HTTPException as exc:
-                await _refusal(exc)(scope, receive, send)
+                await self._refuse(_refusal(exc))
                 return
         if not groups:
             await self._serve_stream(connection, shutdown)
@@ -360,7 +409,7 @@ class EventStreamView:
             attachment = await broadcast._attach(sink, groups, self.last_event_id)
         except InvalidLastEventId as exc:
             logger.info("%s: refused Last-Event-ID: %s", self.describe(), exc)
-            await PlainTextResponse(str(exc), status_code=400)(scope, receive, send)
+            await self._refuse(PlainTextResponse(str(exc), status_code=400))
             return
         except (BackendError, BroadcastNotConnected) as exc:
             logger.warning("%s: broadcast unavailable: %s", self.describe(), exc)
@@ -404,6 +453,13 @@ class EventStreamView:
                 check_group(group)
             except (TypeError, ValueError) as exc:
                 raise HTTPException(400, f"invalid group name: {exc}") from None
+        for group in groups:
+            allowed = self.authorize_group(group)
+            if inspect.isawaitable(allowed):
+                allowed = await allowed
+            if not allowed:
+                logger.info("%s: not allowed to join group %r", self.describe(), group)
+                raise HTTPException(403, f"not allowed to join group {group!r}")
         return groups
 
     async def _end_at_once(self) -> None:
@@ -413,6 +469,9 @@ class EventStreamView:
         be served right now (shutdown, backend reconnecting) ends cleanly instead:
         the browser reconnects after its retry delay, with its Last-Event-ID.
         """
+        counters = self._counters
+        if counters is not None:
+            counters.refuse(200)
         await self.send(self._response_start())
         body = b"retry: %d\n\n" % self.retry if self.retry is not None else b""
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
@@ -428,6 +487,10 @@ class EventStreamView:
         return {"type": "http.response.start", "status": 200, "headers": headers}
 
     async def _serve_stream(self, connection: Connection, shutdown: ShutdownSignal | None) -> None:
+        counters = self._counters
+        if counters is not None:
+            counters.open += 1
+            counters.streams += 1
         if shutdown is not None:
             shutdown._register(connection)
         try:
@@ -539,6 +602,10 @@ class EventStreamView:
 
     async def _teardown(self, reason: DisconnectReason) -> None:
         """Run `on_disconnect`, then close the session, shielded and bounded, in this task."""
+        counters = self._counters
+        if counters is not None:
+            counters.open -= 1
+            counters.disconnects[reason] += 1
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.disconnect_timeout) as bounded:
                 try:
