@@ -30,71 +30,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import ctypes.util
 import datetime as dt
-import importlib.metadata
-import json
 import os
-import platform
-import resource
-import signal
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 sys.dont_write_bytecode = True  # keep __pycache__ out of the work tree
 
-import psutil  # noqa: E402
+_REPO = str(Path(__file__).resolve().parent.parent)
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import HOST, BenchError, ServerSpec, UvicornServer  # noqa: E402
+from benchmarks.loadclient import BurstResult, burst, open_many, run  # noqa: E402
 
-from benchmarks.loadclient import (  # noqa: E402
-    BurstResult,
-    ProtocolError,
-    burst,
-    open_many,
-    raise_nofile_limit,
-    run,
-)
-
-HOST = "127.0.0.1"
 EVENT_ON_WIRE = b"data: x\n\n"
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
-SERVER_START_TIMEOUT = 30.0
-SERVER_STOP_TIMEOUT = 5.0
 STREAM_OPEN_TIMEOUT = 30.0  # connect + response head, per idle stream
 IDLE_CASE_TIMEOUT = 300.0  # whole of case A/D
 BURST_TIMEOUT = 180.0  # one burst measurement, all streams
 WARMUP_IDLE_STREAMS = 20
 
 
-class BenchError(Exception):
-    """A measurement could not be taken or its result is wrong."""
-
-
 # -- contenders ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServerSpec:
-    key: str
-    label: str
-    app: str  # "module:attribute" for uvicorn
-
-    @property
-    def module(self) -> str:
-        return self.app.partition(":")[0]
 
 
 SERVERS: tuple[ServerSpec, ...] = (
@@ -130,12 +94,11 @@ FULL = Sizes(
     settle_seconds=1.0,
     hold_seconds=2.0,
 )
-QUICK = Sizes(
+QUICK = replace(
+    FULL,
     runs=1,
     conns=500,
-    concurrency=200,
     events=10_000,
-    streams=10,
     stream_events=2_000,
     settle_seconds=0.5,
     hold_seconds=1.0,
@@ -160,7 +123,7 @@ class Case:
 
     def target_met(self, ratio: float) -> bool:
         assert self.target_ratio is not None
-        return ratio >= self.target_ratio if self.higher_is_better else ratio <= self.target_ratio
+        return harness.meets(ratio, self.target_ratio, self.higher_is_better)
 
 
 CASES: tuple[Case, ...] = (
@@ -183,159 +146,6 @@ CASES: tuple[Case, ...] = (
     Case("multi_stream_cpu_us", "(info) C server CPU, us/event", False, 2),
     Case("one_stream_events_per_chunk", "(info) B events per HTTP chunk", False, 1),
 )
-
-
-# -- server subprocess ----------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _raise_nofile_in_child() -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _process_cpu_clock(pid: int) -> int | None:
-    """The POSIX CPU-time clock of another process (ns resolution), if any."""
-    library = ctypes.util.find_library("c")
-    if library is None:
-        return None
-    try:
-        clock_getcpuclockid = ctypes.CDLL(library).clock_getcpuclockid
-    except (OSError, AttributeError):
-        return None
-    clock_id = ctypes.c_int()
-    if clock_getcpuclockid(pid, ctypes.byref(clock_id)) != 0:
-        return None
-    try:
-        time.clock_gettime(clock_id.value)
-    except OSError:
-        return None
-    return clock_id.value
-
-
-def _child_env(sse_starlette_ping: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    if sse_starlette_ping is not None:
-        env["SSE_STARLETTE_PING"] = sse_starlette_ping
-    return env
-
-
-class UvicornServer:
-    """One uvicorn process serving ``spec.app`` on a free loopback port."""
-
-    def __init__(self, spec: ServerSpec, env: dict[str, str], log_dir: Path) -> None:
-        self.spec = spec
-        self.env = env
-        self.log_path = log_dir / f"{spec.key}-{time.monotonic_ns()}.log"
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-        self._ps: psutil.Process | None = None
-        self._cpu_clock: int | None = None
-
-    def __enter__(self) -> UvicornServer:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        for _ in range(3):  # retry if another process grabbed the free port
-            self.port = _free_port()
-            command = [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                self.spec.app,
-                "--host",
-                HOST,
-                "--port",
-                str(self.port),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-                "--backlog",
-                "4096",
-            ]
-            with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(
-                    command,
-                    cwd=REPO_ROOT,
-                    env=self.env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=_raise_nofile_in_child,
-                )
-            self._ps = psutil.Process(self.process.pid)
-            self._cpu_clock = _process_cpu_clock(self.process.pid)
-            if self._wait_ready():
-                return
-            self.stop()
-            if "address already in use" not in self.log_tail().lower():
-                break
-        raise BenchError(f"{self.spec.label} server did not start:\n{self.log_tail()}")
-
-    def _wait_ready(self) -> bool:
-        assert self.process is not None
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5):
-                    return True
-            except OSError:
-                time.sleep(0.05)
-        return False
-
-    def rss(self) -> int:
-        assert self._ps is not None
-        return int(self._ps.memory_info().rss)
-
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system, all threads) the server has used so far."""
-        if self._cpu_clock is not None:
-            return time.clock_gettime(self._cpu_clock)
-        assert self._ps is not None
-        times = self._ps.cpu_times()  # clock-tick (10 ms) resolution
-        return float(times.user + times.system)
-
-    def check_alive(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            raise BenchError(f"{self.spec.label} server exited:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(SERVER_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(SERVER_STOP_TIMEOUT)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
 
 
 # -- measurements -----------------------------------------------------------------
@@ -451,7 +261,7 @@ async def measure_bursts(server: UvicornServer, sizes: Sizes) -> dict[str, float
 
 
 @dataclass
-class ServerResults:
+class ServerResults(harness.Outcome):
     label: str
     available: bool = True
     skipped_reason: str | None = None
@@ -459,36 +269,15 @@ class ServerResults:
     runs: dict[str, list[float]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
-    def add(self, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.runs.setdefault(key, []).append(value)
-
-    def median(self, key: str) -> float | None:
-        values = self.runs.get(key)
-        return statistics.median(values) if values else None
-
 
 def _probe_import(module: str, env: dict[str, str]) -> str | None:
     """Return None if ``module`` imports in a child like the server's, else why not."""
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", f"import {module}"],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except subprocess.TimeoutExpired:
-        return f"importing {module} timed out"
-    if proc.returncode == 0:
-        return None
-    lines = proc.stderr.strip().splitlines()
-    return lines[-1] if lines else f"import {module} failed"
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    return harness.probe(
+        f"import {module}",
+        env,
+        timed_out=f"importing {module} timed out",
+        failed=f"import {module} failed",
+    )
 
 
 def run_benchmark(
@@ -497,51 +286,35 @@ def run_benchmark(
     results: dict[str, ServerResults] = {}
     active: list[ServerSpec] = []
     for spec in specs:
-        results[spec.key] = ServerResults(spec.label)
+        outcome = results[spec.key] = ServerResults(spec.label)
         reason = _probe_import(spec.module, env)
-        if reason is not None:
-            results[spec.key].available = False
-            results[spec.key].skipped_reason = reason
-            if explicit:
-                raise SystemExit(f"{spec.label} requested but unavailable: {reason}")
-            _say(f"skipping {spec.label}: {reason}")
-        else:
+        outcome.available = reason is None
+        if not harness.mark_skipped(outcome, reason, explicit):
             active.append(spec)
 
-    def attempt(spec: ServerSpec, what: str, run_index: int, phase: str) -> None:
+    def one_run(spec: ServerSpec, what: str, run_index: int, phase: str) -> None:
         outcome = results[spec.key]
-        _say(f"run {run_index + 1}/{sizes.runs} {spec.label}: {what}")
-        try:
+
+        def body() -> dict[str, float]:
             with UvicornServer(spec, env, log_dir) as server:
                 if outcome.validation is None:
                     outcome.validation = run(validate(server))
                 measure = measure_idle if phase == "idle" else measure_bursts
-                values = run(measure(server, sizes))
-        except (BenchError, ProtocolError, OSError, TimeoutError) as exc:
-            message = f"run {run_index + 1} {what}: {type(exc).__name__}: {exc}"
-            _say(f"  FAILED: {message}")
-            outcome.errors.append(message)
-            return
-        _say("  " + ", ".join(f"{key}={value:,.3f}" for key, value in values.items()))
-        outcome.add(values)
+                return run(measure(server, sizes))
+
+        error_prefix = f"run {run_index + 1} {what}"
+        harness.attempt(outcome, what, run_index, sizes.runs, body, error_prefix=error_prefix)
 
     for run_index in range(sizes.runs):
-        shift = run_index % max(len(active), 1)
-        order = active[shift:] + active[:shift]  # rotate to spread drift fairly
+        order = harness.rotated(active, run_index)
         for spec in order:
-            attempt(spec, f"A/D, {sizes.conns} idle streams", run_index, "idle")
+            one_run(spec, f"A/D, {sizes.conns} idle streams", run_index, "idle")
         for spec in order:
-            attempt(spec, "B/C, bursts", run_index, "burst")
+            one_run(spec, "B/C, bursts", run_index, "burst")
     return results
 
 
 # -- reporting ------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, decimals: int) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:,.{decimals}f}"
 
 
 def _ratio(results: dict[str, ServerResults], case: Case, baseline: str) -> float | None:
@@ -559,7 +332,7 @@ def build_report(results: dict[str, ServerResults], sizes: Sizes) -> tuple[str, 
     header = ["Case"] + [spec.label for spec in columns]
     header += ["sseviews/raw", "sseviews/sse-starlette", "target", "met"]
     rows = [
-        "| " + " | ".join(header) + " |",
+        harness.table_row(header),
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
     ]
     summary: dict[str, Any] = {}
@@ -570,15 +343,10 @@ def build_report(results: dict[str, ServerResults], sizes: Sizes) -> tuple[str, 
         if case.target_baseline is not None and ratios.get(case.target_baseline) is not None:
             met = case.target_met(ratios[case.target_baseline])  # type: ignore[arg-type]
         cells = [case.label.format(**asdict(sizes))]
-        cells += [_fmt(medians[spec.key], case.decimals) for spec in columns]
-        cells += [f"{r:.2f}x" if r is not None else "n/a" for r in ratios.values()]
-        cells += [
-            case.target_text,
-            ""
-            if case.target_baseline is None
-            else ("n/a" if met is None else "yes" if met else "NO"),
-        ]
-        rows.append("| " + " | ".join(cells) + " |")
+        cells += [harness.fmt(medians[spec.key], case.decimals) for spec in columns]
+        cells += [harness.fmt_ratio(r) for r in ratios.values()]
+        cells += [case.target_text, harness.met_cell(case.target_baseline is not None, met)]
+        rows.append(harness.table_row(cells))
         summary[case.key] = {
             "label": cells[0],
             "higher_is_better": case.higher_is_better,
@@ -590,69 +358,14 @@ def build_report(results: dict[str, ServerResults], sizes: Sizes) -> tuple[str, 
     return "\n".join(rows), summary
 
 
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in (
-        "uvicorn",
-        "starlette",
-        "sse-starlette",
-        "uvloop",
-        "httptools",
-        "anyio",
-        "psutil",
-        "sseviews",
-    ):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def write_json(
-    path: Path,
-    table: str,
-    summary: dict[str, Any],
-    results: dict[str, ServerResults],
-    sizes: Sizes,
-    argv: Sequence[str],
-    started: dt.datetime,
-    seconds: float,
-) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    document = {
-        "benchmark": "core",
-        "started": started.isoformat(timespec="seconds"),
-        "duration_seconds": round(seconds, 1),
-        "argv": list(argv),
-        "sizes": asdict(sizes),
-        "environment": {
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "versions": _versions(),
-            "sse_starlette_ping": os.environ.get("SSE_STARLETTE_PING", "0"),
-        },
-        "table_markdown": table,
-        "cases": summary,
-        "servers": {key: asdict(value) for key, value in results.items()},
-    }
-    path.write_text(json.dumps(document, indent=2) + "\n")
-
-
 # -- command line ------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Side-by-side SSE benchmark: raw ASGI vs sse-starlette vs sseviews.",
+    parser = harness.new_parser(
+        "Side-by-side SSE benchmark: raw ASGI vs sse-starlette vs sseviews.",
+        f"repetitions per case (default {FULL.runs}; --quick: {QUICK.runs})",
     )
-    parser.add_argument(
-        "--runs",
-        type=int,
-        help=f"repetitions per case (default {FULL.runs}; --quick: {QUICK.runs})",
-    )
-    parser.add_argument("--quick", action="store_true", help="small sizes and 1 run: a smoke test")
     parser.add_argument("--servers", help="comma-separated subset of: " + ",".join(SERVERS_BY_KEY))
     parser.add_argument("--conns", type=int, help="idle streams for cases A/D")
     parser.add_argument(
@@ -666,33 +379,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="SECONDS",
         help="ping interval for sse-starlette (default 0 = no ping task)",
     )
-    parser.add_argument(
-        "--output", type=Path, help="JSON path (default benchmarks/results/core-<timestamp>.json)"
-    )
+    harness.add_output_argument(parser, "core")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    base = QUICK if args.quick else FULL
-    overrides = {
-        name: getattr(args, name)
-        for name in ("runs", "conns", "concurrency", "events", "streams", "stream_events")
-        if getattr(args, name) is not None
-    }
-    sizes = Sizes(**{**asdict(base), **overrides})
-    if (
-        min(
-            sizes.runs,
-            sizes.conns,
-            sizes.concurrency,
-            sizes.events,
-            sizes.streams,
-            sizes.stream_events,
-        )
-        < 1
-    ):
+    names = ("runs", "conns", "concurrency", "events", "streams", "stream_events")
+    sizes = harness.sizes_from_args(args, FULL, QUICK, names)
+    if min(getattr(sizes, name) for name in names) < 1:
         raise SystemExit("sizes and --runs must be >= 1")
 
     explicit = args.servers is not None
@@ -702,12 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"unknown server(s) {unknown}; choose from {list(SERVERS_BY_KEY)}")
     specs = [SERVERS_BY_KEY[key] for key in keys]
 
-    nofile = raise_nofile_limit()
-    if nofile < sizes.conns + 100:
-        raise SystemExit(f"RLIMIT_NOFILE is {nofile}: too low for {sizes.conns} streams")
+    harness.ensure_nofile(sizes.conns + 100, f"{sizes.conns} streams")
     if args.sse_starlette_ping is not None:
         os.environ["SSE_STARLETTE_PING"] = args.sse_starlette_ping
-    env = _child_env(args.sse_starlette_ping)
+    env = harness.child_env()  # with SSE_STARLETTE_PING, if set just above
 
     started = dt.datetime.now()
     t0 = time.monotonic()
@@ -715,20 +409,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_benchmark(specs, sizes, env, explicit, Path(log_dir))
     table, summary = build_report(results, sizes)
 
-    output = args.output or RESULTS_DIR / f"core-{started.strftime('%Y%m%dT%H%M%S')}.json"
-    write_json(output, table, summary, results, sizes, argv, started, time.monotonic() - t0)
-
-    runs_note = f"median of {sizes.runs} run(s)" + (" [--quick]" if args.quick else "")
-    print(f"\n## SSE core benchmark ({runs_note})\n")
-    print(table)
-    for outcome in results.values():
-        if outcome.skipped_reason:
-            print(f"\n{outcome.label}: skipped ({outcome.skipped_reason})")
-        for error in outcome.errors:
-            print(f"\n{outcome.label}: {error}")
-    print(f"\nJSON: {output}")
-    failed = any(outcome.errors for outcome in results.values())
-    return 1 if failed else 0
+    output = args.output or harness.default_output("core", started)
+    harness.write_json(
+        output,
+        "core",
+        started=started,
+        seconds=time.monotonic() - t0,
+        argv=argv,
+        sizes=sizes,
+        environment=harness.environment_info(harness.package_versions),
+        table=table,
+        sections={
+            "cases": summary,
+            "servers": {key: asdict(value) for key, value in results.items()},
+        },
+    )
+    return harness.print_report(
+        "SSE core benchmark", sizes.runs, args.quick, table, results.values(), output
+    )
 
 
 if __name__ == "__main__":

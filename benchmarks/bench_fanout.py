@@ -44,40 +44,29 @@ import argparse
 import asyncio
 import datetime as dt
 import gc
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 sys.dont_write_bytecode = True  # keep __pycache__ out of the work tree
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+_REPO = str(Path(__file__).resolve().parent.parent)
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
 
-from benchmarks.bench_core import BenchError, ServerSpec, UvicornServer  # noqa: E402
-from benchmarks.loadclient import (  # noqa: E402
-    EventCounter,
-    ProtocolError,
-    ResponseHead,
-    SSEStreamProtocol,
-    raise_nofile_limit,
-    run,
-)
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import HOST, BenchError, ServerSpec, UvicornServer  # noqa: E402
+from benchmarks.loadclient import EventCounter, ResponseHead, SSEStreamProtocol, run  # noqa: E402
 
-HOST = "127.0.0.1"
 REDIS_URL = "redis://127.0.0.1:6379/0"
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 SSEVIEWS_APP = "benchmarks.apps.fanout_sseviews:app"
 
 REQUEST_TIMEOUT = 10.0  # one plain GET (/start, /stats, /publish-burst is longer)
@@ -128,11 +117,10 @@ FULL = Sizes(
     replay_warmup=1000,
     settle_seconds=1.0,
 )
-QUICK = Sizes(
+QUICK = replace(
+    FULL,
     runs=1,
     subscribers=200,
-    events=20,
-    interval_ms=20.0,
     batch=100,
     redis_subscribers=100,
     replay_events=1000,
@@ -634,49 +622,11 @@ async def measure_replay(server: UvicornServer, sizes: Sizes) -> dict[str, float
 
 
 @dataclass
-class CaseResults:
+class CaseResults(harness.Outcome):
     label: str
     skipped_reason: str | None = None
     runs: dict[str, list[float]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
-
-    def add(self, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.runs.setdefault(key, []).append(value)
-
-    def median(self, key: str) -> float | None:
-        values = self.runs.get(key)
-        return statistics.median(values) if values else None
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env.update(extra)
-    return env
-
-
-def _probe(code: str, env: dict[str, str]) -> str | None:
-    """None if ``python -c code`` succeeds in a child like the servers, else why not."""
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except subprocess.TimeoutExpired:
-        return f"{code!r} timed out"
-    if proc.returncode == 0:
-        return None
-    lines = proc.stderr.strip().splitlines()
-    return lines[-1] if lines else f"{code!r} failed"
 
 
 def _redis_client() -> Any:
@@ -722,24 +672,16 @@ class Runner:
         self.redis_prefix = redis_prefix
         self.results: dict[str, CaseResults] = {}
 
-    def attempt(self, key: str, what: str, run_index: int, body: Any) -> None:
-        outcome = self.results[key]
-        _say(f"run {run_index + 1}/{self.sizes.runs} {outcome.label}: {what}")
-        try:
-            values = body()
-        except (BenchError, ProtocolError, OSError, TimeoutError) as exc:
-            message = f"run {run_index + 1}: {type(exc).__name__}: {exc}"
-            _say(f"  FAILED: {message}")
-            outcome.errors.append(message)
-            return
-        _say("  " + ", ".join(f"{k}={v:,.3f}" for k, v in values.items()))
-        outcome.add(values)
+    def attempt(
+        self, key: str, what: str, run_index: int, body: Callable[[], dict[str, float]]
+    ) -> None:
+        harness.attempt(self.results[key], what, run_index, self.sizes.runs, body)
 
     def memory(self, spec: ServerSpec, run_index: int) -> None:
         sizes = self.sizes
 
         def body() -> dict[str, float]:
-            with UvicornServer(spec, _child_env(), self.log_dir) as server:
+            with UvicornServer(spec, harness.child_env(), self.log_dir) as server:
                 return run(measure_fanout([server], [sizes.subscribers], sizes))
 
         self.attempt(
@@ -748,7 +690,7 @@ class Runner:
 
     def redis(self, run_index: int) -> None:
         sizes = self.sizes
-        env = _child_env(
+        env = harness.child_env(
             FANOUT_BROADCAST_URL=REDIS_URL, FANOUT_PREFIX=f"{self.redis_prefix}-r{run_index}"
         )
 
@@ -770,7 +712,7 @@ class Runner:
 
     def replay(self, run_index: int) -> None:
         sizes = self.sizes
-        env = _child_env(FANOUT_RETENTION=str(REPLAY_RETENTION))
+        env = harness.child_env(FANOUT_RETENTION=str(REPLAY_RETENTION))
 
         def body() -> dict[str, float]:
             with UvicornServer(REPLAY_SPEC, env, self.log_dir) as server:
@@ -791,36 +733,28 @@ def run_benchmark(
 ) -> dict[str, CaseResults]:
     runner = Runner(sizes, log_dir, redis_prefix)
     results = runner.results
-    env = _child_env()
+    env = harness.child_env()
 
     def skip(key: str, label: str, reason: str | None) -> bool:
         results[key] = CaseResults(label)
-        if reason is None:
-            return False
-        results[key].skipped_reason = reason
-        if explicit:
-            raise SystemExit(f"{label} requested but unavailable: {reason}")
-        _say(f"skipping {label}: {reason}")
-        return True
+        return harness.mark_skipped(results[key], reason, explicit)
 
     active: list[ServerSpec] = []
     if "memory" in cases:
         for spec in specs:
-            module = spec.app.partition(":")[0]
-            if not skip(spec.key, spec.label, _probe(f"import {module}", env)):
+            if not skip(spec.key, spec.label, harness.probe(f"import {spec.module}", env)):
                 active.append(spec)
     do_redis = "redis" in cases and not skip(
         REDIS_SPEC.key,
         REDIS_SPEC.label,
-        _probe("import sseviews.backends.redis", env) or _redis_unavailable(),
+        harness.probe("import sseviews.backends.redis", env) or _redis_unavailable(),
     )
     do_replay = "replay" in cases and not skip(
-        REPLAY_SPEC.key, REPLAY_SPEC.label, _probe(f"import {SSEVIEWS_APP.partition(':')[0]}", env)
+        REPLAY_SPEC.key, REPLAY_SPEC.label, harness.probe(f"import {REPLAY_SPEC.module}", env)
     )
 
     for run_index in range(sizes.runs):
-        shift = run_index % max(len(active), 1)
-        for spec in active[shift:] + active[:shift]:  # rotate to spread drift fairly
+        for spec in harness.rotated(active, run_index):
             runner.memory(spec, run_index)
         if do_redis:
             try:
@@ -897,12 +831,6 @@ def _rows(sizes: Sizes) -> list[Row]:
     ]  # fmt: skip
 
 
-def _fmt(value: float | None, decimals: int) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:,.{decimals}f}"
-
-
 def _median(results: dict[str, CaseResults], key: str | None, metric: str) -> float | None:
     if key is None or key not in results:
         return None
@@ -912,7 +840,7 @@ def _median(results: dict[str, CaseResults], key: str | None, metric: str) -> fl
 def build_report(results: dict[str, CaseResults], sizes: Sizes) -> tuple[str, dict[str, Any]]:
     """The markdown table and a JSON-able summary of the medians and ratios."""
     header = ["case", "raw ASGI", "sse-starlette", "sseviews", "ratio", "target", "met"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---:|---|---|"]
+    lines = [harness.table_row(header), "|---|---:|---:|---:|---:|---|---|"]
     summary: dict[str, Any] = {}
     for row in _rows(sizes):
         medians = [_median(results, key, row.metric) for key in row.cells]
@@ -927,18 +855,16 @@ def build_report(results: dict[str, CaseResults], sizes: Sizes) -> tuple[str, di
                 ratio = num / den if num is not None and den else None
         met: bool | None = None
         if row.target_ratio is not None and ratio is not None:
-            met = ratio >= row.target_ratio if row.higher_is_better else ratio <= row.target_ratio
+            met = harness.meets(ratio, row.target_ratio, row.higher_is_better)
         cells = [row.label]
         cells += [
-            "-" if key is None else _fmt(value, row.decimals)
+            "-" if key is None else harness.fmt(value, row.decimals)
             for key, value in zip(row.cells, medians, strict=True)
         ]
-        cells.append("" if row.ratio is None else "n/a" if ratio is None else f"{ratio:.2f}x")
+        cells.append("" if row.ratio is None else harness.fmt_ratio(ratio))
         cells.append(row.target)
-        cells.append(
-            "" if row.target_ratio is None else "n/a" if met is None else "yes" if met else "NO"
-        )
-        lines.append("| " + " | ".join(cells) + " |")
+        cells.append(harness.met_cell(row.target_ratio is not None, met))
+        lines.append(harness.table_row(cells))
         summary[row.label] = {
             "metric": row.metric,
             "medians": {key: value for key, value in zip(row.cells, medians, strict=True) if key},
@@ -951,13 +877,10 @@ def build_report(results: dict[str, CaseResults], sizes: Sizes) -> tuple[str, di
 
 
 def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in ("uvicorn", "starlette", "sse-starlette", "uvloop", "httptools", "anyio",
-                 "redis", "psutil", "sseviews"):  # fmt: skip
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = harness.package_versions(
+        ("uvicorn", "starlette", "sse-starlette", "uvloop", "httptools", "anyio",
+         "redis", "psutil", "sseviews")
+    )  # fmt: skip
     try:
         client = _redis_client()
         try:
@@ -969,50 +892,15 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
-def write_json(
-    path: Path,
-    table: str,
-    summary: dict[str, Any],
-    results: dict[str, CaseResults],
-    sizes: Sizes,
-    argv: Sequence[str],
-    started: dt.datetime,
-    seconds: float,
-) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    document = {
-        "benchmark": "fanout",
-        "started": started.isoformat(timespec="seconds"),
-        "duration_seconds": round(seconds, 1),
-        "argv": list(argv),
-        "sizes": asdict(sizes),
-        "environment": {
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_at_end": os.getloadavg(),
-            "versions": _versions(),
-            "sse_starlette_ping": os.environ.get("SSE_STARLETTE_PING", "0"),
-        },
-        "table_markdown": table,
-        "rows": summary,
-        "cases": {key: asdict(value) for key, value in results.items()},
-    }
-    path.write_text(json.dumps(document, indent=2) + "\n")
-
-
 # -- command line ------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Fan-out SSE benchmark: memory layer (raw ASGI vs sse-starlette vs "
+    parser = harness.new_parser(
+        "Fan-out SSE benchmark: memory layer (raw ASGI vs sse-starlette vs "
         "sseviews), sseviews through Redis, and sseviews replay rate.",
+        f"repetitions (default {FULL.runs}; --quick: {QUICK.runs})",
     )
-    parser.add_argument(
-        "--runs", type=int, help=f"repetitions (default {FULL.runs}; --quick: {QUICK.runs})"
-    )
-    parser.add_argument("--quick", action="store_true", help="small sizes and 1 run: a smoke test")
     parser.add_argument("--servers", help="memory-case contenders: " + ",".join(MEMORY_BY_KEY))
     parser.add_argument("--cases", help="comma-separated subset of: " + ",".join(CASES))
     parser.add_argument("--subscribers", type=int, help="subscribers in the memory case")
@@ -1021,20 +909,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="subscribers connected concurrently")
     parser.add_argument("--redis-subscribers", type=int, help="subscribers per Redis process")
     parser.add_argument("--replay-events", type=int, help="events published live, then replayed")
-    parser.add_argument(
-        "--output", type=Path, help="JSON path (default benchmarks/results/fanout-<timestamp>.json)"
-    )
+    harness.add_output_argument(parser, "fanout")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    base = QUICK if args.quick else FULL
     names = ("runs", "subscribers", "events", "interval_ms", "batch", "redis_subscribers",
              "replay_events")  # fmt: skip
-    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    sizes = Sizes(**{**asdict(base), **overrides})
+    sizes = harness.sizes_from_args(args, FULL, QUICK, names)
     if min(sizes.runs, sizes.subscribers, sizes.events, sizes.batch, sizes.redis_subscribers,
            sizes.replay_events) < 1 or sizes.interval_ms < 0:  # fmt: skip
         raise SystemExit("sizes and --runs must be >= 1, --interval-ms >= 0")
@@ -1047,13 +931,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"unknown server(s) or case(s) {unknown}")
     specs = [MEMORY_BY_KEY[key] for key in keys]
 
-    nofile = raise_nofile_limit()
     needed = max(sizes.subscribers, 2 * sizes.redis_subscribers) + 200
-    if nofile < needed:
-        raise SystemExit(f"RLIMIT_NOFILE is {nofile}: too low for {needed} sockets")
+    harness.ensure_nofile(needed, f"{needed} sockets")
 
     started = dt.datetime.now()
-    redis_prefix = f"sseviews-bench-fanout-{started.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    redis_prefix = f"sseviews-bench-fanout-{harness.timestamp(started)}-{os.getpid()}"
     t0 = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-fanout-") as log_dir:
@@ -1063,25 +945,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             delete_redis_keys(redis_prefix)
     table, summary = build_report(results, sizes)
 
-    output = args.output or RESULTS_DIR / f"fanout-{started.strftime('%Y%m%dT%H%M%S')}.json"
-    write_json(output, table, summary, results, sizes, argv, started, time.monotonic() - t0)
-
-    runs_note = f"median of {sizes.runs} run(s)" + (" [--quick]" if args.quick else "")
-    print(f"\n## SSE fan-out benchmark ({runs_note})\n")
-    print(table)
-    for outcome in results.values():
-        if outcome.skipped_reason:
-            print(f"\n{outcome.label}: skipped ({outcome.skipped_reason})")
-        for error in outcome.errors:
-            print(f"\n{outcome.label}: {error}")
+    output = args.output or harness.default_output("fanout", started)
+    harness.write_json(
+        output,
+        "fanout",
+        started=started,
+        seconds=time.monotonic() - t0,
+        argv=argv,
+        sizes=sizes,
+        environment=harness.environment_info(_versions, loadavg_at_end=True),
+        table=table,
+        sections={
+            "rows": summary,
+            "cases": {key: asdict(value) for key, value in results.items()},
+        },
+    )
+    notes = []
     loads = [v for o in results.values() for v in o.runs.get("loadavg_1min_before", [])]
     if loads:
-        print(
-            f"\nLoad average (1 min) before the measurements: {min(loads):.2f} to "
+        notes.append(
+            f"Load average (1 min) before the measurements: {min(loads):.2f} to "
             f"{max(loads):.2f}, on {os.cpu_count()} CPUs shared by the client and the servers."
         )
-    print(f"\nJSON: {output}")
-    return 1 if any(outcome.errors for outcome in results.values()) else 0
+    return harness.print_report(
+        "SSE fan-out benchmark", sizes.runs, args.quick, table, results.values(), output, notes
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ Every fan-out app serves the same routes:
   (collections, total and longest pause, per generation) since the last
   ``?reset=1``; ``?objects=1`` adds the number of GC-tracked objects.
 
+:func:`start_publishing` and :func:`stats` are the bodies of ``/start`` and
+``/stats``; :func:`control_routes` serves both for the Starlette-based apps.
 The sseviews app adds the replay routes (see ``fanout_sseviews.py``).
 """
 
@@ -26,7 +28,10 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.routing import Route
 
 GROUP = "bench"
 DEFAULT_EVENTS = 20
@@ -149,3 +154,39 @@ def stats(subscribers: int, publisher: Publisher, query: dict[str, list[str]]) -
     if query.get("reset") == ["1"]:
         GC.reset()
     return body
+
+
+def start_publishing(
+    publisher: Publisher, subscribers: int, query: dict[str, list[str]]
+) -> tuple[int, dict[str, Any]]:
+    """Status and JSON body of ``/start``: 400 on bad parameters, 409 if busy."""
+    try:
+        n, interval = start_params(query)
+    except ValueError as exc:
+        return 400, {"error": str(exc)}
+    if not publisher.start(n, interval):
+        return 409, {"error": "already publishing"}
+    return 200, {"started": True, "subscribers": subscribers}
+
+
+def control_routes(publisher: Publisher, subscriber_count: Callable[[], int]) -> list[Route]:
+    """The Starlette routes ``/start`` and ``/stats``.
+
+    Starlette is imported here, not at the top, so that the raw app, which
+    shares this module, does not load it.
+    """
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    def _query(request: Request) -> dict[str, list[str]]:
+        return {key: request.query_params.getlist(key) for key in request.query_params}
+
+    async def start(request: Request) -> JSONResponse:
+        status, body = start_publishing(publisher, subscriber_count(), _query(request))
+        return JSONResponse(body, status_code=status)
+
+    async def stats_route(request: Request) -> JSONResponse:
+        return JSONResponse(stats(subscriber_count(), publisher, _query(request)))
+
+    return [Route("/start", start), Route("/stats", stats_route)]

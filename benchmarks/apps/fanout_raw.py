@@ -15,26 +15,10 @@ Run with ``python -m uvicorn benchmarks.apps.fanout_raw:app`` from the repo root
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qs
 
-from benchmarks.apps.fanout_common import Publisher, dumps, payload, start_params, stats
-
-Message = MutableMapping[str, Any]
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-SSE_START: Message = {
-    "type": "http.response.start",
-    "status": 200,
-    "headers": [
-        (b"content-type", b"text/event-stream; charset=utf-8"),
-        (b"cache-control", b"no-store"),
-    ],
-}
-END_MESSAGE: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+from benchmarks.apps.common import SSE_START, Message, Receive, Scope, Send, asgi_app, query
+from benchmarks.apps.fanout_common import Publisher, dumps, payload, start_publishing, stats
 
 # The registry: one queue per open stream. ``None`` in a queue ends its stream.
 subscribers: set[asyncio.Queue[Message | None]] = set()
@@ -50,7 +34,7 @@ async def publish_one(index: int) -> None:
 publisher = Publisher(publish_one)
 
 
-async def _events(receive: Receive, send: Send) -> None:
+async def _events(scope: Scope, receive: Receive, send: Send) -> None:
     queue: asyncio.Queue[Message | None] = asyncio.Queue()
     subscribers.add(queue)  # registered before the head: no event can be missed
 
@@ -90,44 +74,22 @@ async def _json(send: Send, body: Any, status: int = 200) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-async def _start(scope: Scope, send: Send) -> None:
-    try:
-        n, interval = start_params(parse_qs(scope["query_string"].decode("latin-1")))
-    except ValueError as exc:
-        await _json(send, {"error": str(exc)}, 400)
-        return
-    if not publisher.start(n, interval):
-        await _json(send, {"error": "already publishing"}, 409)
-        return
-    await _json(send, {"started": True, "subscribers": len(subscribers)})
+async def _start(scope: Scope, receive: Receive, send: Send) -> None:
+    status, body = start_publishing(publisher, len(subscribers), query(scope))
+    await _json(send, body, status)
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            for queue in subscribers:
-                queue.put_nowait(None)
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+async def _stats(scope: Scope, receive: Receive, send: Send) -> None:
+    await _json(send, stats(len(subscribers), publisher, query(scope)))
 
 
-async def app(scope: Scope, receive: Receive, send: Send) -> None:
-    """The ASGI entry point."""
-    if scope["type"] == "lifespan":
-        await _lifespan(receive, send)
-        return
-    if scope["type"] != "http":
-        return
-    path = scope["path"]
-    if path == "/events":
-        await _events(receive, send)
-    elif path == "/start":
-        await _start(scope, send)
-    elif path == "/stats":
-        query = parse_qs(scope["query_string"].decode("latin-1"))
-        await _json(send, stats(len(subscribers), publisher, query))
-    else:
-        await _json(send, {"error": "not found"}, 404)
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    await _json(send, {"error": "not found"}, 404)
+
+
+def _end_streams() -> None:
+    for queue in subscribers:
+        queue.put_nowait(None)
+
+
+app = asgi_app({"/events": _events, "/start": _start, "/stats": _stats}, _not_found, _end_streams)

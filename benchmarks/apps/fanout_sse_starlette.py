@@ -30,10 +30,9 @@ from collections.abc import AsyncIterator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from benchmarks.apps.fanout_common import Publisher, dumps, payload, start_params, stats
+from benchmarks.apps.fanout_common import Publisher, control_routes, dumps, payload
 
 PING_SECONDS = float(os.environ.get("SSE_STARLETTE_PING", "0"))
 MAX_QUEUE_SIZE = 100
@@ -67,24 +66,4 @@ async def events(request: Request) -> EventSourceResponse:
     return EventSourceResponse(stream(), ping=PING_SECONDS, sep="\n")
 
 
-def _query(request: Request) -> dict[str, list[str]]:
-    return {key: request.query_params.getlist(key) for key in request.query_params}
-
-
-async def start(request: Request) -> JSONResponse:
-    try:
-        n, interval = start_params(_query(request))
-    except ValueError as exc:
-        return JSONResponse({"error": str(exc)}, status_code=400)
-    if not publisher.start(n, interval):
-        return JSONResponse({"error": "already publishing"}, status_code=409)
-    return JSONResponse({"started": True, "subscribers": len(clients)})
-
-
-async def stats_route(request: Request) -> JSONResponse:
-    return JSONResponse(stats(len(clients), publisher, _query(request)))
-
-
-app = Starlette(
-    routes=[Route("/events", events), Route("/start", start), Route("/stats", stats_route)]
-)
+app = Starlette(routes=[Route("/events", events), *control_routes(publisher, lambda: len(clients))])

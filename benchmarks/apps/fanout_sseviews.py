@@ -43,7 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from benchmarks.apps.fanout_common import GROUP, Publisher, payload, start_params, stats
+from benchmarks.apps.fanout_common import GROUP, Publisher, control_routes, payload
 from sseviews import Broadcast, EventStreamView
 
 REPLAY_GROUP = "replay"
@@ -80,24 +80,6 @@ async def publish_one(index: int) -> None:
 publisher = Publisher(publish_one)
 
 
-def _query(request: Request) -> dict[str, list[str]]:
-    return {key: request.query_params.getlist(key) for key in request.query_params}
-
-
-async def start(request: Request) -> JSONResponse:
-    try:
-        n, interval = start_params(_query(request))
-    except ValueError as exc:
-        return JSONResponse({"error": str(exc)}, status_code=400)
-    if not publisher.start(n, interval):
-        return JSONResponse({"error": "already publishing"}, status_code=409)
-    return JSONResponse({"started": True, "subscribers": bc.subscriber_count})
-
-
-async def stats_route(request: Request) -> JSONResponse:
-    return JSONResponse(stats(bc.subscriber_count, publisher, _query(request)))
-
-
 async def publish_burst(request: Request) -> JSONResponse:
     try:
         n = int(request.query_params.get("n", "10000"))
@@ -122,8 +104,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 app = Starlette(
     routes=[
         Route("/events", Subscribe),
-        Route("/start", start),
-        Route("/stats", stats_route),
+        *control_routes(publisher, lambda: bc.subscriber_count),
         Route("/replay-events", ReplaySubscribe),
         Route("/publish-burst", publish_burst),
     ],
