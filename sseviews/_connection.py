@@ -95,6 +95,7 @@ class Connection:
         "_loop",
         "_pending_send",
         "_send_scope",
+        "_shutdown_deadline",
         "_space",
         "_wake",
         "backlog",
@@ -127,7 +128,10 @@ class Connection:
         self.buffer: list[bytes] = []
         self.buffered = 0
         self.reason: DisconnectReason | None = None
-        self.events_scope = anyio.CancelScope()
+        # The scope that stops events(); made only by open_events_scope(), since a
+        # view that streams its groups directly never runs events().
+        self.events_scope: anyio.CancelScope | None = None
+        self._shutdown_deadline = math.inf
         self.last_write = 0.0
         self.shutting_down = False
         self._wake: anyio.CancelScope | None = None
@@ -207,7 +211,8 @@ class Connection:
         """End the stream for `reason` (the first reason given wins)."""
         if self.reason is None:
             self.reason = reason
-        self.events_scope.cancel()
+        if self.events_scope is not None:
+            self.events_scope.cancel()
         self._wake_now()
         sending = self._send_scope
         if sending is not None:
@@ -309,6 +314,13 @@ class Connection:
         if pending is not None:
             pending.coro.close()
 
+    def open_events_scope(self) -> anyio.CancelScope:
+        """Make the scope that stops events(), already stopped if the stream was."""
+        scope = self.events_scope = anyio.CancelScope(deadline=self._shutdown_deadline)
+        if self.reason is not None:
+            scope.cancel()
+        return scope
+
     def begin_shutdown(self) -> None:
         """Start ending this stream because the server is shutting down."""
         if self.shutting_down:
@@ -317,8 +329,9 @@ class Connection:
         grace = self.view.shutdown_grace_period
         if grace > 0 and not self.direct:
             # events() may go on for the grace period to send a farewell and return.
-            limit = self.clock() + grace
-            self.events_scope.deadline = min(self.events_scope.deadline, limit)
+            limit = self._shutdown_deadline = self.clock() + grace
+            if self.events_scope is not None:
+                self.events_scope.deadline = min(self.events_scope.deadline, limit)
             sending = self._send_scope
             if sending is not None:
                 # ... but a write stuck on a client that stopped reading may not.

@@ -350,7 +350,68 @@ class EventStreamView:
         # The slot is taken before any await, so a burst cannot overshoot the limit.
         view._open_streams += 1
         try:
-            await self._dispatch_stream()
+            scope, receive, send = self.scope, self.receive, self.send
+            shutdown = find_shutdown_signal(scope)
+            if shutdown is not None and shutdown.is_set:
+                logger.info("%s: refused a new stream during shutdown", self.describe())
+                await self._end_at_once()
+                return
+            try:
+                refusal = await self.on_connect()
+                if refusal is None:
+                    _ = self.last_event_id  # 400 for a bad one, after authentication
+            except HTTPException as exc:
+                refusal = _refusal(exc)
+            if refusal is not None:
+                await self._refuse(refusal)
+                return
+            if scope["method"] == "HEAD":
+                await send(self._response_start())
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            connection = self._connection = Connection(self, receive, send)
+            groups: list[str] = []
+            if self.broadcast is not None:
+                try:
+                    groups = await self._resolve_groups()
+                except HTTPException as exc:
+                    await self._refuse(_refusal(exc))
+                    return
+            if not groups:
+                await self._serve_stream(connection, shutdown)
+                return
+            broadcast = self.broadcast
+            assert broadcast is not None
+            direct = type(self).events is EventStreamView.events
+            sink: Connection | Subscription
+            if direct:
+                connection.direct = True
+                connection.hold()
+                sink = connection
+            else:
+                sink = self._subscription = Subscription(
+                    max_events=self.max_buffer_events, max_bytes=self.max_buffer_bytes
+                )
+                sink.on_error = self._subscription_failed
+                connection.max_pending = self.max_buffer_events
+            try:
+                attachment = await broadcast._attach(sink, groups, self.last_event_id)
+            except InvalidLastEventId as exc:
+                logger.info("%s: refused Last-Event-ID: %s", self.describe(), exc)
+                await self._refuse(PlainTextResponse(str(exc), status_code=400))
+                return
+            except (BackendError, BroadcastNotConnected) as exc:
+                logger.warning("%s: broadcast unavailable: %s", self.describe(), exc)
+                await self._end_at_once()
+                return
+            try:
+                if direct:
+                    connection.start_live(attachment)
+                else:
+                    self._subscription._start(attachment)  # type: ignore[union-attr]
+                await self._serve_stream(connection, shutdown)
+            finally:
+                broadcast._unregister(sink, groups)
         finally:
             view._open_streams -= 1
 
@@ -359,70 +420,6 @@ class EventStreamView:
         if counters is not None:
             counters.refuse(response.status_code)
         await response(self.scope, self.receive, self.send)
-
-    async def _dispatch_stream(self) -> None:
-        scope, receive, send = self.scope, self.receive, self.send
-        shutdown = find_shutdown_signal(scope)
-        if shutdown is not None and shutdown.is_set:
-            logger.info("%s: refused a new stream during shutdown", self.describe())
-            await self._end_at_once()
-            return
-        try:
-            refusal = await self.on_connect()
-            if refusal is None:
-                _ = self.last_event_id  # 400 for a bad one, after authentication
-        except HTTPException as exc:
-            refusal = _refusal(exc)
-        if refusal is not None:
-            await self._refuse(refusal)
-            return
-        if scope["method"] == "HEAD":
-            await send(self._response_start())
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        connection = self._connection = Connection(self, receive, send)
-        groups: list[str] = []
-        if self.broadcast is not None:
-            try:
-                groups = await self._resolve_groups()
-            except HTTPException as exc:
-                await self._refuse(_refusal(exc))
-                return
-        if not groups:
-            await self._serve_stream(connection, shutdown)
-            return
-        broadcast = self.broadcast
-        assert broadcast is not None
-        direct = type(self).events is EventStreamView.events
-        sink: Connection | Subscription
-        if direct:
-            connection.direct = True
-            connection.hold()
-            sink = connection
-        else:
-            sink = self._subscription = Subscription(
-                max_events=self.max_buffer_events, max_bytes=self.max_buffer_bytes
-            )
-            sink.on_error = self._subscription_failed
-            connection.max_pending = self.max_buffer_events
-        try:
-            attachment = await broadcast._attach(sink, groups, self.last_event_id)
-        except InvalidLastEventId as exc:
-            logger.info("%s: refused Last-Event-ID: %s", self.describe(), exc)
-            await self._refuse(PlainTextResponse(str(exc), status_code=400))
-            return
-        except (BackendError, BroadcastNotConnected) as exc:
-            logger.warning("%s: broadcast unavailable: %s", self.describe(), exc)
-            await self._end_at_once()
-            return
-        try:
-            if direct:
-                connection.start_live(attachment)
-            else:
-                self._subscription._start(attachment)  # type: ignore[union-attr]
-            await self._serve_stream(connection, shutdown)
-        finally:
-            broadcast._unregister(sink, groups)
 
     def _subscription_failed(self, error: BaseException) -> None:
         # events() may be parked behind a blocked write and never see the error.
@@ -493,14 +490,9 @@ class EventStreamView:
             counters.streams += 1
         if shutdown is not None:
             shutdown._register(connection)
-        try:
-            await self._run(connection)
-        finally:
-            if shutdown is not None:
-                shutdown._unregister(connection)
-
-    async def _run(self, connection: Connection) -> None:
         self._stream_task = _current_task_key()
+        # One frame for the whole stream: every coroutine layer here stays alive,
+        # and costs memory, for as long as the stream is open.
         try:
             if await self._start(connection):
                 if connection.direct:
@@ -509,6 +501,8 @@ class EventStreamView:
                 else:
                     await self._produce_and_write(connection)
         finally:
+            if shutdown is not None:
+                shutdown._unregister(connection)
             connection.close()
             if connection.reason is None:
                 # Cancelled from outside (the server gave up on its graceful shutdown).
@@ -560,7 +554,7 @@ class EventStreamView:
             return
         push = connection.push
         try:
-            with connection.events_scope:
+            with connection.open_events_scope():
                 async for item in agen:
                     if type(item) is Event:
                         data = item._wire
