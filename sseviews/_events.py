@@ -43,7 +43,23 @@ def _json_default(value: Any) -> Any:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=_SEPARATORS, ensure_ascii=False, default=_json_default)
+    try:
+        # allow_nan=False: NaN and Infinity are not JSON, and browsers'
+        # JSON.parse rejects them even though Python's json.loads accepts them.
+        return json.dumps(
+            value,
+            separators=_SEPARATORS,
+            ensure_ascii=False,
+            allow_nan=False,
+            default=_json_default,
+        )
+    except ValueError as exc:
+        if "Out of range float" not in str(exc):
+            raise
+        raise ValueError(
+            "event data contains NaN or Infinity, which JSON (and the browser's "
+            "JSON.parse) cannot represent: send null or a string instead"
+        ) from None
 
 
 def _data_text(data: Any) -> str:
@@ -80,10 +96,11 @@ def _encode_utf8(text: str) -> bytes:
 
 
 def encode_data(data: Any) -> bytes:
-    """Encode `data` as one unnamed message, the way `Event(data).encode()` would.
+    """Encode `data` as the data of one unnamed message.
 
     This is the fast path for values that a view yields without wrapping them in
-    an `Event`.
+    an `Event`. It matches `Event(data).encode()` except for `None`: a bare
+    yielded `None` is sent as JSON `null`, while `Event(None)` sends no data.
     """
     if isinstance(data, str) and "\n" not in data and "\r" not in data:
         return _encode_utf8("data: " + data + "\n\n")
@@ -121,7 +138,7 @@ class Event:
 
     Raises:
         ValueError: `event` or `id` contains CR or LF, `id` contains NUL, `retry` is
-            negative, or the text is not valid UTF-8.
+            negative, the text is not valid UTF-8, or `data` holds NaN or Infinity.
         TypeError: A field has the wrong type, or `data` cannot be JSON-encoded.
 
     Events are immutable: their wire bytes are computed once, when they are built.

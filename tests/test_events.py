@@ -326,7 +326,11 @@ def test_event_id_rejected_exactly_when_it_has_cr_lf_or_nul(id: str) -> None:
 
 
 _json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)  # JSON has no NaN or Infinity
+    | st.text(),
     lambda children: (
         st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
     ),
@@ -338,3 +342,14 @@ _json_values = st.recursive(
 def test_event_json_data_round_trips(value: Any) -> None:
     (parsed,) = EventParser().feed(Event(value).encode())
     assert json.loads(parsed.data) == value
+
+
+@pytest.mark.parametrize(
+    "data", [float("nan"), float("inf"), {"x": float("-inf")}, [1.0, float("nan")]]
+)
+def test_event_non_finite_float_data_raises_value_error(data: object) -> None:
+    # NaN and Infinity are not JSON: browsers' JSON.parse rejects them.
+    with pytest.raises(ValueError, match="NaN or Infinity"):
+        Event(data)
+    with pytest.raises(ValueError, match="NaN or Infinity"):
+        encode_data(data)

@@ -387,14 +387,15 @@ async def test_view_error_reason_logged_and_stream_ends_cleanly(
     assert isinstance(errors[0].exc_info[1], LookupError)
 
 
+@pytest.mark.parametrize("broken", [object(), float("nan")], ids=["object", "nan"])
 async def test_view_unencodable_value_is_error_without_half_event(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, broken: object
 ) -> None:
     trace = Trace()
 
     async def events(self: EventStreamView) -> AsyncIterator[Any]:
         yield Event("first")
-        yield {"fine": 1, "broken": object()}
+        yield {"fine": 1, "broken": broken}
         yield "never"
 
     async with EventStreamClient(traced_view(trace, events)) as client:
