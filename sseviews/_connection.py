@@ -61,11 +61,12 @@ class _Resume:
     """Finish, in the writer task, a `send` coroutine that suspended when it was
     started synchronously by a publisher (the socket's buffer was full)."""
 
-    __slots__ = ("coro", "first")
+    __slots__ = ("coro", "first", "size")
 
-    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any, size: int) -> None:
         self.coro = coro
         self.first = first
+        self.size = size  # the event's bytes, counted once the send completes
 
     def __await__(self) -> Generator[Any, Any, None]:
         coro = self.coro
@@ -288,7 +289,7 @@ class Connection:
             self.stop(DisconnectReason.ERROR)
             return
         # The socket is full: the writer task finishes this send, under send_timeout.
-        self._pending_send = _Resume(coro, first)
+        self._pending_send = _Resume(coro, first, len(wire))
         self._wake_now()
 
     def _slow(self) -> None:
@@ -440,6 +441,7 @@ class Connection:
                 self._pending_send = None
                 if not await self.send_bounded(pending):
                     return
+                self._count(1, pending.size)
                 continue
             if self.clock() - self._listened >= LISTEN_INTERVAL:
                 if not await self._listen(self.clock() + LISTEN_WAIT, wakeable=False):

@@ -74,13 +74,15 @@ def _check_settings(cls: type[EventStreamView]) -> None:
         raise TypeError(f"{cls.__name__}.broadcast must be a Broadcast, got {cls.broadcast!r}")
     if cls.metrics is not None and not isinstance(cls.metrics, Metrics):
         raise TypeError(f"{cls.__name__}.metrics must be a Metrics, got {cls.metrics!r}")
-    limit = cls.max_connections
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise ValueError(f"{cls.__name__}.max_connections must be None or an int >= 1")
-    for name in ("max_buffer_events", "max_buffer_bytes", "max_groups", "retry_after"):
+    names = ["max_buffer_events", "max_buffer_bytes", "max_groups", "retry_after"]
+    if cls.max_connections is not None:
+        names.append("max_connections")
+    for name in names:
         value = getattr(cls, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{cls.__name__}.{name} must be an int >= 1, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{cls.__name__}.{name} must be an int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{cls.__name__}.{name} must be >= 1, got {value!r}")
     groups = cls.__dict__.get("groups")
     if isinstance(groups, str):
         raise TypeError(f"{cls.__name__}.groups must be a list of names or a method, not a str")
@@ -365,11 +367,6 @@ class EventStreamView:
             if refusal is not None:
                 await self._refuse(refusal)
                 return
-            if scope["method"] == "HEAD":
-                await send(self._response_start())
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
-            connection = self._connection = Connection(self, receive, send)
             groups: list[str] = []
             if self.broadcast is not None:
                 try:
@@ -377,6 +374,11 @@ class EventStreamView:
                 except HTTPException as exc:
                     await self._refuse(_refusal(exc))
                     return
+            if scope["method"] == "HEAD":  # answered as GET would be, without a stream
+                await send(self._response_start())
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            connection = self._connection = Connection(self, receive, send)
             if not groups:
                 await self._serve_stream(connection, shutdown)
                 return
@@ -537,7 +539,10 @@ class EventStreamView:
         if not await connection.send_bounded(self.send(self._response_start())):
             return False
         if self.retry is not None:
-            return await connection.send_body(b"retry: %d\n\n" % self.retry)
+            line = b"retry: %d\n\n" % self.retry
+            if not await connection.send_body(line):
+                return False
+            connection._count(0, len(line))
         return True
 
     async def _produce(self, connection: Connection) -> None:
