@@ -267,30 +267,40 @@ class Connection:
             return
         self._wake_now()
 
-    def _write_now(self, wire: bytes) -> None:
-        # The writer is idle, so nobody else is sending: start the send right here.
-        # On an unblocked socket the ASGI server writes synchronously and the
-        # coroutine finishes in one step, which saves waking a task per event.
-        coro: Any = self.send({"type": "http.response.body", "body": wire, "more_body": True})
+    def _start_send(self, sending: Any, size: int) -> _Resume | bool:
+        """Run a send until it first has to wait.
+
+        On a socket with room, ASGI servers write synchronously and the send's
+        coroutine finishes in this one step: no timeout scope, no task switch.
+        Returns True when it is done, False when it failed (the stream is then
+        stopped), or the `_Resume` that finishes it where waiting is allowed.
+        """
         try:
-            first = coro.send(None)
+            first = sending.send(None)
         except StopIteration:
             self.last_write = self.clock()
-            counters = self.counters
-            if counters is not None:
-                counters.events += 1
-                counters.bytes += len(wire)
-            return
+            self._count(1 if size else 0, size)
+            return True
         except OSError:
+            # Some servers raise once the peer is gone; uvicorn just drops the write.
             self.stop(DisconnectReason.CLIENT_CLOSED)
-            return
+            return False
         except Exception:
             logger.exception("sending to the client failed; ending the stream")
             self.stop(DisconnectReason.ERROR)
-            return
-        # The socket is full: the writer task finishes this send, under send_timeout.
-        self._pending_send = _Resume(coro, first, len(wire))
-        self._wake_now()
+            return False
+        return _Resume(sending, first, size)
+
+    def _write_now(self, wire: bytes) -> None:
+        # The writer is idle, so nobody else is sending: start the send right here,
+        # which saves waking a task per event when the socket has room.
+        started = self._start_send(
+            self.send({"type": "http.response.body", "body": wire, "more_body": True}), len(wire)
+        )
+        if isinstance(started, _Resume):
+            # The socket is full: the writer task finishes this send, under send_timeout.
+            self._pending_send = started
+            self._wake_now()
 
     def _slow(self) -> None:
         logger.warning(
@@ -347,8 +357,17 @@ class Connection:
         message: Message = {"type": "http.response.body", "body": data, "more_body": more_body}
         return await self.send_bounded(self.send(message))
 
-    async def send_bounded(self, sending: Any) -> bool:
-        """Await one send under `send_timeout`; False (and the stream stopped) if it failed."""
+    async def send_bounded(self, sending: Any, size: int = 0) -> bool:
+        """Send under `send_timeout`; False (and the stream stopped) if it failed.
+
+        `sending` is a send coroutine not yet started, or a `_Resume`; `size` is
+        the event bytes it carries, counted once it completes.
+        """
+        if not isinstance(sending, _Resume):
+            started = self._start_send(sending, size)
+            if not isinstance(started, _Resume):
+                return started
+            sending = started
         timeout = self.send_timeout
         if self.shutting_down or self.reason is not None:
             timeout = min(timeout or math.inf, SHUTDOWN_WRITE_TIMEOUT)
@@ -372,6 +391,7 @@ class Connection:
             self.stop(DisconnectReason.ERROR)
             return False
         self.last_write = self.clock()
+        self._count(1 if sending.size else 0, sending.size)
         return True
 
     async def _send_backlog(self) -> bool:
@@ -439,9 +459,8 @@ class Connection:
             pending = self._pending_send
             if pending is not None:
                 self._pending_send = None
-                if not await self.send_bounded(pending):
+                if not await self.send_bounded(pending):  # counts its event
                     return
-                self._count(1, pending.size)
                 continue
             if self.clock() - self._listened >= LISTEN_INTERVAL:
                 if not await self._listen(self.clock() + LISTEN_WAIT, wakeable=False):
