@@ -54,13 +54,16 @@ def check_group(group: object) -> str:
 
     Raises:
         TypeError: `group` is not a str.
-        ValueError: It is empty, longer than 200 characters, or contains
-            whitespace or control characters.
+        ValueError: It is empty, longer than 200 characters, contains whitespace
+            or control characters, or U+FFFD (what invalid UTF-8 decodes to).
     """
     if not isinstance(group, str):
         raise TypeError(f"a group name must be a str, got {type(group).__name__}")
     if not group or len(group) > MAX_GROUP_LENGTH:
         raise ValueError(f"a group name must be 1 to {MAX_GROUP_LENGTH} characters, got {group!r}")
+    if "\ufffd" in group:
+        # What servers decode invalid UTF-8 (%ff) into: %ff and %fe would share a group.
+        raise ValueError(f"a group name must be valid UTF-8 text, got {group!r}")
     for char in group:
         if char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn"):
             raise ValueError(

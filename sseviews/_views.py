@@ -139,6 +139,13 @@ def _current_task_key() -> int:
     return anyio.get_current_task().id
 
 
+def _printable(text: str) -> str:
+    """Escape what would break a log line: request text may hold CR, LF, NEL, ..."""
+    if text.isprintable():
+        return text or "(empty)"
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def _refusal(exc: HTTPException) -> Response:
     if exc.status_code in (204, 304):
         return Response(status_code=exc.status_code, headers=exc.headers)
@@ -287,7 +294,7 @@ class EventStreamView:
         """Name this connection in log lines: view, path and client address."""
         client = self.scope.get("client")
         who = f"{client[0]}:{client[1]}" if client else "unknown client"
-        return f"{type(self).__name__} {self.scope.get('path', '')} ({who})"
+        return f"{type(self).__name__} {_printable(self.scope.get('path', ''))} ({who})"
 
     @property
     def is_shutting_down(self) -> bool:
@@ -340,13 +347,14 @@ class EventStreamView:
         view = type(self)
         limit = self.max_connections
         if limit is not None and view._open_streams >= limit:
-            logger.warning("%s: refused: %d streams open (max_connections)", self.describe(), limit)
             await self._refuse(
                 PlainTextResponse(
                     "Too many open streams",
                     status_code=503,
                     headers={"Retry-After": str(self.retry_after)},
-                )
+                ),
+                level=logging.WARNING,
+                detail=f"{limit} streams open (max_connections)",
             )
             return
         # The slot is taken before any await, so a burst cannot overshoot the limit.
@@ -380,6 +388,12 @@ class EventStreamView:
                 return
             connection = self._connection = Connection(self, receive, send)
             if not groups:
+                if self.broadcast is not None and type(self).events is EventStreamView.events:
+                    # A view that only streams groups has nothing to stream without one.
+                    await self._refuse(
+                        PlainTextResponse("this stream needs at least one group", status_code=400)
+                    )
+                    return
                 await self._serve_stream(connection, shutdown)
                 return
             broadcast = self.broadcast
@@ -399,7 +413,6 @@ class EventStreamView:
             try:
                 attachment = await broadcast._attach(sink, groups, self.last_event_id)
             except InvalidLastEventId as exc:
-                logger.info("%s: refused Last-Event-ID: %s", self.describe(), exc)
                 await self._refuse(PlainTextResponse(str(exc), status_code=400))
                 return
             except (BackendError, BroadcastNotConnected) as exc:
@@ -417,10 +430,17 @@ class EventStreamView:
         finally:
             view._open_streams -= 1
 
-    async def _refuse(self, response: Response) -> None:
+    async def _refuse(
+        self, response: Response, *, level: int = logging.INFO, detail: str | None = None
+    ) -> None:
+        """Answer without a stream: count it, log why (`detail`, else the body), send it."""
         counters = self._counters
         if counters is not None:
             counters.refuse(response.status_code)
+        if detail is None:
+            detail = bytes(response.body[:1000]).decode("utf-8", "replace")
+        reason = _printable(detail)
+        logger.log(level, "%s: refused with %d: %s", self.describe(), response.status_code, reason)
         await response(self.scope, self.receive, self.send)
 
     def _subscription_failed(self, error: BaseException) -> None:
@@ -457,7 +477,6 @@ class EventStreamView:
             if inspect.isawaitable(allowed):
                 allowed = await allowed
             if not allowed:
-                logger.info("%s: not allowed to join group %r", self.describe(), group)
                 raise HTTPException(403, f"not allowed to join group {group!r}")
         return groups
 
