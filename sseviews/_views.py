@@ -605,18 +605,25 @@ class EventStreamView:
             else:
                 logger.exception("%s: events() raised while closing", self.describe())
         finally:
-            with anyio.CancelScope(shield=True):
-                with anyio.move_on_after(self.disconnect_timeout) as closing:
-                    try:
-                        await agen.aclose()  # type: ignore[attr-defined]
-                    except Exception:
-                        logger.exception("%s: events() raised while closing", self.describe())
-                if closing.cancelled_caught:
-                    logger.warning(
-                        "%s: events() took longer than %ss to close",
-                        self.describe(),
-                        self.disconnect_timeout,
-                    )
+            # A generator that returned, raised, or was cancelled at an await has
+            # already finished: only one left at a yield has finally blocks to run.
+            if getattr(agen, "ag_frame", True) is not None:
+                await self._close_events(agen)
+
+    async def _close_events(self, agen: Any) -> None:
+        """Close `events()` left at a yield: shielded, and bounded by disconnect_timeout."""
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.disconnect_timeout) as closing:
+                try:
+                    await agen.aclose()
+                except Exception:
+                    logger.exception("%s: events() raised while closing", self.describe())
+            if closing.cancelled_caught:
+                logger.warning(
+                    "%s: events() took longer than %ss to close",
+                    self.describe(),
+                    self.disconnect_timeout,
+                )
 
     async def _teardown(self, reason: DisconnectReason) -> None:
         """Run `on_disconnect`, then close the session, shielded and bounded, in this task."""
@@ -624,6 +631,16 @@ class EventStreamView:
         if counters is not None:
             counters.open -= 1
             counters.disconnects[reason] += 1
+        session = self._session
+        # Views that keep the no-op hook and open no session have nothing to bound.
+        if session is not None or type(self).on_disconnect is not EventStreamView.on_disconnect:
+            await self._run_on_disconnect(reason)
+        self._stream_task = None
+        log = logger.warning if reason is DisconnectReason.SEND_TIMEOUT else logger.debug
+        log("%s: stream ended (%s)", self.describe(), reason.value)
+
+    async def _run_on_disconnect(self, reason: DisconnectReason) -> None:
+        """Run `on_disconnect`, then close the session: shielded and bounded, in this task."""
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.disconnect_timeout) as bounded:
                 try:
@@ -643,6 +660,3 @@ class EventStreamView:
                         await session.close()
                     except Exception:
                         logger.exception("%s: closing the session failed", self.describe())
-            self._stream_task = None
-        log = logger.warning if reason is DisconnectReason.SEND_TIMEOUT else logger.debug
-        log("%s: stream ended (%s)", self.describe(), reason.value)
