@@ -436,16 +436,21 @@ class Connection:
 
     async def _listen(self, deadline: float, *, wakeable: bool) -> bool:
         """Wait on `receive()` until `deadline` (or a wake-up); False once disconnected."""
-        self._listened = self.clock()
-        with anyio.CancelScope(deadline=deadline) as wait:
-            self._wake = wait if wakeable else None
-            message = await self.receive()
+        try:
+            with anyio.CancelScope(deadline=deadline) as wait:
+                self._wake = wait if wakeable else None
+                message = await self.receive()
+                self._wake = None
+                if message["type"] == "http.disconnect":
+                    self.stop(DisconnectReason.CLIENT_CLOSED)
+                    return False
+                # Anything else is a request body chunk: nothing to do with it.
+        finally:
             self._wake = None
-            if message["type"] == "http.disconnect":
-                self.stop(DisconnectReason.CLIENT_CLOSED)
-                return False
-            # Anything else is a request body chunk: nothing to do with it.
-        self._wake = None
+            # Measured from the end: on a loop so busy that a turn takes longer than
+            # LISTEN_INTERVAL, a listen measured from its start would be due again
+            # at once, and the writer would never get back to writing.
+            self._listened = self.clock()
         return True
 
     async def run_writer(self) -> None:
@@ -462,7 +467,12 @@ class Connection:
                 if not await self.send_bounded(pending):  # counts its event
                     return
                 continue
-            if self.clock() - self._listened >= LISTEN_INTERVAL:
+            if (
+                (self.buffer or self.backlog)
+                and not self._finishing
+                and self.clock() - self._listened >= LISTEN_INTERVAL
+            ):
+                # Busy flushing for LISTEN_INTERVAL without waiting on receive().
                 if not await self._listen(self.clock() + LISTEN_WAIT, wakeable=False):
                     return
                 continue
