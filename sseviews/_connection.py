@@ -1,16 +1,26 @@
 """The per-connection writer: the one place that writes a stream to the socket.
 
-Each open stream has two tasks:
+A stream is served in one of two ways.
 
-- the request task, which iterates the view's `events()`, encodes what it yields
-  and appends the bytes to this connection's buffer;
-- the writer task (`Connection.run_writer`), which sends everything buffered in
-  one ASGI `send`, sends keep-alive pings when nothing else was sent for
-  `ping_interval`, and waits on `receive()` in between, so a client that goes
-  away is noticed even while the stream is idle.
+**Lean** (asyncio, with a server `receive()` known to wait on plain asyncio
+futures: uvicorn's, and `sseviews.testing`'s). The request task is the only task:
 
-Only the writer sends while the stream runs, so two sends never overlap. When the
-buffer passes `high_water` bytes the request task waits for the writer to take
+- it iterates the view's `events()`, appends what it yields to the buffer, and
+  writes the buffer, synchronously, just before `events()` would wait (so
+  every event already available goes out in one ASGI `send`);
+- `receive()` is driven by future callbacks rather than by a task (`_watch`), so
+  a client that goes away is noticed while `events()` waits;
+- keep-alive pings come from one timer handle.
+
+A write the socket cannot take at once (the client reads slowly) is finished by
+a short-lived writer task that exits once the buffer is written; so does a ping.
+
+**With a writer task** (any other server or middleware that wraps `receive()`,
+and trio): the writer task (`Connection.run_writer`) sends everything buffered,
+sends the pings, and waits on `receive()` in between.
+
+Either way one writer sends at a time, so two sends never overlap. When the
+buffer passes `HIGH_WATER` bytes the request task waits for the writer to take
 it (backpressure: a view never gets further ahead of a slow client than that).
 """
 
@@ -19,8 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.lowlevel
@@ -31,6 +41,7 @@ from ._lifecycle import DisconnectReason
 
 if TYPE_CHECKING:
     from ._broadcast import Attachment
+    from ._lifecycle import ShutdownSignal
     from ._views import EventStreamView
 
 logger = logging.getLogger("sseviews")
@@ -55,50 +66,102 @@ DROP_REASONS = frozenset(
 # Upper bound on the writes that end a stream during shutdown, in seconds, so a
 # client that stopped reading cannot hold the server's exit.
 SHUTDOWN_WRITE_TIMEOUT = 1.0
+# Servers whose receive() only awaits plain asyncio futures, so it can be driven by
+# callbacks, outside any task (see Connection._watch).
+_CALLBACK_SAFE_RECEIVERS = frozenset(
+    {
+        "uvicorn.protocols.http.httptools_impl.RequestResponseCycle",
+        "uvicorn.protocols.http.h11_impl.RequestResponseCycle",
+    }
+)
+
+
+def callback_safe(receive: Receive) -> bool:
+    """Whether `receive` can be driven by future callbacks instead of a task.
+
+    True for the bound `receive` of a known server cycle, or of a class that
+    declares `_sseviews_callback_safe = True`; a middleware that wraps
+    `receive()` makes it False, so the stream gets a writer task.
+    """
+    owner = getattr(receive, "__self__", None)
+    if owner is None or getattr(receive, "__name__", None) != "receive":
+        return False
+    cls = type(owner)
+    if getattr(cls, "_sseviews_callback_safe", False):
+        return True
+    return f"{cls.__module__}.{cls.__qualname__}" in _CALLBACK_SAFE_RECEIVERS
 
 
 class _Resume:
-    """Finish, in the writer task, a `send` coroutine that suspended when it was
-    started synchronously by a publisher (the socket's buffer was full)."""
+    """Finish awaiting a coroutine that was stepped once synchronously and suspended.
 
-    __slots__ = ("coro", "first", "size")
+    A `send` started by a publisher or by the request task is finished this way
+    in the writer task (the socket's buffer was full); a step of `events()` is
+    finished this way in the request task, after the buffer was written.
+    """
 
-    def __init__(self, coro: Coroutine[Any, Any, None], first: Any, size: int) -> None:
+    __slots__ = ("coro", "events", "first", "size")
+
+    def __init__(self, coro: Any, first: Any, events: int = 0, size: int = 0) -> None:
         self.coro = coro
         self.first = first
-        self.size = size  # the event's bytes, counted once the send completes
+        self.events = events  # the events it carries, counted once the send completes
+        self.size = size  # ... and their bytes
 
-    def __await__(self) -> Generator[Any, Any, None]:
-        coro = self.coro
-        pending = self.first
-        while True:
-            try:
-                value = yield pending
-            except BaseException as exc:  # cancellation thrown into the writer
-                try:
-                    pending = coro.throw(exc)
-                except StopIteration:
-                    return
-                continue
-            try:
-                pending = coro.send(value)
-            except StopIteration:
-                return
+    def __await__(self) -> Generator[Any, Any, Any]:
+        # The object is its own iterator: no generator (and frame) per await.
+        return cast("Generator[Any, Any, Any]", self)
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        first = self.first
+        if first is not _TAKEN:  # the step already taken: hand its result up first
+            self.first = _TAKEN
+            return first
+        return self.coro.send(value)
+
+    def throw(self, error: Any, value: Any = None, traceback: Any = None) -> Any:
+        if value is None and traceback is None:
+            return self.coro.throw(error)
+        return self.coro.throw(error, value, traceback)
+
+    def close(self) -> None:
+        self.coro.close()
+
+
+_TAKEN: Any = object()
+
+_NO_BACKLOG: list[bytes] = []
+
+
+def _fire(wake: anyio.CancelScope | asyncio.Future[None]) -> None:
+    if isinstance(wake, asyncio.Future):
+        if not wake.done():
+            wake.set_result(None)
+    else:
+        wake.cancel()
 
 
 class Connection:
     """The state of one open stream, shared by its request task and its writer task."""
 
     __slots__ = (
+        "_broken",
         "_finishing",
         "_held",
         "_listened",
         "_loop",
         "_pending_send",
+        "_ping_due",
+        "_ping_timer",
         "_send_scope",
         "_shutdown_deadline",
         "_space",
         "_wake",
+        "_watching",
+        "_writer",
         "backlog",
         "buffer",
         "buffered",
@@ -108,6 +171,7 @@ class Connection:
         "events_scope",
         "floor",
         "last_write",
+        "lean",
         "max_bytes",
         "max_events",
         "max_pending",
@@ -116,12 +180,20 @@ class Connection:
         "receive",
         "send",
         "send_timeout",
+        "shutdown",
         "shutting_down",
         "view",
     )
 
-    def __init__(self, view: EventStreamView, receive: Receive, send: Send) -> None:
+    def __init__(
+        self,
+        view: EventStreamView,
+        receive: Receive,
+        send: Send,
+        shutdown: ShutdownSignal | None = None,
+    ) -> None:
         self.view = view
+        self.shutdown = shutdown  # the server's, when it has one
         self.receive = receive
         self.send = send
         self.ping_interval: float | None = view.ping_interval
@@ -135,9 +207,11 @@ class Connection:
         self._shutdown_deadline = math.inf
         self.last_write = 0.0
         self.shutting_down = False
-        self._wake: anyio.CancelScope | None = None
+        # What wakes the idle writer: its listen scope, or (lean) the future it awaits.
+        self._wake: anyio.CancelScope | asyncio.Future[None] | None = None
         self._space: anyio.Event | None = None
         self._finishing = False
+        self._broken = False  # a write failed or timed out: nothing more is written
         self._listened = 0.0  # when the writer last waited on receive()
         self._loop = (
             asyncio.get_running_loop() if sniffio.current_async_library() == "asyncio" else None
@@ -147,10 +221,18 @@ class Connection:
         self.clock: Callable[[], float] = (
             self._loop.time if self._loop is not None else anyio.current_time
         )
+        # Lean: no writer task while the stream idles (see the module docstring).
+        self.lean = self._loop is not None and callback_safe(receive)
+        self._watching: Any = None  # the receive() coroutine in flight (lean)
+        self._writer: asyncio.Task[None] | None = None  # lean: the short-lived writer
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_due = False
         # Broadcast state: set when this connection is a sink of its view's groups.
         self.direct = False  # no events() task: group events go straight to the writer
         self.floor = 0  # highest seq sent (or replayed); older offers are duplicates
-        self.backlog: list[bytes] = []  # the replay, written paced, outside the bound
+        # The replay, written paced, outside the bound: a shared empty list until
+        # start_live() gives this stream its own (never mutated while empty).
+        self.backlog: list[bytes] = _NO_BACKLOG
         self._held: list[tuple[int, bytes]] | None = None  # live events during attach
         self._pending_send: _Resume | None = None
         self._send_scope: anyio.CancelScope | None = None  # the write in flight
@@ -183,23 +265,155 @@ class Connection:
         wake = self._wake
         if wake is not None and self._loop is not None:
             self._wake = None
-            self._loop.call_soon(wake.cancel)
+            self._loop.call_soon(_fire, wake)
         else:
             self._wake_now()
 
     def _wake_now(self) -> None:
-        """Wake the writer if it is idle, waiting on `receive()`."""
+        """Wake the writer if it is idle (waiting on `receive()`, or lean: on its future)."""
         wake = self._wake
         if wake is not None:
             self._wake = None
-            wake.cancel()
+            _fire(wake)
 
     async def wait_for_space(self) -> None:
         """Wait until the writer has taken the buffer."""
         if self.buffered < HIGH_WATER and len(self.buffer) < self.max_pending:
             return
+        if self.lean and self._writer is None:
+            self.flush_now()
+            if self._writer is None:
+                # Written at once; still yield, so that a view that never waits
+                # cannot hold the event loop (and a disconnect is still noticed).
+                await asyncio.sleep(0)
+                return
         space = self._space = anyio.Event()
         await space.wait()
+
+    def flush_now(self) -> None:
+        """(lean) Write the buffer from the request task, just before `events()` waits.
+
+        On a socket with room the write completes within this call. Otherwise a
+        short-lived writer task finishes it, under `send_timeout`, and writes what
+        is buffered meanwhile.
+        """
+        buffer = self.buffer
+        if not buffer or self._writer is not None:
+            return
+        if self.reason in DROP_REASONS:  # nobody to write to
+            buffer.clear()
+            self.buffered = 0
+            return
+        events = len(buffer)
+        data = buffer[0] if events == 1 else b"".join(buffer)
+        buffer.clear()
+        self.buffered = 0
+        message: Message = {"type": "http.response.body", "body": data, "more_body": True}
+        started = self._start_send(self.send(message), events, len(data))
+        if isinstance(started, _Resume):
+            self._pending_send = started
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        assert self._loop is not None
+        self._writer = self._loop.create_task(self._write_on())
+
+    async def _write_on(self) -> None:
+        """(lean) The short-lived writer task: finish the write in flight, write the rest."""
+        try:
+            await self.run_writer(on_demand=True)
+        finally:
+            self._writer = None
+            space = self._space
+            if space is not None:
+                self._space = None
+                space.set()
+
+    async def end(self) -> None:
+        """(lean) After `events()`: wait for the writer task, then end the response."""
+        writer = self._writer
+        if writer is not None:
+            await asyncio.wait((writer,))
+        await self.run_writer()
+
+    async def stop_writer(self) -> None:
+        """(lean) Cancel the writer task, if one is still running, and wait for it."""
+        writer = self._writer
+        if writer is not None and not writer.done():
+            writer.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait((writer,))
+
+    # -- lean: receive() by callbacks, pings by a timer ---------------------------
+
+    def watch(self) -> None:
+        """(lean) Wait on `receive()` by future callbacks: a disconnect stops the stream."""
+        self._watching = self.receive()
+        self._watch_step()
+
+    def _watch_step(self, _: object = None) -> None:
+        assert self._loop is not None
+        for _turn in range(8):
+            watching = self._watching
+            if watching is None:  # stopped: a stale callback
+                return
+            try:
+                waiting = watching.send(None)
+            except StopIteration as done:
+                message = done.value
+                if not isinstance(message, dict) or message.get("type") != "http.request":
+                    self._watching = None
+                    self.stop(DisconnectReason.CLIENT_CLOSED)
+                    return
+                # A request body chunk: nothing to do with it; read on.
+                self._watching = self.receive()
+                continue
+            except Exception:
+                self._watching = None
+                logger.exception("%s: receive() failed; ending the stream", self.view.describe())
+                self.stop(DisconnectReason.ERROR)
+                return
+            if waiting is None:  # a bare yield (sleep(0)): step again on the next turn
+                self._loop.call_soon(self._watch_step)
+            elif getattr(waiting, "_asyncio_future_blocking", False):
+                waiting._asyncio_future_blocking = False
+                waiting.add_done_callback(self._watch_step)
+            else:
+                self._watching = None
+                watching.close()
+                logger.error(
+                    "%s: receive() awaited %r, not an asyncio future; ending the stream",
+                    self.view.describe(),
+                    waiting,
+                )
+                self.stop(DisconnectReason.ERROR)
+            return
+        self._loop.call_soon(self._watch_step)  # chunk after chunk: let the loop breathe
+
+    def _unwatch(self) -> None:
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            watching.close()
+
+    def arm_ping(self) -> None:
+        """(lean) Schedule the next keep-alive check, `ping_interval` after the last write."""
+        interval = self.ping_interval
+        if interval is not None and self._loop is not None:
+            self._ping_timer = self._loop.call_at(self.last_write + interval, self._ping_fire)
+
+    def _ping_fire(self) -> None:
+        self._ping_timer = None
+        if self.reason is not None or self._finishing:
+            return
+        assert self.ping_interval is not None
+        if self.last_write + self.ping_interval - self.clock() > 0.001:
+            self.arm_ping()  # written since: a whole interval from that write
+            return
+        self._ping_due = True
+        if self.direct:
+            self._wake_now()  # the request task is the writer
+        elif self._writer is None:
+            self._start_writer()
 
     def finish(self) -> None:
         """Ask the writer to send what is buffered, end the response and return."""
@@ -232,9 +446,9 @@ class Connection:
 
     def start_live(self, attachment: Attachment) -> None:
         """Queue the replay (or reset event), then the held live events after it."""
-        if attachment.reset is not None:
-            self.backlog.append(attachment.reset.encode())
-        self.backlog.extend(attachment.backlog)
+        backlog = [attachment.reset.encode()] if attachment.reset is not None else []
+        backlog.extend(attachment.backlog)
+        self.backlog = backlog
         self.floor = attachment.floor
         held, self._held = self._held or [], None
         for seq, wire in held:
@@ -267,7 +481,7 @@ class Connection:
             return
         self._wake_now()
 
-    def _start_send(self, sending: Any, size: int) -> _Resume | bool:
+    def _start_send(self, sending: Any, events: int = 0, size: int = 0) -> _Resume | bool:
         """Run a send until it first has to wait.
 
         On a socket with room, ASGI servers write synchronously and the send's
@@ -279,23 +493,25 @@ class Connection:
             first = sending.send(None)
         except StopIteration:
             self.last_write = self.clock()
-            self._count(1 if size else 0, size)
+            self._count(events, size)
             return True
         except OSError:
             # Some servers raise once the peer is gone; uvicorn just drops the write.
+            self._broken = True
             self.stop(DisconnectReason.CLIENT_CLOSED)
             return False
         except Exception:
             logger.exception("sending to the client failed; ending the stream")
+            self._broken = True
             self.stop(DisconnectReason.ERROR)
             return False
-        return _Resume(sending, first, size)
+        return _Resume(sending, first, events, size)
 
     def _write_now(self, wire: bytes) -> None:
         # The writer is idle, so nobody else is sending: start the send right here,
         # which saves waking a task per event when the socket has room.
         started = self._start_send(
-            self.send({"type": "http.response.body", "body": wire, "more_body": True}), len(wire)
+            self.send({"type": "http.response.body", "body": wire, "more_body": True}), 1, len(wire)
         )
         if isinstance(started, _Resume):
             # The socket is full: the writer task finishes this send, under send_timeout.
@@ -320,10 +536,14 @@ class Connection:
         self.stop(DisconnectReason.ERROR)
 
     def close(self) -> None:
-        """Release what the stream still holds (a half-finished send)."""
+        """Release what the stream still holds: a half-finished send, the listener, the timer."""
         pending, self._pending_send = self._pending_send, None
         if pending is not None:
             pending.coro.close()
+        self._unwatch()
+        timer, self._ping_timer = self._ping_timer, None
+        if timer is not None:
+            timer.cancel()
 
     def open_events_scope(self) -> anyio.CancelScope:
         """Make the scope that stops events(), already stopped if the stream was."""
@@ -357,14 +577,14 @@ class Connection:
         message: Message = {"type": "http.response.body", "body": data, "more_body": more_body}
         return await self.send_bounded(self.send(message))
 
-    async def send_bounded(self, sending: Any, size: int = 0) -> bool:
+    async def send_bounded(self, sending: Any) -> bool:
         """Send under `send_timeout`; False (and the stream stopped) if it failed.
 
-        `sending` is a send coroutine not yet started, or a `_Resume`; `size` is
-        the event bytes it carries, counted once it completes.
+        `sending` is a send coroutine not yet started, or a `_Resume` (which
+        counts the events it carries once it completes).
         """
         if not isinstance(sending, _Resume):
-            started = self._start_send(sending, size)
+            started = self._start_send(sending)
             if not isinstance(started, _Resume):
                 return started
             sending = started
@@ -379,19 +599,22 @@ class Connection:
                 finally:
                     self._send_scope = None
             if scope.cancelled_caught:
+                self._broken = True
                 if self.reason is None:
                     self.stop(DisconnectReason.SEND_TIMEOUT)
                 return False
         except OSError:
             # Some servers raise once the peer is gone; uvicorn just drops the write.
+            self._broken = True
             self.stop(DisconnectReason.CLIENT_CLOSED)
             return False
         except Exception:
             logger.exception("sending to the client failed; ending the stream")
+            self._broken = True
             self.stop(DisconnectReason.ERROR)
             return False
         self.last_write = self.clock()
-        self._count(1 if sending.size else 0, sending.size)
+        self._count(sending.events, sending.size)
         return True
 
     async def _send_backlog(self) -> bool:
@@ -453,22 +676,28 @@ class Connection:
             self._listened = self.clock()
         return True
 
-    async def run_writer(self) -> None:
-        """Write buffered events and pings until the stream ends."""
+    async def run_writer(self, *, on_demand: bool = False) -> None:
+        """Write buffered events and pings until the stream ends.
+
+        With `on_demand` (lean: the short-lived writer task) it returns as soon as
+        nothing is left to write, and never ends the response.
+        """
         ping_interval = self.ping_interval
+        lean = self.lean
         self._listened = self.clock()
         while True:
             reason = self.reason
-            if reason in DROP_REASONS:
+            if reason in DROP_REASONS or self._broken:
                 return
             pending = self._pending_send
             if pending is not None:
                 self._pending_send = None
-                if not await self.send_bounded(pending):  # counts its event
+                if not await self.send_bounded(pending):  # counts its events
                     return
                 continue
             if (
-                (self.buffer or self.backlog)
+                not lean
+                and (self.buffer or self.backlog)
                 and not self._finishing
                 and self.clock() - self._listened >= LISTEN_INTERVAL
             ):
@@ -484,9 +713,27 @@ class Connection:
                 if not await self.flush():
                     return
                 continue
+            if lean:
+                if self._ping_due:
+                    self._ping_due = False
+                    if not await self._send_ping():
+                        return
+                    self.arm_ping()
+                    continue
+                if on_demand:
+                    return
             if self._finishing or (reason is not None and self.direct):
                 await self.send_body(b"", more_body=False)
                 return
+            if lean:
+                # The listener and the ping timer run by callbacks: just wait to be woken.
+                assert self._loop is not None
+                waiting = self._wake = self._loop.create_future()
+                try:
+                    await waiting
+                finally:
+                    self._wake = None
+                continue
             deadline = math.inf if ping_interval is None else self.last_write + ping_interval
             if not await self._listen(deadline, wakeable=True):
                 return
@@ -496,9 +743,15 @@ class Connection:
                 and not self._finishing
                 and self.clock() - self.last_write >= ping_interval
             ):
-                ping = self.view.ping_message().encode()
-                if not await self.send_body(ping):
+                if not await self._send_ping():
                     return
-                if self.counters is not None:
-                    self.counters.pings += 1
-                    self.counters.bytes += len(ping)
+
+    async def _send_ping(self) -> bool:
+        ping = self.view.ping_message().encode()
+        if not await self.send_body(ping):
+            return False
+        counters = self.counters
+        if counters is not None:
+            counters.pings += 1
+            counters.bytes += len(ping)
+        return True

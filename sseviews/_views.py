@@ -17,10 +17,10 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ._broadcast import Broadcast, Subscription, check_group
-from ._connection import Connection
+from ._connection import Connection, _Resume
 from ._events import Event, encode_data
 from ._exceptions import BackendError, BroadcastNotConnected, InvalidLastEventId, SlowConsumer
-from ._lifecycle import DisconnectReason, ShutdownSignal, find_shutdown_signal
+from ._lifecycle import DisconnectReason, find_shutdown_signal
 from ._metrics import Metrics
 
 if TYPE_CHECKING:
@@ -216,6 +216,8 @@ class EventStreamView:
         self._stream_task: int | None = None
         self._session: AsyncSession | None = None
         self._subscription: Subscription | None = None
+        self._sink: Connection | Subscription | None = None  # registered with the broadcast
+        self._groups: list[str] = []
         metrics = self.metrics
         self._counters = metrics.for_view(type(self).__name__) if metrics is not None else None
 
@@ -359,76 +361,122 @@ class EventStreamView:
             return
         # The slot is taken before any await, so a burst cannot overshoot the limit.
         view._open_streams += 1
+        connection: Connection | None = None
         try:
-            scope, receive, send = self.scope, self.receive, self.send
-            shutdown = find_shutdown_signal(scope)
-            if shutdown is not None and shutdown.is_set:
-                logger.info("%s: refused a new stream during shutdown", self.describe())
-                await self._end_at_once()
+            # _open() returns before the stream starts, so its frame is freed: only
+            # this frame (and _produce()'s) stays alive, and costs memory, while
+            # the stream is open.
+            connection = await self._open()
+            if connection is None:
                 return
+            shutdown = connection.shutdown
+            counters = self._counters
+            if counters is not None:
+                counters.open += 1
+                counters.streams += 1
+            if shutdown is not None:
+                shutdown._register(connection)
+            self._stream_task = _current_task_key()
             try:
-                refusal = await self.on_connect()
-                if refusal is None:
-                    _ = self.last_event_id  # 400 for a bad one, after authentication
-            except HTTPException as exc:
-                refusal = _refusal(exc)
-            if refusal is not None:
-                await self._refuse(refusal)
-                return
-            groups: list[str] = []
-            if self.broadcast is not None:
-                try:
-                    groups = await self._resolve_groups()
-                except HTTPException as exc:
-                    await self._refuse(_refusal(exc))
-                    return
-            if scope["method"] == "HEAD":  # answered as GET would be, without a stream
-                await send(self._response_start())
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
-            connection = self._connection = Connection(self, receive, send)
-            if not groups:
-                if self.broadcast is not None and type(self).events is EventStreamView.events:
-                    # A view that only streams groups has nothing to stream without one.
-                    await self._refuse(
-                        PlainTextResponse("this stream needs at least one group", status_code=400)
-                    )
-                    return
-                await self._serve_stream(connection, shutdown)
-                return
-            broadcast = self.broadcast
-            assert broadcast is not None
-            direct = type(self).events is EventStreamView.events
-            sink: Connection | Subscription
-            if direct:
-                connection.direct = True
-                connection.hold()
-                sink = connection
-            else:
-                sink = self._subscription = Subscription(
-                    max_events=self.max_buffer_events, max_bytes=self.max_buffer_bytes
-                )
-                sink.on_error = self._subscription_failed
-                connection.max_pending = self.max_buffer_events
-            try:
-                attachment = await broadcast._attach(sink, groups, self.last_event_id)
-            except InvalidLastEventId as exc:
-                await self._refuse(PlainTextResponse(str(exc), status_code=400))
-                return
-            except (BackendError, BroadcastNotConnected) as exc:
-                logger.warning("%s: broadcast unavailable: %s", self.describe(), exc)
-                await self._end_at_once()
-                return
-            try:
-                if direct:
-                    connection.start_live(attachment)
-                else:
-                    self._subscription._start(attachment)  # type: ignore[union-attr]
-                await self._serve_stream(connection, shutdown)
+                if await self._start(connection):
+                    if connection.lean:
+                        connection.watch()
+                        connection.arm_ping()
+                    if connection.direct:
+                        # Group events only: this task is the writer; no second task.
+                        await connection.run_writer()
+                    elif connection.lean:
+                        # events() and the writes in this task; no second task while idle.
+                        await self._produce(connection)
+                        connection.finish()
+                        await connection.end()
+                    else:
+                        await self._produce_and_write(connection)
             finally:
-                broadcast._unregister(sink, groups)
+                if shutdown is not None:
+                    shutdown._unregister(connection)
+                if connection._writer is not None:
+                    await connection.stop_writer()
+                connection.close()
+                if connection.reason is None:
+                    # Cancelled from outside (the server gave up on its graceful shutdown).
+                    connection.reason = DisconnectReason.SHUTDOWN
+                await self._teardown(connection.reason)
         finally:
             view._open_streams -= 1
+            sink = self._sink
+            if sink is not None:
+                self._sink = None
+                assert self.broadcast is not None
+                self.broadcast._unregister(sink, self._groups)
+
+    async def _open(self) -> Connection | None:
+        """Run the checks and `on_connect`, join the groups: the stream's Connection, or
+        None when the request was answered without a stream (refused, HEAD, ...)."""
+        scope, receive, send = self.scope, self.receive, self.send
+        shutdown = find_shutdown_signal(scope)
+        if shutdown is not None and shutdown.is_set:
+            logger.info("%s: refused a new stream during shutdown", self.describe())
+            await self._end_at_once()
+            return None
+        try:
+            refusal = await self.on_connect()
+            if refusal is None:
+                _ = self.last_event_id  # 400 for a bad one, after authentication
+        except HTTPException as exc:
+            refusal = _refusal(exc)
+        if refusal is not None:
+            await self._refuse(refusal)
+            return None
+        groups: list[str] = []
+        broadcast = self.broadcast
+        if broadcast is not None:
+            try:
+                groups = await self._resolve_groups()
+            except HTTPException as exc:
+                await self._refuse(_refusal(exc))
+                return None
+        if scope["method"] == "HEAD":  # answered as GET would be, without a stream
+            await send(self._response_start())
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return None
+        connection = self._connection = Connection(self, receive, send, shutdown)
+        if not groups:
+            if broadcast is not None and type(self).events is EventStreamView.events:
+                # A view that only streams groups has nothing to stream without one.
+                await self._refuse(
+                    PlainTextResponse("this stream needs at least one group", status_code=400)
+                )
+                return None
+            return connection
+        assert broadcast is not None
+        direct = type(self).events is EventStreamView.events
+        sink: Connection | Subscription
+        if direct:
+            connection.direct = True
+            connection.hold()
+            sink = connection
+        else:
+            sink = self._subscription = Subscription(
+                max_events=self.max_buffer_events, max_bytes=self.max_buffer_bytes
+            )
+            sink.on_error = self._subscription_failed
+            connection.max_pending = self.max_buffer_events
+        try:
+            attachment = await broadcast._attach(sink, groups, self.last_event_id)
+        except InvalidLastEventId as exc:
+            await self._refuse(PlainTextResponse(str(exc), status_code=400))
+            return None
+        except (BackendError, BroadcastNotConnected) as exc:
+            logger.warning("%s: broadcast unavailable: %s", self.describe(), exc)
+            await self._end_at_once()
+            return None
+        self._sink, self._groups = sink, groups  # dispatch() unregisters them at the end
+        if direct:
+            connection.start_live(attachment)
+        else:
+            self._subscription._start(attachment)  # type: ignore[union-attr]
+        return connection
 
     async def _refuse(
         self, response: Response, *, level: int = logging.INFO, detail: str | None = None
@@ -504,32 +552,6 @@ class EventStreamView:
             headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in merged.items()]
         return {"type": "http.response.start", "status": 200, "headers": headers}
 
-    async def _serve_stream(self, connection: Connection, shutdown: ShutdownSignal | None) -> None:
-        counters = self._counters
-        if counters is not None:
-            counters.open += 1
-            counters.streams += 1
-        if shutdown is not None:
-            shutdown._register(connection)
-        self._stream_task = _current_task_key()
-        # One frame for the whole stream: every coroutine layer here stays alive,
-        # and costs memory, for as long as the stream is open.
-        try:
-            if await self._start(connection):
-                if connection.direct:
-                    # Group events only: this task is the writer; no second task.
-                    await connection.run_writer()
-                else:
-                    await self._produce_and_write(connection)
-        finally:
-            if shutdown is not None:
-                shutdown._unregister(connection)
-            connection.close()
-            if connection.reason is None:
-                # Cancelled from outside (the server gave up on its graceful shutdown).
-                connection.reason = DisconnectReason.SHUTDOWN
-            await self._teardown(connection.reason)
-
     async def _produce_and_write(self, connection: Connection) -> None:
         """Run the writer task beside `events()`, and wait for it before returning."""
         if sniffio.current_async_library() != "asyncio":
@@ -576,17 +598,34 @@ class EventStreamView:
             )
             connection.reason = DisconnectReason.ERROR
             return
-        push = connection.push
+        # No bound methods kept in locals: this frame lives as long as the stream,
+        # and every object it holds costs memory and garbage-collector time.
+        lean = connection.lean
         try:
             with connection.open_events_scope():
-                async for item in agen:
+                while True:
+                    # Each step of events() is run by hand, so that when it is about
+                    # to wait (nothing more is ready) the buffer is written first:
+                    # every event already available goes out in one send.
+                    step: Any = agen.__anext__()
+                    try:
+                        try:
+                            waiting = step.send(None)
+                        except StopIteration as ready:
+                            item = ready.value
+                        else:
+                            if lean:
+                                connection.flush_now()
+                            item = await _Resume(step, waiting)
+                    except StopAsyncIteration:
+                        break
                     if type(item) is Event:
                         data = item._wire
                     elif isinstance(item, Event):
                         data = item.encode()
                     else:
                         data = encode_data(item)
-                    if push(data):
+                    if connection.push(data):
                         await connection.wait_for_space()
             if connection.reason is None:
                 connection.reason = (
