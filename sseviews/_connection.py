@@ -123,9 +123,14 @@ class _Resume:
         return self.coro.send(value)
 
     def throw(self, error: Any, value: Any = None, traceback: Any = None) -> Any:
-        if value is None and traceback is None:
-            return self.coro.throw(error)
-        return self.coro.throw(error, value, traceback)
+        try:
+            if value is None and traceback is None:
+                return self.coro.throw(error)
+            return self.coro.throw(error, value, traceback)
+        finally:
+            # The error goes on up with this frame in its traceback: holding it
+            # here too would make a reference cycle that only the GC can free.
+            del error, value, traceback
 
     def close(self) -> None:
         self.coro.close()
