@@ -500,17 +500,20 @@ class Connection:
             self.last_write = self.clock()
             self._count(events, size)
             return True
-        except OSError:
-            # Some servers raise once the peer is gone; uvicorn just drops the write.
-            self._broken = True
-            self.stop(DisconnectReason.CLIENT_CLOSED)
-            return False
-        except Exception:
-            logger.exception("sending to the client failed; ending the stream")
-            self._broken = True
-            self.stop(DisconnectReason.ERROR)
-            return False
+        except Exception as exc:
+            return self._send_failed(exc)
         return _Resume(sending, first, events, size)
+
+    def _send_failed(self, error: Exception) -> bool:
+        """A send raised: end the stream, with nothing more written; return False."""
+        self._broken = True
+        if isinstance(error, OSError):
+            # Some servers raise once the peer is gone; uvicorn just drops the write.
+            self.stop(DisconnectReason.CLIENT_CLOSED)
+        else:
+            logger.error("sending to the client failed; ending the stream", exc_info=error)
+            self.stop(DisconnectReason.ERROR)
+        return False
 
     def _write_now(self, wire: bytes) -> None:
         # The writer is idle, so nobody else is sending: start the send right here,
@@ -608,16 +611,8 @@ class Connection:
                 if self.reason is None:
                     self.stop(DisconnectReason.SEND_TIMEOUT)
                 return False
-        except OSError:
-            # Some servers raise once the peer is gone; uvicorn just drops the write.
-            self._broken = True
-            self.stop(DisconnectReason.CLIENT_CLOSED)
-            return False
-        except Exception:
-            logger.exception("sending to the client failed; ending the stream")
-            self._broken = True
-            self.stop(DisconnectReason.ERROR)
-            return False
+        except Exception as exc:
+            return self._send_failed(exc)
         self.last_write = self.clock()
         self._count(sending.events, sending.size)
         return True
