@@ -309,10 +309,7 @@ class Connection:
             buffer.clear()
             self.buffered = 0
             return
-        events = len(buffer)
-        data = buffer[0] if events == 1 else b"".join(buffer)
-        buffer.clear()
-        self.buffered = 0
+        events, data = self._take_buffer()
         message: Message = {"type": "http.response.body", "body": data, "more_body": True}
         started = self._start_send(self.send(message), events, len(data))
         if isinstance(started, _Resume):
@@ -329,10 +326,7 @@ class Connection:
             await self.run_writer(on_demand=True)
         finally:
             self._writer = None
-            space = self._space
-            if space is not None:
-                self._space = None
-                space.set()
+            self._release_space()
 
     async def end(self) -> None:
         """(lean) After `events()`: wait for the writer task, then end the response."""
@@ -642,16 +636,25 @@ class Connection:
             counters.events += events
             counters.bytes += size
 
-    async def flush(self) -> bool:
+    def _take_buffer(self) -> tuple[int, bytes]:
+        """Empty the buffer: how many events it held, and their bytes joined."""
         buffer = self.buffer
         events = len(buffer)
         data = buffer[0] if events == 1 else b"".join(buffer)
         buffer.clear()
         self.buffered = 0
+        return events, data
+
+    def _release_space(self) -> None:
+        """Wake a producer waiting in `wait_for_space()`."""
         space = self._space
         if space is not None:
             self._space = None
             space.set()
+
+    async def flush(self) -> bool:
+        events, data = self._take_buffer()
+        self._release_space()
         if not await self.send_body(data):
             return False
         self._count(events, len(data))
