@@ -14,6 +14,11 @@ C. aggregate events/s of ``--streams`` (10) concurrent streams of
 D. seconds from the first connect to the last response head when opening the
    ``--conns`` streams of case A.
 
+A fourth contender, the "Starlette floor" (``apps/starlette_floor_app.py``: bare
+endpoint classes in a ``Starlette`` app, no SSE library), runs in cases A and D
+only. Its ratio to raw ASGI is what routing through Starlette costs per stream
+before any SSE code runs: the least any Starlette-routed view can reach.
+
 A/D and B/C each get a fresh server per run; the order of the contenders is
 rotated between runs. Every case is repeated ``--runs`` times and the median is
 reported as a markdown table (with ratios against the targets) and written,
@@ -63,10 +68,15 @@ WARMUP_IDLE_STREAMS = 20
 
 SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("raw", "raw ASGI", "benchmarks.apps.raw_app:app"),
+    # No SSE library: what Starlette's app and router alone cost per stream.
+    ServerSpec("floor", "Starlette floor", "benchmarks.apps.starlette_floor_app:app"),
     ServerSpec("sse-starlette", "sse-starlette", "benchmarks.apps.sse_starlette_app:app"),
     ServerSpec("sseviews", "sseviews", "benchmarks.apps.sseviews_app:app"),
 )
 SERVERS_BY_KEY = {spec.key: spec for spec in SERVERS}
+# Contenders measured in cases A and D only: the floor is a reference for the
+# per-stream cost of routing through Starlette, not an SSE implementation.
+IDLE_ONLY = frozenset({"floor"})
 
 
 # -- sizes and cases ------------------------------------------------------------
@@ -310,17 +320,20 @@ def run_benchmark(
         for spec in order:
             one_run(spec, f"A/D, {sizes.conns} idle streams", run_index, "idle")
         for spec in order:
-            one_run(spec, "B/C, bursts", run_index, "burst")
+            if spec.key not in IDLE_ONLY:
+                one_run(spec, "B/C, bursts", run_index, "burst")
     return results
 
 
 # -- reporting ------------------------------------------------------------------------
 
 
-def _ratio(results: dict[str, ServerResults], case: Case, baseline: str) -> float | None:
-    if "sseviews" not in results or baseline not in results:
+def _ratio(
+    results: dict[str, ServerResults], case: Case, baseline: str, contender: str = "sseviews"
+) -> float | None:
+    if contender not in results or baseline not in results:
         return None
-    ours, theirs = results["sseviews"].median(case.key), results[baseline].median(case.key)
+    ours, theirs = results[contender].median(case.key), results[baseline].median(case.key)
     if ours is None or theirs is None or theirs == 0:
         return None
     return ours / theirs
@@ -330,7 +343,7 @@ def build_report(results: dict[str, ServerResults], sizes: Sizes) -> tuple[str, 
     """Return the markdown table and a JSON-able summary of medians and ratios."""
     columns = [spec for spec in SERVERS if spec.key in results]
     header = ["Case"] + [spec.label for spec in columns]
-    header += ["sseviews/raw", "sseviews/sse-starlette", "target", "met"]
+    header += ["sseviews/raw", "sseviews/sse-starlette", "Starlette floor/raw", "target", "met"]
     rows = [
         harness.table_row(header),
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -345,13 +358,15 @@ def build_report(results: dict[str, ServerResults], sizes: Sizes) -> tuple[str, 
         cells = [case.label.format(**asdict(sizes))]
         cells += [harness.fmt(medians[spec.key], case.decimals) for spec in columns]
         cells += [harness.fmt_ratio(r) for r in ratios.values()]
+        floor_ratio = _ratio(results, case, "raw", contender="floor")
+        cells.append(harness.fmt_ratio(floor_ratio))
         cells += [case.target_text, harness.met_cell(case.target_baseline is not None, met)]
         rows.append(harness.table_row(cells))
         summary[case.key] = {
             "label": cells[0],
             "higher_is_better": case.higher_is_better,
             "medians": medians,
-            "ratios": {f"sseviews/{k}": v for k, v in ratios.items()},
+            "ratios": {f"sseviews/{k}": v for k, v in ratios.items()} | {"floor/raw": floor_ratio},
             "target": case.target_text or None,
             "target_met": met,
         }

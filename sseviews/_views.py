@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl
 
@@ -217,7 +217,7 @@ class EventStreamView:
         self._session: AsyncSession | None = None
         self._subscription: Subscription | None = None
         self._sink: Connection | Subscription | None = None  # registered with the broadcast
-        self._groups: list[str] = []
+        self._groups: Sequence[str] = ()
         metrics = self.metrics
         self._counters = metrics.for_view(type(self).__name__) if metrics is not None else None
 
@@ -376,7 +376,9 @@ class EventStreamView:
                 counters.streams += 1
             if shutdown is not None:
                 shutdown._register(connection)
-            self._stream_task = _current_task_key()
+            self._stream_task = (
+                id(asyncio.current_task()) if connection.lean else _current_task_key()
+            )
             try:
                 if await self._start(connection):
                     if connection.lean:
