@@ -404,6 +404,11 @@ class EventStreamView:
                     # Cancelled from outside (the server gave up on its graceful shutdown).
                     connection.reason = DisconnectReason.SHUTDOWN
                 await self._teardown(connection.reason)
+                if not connection.shutting_down:  # is_shutting_down stays True after one
+                    # The view and its connection refer to each other: unlinked, a
+                    # closed stream is freed at once by reference counting instead of
+                    # waiting, with all it holds, for a full garbage collection.
+                    self._connection = None
         finally:
             view._open_streams -= 1
             sink = self._sink

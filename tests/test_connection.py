@@ -8,6 +8,9 @@ uvicorn are served (receive() driven by callbacks, writes from the request task)
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -363,3 +366,48 @@ async def test_connection_lean_writer_cancelled_with_the_request_task() -> None:
     assert recorder.reasons == [DisconnectReason.SHUTDOWN]
     await anyio.lowlevel.checkpoint()
     assert len(asyncio.all_tasks()) == before  # the writer did not outlive it
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ending", ["client_closed", "completed", "error"])
+async def test_connection_closed_stream_freed_without_the_garbage_collector(
+    mode: str, ending: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Once a stream is over, nothing of it may stay in a reference cycle: at 10k
+    # streams, cycles hold memory until a full collection and slow every one.
+    # (pytest's log capture would keep the error's traceback, and the view with it.)
+    monkeypatch.setattr(logging.getLogger("sseviews"), "propagate", False)
+    views: list[weakref.ref[EventStreamView]] = []
+    recorder = Recorder()
+
+    class View(EventStreamView):
+        async def on_connect(self) -> None:
+            views.append(weakref.ref(self))
+
+        async def events(self) -> AsyncIterator[Any]:
+            yield "hello"
+            if ending == "client_closed":
+                await anyio.sleep_forever()
+            if ending == "error":
+                raise RuntimeError("events() failed")
+
+        async def on_disconnect(self, reason: DisconnectReason) -> None:
+            recorder.record(reason)
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with EventStreamClient(serve(View, mode)) as client:
+            async with client.stream("/") as stream:
+                assert (await stream.next_event(timeout=2)).data == "hello"
+                if ending != "client_closed":
+                    await stream.wait_ended()
+            with anyio.fail_after(2):
+                await recorder.ended.wait()
+            for _ in range(5):  # let the request task return
+                await anyio.lowlevel.checkpoint()
+            freed = views[0]() is None
+    finally:
+        gc.enable()
+    assert recorder.reasons == [DisconnectReason(ending)]
+    assert freed
