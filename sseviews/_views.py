@@ -376,9 +376,7 @@ class EventStreamView:
                 counters.streams += 1
             if shutdown is not None:
                 shutdown._register(connection)
-            self._stream_task = (
-                id(asyncio.current_task()) if connection.lean else _current_task_key()
-            )
+            self._stream_task = _current_task_key()
             try:
                 if await self._start(connection):
                     if connection.lean:
