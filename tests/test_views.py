@@ -998,6 +998,37 @@ async def test_view_shutdown_grace_period_allows_farewell() -> None:
     assert trace.reasons == [DisconnectReason.SHUTDOWN]
 
 
+@pytest.mark.parametrize("ending", ["shutdown", "client_closed"])
+async def test_view_is_shutting_down_after_the_stream_ended(ending: str) -> None:
+    # A closed stream's view lets go of its connection (so that reference
+    # counting frees it), except after shutdown, which the view still reports.
+    views: list[EventStreamView] = []
+    trace = Trace()
+
+    class Feed(EventStreamView):
+        async def on_connect(self) -> None:
+            views.append(self)
+
+        async def events(self) -> AsyncIterator[Any]:
+            yield "hello"
+            await anyio.sleep_forever()
+
+        async def on_disconnect(self, reason: DisconnectReason) -> None:
+            trace.disconnect(reason)
+
+    async with EventStreamClient(Feed) as client:
+        async with client.stream("/") as stream:
+            assert (await stream.next_event(timeout=2)).data == "hello"
+            if ending == "shutdown":
+                with anyio.fail_after(2):
+                    await client.shutdown()
+        await trace.wait_disconnected()
+        for _ in range(5):  # let the request task return
+            await anyio.lowlevel.checkpoint()
+    assert trace.reasons == [DisconnectReason(ending)]
+    assert views[0].is_shutting_down is (ending == "shutdown")
+
+
 async def test_view_shutdown_grace_period_expires() -> None:
     trace = Trace()
 
