@@ -39,7 +39,7 @@ def _event_count(scope: Scope) -> int:
     return int(values[0]) if values else DEFAULT_BURST_EVENTS
 
 
-async def _burst(scope: Scope, receive: Receive, send: Send) -> None:
+async def burst(scope: Scope, receive: Receive, send: Send) -> None:
     n = _event_count(scope)
     await send(SSE_START)
     for _ in range(n):
@@ -47,7 +47,7 @@ async def _burst(scope: Scope, receive: Receive, send: Send) -> None:
     await send(END_MESSAGE)
 
 
-async def _idle(scope: Scope, receive: Receive, send: Send) -> None:
+async def idle(scope: Scope, receive: Receive, send: Send) -> None:
     await send(SSE_START)
     while True:
         message = await receive()
@@ -66,4 +66,4 @@ async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"not found"})
 
 
-app = asgi_app({"/burst": _burst, "/idle": _idle}, _not_found)
+app = asgi_app({"/burst": burst, "/idle": idle}, _not_found)
