@@ -4,10 +4,11 @@ A broadcast pairs a live backend (memory or Redis), which carries each published
 event to every process, with a history store (memory, Redis or SQL), which
 assigns ids from one monotonic cursor and keeps recent events per group.
 
-Each process keeps a hub: group name -> the sinks (open streams or
-subscriptions) of that group in this process. Delivery to a sink is a
-synchronous `offer(seq, wire)`: no task and no queue per subscriber per event,
-and the event's bytes are shared by every subscriber.
+Each process keeps a hub: group name -> the subscriptions of that group in this
+process (one per open stream that joined it). A publish received by this process
+becomes one `Delivery`, offered synchronously to each subscription: the
+subscription keeps a reference to the shared bytes and wakes its stream. It never
+writes to a stream; the stream's own task does that.
 
 Resuming is gap-free: a sink is registered (live events are held back) before
 the history after its cursor is read; then it gets the replay, then the held
@@ -19,11 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import unicodedata
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import anyio
@@ -36,10 +36,18 @@ from ._exceptions import (
     InvalidLastEventId,
     SlowConsumer,
 )
+from ._wait import Waiter
 from .backends.base import LiveBackend
 from .stores.base import HistoryStore, format_id, parse_id
 
-__all__ = ["RESET_EVENT", "Broadcast", "Subscription", "check_group"]
+__all__ = [
+    "RESET_EVENT",
+    "Broadcast",
+    "Delivery",
+    "Subscription",
+    "check_group",
+    "open_subscription",
+]
 
 logger = logging.getLogger("sseviews")
 
@@ -70,14 +78,6 @@ def check_group(group: object) -> str:
                 f"a group name must not contain whitespace or control characters: {group!r}"
             )
     return group
-
-
-class Sink(Protocol):
-    """Something that receives a group's events in this process."""
-
-    def offer(self, seq: int, wire: bytes) -> None: ...
-
-    def fail(self, error: BaseException) -> None: ...
 
 
 class Attachment:
@@ -203,7 +203,7 @@ class Broadcast:
             raise TypeError(
                 f"history must be a URL str, a HistoryStore or None, got {type(history).__name__}"
             )
-        self._hub: dict[str, set[Sink]] = {}
+        self._hub: dict[str, set[Subscription]] = {}
         self._connected = False
         self._in_process = urlsplit(url_text).scheme == "memory" and not isinstance(
             url, LiveBackend
@@ -305,8 +305,9 @@ class Broadcast:
     def _dispatch(self, group: str, seq: int, wire: bytes) -> None:
         sinks = self._hub.get(group)
         if sinks:
+            delivery = Delivery(seq, wire)
             for sink in sinks:
-                sink.offer(seq, wire)
+                sink.offer(delivery)
 
     def _fail_all(self, error: BaseException) -> None:
         if self._hub and not isinstance(error, BroadcastNotConnected):
@@ -319,7 +320,7 @@ class Broadcast:
         for sink in sinks:
             sink.fail(error)
 
-    def _register(self, sink: Sink, groups: Sequence[str]) -> None:
+    def _register(self, sink: Subscription, groups: Sequence[str]) -> None:
         hub = self._hub
         for group in groups:
             members = hub.get(group)
@@ -327,7 +328,7 @@ class Broadcast:
                 members = hub[group] = set()
             members.add(sink)
 
-    def _unregister(self, sink: Sink, groups: Sequence[str]) -> None:
+    def _unregister(self, sink: Subscription, groups: Sequence[str]) -> None:
         hub = self._hub
         for group in groups:
             members = hub.get(group)
@@ -337,7 +338,7 @@ class Broadcast:
                     del hub[group]
 
     async def _attach(
-        self, sink: Sink, groups: Sequence[str], last_event_id: str | None
+        self, sink: Subscription, groups: Sequence[str], last_event_id: str | None
     ) -> Attachment:
         """Register `sink` for `groups` and work out what it must be sent first.
 
@@ -419,92 +420,226 @@ class Broadcast:
             raise ValueError("subscribe() needs at least one group")
         for group in groups:
             check_group(group)
-        groups = tuple(dict.fromkeys(groups))  # a group named twice is joined once
-        subscription = Subscription(max_events=max_events, max_bytes=max_bytes)
-        attachment = await self._attach(subscription, groups, last_event_id)
+        subscription = await open_subscription(
+            self, groups, last_event_id, Subscription(max_events=max_events, max_bytes=max_bytes)
+        )
         try:
-            subscription._start(attachment)
             yield subscription
         finally:
-            self._unregister(subscription, groups)
+            subscription.close()
+
+
+class Delivery:
+    """One published event as this process received it, shared by all its subscribers.
+
+    The wire bytes go to every stream as they are; the `Event` is parsed from them
+    at most once per publish, by the first subscription iterated for it.
+    """
+
+    __slots__ = ("_event", "seq", "wire")
+
+    def __init__(self, seq: int, wire: bytes) -> None:
+        self.seq = seq
+        self.wire = wire
+        self._event: Event | None = None
+
+    def event(self) -> Event:
+        event = self._event
+        if event is None:
+            event = self._event = event_from_wire(self.wire)
+        return event
 
 
 class Subscription:
     """The events of some groups: the replay first, then live. Iterate with `async for`.
+
+    It is the one subscriber of the broadcast layer: it holds back live events
+    while the replay is read, drops the duplicates the replay already covered,
+    and bounds what may wait to be sent. A view that streams its groups sends
+    straight from it; a view that iterates `self.subscription` reads events from it.
 
     Iteration raises `SlowConsumer` when more than `max_events` or `max_bytes`
     of live events were waiting, and `BackendError` when the backend failed:
     events are never dropped silently. Resume with the last event's id.
     """
 
+    __slots__ = (
+        "_backlog",
+        "_broadcast",
+        "_bytes",
+        "_error",
+        "_floor",
+        "_groups",
+        "_live",
+        "_started",
+        "_waiter",
+        "max_bytes",
+        "max_events",
+        "on_error",
+        "on_ready",
+    )
+
     def __init__(self, *, max_events: int = 1000, max_bytes: int = 1024 * 1024) -> None:
         if max_events < 1 or max_bytes < 1:
             raise ValueError("max_events and max_bytes must be >= 1")
         self.max_events = max_events
         self.max_bytes = max_bytes
-        self._backlog: deque[bytes] = deque()
-        self._live: deque[tuple[int, bytes]] = deque()
-        self._bytes = 0
-        self._floor = 0
+        # The replay (or reset event), as wire bytes, sent or read before anything live.
+        self._backlog: list[bytes] = _EMPTY
+        self._live: list[Delivery] = []
+        self._bytes = 0  # bytes of live events waiting
+        self._floor = 0  # highest seq taken; an offer at or below it is a duplicate
+        self._started = False  # False while the replay is read: live events are held
         self._error: BaseException | None = None
-        self._waiter: anyio.Event | None = None
+        self._waiter: Waiter | None = None
+        self._broadcast: Broadcast | None = None
+        self._groups: Sequence[str] = ()
         #: Called once when the subscription fails (slow consumer, backend loss).
         self.on_error: Callable[[BaseException], None] | None = None
+        #: Called when events are ready, instead of waking an `async for` reader
+        #: (a view that sends straight from the subscription sets it).
+        self.on_ready: Callable[[], None] | None = None
 
-    def _start(self, attachment: Attachment) -> None:
-        if attachment.reset is not None:
-            self._backlog.append(attachment.reset.encode())
-        self._backlog.extend(attachment.backlog)
-        self._floor = attachment.floor
-        held = [item for item in self._live if item[0] > self._floor]
-        self._live = deque(held)
-        self._bytes = sum(len(wire) for _, wire in held)
+    # -- fed by the broadcast (synchronously, in whatever task published) ---------
 
-    def offer(self, seq: int, wire: bytes) -> None:
-        if self._error is not None:
+    def offer(self, delivery: Delivery) -> None:
+        """Take one live event: keep a reference to its bytes and wake the reader."""
+        if self._error is not None or delivery.seq <= self._floor:
             return
-        self._live.append((seq, wire))
-        self._bytes += len(wire)
-        if len(self._live) > self.max_events or self._bytes > self.max_bytes:
-            self._live.clear()
+        if self._started:
+            self._floor = delivery.seq
+        live = self._live
+        live.append(delivery)
+        size = self._bytes = self._bytes + len(delivery.wire)
+        if len(live) > self.max_events or size > self.max_bytes:
+            self._live = []
             self._bytes = 0
             self.fail(
                 SlowConsumer(
-                    f"a subscriber fell more than {self.max_events} events or "
-                    f"{self.max_bytes} bytes behind"
+                    f"slow consumer: a subscriber fell more than {self.max_events} events or "
+                    f"{self.max_bytes} bytes behind (it resumes from its Last-Event-ID)"
                 )
             )
             return
-        self._wake()
+        if self._started:
+            self._ready()
 
     def fail(self, error: BaseException) -> None:
+        """End the subscription with `error` (raised to its reader; `on_error` is called)."""
         if self._error is None:
             self._error = error
             if self.on_error is not None:
                 self.on_error(error)
-        self._wake()
+        self._ready()
 
-    def _wake(self) -> None:
+    def _ready(self) -> None:
+        on_ready = self.on_ready
+        if on_ready is not None:
+            on_ready()
+            return
         waiter = self._waiter
         if waiter is not None:
-            self._waiter = None
-            waiter.set()
+            waiter.wake()
+
+    def _start(self, attachment: Attachment) -> None:
+        """Queue the replay (or reset), and keep only the held events newer than it."""
+        backlog = [attachment.reset.encode()] if attachment.reset is not None else []
+        backlog.extend(attachment.backlog)
+        if backlog:
+            self._backlog = backlog
+        floor = attachment.floor
+        held = [delivery for delivery in self._live if delivery.seq > floor]
+        self._live = held
+        self._bytes = sum(len(delivery.wire) for delivery in held)
+        self._floor = held[-1].seq if held else floor
+        self._started = True
+        if backlog or held:
+            self._ready()
+
+    # -- read by the stream (in the stream's own task) ----------------------------
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error that ended the subscription, if one did."""
+        return self._error
+
+    @property
+    def pending(self) -> bool:
+        """Whether events are ready to be taken."""
+        return bool(self._backlog) or (self._started and bool(self._live))
+
+    def take(self, limit: int) -> tuple[int, bytes]:
+        """Take the ready events' bytes: replay slices of about `limit` bytes, else all live.
+
+        Returns how many events were taken, and their bytes joined.
+        """
+        backlog = self._backlog
+        if backlog:
+            size = count = 0
+            for wire in backlog:
+                size += len(wire)
+                count += 1
+                if size >= limit:
+                    break
+            data = b"".join(backlog[:count])
+            del backlog[:count]
+            return count, data
+        live = self._live
+        if not live or not self._started:
+            return 0, b""
+        self._live = []
+        self._bytes = 0
+        if len(live) == 1:
+            return 1, live[0].wire
+        return len(live), b"".join([delivery.wire for delivery in live])
+
+    def close(self) -> None:
+        """Leave the groups (idempotent); nothing more is delivered."""
+        broadcast = self._broadcast
+        if broadcast is not None:
+            self._broadcast = None
+            broadcast._unregister(self, self._groups)
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> Event:
         while True:
-            if self._backlog:
-                return event_from_wire(self._backlog.popleft())
+            backlog = self._backlog
+            if backlog:
+                return event_from_wire(backlog.pop(0))
             live = self._live
-            while live:
-                seq, wire = live.popleft()
-                self._bytes -= len(wire)
-                if seq > self._floor:
-                    self._floor = seq
-                    return event_from_wire(wire)
+            if live and self._started:
+                delivery = live.pop(0)
+                self._bytes -= len(delivery.wire)
+                return delivery.event()
             if self._error is not None:
                 raise self._error
-            waiter = self._waiter = anyio.Event()
+            waiter = self._waiter
+            if waiter is None:
+                waiter = self._waiter = Waiter()
             await waiter.wait()
+
+
+_EMPTY: list[bytes] = []  # shared by every subscription with no replay; never mutated
+
+
+async def open_subscription(
+    broadcast: Broadcast,
+    groups: Sequence[str],
+    last_event_id: str | None,
+    subscription: Subscription,
+) -> Subscription:
+    """Join `groups` with `subscription` and queue its replay; `close()` leaves them.
+
+    Raises:
+        InvalidLastEventId: A malformed id, or one ahead of the history.
+        BackendError: The backend is down.
+        BroadcastNotConnected: The broadcast is not connected.
+    """
+    groups = list(dict.fromkeys(groups))  # a group named twice is joined once
+    attachment = await broadcast._attach(subscription, groups, last_event_id)
+    subscription._broadcast = broadcast
+    subscription._groups = groups
+    subscription._start(attachment)
+    return subscription

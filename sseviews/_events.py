@@ -208,18 +208,6 @@ class Event:
             raise ValueError("this event has no data")
         return json.loads(_data_text(self.data))
 
-    def _with_id(self, id: str) -> Event:
-        """Return a copy carrying `id`, reusing the already encoded fields."""
-        clone = object.__new__(Event)
-        set_ = object.__setattr__
-        set_(clone, "data", self.data)
-        set_(clone, "event", self.event)
-        set_(clone, "id", id)
-        set_(clone, "retry", self.retry)
-        set_(clone, "comment", self.comment)
-        set_(clone, "_wire", b"id: " + id.encode() + b"\n" + self._wire)
-        return clone
-
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Event is immutable; build a new Event instead")
 

@@ -13,8 +13,11 @@ import enum
 import importlib
 import logging
 import signal
+import threading
+from types import FrameType
 from typing import Any, Protocol
 
+import sniffio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["DisconnectReason", "ShutdownMiddleware", "ShutdownSignal", "find_shutdown_signal"]
@@ -112,8 +115,13 @@ class ShutdownSignal:
 class ShutdownMiddleware:
     """ASGI middleware that hands a `ShutdownSignal` to every stream below it.
 
-    Use it with ASGI servers other than uvicorn (hypercorn, granian, ...), and
-    trigger the signal from the server's shutdown hook:
+    Use it with ASGI servers other than uvicorn (hypercorn, granian, daphne, ...).
+    With `handle_signals=True` the middleware triggers the signal itself when the
+    process gets SIGTERM or SIGINT, and then hands the signal on to the server:
+
+        app = ShutdownMiddleware(app, handle_signals=True)
+
+    Otherwise trigger the signal from the server's own shutdown hook:
 
         shutdown = ShutdownSignal()
         app = ShutdownMiddleware(app, shutdown)
@@ -121,19 +129,83 @@ class ShutdownMiddleware:
     Args:
         app: The ASGI app to wrap.
         signal: The signal to hand out; a new one when omitted (see `.signal`).
+        handle_signals: Chain a handler in front of the SIGTERM and SIGINT handlers
+            that the server installed: on the signal it triggers `signal`, then calls
+            the server's handler, so the server shuts down as it always does. It is
+            installed once, at lifespan startup or else at the first request, in the
+            process that serves the app (each worker has its own). A signal the server
+            leaves at its default action or ignores is left alone.
     """
 
-    def __init__(self, app: ASGIApp, signal: ShutdownSignal | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, signal: ShutdownSignal | None = None, *, handle_signals: bool = False
+    ) -> None:
         self.app = app
         self.signal = signal if signal is not None else ShutdownSignal()
+        self.handle_signals = handle_signals
+        self._chain: _SignalChain | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.handle_signals and self._chain is None:
+            # By the first ASGI call the server has installed its own handlers.
+            self._chain = _SignalChain(self.signal)
         if scope["type"] == "http":
             extensions = scope.get("extensions")
             if extensions is None:
                 extensions = scope["extensions"] = {}
             extensions[SCOPE_KEY] = self.signal
         await self.app(scope, receive, send)
+
+
+# The signals a server shuts down on, and so the ones `handle_signals` chains.
+_SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _SignalChain:
+    """Triggers a `ShutdownSignal` on SIGTERM/SIGINT, then calls the server's handler.
+
+    A server learns of its signals in one of two ways, and both keep working:
+
+    - a Python handler installed with `signal.signal()` (uvicorn, gunicorn's arbiter,
+      Twisted under daphne, hypercorn's parent process): it is called after the
+      trigger, with the same arguments;
+    - `loop.add_signal_handler()` (hypercorn's single-process mode, granian's
+      workers): the Python handler it installs is a no-op, and the loop hears the
+      signal through its wakeup fd, which the C-level handler writes to whichever
+      Python handler is installed; calling the no-op is harmless.
+
+    The trigger is scheduled with `call_soon_threadsafe`, so it runs in the event
+    loop before anything the server's handler schedules there.
+    """
+
+    __slots__ = ("_previous", "_schedule", "_shutdown")
+
+    def __init__(self, shutdown: ShutdownSignal) -> None:
+        self._shutdown = shutdown
+        self._previous: dict[int, Any] = {}
+        self._schedule: Any = None
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning(
+                "ShutdownMiddleware(handle_signals=True): the app is not served from the "
+                "main thread, so no signal handler can be installed; call "
+                "ShutdownSignal.trigger() from the server's shutdown hook instead"
+            )
+            return
+        if sniffio.current_async_library() == "trio":
+            import trio
+
+            self._schedule = trio.lowlevel.current_trio_token().run_sync_soon
+        else:
+            self._schedule = asyncio.get_running_loop().call_soon_threadsafe
+        for signum in _SHUTDOWN_SIGNALS:
+            previous = signal.getsignal(signum)
+            if callable(previous):  # not SIG_DFL, SIG_IGN, or a handler set outside Python
+                self._previous[signum] = previous
+                signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._schedule(self._shutdown.trigger)
+        self._previous[signum](signum, frame)
 
 
 def find_shutdown_signal(scope: Scope) -> ShutdownSignal | None:

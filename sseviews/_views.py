@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl
 
@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ._broadcast import Broadcast, Subscription, check_group
-from ._connection import Connection, _Resume
+from ._broadcast import Broadcast, Subscription, check_group, open_subscription
+from ._connection import Connection
 from ._events import Event, encode_data
 from ._exceptions import BackendError, BroadcastNotConnected, InvalidLastEventId, SlowConsumer
 from ._lifecycle import DisconnectReason, find_shutdown_signal
@@ -216,8 +216,6 @@ class EventStreamView:
         self._stream_task: int | None = None
         self._session: AsyncSession | None = None
         self._subscription: Subscription | None = None
-        self._sink: Connection | Subscription | None = None  # registered with the broadcast
-        self._groups: Sequence[str] = ()
         metrics = self.metrics
         self._counters = metrics.for_view(type(self).__name__) if metrics is not None else None
 
@@ -361,47 +359,23 @@ class EventStreamView:
             return
         # The slot is taken before any await, so a burst cannot overshoot the limit.
         view._open_streams += 1
-        connection: Connection | None = None
         try:
             # _open() returns before the stream starts, so its frame is freed: only
-            # this frame (and _produce()'s) stays alive, and costs memory, while
-            # the stream is open.
+            # this frame (and the connection's) stays alive while the stream is open.
             connection = await self._open()
             if connection is None:
                 return
-            shutdown = connection.shutdown
             counters = self._counters
             if counters is not None:
                 counters.open += 1
                 counters.streams += 1
-            if shutdown is not None:
-                shutdown._register(connection)
             self._stream_task = _current_task_key()
             try:
-                if await self._start(connection):
-                    if connection.lean:
-                        connection.watch()
-                        connection.arm_ping()
-                    if connection.direct:
-                        # Group events only: this task is the writer; no second task.
-                        await connection.run_writer()
-                    elif connection.lean:
-                        # events() and the writes in this task; no second task while idle.
-                        await self._produce(connection)
-                        connection.finish()
-                        await connection.end()
-                    else:
-                        await self._produce_and_write(connection)
+                if await connection.start(self._response_start(), self._first_chunk()):
+                    produce = None if connection.source is not None else self._produce
+                    await connection.run(produce)
             finally:
-                if shutdown is not None:
-                    shutdown._unregister(connection)
-                if connection._writer is not None:
-                    await connection.stop_writer()
-                connection.close()
-                if connection.reason is None:
-                    # Cancelled from outside (the server gave up on its graceful shutdown).
-                    connection.reason = DisconnectReason.SHUTDOWN
-                await self._teardown(connection.reason)
+                await self._teardown(connection.reason or DisconnectReason.SHUTDOWN)
                 if not connection.shutting_down:  # is_shutting_down stays True after one
                     # The view and its connection refer to each other: unlinked, a
                     # closed stream is freed at once by reference counting instead of
@@ -409,11 +383,9 @@ class EventStreamView:
                     self._connection = None
         finally:
             view._open_streams -= 1
-            sink = self._sink
-            if sink is not None:
-                self._sink = None
-                assert self.broadcast is not None
-                self.broadcast._unregister(sink, self._groups)
+            subscription = self._subscription
+            if subscription is not None:
+                subscription.close()
 
     async def _open(self) -> Connection | None:
         """Run the checks and `on_connect`, join the groups: the stream's Connection, or
@@ -445,9 +417,10 @@ class EventStreamView:
             await send(self._response_start())
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return None
-        connection = self._connection = Connection(self, receive, send, shutdown)
+        connection = self._connection = Connection(self, receive, send, shutdown, self._counters)
+        direct = type(self).events is EventStreamView.events
         if not groups:
-            if broadcast is not None and type(self).events is EventStreamView.events:
+            if broadcast is not None and direct:
                 # A view that only streams groups has nothing to stream without one.
                 await self._refuse(
                     PlainTextResponse("this stream needs at least one group", status_code=400)
@@ -455,20 +428,20 @@ class EventStreamView:
                 return None
             return connection
         assert broadcast is not None
-        direct = type(self).events is EventStreamView.events
-        sink: Connection | Subscription
+        subscription = Subscription(
+            max_events=self.max_buffer_events, max_bytes=self.max_buffer_bytes
+        )
+        subscription.on_error = self._subscription_failed
         if direct:
-            connection.direct = True
-            connection.hold()
-            sink = connection
+            # No events(): the writer sends straight from the subscription.
+            subscription.on_ready = connection.wake
+            connection.source = subscription
         else:
-            sink = self._subscription = Subscription(
-                max_events=self.max_buffer_events, max_bytes=self.max_buffer_bytes
-            )
-            sink.on_error = self._subscription_failed
+            # events() relays the subscription: it may not get further ahead of the
+            # client than the subscription itself may.
             connection.max_pending = self.max_buffer_events
         try:
-            attachment = await broadcast._attach(sink, groups, self.last_event_id)
+            await open_subscription(broadcast, groups, self.last_event_id, subscription)
         except InvalidLastEventId as exc:
             await self._refuse(PlainTextResponse(str(exc), status_code=400))
             return None
@@ -476,11 +449,7 @@ class EventStreamView:
             logger.warning("%s: broadcast unavailable: %s", self.describe(), exc)
             await self._end_at_once()
             return None
-        self._sink, self._groups = sink, groups  # dispatch() unregisters them at the end
-        if direct:
-            connection.start_live(attachment)
-        else:
-            self._subscription._start(attachment)  # type: ignore[union-attr]
+        self._subscription = subscription  # dispatch() closes it at the end
         return connection
 
     async def _refuse(
@@ -557,42 +526,13 @@ class EventStreamView:
             headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in merged.items()]
         return {"type": "http.response.start", "status": 200, "headers": headers}
 
-    async def _produce_and_write(self, connection: Connection) -> None:
-        """Run the writer task beside `events()`, and wait for it before returning."""
-        if sniffio.current_async_library() != "asyncio":
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(connection.run_writer)
-                await self._produce(connection)
-                connection.finish()
-            return
-        # On asyncio a bare task is used: an anyio task group and its cancel scope
-        # cost about 3.4 KB per connection, which matters at 10k open streams.
-        # The writer is still never left behind: it is awaited, or cancelled and
-        # awaited, before this returns.
-        writer = asyncio.get_running_loop().create_task(connection.run_writer())
-        try:
-            await self._produce(connection)
-            connection.finish()
-            await writer
-        finally:
-            if not writer.done():
-                writer.cancel()
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait((writer,))
+    def _first_chunk(self) -> bytes:
+        return b"retry: %d\n\n" % self.retry if self.retry is not None else b""
 
-    async def _start(self, connection: Connection) -> bool:
-        """Send the response head (and `retry`) at once; False if the client is gone."""
-        if not await connection.send_bounded(self.send(self._response_start())):
-            return False
-        if self.retry is not None:
-            line = b"retry: %d\n\n" % self.retry
-            if not await connection.send_body(line):
-                return False
-            connection._count(0, len(line))
-        return True
-
-    async def _produce(self, connection: Connection) -> None:
+    async def _produce(self) -> None:
         """Iterate `events()` in this task, encoding each item into the connection's buffer."""
+        connection = self._connection
+        assert connection is not None
         agen = self.events()
         if not hasattr(agen, "__anext__"):
             if inspect.iscoroutine(agen):
@@ -601,29 +541,11 @@ class EventStreamView:
                 "%s: events() must be an async generator (an async def with yield)",
                 self.describe(),
             )
-            connection.reason = DisconnectReason.ERROR
+            connection.stop(DisconnectReason.ERROR)
             return
-        # No bound methods kept in locals: this frame lives as long as the stream,
-        # and every object it holds costs memory and garbage-collector time.
-        lean = connection.lean
         try:
             with connection.open_events_scope():
-                while True:
-                    # Each step of events() is run by hand, so that when it is about
-                    # to wait (nothing more is ready) the buffer is written first:
-                    # every event already available goes out in one send.
-                    step: Any = agen.__anext__()
-                    try:
-                        try:
-                            waiting = step.send(None)
-                        except StopIteration as ready:
-                            item = ready.value
-                        else:
-                            if lean:
-                                connection.flush_now()
-                            item = await _Resume(step, waiting)
-                    except StopAsyncIteration:
-                        break
+                async for item in agen:
                     if type(item) is Event:
                         data = item._wire
                     elif isinstance(item, Event):
@@ -632,20 +554,16 @@ class EventStreamView:
                         data = encode_data(item)
                     if connection.push(data):
                         await connection.wait_for_space()
-            if connection.reason is None:
-                connection.reason = (
-                    DisconnectReason.SHUTDOWN
-                    if connection.shutting_down
-                    else DisconnectReason.COMPLETED
-                )
+            ended = connection.shutting_down
+            connection.stop(DisconnectReason.SHUTDOWN if ended else DisconnectReason.COMPLETED)
         except SlowConsumer as exc:
             if connection.reason is None:
                 logger.warning("%s: %s; disconnecting", self.describe(), exc)
-                connection.reason = DisconnectReason.SLOW_CONSUMER
+                connection.stop(DisconnectReason.SLOW_CONSUMER)
         except Exception:
             if connection.reason is None:
                 logger.exception("%s: events() raised; ending the stream", self.describe())
-                connection.reason = DisconnectReason.ERROR
+                connection.stop(DisconnectReason.ERROR)
             else:
                 logger.exception("%s: events() raised while closing", self.describe())
         finally:

@@ -176,10 +176,6 @@ class TestResponse:
 class _Exchange:
     """One request/response exchange with the app, run in the client's task group."""
 
-    # receive() waits only on an anyio Event (an asyncio future on asyncio), so, as
-    # under uvicorn, a stream is served without a second task (the "lean" mode).
-    _sseviews_callback_safe = True
-
     def __init__(self, client: EventStreamClient, scope: Scope, body: bytes) -> None:
         self.client = client
         self.scope = scope

@@ -1,13 +1,14 @@
-"""The per-connection writer: lean streams (no second task) and the writer-task fallback.
+"""The per-connection loop: one writer, one listener, the producer in the request task.
 
-Every behaviour here is checked in both modes: "lean" is how the test client and
-uvicorn are served (receive() driven by callbacks, writes from the request task),
-"task" wraps receive() in a middleware, which gives the stream a writer task.
+Every behaviour is checked on asyncio and trio, and with the server's own
+`receive()` as well as one wrapped by a middleware: a stream runs the same way
+under all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import logging
 import weakref
@@ -18,16 +19,18 @@ import anyio
 import anyio.lowlevel
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import RequestResponseCycle as H11Cycle
-from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as HttptoolsCycle
 
-from sseviews import DisconnectReason, Event, EventStreamView, StreamEnded
-from sseviews._connection import callback_safe
+from sseviews import Broadcast, DisconnectReason, Event, EventStreamView, StreamEnded
 from sseviews.testing import EventStreamClient
 
 pytestmark = pytest.mark.anyio
 
-MODES = ["lean", "task"]
+MODES = ["plain", "wrapped"]
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 class WrappedReceive:
@@ -44,7 +47,7 @@ class WrappedReceive:
 
 
 def serve(view: type[EventStreamView], mode: str) -> ASGIApp:
-    return view if mode == "lean" else WrappedReceive(view)
+    return view if mode == "plain" else WrappedReceive(view)
 
 
 class Recorder:
@@ -71,47 +74,68 @@ def idle_view(recorder: Recorder, **settings: Any) -> type[EventStreamView]:
     return Idle
 
 
-def test_callback_safe_knows_uvicorn_and_the_test_client() -> None:
-    for cycle in (HttptoolsCycle, H11Cycle):
-        assert callback_safe(object.__new__(cycle).receive)
+class Peer:
+    """A server's side of one request: body chunks first, then a wait for the client."""
 
+    def __init__(self, before_wait: str = "none") -> None:
+        self.before_wait = before_wait
+        self.chunks = [b"a", b"b"]  # request body chunks, answered at once
+        self.gone = anyio.Event()
+        self.sent: list[Message] = []
 
-def test_callback_safe_refuses_unknown_and_wrapped_receivers() -> None:
-    async def receive() -> Message:
+    async def receive(self) -> Message:
+        if self.chunks:
+            return {"type": "http.request", "body": self.chunks.pop(0), "more_body": True}
+        if self.before_wait == "raise":
+            raise RuntimeError("the server broke")
+        if self.before_wait == "checkpoint":
+            await anyio.lowlevel.checkpoint()
+        await self.gone.wait()
         return {"type": "http.disconnect"}
 
-    class Other:
-        async def receive(self) -> Message:
-            return {"type": "http.disconnect"}
-
-        async def other(self) -> Message:
-            return {"type": "http.disconnect"}
-
-    class Declared(Other):
-        _sseviews_callback_safe = True
-
-    assert not callback_safe(receive)
-    assert not callback_safe(Other().receive)
-    assert not callback_safe(Declared().other)  # only a method named receive
-    assert callback_safe(Declared().receive)
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_connection_lean_stream_has_no_second_task_while_idle(mode: str) -> None:
+async def run_app(app: ASGIApp, peer: Peer) -> None:
+    await app(request_scope(), peer.receive, peer.send)
+
+
+def request_scope() -> Scope:
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 5000),
+    }
+
+
+async def _ends(stream: Any) -> bool:
+    try:
+        await stream.next_event(timeout=2)
+    except StreamEnded:
+        return True
+    return False
+
+
+# -- the same behaviour on every backend and with any receive() -----------------------
+
+
+async def test_connection_head_then_an_empty_chunk_before_any_event() -> None:
+    peer = Peer()
     recorder = Recorder()
-    app = serve(idle_view(recorder), mode)
-    async with EventStreamClient(app) as client:
-        before = len(asyncio.all_tasks())
-        async with client.stream("/") as stream:
-            assert (await stream.next_event(timeout=2)).data == "hello"
-            await anyio.sleep(0.05)
-            extra = len(asyncio.all_tasks()) - before
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_app, idle_view(recorder), peer)
         with anyio.fail_after(2):
-            await recorder.ended.wait()
-    # The client runs each exchange in a task of its own; the view adds a writer
-    # task only when receive() is wrapped.
-    assert extra == (1 if mode == "lean" else 2)
-    assert recorder.reasons == [DisconnectReason.CLIENT_CLOSED]
+            while len(peer.sent) < 3:
+                await anyio.sleep(0.01)
+        peer.gone.set()
+    assert peer.sent[0]["type"] == "http.response.start"
+    # ASGI lets a server hold the head until the first body message: send one at once.
+    assert peer.sent[1] == {"type": "http.response.body", "body": b"", "more_body": True}
+    assert peer.sent[2]["body"] == b"data: hello\n\n"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -163,7 +187,6 @@ async def test_connection_burst_batched_in_order(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_connection_paused_client_resumes_in_order(mode: str) -> None:
-    recorder = Recorder()
     total = 300  # 300 KiB: more than the writer's high-water mark
 
     class Big(EventStreamView):
@@ -172,21 +195,13 @@ async def test_connection_paused_client_resumes_in_order(mode: str) -> None:
                 yield Event(f"{index}:" + "x" * 1024)
             await anyio.sleep_forever()
 
-        async def on_disconnect(self, reason: DisconnectReason) -> None:
-            recorder.record(reason)
-
     async with EventStreamClient(serve(Big, mode)) as client:
-        before = len(asyncio.all_tasks())
         async with client.stream("/") as stream:
             stream.pause()
             await anyio.sleep(0.2)
             stream.resume()
             received = [(await stream.next_event(timeout=5)).data for _ in range(total)]
-            await anyio.sleep(0.05)
-            extra = len(asyncio.all_tasks()) - before
     assert [int(data.split(":")[0]) for data in received] == list(range(total))
-    # In lean mode the writer task that finished the blocked write has exited.
-    assert extra == (1 if mode == "lean" else 2)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -213,6 +228,32 @@ async def test_connection_send_timeout_drops_a_client_that_stopped_reading(mode:
 
 
 @pytest.mark.parametrize("mode", MODES)
+async def test_connection_send_timeout_drops_a_group_stream_that_stopped_reading(
+    mode: str,
+) -> None:
+    recorder = Recorder()
+    broadcast = Broadcast("memory://")
+
+    class Room(EventStreamView):
+        send_timeout = 0.2
+        groups = ["room"]
+
+        async def on_disconnect(self, reason: DisconnectReason) -> None:
+            recorder.record(reason)
+
+    Room.broadcast = broadcast
+    async with broadcast, EventStreamClient(serve(Room, mode)) as client:
+        async with client.stream("/") as stream:
+            await broadcast.publish("room", "first")
+            await stream.next_event(timeout=2)
+            stream.pause()
+            await broadcast.publish("room", "blocked")
+            with anyio.fail_after(2):
+                await recorder.ended.wait()
+    assert recorder.reasons == [DisconnectReason.SEND_TIMEOUT]
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_connection_shutdown_ends_an_idle_stream(mode: str) -> None:
     recorder = Recorder()
     async with EventStreamClient(serve(idle_view(recorder), mode)) as client:
@@ -225,65 +266,8 @@ async def test_connection_shutdown_ends_an_idle_stream(mode: str) -> None:
     assert recorder.reasons == [DisconnectReason.SHUTDOWN]
 
 
-async def _ends(stream: Any) -> bool:
-    try:
-        await stream.next_event(timeout=2)
-    except StreamEnded:
-        return True
-    return False
-
-
-class Peer:
-    """A server's side of one request, whose receive() can be driven by callbacks."""
-
-    _sseviews_callback_safe = True
-
-    def __init__(self, before_wait: str = "none") -> None:
-        self.before_wait = before_wait
-        self.chunks = [b"a", b"b"]  # request body chunks, answered at once
-        self.gone = asyncio.Event()
-        self.sent: list[Message] = []
-
-    async def receive(self) -> Message:
-        if self.chunks:
-            return {"type": "http.request", "body": self.chunks.pop(0), "more_body": True}
-        if self.before_wait == "raise":
-            raise RuntimeError("the server broke")
-        if self.before_wait == "checkpoint":
-            await asyncio.sleep(0)  # a bare yield before the wait
-        if self.before_wait == "odd":
-            await _Odd()
-        await self.gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(self, message: Message) -> None:
-        self.sent.append(message)
-
-
-class _Odd:
-    """An awaitable that yields something no event loop understands."""
-
-    def __await__(self) -> Any:
-        yield "not a future"
-
-
-async def run_app(app: ASGIApp, peer: Peer) -> None:
-    await app(request_scope(), peer.receive, peer.send)
-
-
-def request_scope() -> Scope:
-    return {
-        "type": "http",
-        "method": "GET",
-        "path": "/",
-        "query_string": b"",
-        "headers": [],
-        "client": ("127.0.0.1", 5000),
-    }
-
-
 @pytest.mark.parametrize("before_wait", ["none", "checkpoint"])
-async def test_connection_lean_listener_reads_past_body_chunks(before_wait: str) -> None:
+async def test_connection_listener_reads_past_body_chunks(before_wait: str) -> None:
     recorder = Recorder()
     peer = Peer(before_wait)
     async with anyio.create_task_group() as tg:
@@ -303,23 +287,19 @@ async def test_connection_lean_listener_reads_past_body_chunks(before_wait: str)
     }
 
 
-@pytest.mark.parametrize(
-    ("before_wait", "logged"),
-    [("raise", "receive() failed"), ("odd", "not an asyncio future")],
-)
-async def test_connection_lean_listener_failure_ends_with_error(
-    before_wait: str, logged: str, caplog: pytest.LogCaptureFixture
+async def test_connection_listener_failure_ends_with_error(
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     recorder = Recorder()
-    peer = Peer(before_wait)
+    peer = Peer("raise")
     with anyio.fail_after(2):
         await idle_view(recorder)(request_scope(), peer.receive, peer.send)
     assert recorder.reasons == [DisconnectReason.ERROR]
-    assert logged in caplog.text
+    assert "receive() failed" in caplog.text
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_connection_ping_timer_waits_a_whole_interval_after_each_write(mode: str) -> None:
+async def test_connection_ping_waits_a_whole_interval_after_each_write(mode: str) -> None:
     class Ticker(EventStreamView):
         ping_interval = 0.15
 
@@ -337,7 +317,128 @@ async def test_connection_ping_timer_waits_a_whole_interval_after_each_write(mod
         assert len(stream.comments) >= 1
 
 
-async def test_connection_lean_writer_cancelled_with_the_request_task() -> None:
+async def test_connection_send_failure_ends_with_error(caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder()
+
+    class Broken(Peer):
+        async def send(self, message: Message) -> None:
+            if message.get("body"):
+                raise RuntimeError("the transport broke")
+            self.sent.append(message)
+
+    peer = Broken()
+    with anyio.fail_after(2):
+        await idle_view(recorder)(request_scope(), peer.receive, peer.send)
+    assert recorder.reasons == [DisconnectReason.ERROR]
+    assert "sending to the client failed" in caplog.text
+
+
+# -- the rule: every send and receive in the stream's own tasks -----------------------
+
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+
+
+class Recording:
+    """Record, for every send and receive, the context and where it started and ended."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token
+        self.calls: list[tuple[str, str, object, object]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        REQUEST.set(self.token)
+
+        async def recorded_receive() -> Message:
+            started = anyio.get_current_task().id
+            with anyio.fail_after(30):  # a cancel scope around the call, as middleware do
+                message = await receive()
+            self.calls.append(("receive", REQUEST.get(), started, anyio.get_current_task().id))
+            return message
+
+        async def recorded_send(message: Message) -> None:
+            started = anyio.get_current_task().id
+            with anyio.fail_after(30):
+                await anyio.lowlevel.checkpoint()
+                await send(message)
+            self.calls.append(("send", REQUEST.get(), started, anyio.get_current_task().id))
+
+        await self.app(scope, recorded_receive, recorded_send)
+
+
+@pytest.mark.parametrize("kind", ["generator", "groups", "subscription"])
+async def test_connection_sends_and_receives_in_the_streams_context(kind: str) -> None:
+    broadcast = Broadcast("memory://")
+
+    class Room(EventStreamView):
+        groups = ["room"]
+
+    class Relay(Room):
+        async def events(self) -> AsyncIterator[Any]:
+            async for event in self.subscription:
+                yield event
+
+    class Generator(EventStreamView):
+        async def events(self) -> AsyncIterator[Any]:
+            for index in range(3):
+                yield index
+                await anyio.sleep(0.01)
+            await anyio.sleep_forever()
+
+    view = {"generator": Generator, "groups": Room, "subscription": Relay}[kind]
+    view.broadcast = broadcast
+    app = Recording(view, "stream")
+    async with broadcast, EventStreamClient(app) as client:
+        async with client.stream("/") as stream:
+            if kind != "generator":
+                REQUEST.set("publisher")  # the publisher's own context
+                for index in range(3):
+                    await broadcast.publish("room", index)
+            assert [(await stream.next_event(timeout=2)).data for _ in range(3)] == [
+                "0",
+                "1",
+                "2",
+            ]
+        with anyio.fail_after(2):
+            while not any(call[0] == "receive" for call in app.calls):
+                await anyio.sleep(0.01)
+    assert len([call for call in app.calls if call[0] == "send"]) >= 3
+    for name, token, started, ended in app.calls:
+        assert token == "stream", name
+        assert started == ended, name  # awaited to completion where it started
+
+
+# -- the tasks of a stream (asyncio: counted) -----------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_connection_tasks_per_stream(mode: str) -> None:
+    recorder = Recorder()
+    broadcast = Broadcast("memory://")
+
+    class Room(EventStreamView):
+        groups = ["room"]
+
+    Room.broadcast = broadcast
+    async with broadcast, EventStreamClient(serve(idle_view(recorder), mode)) as client:
+        before = len(asyncio.all_tasks())
+        async with client.stream("/") as stream:
+            await stream.next_event(timeout=2)
+            # The client's exchange task runs the request; a view with events()
+            # adds its writer and its listener.
+            assert len(asyncio.all_tasks()) - before == 3
+    async with broadcast, EventStreamClient(serve(Room, mode)) as client:
+        before = len(asyncio.all_tasks())
+        async with client.stream("/") as stream:
+            await broadcast.publish("room", "x")
+            await stream.next_event(timeout=2)
+            # A view that streams its groups writes from the request task: one more.
+            assert len(asyncio.all_tasks()) - before == 2
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_connection_children_cancelled_with_the_request_task() -> None:
     recorder = Recorder()
     release = anyio.Event()
 
@@ -361,17 +462,18 @@ async def test_connection_lean_writer_cancelled_with_the_request_task() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_app, Blocked, peer)
         await anyio.sleep(0.1)
-        assert len(asyncio.all_tasks()) - before == 2  # the request task and its writer
+        # the request task, its writer and its listener
+        assert len(asyncio.all_tasks()) - before == 3
         tg.cancel_scope.cancel()  # the server gives up on the request
     assert recorder.reasons == [DisconnectReason.SHUTDOWN]
     await anyio.lowlevel.checkpoint()
-    assert len(asyncio.all_tasks()) == before  # the writer did not outlive it
+    assert len(asyncio.all_tasks()) == before  # no child outlived it
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("ending", ["client_closed", "completed", "error"])
 async def test_connection_closed_stream_freed_without_the_garbage_collector(
-    mode: str, ending: str, monkeypatch: pytest.MonkeyPatch
+    ending: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Once a stream is over, nothing of it may stay in a reference cycle: at 10k
     # streams, cycles hold memory until a full collection and slow every one.
@@ -397,7 +499,7 @@ async def test_connection_closed_stream_freed_without_the_garbage_collector(
     gc.collect()
     gc.disable()
     try:
-        async with EventStreamClient(serve(View, mode)) as client:
+        async with EventStreamClient(View) as client:
             async with client.stream("/") as stream:
                 assert (await stream.next_event(timeout=2)).data == "hello"
                 if ending != "client_closed":
