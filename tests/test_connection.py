@@ -12,7 +12,7 @@ import contextvars
 import gc
 import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -112,6 +112,16 @@ def request_scope() -> Scope:
     }
 
 
+async def until(condition: Callable[[], bool], within: float = 2) -> None:
+    """Poll `condition` until it holds; fail the test after `within` seconds."""
+    with anyio.fail_after(within):
+        for _ in range(int(within / 0.01) + 1):
+            if condition():
+                return
+            await anyio.sleep(0.01)
+    raise AssertionError("the condition never held")
+
+
 async def _ends(stream: Any) -> bool:
     try:
         await stream.next_event(timeout=2)
@@ -128,9 +138,7 @@ async def test_connection_head_then_an_empty_chunk_before_any_event() -> None:
     recorder = Recorder()
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_app, idle_view(recorder), peer)
-        with anyio.fail_after(2):
-            while len(peer.sent) < 3:
-                await anyio.sleep(0.01)
+        await until(lambda: len(peer.sent) >= 3)
         peer.gone.set()
     assert peer.sent[0]["type"] == "http.response.start"
     # ASGI lets a server hold the head until the first body message: send one at once.
@@ -236,7 +244,7 @@ async def test_connection_send_timeout_drops_a_group_stream_that_stopped_reading
 
     class Room(EventStreamView):
         send_timeout = 0.2
-        groups = ["room"]
+        groups = ("room",)
 
         async def on_disconnect(self, reason: DisconnectReason) -> None:
             recorder.record(reason)
@@ -371,7 +379,7 @@ async def test_connection_sends_and_receives_in_the_streams_context(kind: str) -
     broadcast = Broadcast("memory://")
 
     class Room(EventStreamView):
-        groups = ["room"]
+        groups = ("room",)
 
     class Relay(Room):
         async def events(self) -> AsyncIterator[Any]:
@@ -399,9 +407,7 @@ async def test_connection_sends_and_receives_in_the_streams_context(kind: str) -
                 "1",
                 "2",
             ]
-        with anyio.fail_after(2):
-            while not any(call[0] == "receive" for call in app.calls):
-                await anyio.sleep(0.01)
+        await until(lambda: any(call[0] == "receive" for call in app.calls))
     assert len([call for call in app.calls if call[0] == "send"]) >= 3
     for name, token, started, ended in app.calls:
         assert token == "stream", name
@@ -418,7 +424,7 @@ async def test_connection_tasks_per_stream(mode: str) -> None:
     broadcast = Broadcast("memory://")
 
     class Room(EventStreamView):
-        groups = ["room"]
+        groups = ("room",)
 
     Room.broadcast = broadcast
     async with broadcast, EventStreamClient(serve(idle_view(recorder), mode)) as client:
