@@ -282,12 +282,53 @@ class Connection:
 
     async def _write(self) -> None:
         """Write what is ready, and pings, until the stream ends; then end the response."""
+        ping_interval = self.ping_interval
+        source = self.source
+        writer = self._writer
         try:
-            with anyio.CancelScope() as scope:
+            with anyio.CancelScope() as scope:  # bounds each send (see _send)
                 self._scope = scope
-                await self._write_loop()
+                while True:
+                    reason = self.reason
+                    if reason in DROP_REASONS:
+                        break
+                    if self.buffer:
+                        buffer = self.buffer
+                        count = len(buffer)
+                        data = buffer[0] if count == 1 else b"".join(buffer)
+                        buffer.clear()
+                        self.buffered = 0
+                        producer = self._producer
+                        if producer is not None:
+                            producer.wake()
+                        if not await self._send_body(data, count):
+                            break
+                    elif source is not None and source.pending:
+                        count, data = source.take(HIGH_WATER)
+                        if not await self._send_body(data, count):
+                            break
+                    elif self._finishing or reason is not None:
+                        await self._send_body(b"", 0, more_body=False)
+                        break
+                    elif ping_interval is None:
+                        await writer.wait()
+                    else:
+                        due = self.last_write + ping_interval
+                        if due - self.clock() > 0.001 and await writer.wait(due):
+                            continue  # woken: something to send, or the end
+                        if self.buffer or (source is not None and source.pending):
+                            continue  # something came with the deadline: it goes first
+                        ping = self.view.ping_message().encode()
+                        if not await self._send_body(ping, 0):
+                            break
+                        counters = self.counters
+                        if counters is not None:
+                            counters.pings += 1
             if scope.cancelled_caught and self.reason is None:
                 self.reason = DisconnectReason.SEND_TIMEOUT
+        except Exception:
+            logger.exception("%s: the stream's writer failed", self.view.describe())
+            self.stop(DisconnectReason.ERROR)
         finally:
             self._scope = None
             self._written = True
@@ -296,48 +337,6 @@ class Connection:
             producer = self._producer
             if producer is not None:
                 producer.wake()
-
-    async def _write_loop(self) -> None:
-        ping_interval = self.ping_interval
-        source = self.source
-        writer = self._writer
-        while True:
-            reason = self.reason
-            if reason in DROP_REASONS:
-                return
-            if self.buffer:
-                buffer = self.buffer
-                count = len(buffer)
-                data = buffer[0] if count == 1 else b"".join(buffer)
-                buffer.clear()
-                self.buffered = 0
-                producer = self._producer
-                if producer is not None:
-                    producer.wake()
-                if not await self._send_body(data, count):
-                    return
-                continue
-            if source is not None and source.pending:
-                count, data = source.take(HIGH_WATER)
-                if not await self._send_body(data, count):
-                    return
-                continue
-            if self._finishing or reason is not None:
-                await self._send_body(b"", 0, more_body=False)
-                return
-            if ping_interval is None:
-                await writer.wait()
-                continue
-            due = self.last_write + ping_interval
-            if due - self.clock() <= 0.001 or not await writer.wait(due):
-                if self.buffer or (source is not None and source.pending):
-                    continue  # something came with the deadline: it goes first
-                ping = self.view.ping_message().encode()
-                if not await self._send_body(ping, 0):
-                    return
-                counters = self.counters
-                if counters is not None:
-                    counters.pings += 1
 
     async def _send_body(self, data: bytes, events: int, *, more_body: bool = True) -> bool:
         message: Message = {"type": "http.response.body", "body": data, "more_body": more_body}

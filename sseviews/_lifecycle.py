@@ -4,6 +4,10 @@ Shutdown state belongs to one server, never to the process: a `ShutdownSignal`
 is found per request, either in the ASGI scope (put there by `ShutdownMiddleware`
 or by the test client) or, under uvicorn, on the running `uvicorn.Server` itself.
 Two servers started one after another in one process each get their own.
+
+Under other servers, `ShutdownMiddleware(app, handle_signals=True)` triggers its
+own signal from SIGTERM/SIGINT, chained in front of the server's handlers; its
+state lives on the middleware instance.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import importlib
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, Protocol
 
+import anyio
 import sniffio
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["DisconnectReason", "ShutdownMiddleware", "ShutdownSignal", "find_shutdown_signal"]
 
@@ -67,21 +73,23 @@ class ShutdownSignal:
     """The shutdown state of one server.
 
     Call `trigger()` when the server starts shutting down: every stream that uses
-    this signal ends (after its view's `shutdown_grace_period`), and new streams are
-    refused with 503. Under uvicorn sseviews finds and triggers one automatically;
-    with other servers, give one to `ShutdownMiddleware` and trigger it from the
-    server's shutdown hook.
+    this signal ends (after its view's `shutdown_grace_period`), and a stream
+    requested after that gets `200` and an immediate clean end, so that the
+    browser's `EventSource` reconnects (to a server that is still running) instead
+    of giving up, as it would on `503`. Under uvicorn sseviews finds and triggers
+    one automatically; with other servers, use `ShutdownMiddleware`.
 
     `trigger()` must be called from the event loop thread; from a signal handler or
     another thread use `loop.call_soon_threadsafe(signal.trigger)`.
     """
 
-    __slots__ = ("__weakref__", "_streams", "_triggered", "_watcher")
+    __slots__ = ("__weakref__", "_drained", "_streams", "_triggered", "_watcher")
 
     def __init__(self) -> None:
         self._streams: set[_Stoppable] = set()
         self._triggered = False
         self._watcher: asyncio.Task[None] | None = None
+        self._drained: list[Callable[[], object]] = []
 
     @property
     def is_set(self) -> bool:
@@ -102,6 +110,7 @@ class ShutdownSignal:
             logger.info("shutdown: ending %d open stream(s)", len(self._streams))
         for stream in list(self._streams):
             stream.begin_shutdown()
+        self._notify_drained()
 
     def _register(self, stream: _Stoppable) -> None:
         self._streams.add(stream)
@@ -109,15 +118,30 @@ class ShutdownSignal:
             stream.begin_shutdown()
 
     def _unregister(self, stream: _Stoppable) -> None:
-        self._streams.discard(stream)
+        streams = self._streams
+        streams.discard(stream)
+        if not streams and self._drained:
+            self._notify_drained()
+
+    def _when_drained(self, callback: Callable[[], object]) -> None:
+        """Call `callback` once shutdown has started and every stream has ended."""
+        self._drained.append(callback)
+        self._notify_drained()
+
+    def _notify_drained(self) -> None:
+        if self._triggered and not self._streams:
+            callbacks, self._drained = self._drained, []
+            for callback in callbacks:
+                callback()
 
 
 class ShutdownMiddleware:
     """ASGI middleware that hands a `ShutdownSignal` to every stream below it.
 
     Use it with ASGI servers other than uvicorn (hypercorn, granian, daphne, ...).
-    With `handle_signals=True` the middleware triggers the signal itself when the
-    process gets SIGTERM or SIGINT, and then hands the signal on to the server:
+    With `handle_signals=True` it triggers the signal itself when the process gets
+    SIGTERM or SIGINT, and hands the signal on to the server once the streams have
+    ended:
 
         app = ShutdownMiddleware(app, handle_signals=True)
 
@@ -126,15 +150,21 @@ class ShutdownMiddleware:
         shutdown = ShutdownSignal()
         app = ShutdownMiddleware(app, shutdown)
 
+    Either way, the ASGI lifespan shutdown triggers the signal too (if nothing did
+    before), and reaches the app only once every stream has ended (or 30 s later),
+    so the app's own shutdown code runs after the streams' `on_disconnect`.
+
     Args:
         app: The ASGI app to wrap.
         signal: The signal to hand out; a new one when omitted (see `.signal`).
-        handle_signals: Chain a handler in front of the SIGTERM and SIGINT handlers
-            that the server installed: on the signal it triggers `signal`, then calls
-            the server's handler, so the server shuts down as it always does. It is
-            installed once, at lifespan startup or else at the first request, in the
-            process that serves the app (each worker has its own). A signal the server
-            leaves at its default action or ignores is left alone.
+        handle_signals: Put a handler in front of the SIGTERM and SIGINT handlers
+            that the server installed. On the first of those signals it triggers
+            `signal`, and calls the server's handler once every stream has ended
+            (so `shutdown_grace_period` works under every server), or at the
+            latest 30 s later; a second signal is handed on at once. It is installed
+            once, at lifespan startup or else at the first request, in the process
+            that serves the app (each worker has its own), on asyncio. A signal
+            that the server leaves at its default action, or ignores, is left alone.
     """
 
     def __init__(
@@ -147,56 +177,83 @@ class ShutdownMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.handle_signals and self._chain is None:
-            # By the first ASGI call the server has installed its own handlers.
+            # By its first ASGI call the server has installed its own handlers.
             self._chain = _SignalChain(self.signal)
         if scope["type"] == "http":
             extensions = scope.get("extensions")
             if extensions is None:
                 extensions = scope["extensions"] = {}
             extensions[SCOPE_KEY] = self.signal
+        elif scope["type"] == "lifespan":
+            receive = self._lifespan_receive(receive)
         await self.app(scope, receive, send)
 
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        shutdown = self.signal
 
-# The signals a server shuts down on, and so the ones `handle_signals` chains.
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                # The server is stopping: end the streams if nothing has yet, and hand
+                # the app its shutdown (which may close what the streams use) after
+                # them. Some servers (granian) exit right after the lifespan shutdown.
+                shutdown.trigger()
+                drained = anyio.Event()
+                shutdown._when_drained(drained.set)
+                with anyio.move_on_after(_DRAIN_LIMIT):
+                    await drained.wait()
+            return message
+
+        return lifespan_receive
+
+
+# The signals that `handle_signals` chains: the ones servers shut down on.
 _SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The longest the server's handler is held back while the streams end, in seconds.
+# Each stream's end is bounded already (grace period, 1 s writes, disconnect_timeout);
+# this bounds the wait should a stream never unregister.
+_DRAIN_LIMIT = 30.0
 
 
 class _SignalChain:
     """Triggers a `ShutdownSignal` on SIGTERM/SIGINT, then calls the server's handler.
 
-    A server learns of its signals in one of two ways, and both keep working:
+    A server hears its signals in one of two ways, and both go on working:
 
-    - a Python handler installed with `signal.signal()` (uvicorn, gunicorn's arbiter,
-      Twisted under daphne, hypercorn's parent process): it is called after the
-      trigger, with the same arguments;
-    - `loop.add_signal_handler()` (hypercorn's single-process mode, granian's
-      workers): the Python handler it installs is a no-op, and the loop hears the
-      signal through its wakeup fd, which the C-level handler writes to whichever
-      Python handler is installed; calling the no-op is harmless.
-
-    The trigger is scheduled with `call_soon_threadsafe`, so it runs in the event
-    loop before anything the server's handler schedules there.
+    - a handler installed with `signal.signal()` (uvicorn, Twisted under daphne,
+      gunicorn's and hypercorn's parent processes) is called by this chain, with
+      the signal's arguments, once the streams have ended. Under daphne that matters:
+      Twisted cancels every request at once when it stops;
+    - `loop.add_signal_handler()` (hypercorn's `--workers 0`, granian's workers)
+      installs a no-op Python handler, and the loop hears the signal through its
+      wakeup fd, which the C-level handler writes to whichever Python handler is
+      installed: such a server starts its shutdown at once, beside this chain,
+      and waits for its open connections, which the trigger ends.
     """
 
-    __slots__ = ("_previous", "_schedule", "_shutdown")
+    __slots__ = ("_held", "_loop", "_passed", "_previous", "_shutdown", "_timer")
 
     def __init__(self, shutdown: ShutdownSignal) -> None:
         self._shutdown = shutdown
-        self._previous: dict[int, Any] = {}
-        self._schedule: Any = None
+        self._previous: dict[int, Callable[[int, FrameType | None], object]] = {}
+        self._held: list[tuple[int, FrameType | None]] = []
+        self._passed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if sniffio.current_async_library() != "asyncio":
+            logger.warning(
+                "ShutdownMiddleware(handle_signals=True) works on asyncio only; "
+                "call ShutdownSignal.trigger() from the server's shutdown hook instead"
+            )
+            return
         if threading.current_thread() is not threading.main_thread():
             logger.warning(
                 "ShutdownMiddleware(handle_signals=True): the app is not served from the "
-                "main thread, so no signal handler can be installed; call "
-                "ShutdownSignal.trigger() from the server's shutdown hook instead"
+                "main thread, where signal handlers live; call ShutdownSignal.trigger() "
+                "from the server's shutdown hook instead"
             )
             return
-        if sniffio.current_async_library() == "trio":
-            import trio
-
-            self._schedule = trio.lowlevel.current_trio_token().run_sync_soon
-        else:
-            self._schedule = asyncio.get_running_loop().call_soon_threadsafe
+        self._loop = asyncio.get_running_loop()
         for signum in _SHUTDOWN_SIGNALS:
             previous = signal.getsignal(signum)
             if callable(previous):  # not SIG_DFL, SIG_IGN, or a handler set outside Python
@@ -204,8 +261,37 @@ class _SignalChain:
                 signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self._schedule(self._shutdown.trigger)
-        self._previous[signum](signum, frame)
+        # A Python signal handler runs between two bytecodes of the main thread,
+        # maybe inside the event loop's own code: it only hands the work over.
+        loop = self._loop
+        assert loop is not None
+        if loop.is_closed():
+            self._previous[signum](signum, frame)
+        else:
+            loop.call_soon_threadsafe(self._received, signum, frame)
+
+    def _received(self, signum: int, frame: FrameType | None) -> None:
+        if self._passed:
+            self._previous[signum](signum, frame)
+            return
+        self._held.append((signum, frame))
+        if len(self._held) > 1:
+            self._pass_on()  # a second signal: the server hears both, in order, now
+            return
+        assert self._loop is not None
+        self._timer = self._loop.call_later(_DRAIN_LIMIT, self._pass_on)
+        self._shutdown.trigger()
+        self._shutdown._when_drained(self._pass_on)
+
+    def _pass_on(self) -> None:
+        if self._passed:
+            return
+        self._passed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        held, self._held = self._held, []
+        for signum, frame in held:
+            self._previous[signum](signum, frame)
 
 
 def find_shutdown_signal(scope: Scope) -> ShutdownSignal | None:

@@ -15,7 +15,6 @@ not (the children catch their own errors; see `Connection`).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any
@@ -25,8 +24,6 @@ import anyio.abc
 import sniffio
 
 __all__ = ["StreamTasks"]
-
-logger = logging.getLogger("sseviews")
 
 
 class StreamTasks:
@@ -47,10 +44,10 @@ class StreamTasks:
         return self
 
     def start(self, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run `function()` in a child task of the stream."""
+        """Run `function()` in a child task of the stream; it must catch its own errors."""
         tasks = self._tasks
         if tasks is not None:
-            tasks.append(asyncio.get_running_loop().create_task(_run(function)))
+            tasks.append(asyncio.get_running_loop().create_task(function()))
         else:
             assert self._group is not None
             self._group.start_soon(function)
@@ -75,10 +72,3 @@ class StreamTasks:
             with anyio.CancelScope(shield=True):
                 await asyncio.wait(running)
         return None
-
-
-async def _run(function: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    try:
-        await function()
-    except Exception:  # pragma: no cover - the children catch their own errors
-        logger.exception("a stream task failed")

@@ -519,7 +519,9 @@ class EventStreamView:
     def _response_start(self) -> Message:
         extra = self.headers
         if not extra:
-            headers = _DEFAULT_RAW_HEADERS
+            # A copy: ASGI lets middleware edit the message (GZipMiddleware adds
+            # content-encoding to its headers), and no response may see another's edits.
+            headers = list(_DEFAULT_RAW_HEADERS)
         else:
             merged = dict(_DEFAULT_HEADERS)
             merged.update({key.lower(): value for key, value in extra.items()})
