@@ -6,7 +6,9 @@
   that something imports in a child like them;
 * :class:`Outcome`, :func:`attempt`, :func:`mark_skipped`, :func:`rotated` --
   per-contender results (runs, medians, errors) and the run loop's pieces;
-* :func:`fmt`, :func:`table_row`, :func:`met_cell` -- the markdown table;
+* :func:`table_header`, :func:`fmt`, :func:`fmt_ratio`, :func:`fmt_target`,
+  :func:`table_row`, :func:`met_cell` -- the markdown table, with the same columns in both
+  benchmarks so that their rows can be pasted into one table;
 * :func:`write_json`, :func:`environment_info`, :func:`package_versions`,
   :func:`print_report` -- the JSON document and the printed summary;
 * :func:`new_parser`, :func:`add_output_argument`, :func:`ensure_nofile` --
@@ -341,14 +343,46 @@ def attempt(
 # -- reporting ------------------------------------------------------------------------
 
 
+def sse_starlette_label() -> str:
+    """``"sse-starlette <major>.<minor>"`` of the installed version (the column title)."""
+    version = package_versions(("sse-starlette",))["sse-starlette"]
+    if version is None:
+        return "sse-starlette"
+    return "sse-starlette " + ".".join(version.split(".")[:2])
+
+
+def table_header() -> list[str]:
+    """The header and alignment lines shared by every benchmark table.
+
+    One column per contender (a contender a case does not apply to shows
+    ``-``), then sseviews' ratio to the case's baseline (named in the cell),
+    the target and whether it was met.
+    """
+    contenders = ["raw ASGI", "Starlette floor", sse_starlette_label(), "sseviews"]
+    header = ["case", *contenders, "sseviews ratio", "target", "met"]
+    align = ["---", *["---:"] * (len(contenders) + 1), "---", "---"]
+    return [table_row(header), "|" + "|".join(align) + "|"]
+
+
+def fmt_target(ratio: float, higher_is_better: bool, baseline: str) -> str:
+    """``"<= 1.0x floor"``, ``">= 5.0x sse-starlette"``, ``"<= 0.75x raw"``."""
+    number = f"{ratio:g}"
+    if "." not in number:
+        number += ".0"
+    return f"{'>=' if higher_is_better else '<='} {number}x {baseline}"
+
+
 def fmt(value: float | None, decimals: int) -> str:
     if value is None:
         return "n/a"
     return f"{value:,.{decimals}f}"
 
 
-def fmt_ratio(ratio: float | None) -> str:
-    return "n/a" if ratio is None else f"{ratio:.2f}x"
+def fmt_ratio(ratio: float | None, baseline: str = "") -> str:
+    """``"0.93x floor"``; ``"n/a"`` without a ratio."""
+    if ratio is None:
+        return "n/a"
+    return f"{ratio:.2f}x {baseline}".rstrip()
 
 
 def meets(ratio: float, target: float, higher_is_better: bool) -> bool:

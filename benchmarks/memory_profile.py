@@ -2,8 +2,12 @@
 
 RSS figures (bench_core.py) include the allocator's slack; this one counts the
 bytes Python allocates per open stream, and names the lines that allocate them.
+The apps are bench_core's idle endpoints (raw ASGI, the Starlette floor,
+sse-starlette, the sseviews generator view), plus an sseviews view that streams
+a broadcast group (``apps/sseviews_app.py``), and a generator view
+(``apps/sseviews_generator_app.py``).
 
-    python benchmarks/memory_profile.py [--streams 1000] [--top 0]
+    python benchmarks/memory_profile.py [--streams 1000] [--top 0] [--apps raw,floor]
 """
 
 from __future__ import annotations
@@ -17,16 +21,23 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-APPS = {
-    "raw ASGI": ("benchmarks.apps.raw_app:app", "off"),
-    "sseviews, generator view": ("benchmarks.apps.sseviews_app:app", "off"),
-    "sseviews, group view": ("benchmarks.apps.sseviews_groups_app:app", "on"),
+# key: (label, app, uvicorn's lifespan setting)
+APPS: dict[str, tuple[str, str, Literal["on", "off"]]] = {
+    "raw": ("raw ASGI", "benchmarks.apps.raw_app:app", "off"),
+    "floor": ("Starlette floor", "benchmarks.apps.starlette_floor_app:app", "off"),
+    "sse-starlette": ("sse-starlette", "benchmarks.apps.sse_starlette_app:app", "off"),
+    "sseviews": ("sseviews, group view", "benchmarks.apps.sseviews_app:app", "on"),
+    "sseviews-generator": (
+        "sseviews, generator view",
+        "benchmarks.apps.sseviews_generator_app:app",
+        "off",
+    ),
 }
 
 _CLIENT = """
@@ -44,7 +55,7 @@ time.sleep(hold)
 """
 
 
-async def _measure(spec: str, lifespan: str, streams: int, top: int) -> float:
+async def _measure(spec: str, lifespan: Literal["on", "off"], streams: int, top: int) -> float:
     module, attribute = spec.split(":")
     app: Any = getattr(importlib.import_module(module), attribute)
     listener = socket.socket()
@@ -93,9 +104,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--top", type=int, default=0, help="also list the top N lines")
+    parser.add_argument(
+        "--apps", default=",".join(APPS), help="comma-separated subset of: " + ",".join(APPS)
+    )
     args = parser.parse_args()
+    keys = args.apps.split(",")
+    unknown = [key for key in keys if key not in APPS]
+    if unknown:
+        parser.error(f"unknown app(s) {unknown}; choose from {list(APPS)}")
     print(f"Python bytes per idle stream, {args.streams} streams (tracemalloc)")
-    for name, (spec, lifespan) in APPS.items():
+    for key in keys:
+        name, spec, lifespan = APPS[key]
         per_stream = asyncio.run(_measure(spec, lifespan, args.streams, args.top))
         print(f"  {name:26} {per_stream / 1024:6.1f} KB")
 

@@ -11,7 +11,9 @@ Every fan-out app serves the same routes:
   "i": <index>}``, JSON-encoded once per event, so the client can compute the
   publish-to-client latency of every delivery.
 * ``GET /stats`` -- JSON: subscribers registered in this process, whether a
-  publisher task is running, and the garbage collector's activity
+  publisher task is running, the wall-clock time (``time.time()``) at which
+  the last publishing schedule started (event ``i`` is due ``i * interval``
+  later), and the garbage collector's activity
   (collections, total and longest pause, per generation) since the last
   ``?reset=1``; ``?objects=1`` adds the number of GC-tracked objects.
 
@@ -60,18 +62,26 @@ def start_params(query: dict[str, list[str]]) -> tuple[int, float]:
 
 
 async def publish_paced(
-    n: int, interval: float, publish_one: Callable[[int], Awaitable[Any]]
+    n: int,
+    interval: float,
+    publish_one: Callable[[int], Awaitable[Any]],
+    on_start: Callable[[float], None] | None = None,
 ) -> None:
     """Call ``publish_one(i)`` for i in 0..n-1, at ``start + i * interval``.
 
     The schedule is fixed: a publish that runs late (the loop was busy fanning
-    out the previous event) does not push the later ones back.
+    out the previous event) does not push the later ones back. ``on_start``
+    gets ``start``, so a client can measure from the schedule as well as from
+    the publish call. The schedule is kept in ``time.time()``, the clock of the
+    events' stamps and of the client's arrival times, so all three compare
+    directly (uvloop's ``loop.time()`` is a cached, millisecond clock).
     """
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    start = time.time()
+    if on_start is not None:
+        on_start(start)
     for index in range(n):
         if index:
-            delay = start + index * interval - loop.time()
+            delay = start + index * interval - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
         await publish_one(index)
@@ -84,6 +94,7 @@ class Publisher:
         self._publish_one = publish_one
         self._task: asyncio.Task[None] | None = None
         self.error: str | None = None
+        self.schedule_start: float | None = None
 
     @property
     def running(self) -> bool:
@@ -94,11 +105,15 @@ class Publisher:
         if self.running:
             return False
         self.error = None
+        self.schedule_start = None
         self._task = asyncio.get_running_loop().create_task(
-            publish_paced(n, interval, self._publish_one)
+            publish_paced(n, interval, self._publish_one, self._started)
         )
         self._task.add_done_callback(self._done)
         return True
+
+    def _started(self, wall_time: float) -> None:
+        self.schedule_start = wall_time
 
     def _done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -147,6 +162,7 @@ def stats(subscribers: int, publisher: Publisher, query: dict[str, list[str]]) -
         "subscribers": subscribers,
         "publishing": publisher.running,
         "publish_error": publisher.error,
+        "schedule_start": publisher.schedule_start,
         "gc": GC.snapshot(),
     }
     if query.get("objects") == ["1"]:

@@ -3,9 +3,12 @@
 A registry holds one queue per open ``/events`` stream. The publisher encodes
 each event once (``data: {"t":...,"i":n}\\n\\n``), builds one ASGI body
 message around those bytes and ``put_nowait``s that same message into every
-queue. Each connection's task awaits its queue and sends what it gets, one
-``send`` per event. A second small task per connection waits for the client's
-disconnect and then ends the stream (and leaves the registry).
+queue: publishing only fills queues, it never writes to a connection. Each
+stream is :func:`benchmarks.apps.common.queue_stream`, the same hand-written
+stream as ``raw_app``'s ``/idle``: it holds its queue and waits on both it and
+``receive()`` (a listener task under an ``asyncio.TaskGroup``), and its task
+wakes once per event and sends it with its own ``send``. The stream ends (and
+leaves the registry) when the client disconnects, or at server shutdown.
 
 Routes: see ``fanout_common.py`` (``/events``, ``/start``, ``/stats``).
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from benchmarks.apps.common import SSE_START, Message, Receive, Scope, Send, asgi_app, query
+from benchmarks.apps.common import Message, Receive, Scope, Send, asgi_app, query, queue_stream
 from benchmarks.apps.fanout_common import Publisher, dumps, payload, start_publishing, stats
 
 # The registry: one queue per open stream. ``None`` in a queue ends its stream.
@@ -37,26 +40,10 @@ publisher = Publisher(publish_one)
 async def _events(scope: Scope, receive: Receive, send: Send) -> None:
     queue: asyncio.Queue[Message | None] = asyncio.Queue()
     subscribers.add(queue)  # registered before the head: no event can be missed
-
-    async def watch_disconnect() -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                subscribers.discard(queue)
-                queue.put_nowait(None)
-                return
-
-    watcher = asyncio.get_running_loop().create_task(watch_disconnect())
     try:
-        await send(SSE_START)
-        while True:
-            message = await queue.get()
-            if message is None:
-                return
-            await send(message)
+        await queue_stream(receive, send, queue)
     finally:
         subscribers.discard(queue)
-        watcher.cancel()
 
 
 async def _json(send: Send, body: Any, status: int = 200) -> None:

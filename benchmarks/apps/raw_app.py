@@ -1,21 +1,28 @@
 """Hand-written ASGI app: the performance floor for the SSE benchmarks.
 
-No framework, no encoding at run time: every event is the same pre-encoded
-``b"data: x\\n\\n"`` handed to the server in its own ``send`` call, exactly as
-the framework-based apps produce it, so the only difference measured is the
-framework overhead.
+No framework and no SSE library: the endpoints do by hand what an SSE
+endpoint must do, as a competent hand-written ASGI app does it, so the only
+difference measured against the other apps is the framework's overhead.
 
 Routes (anything else answers 404):
 
-* ``GET /burst?n=N`` -- N events as fast as the server accepts them, then the
-  end of the body (default N = 100000).
-* ``GET /idle`` -- the response head only, then nothing until the client
-  disconnects.
+* ``GET /burst?n=N`` -- events ``0`` to ``N - 1`` (default N = 100000), each
+  encoded as ``b"data: %d\\n\\n" % i`` in its own ASGI message and its own
+  ``send``, as fast as the server takes them, then the end of the body.
+* ``GET /idle`` -- a real idle stream (:func:`benchmarks.apps.common.queue_stream`):
+  the response head, then the stream holds an ``asyncio.Queue`` (where a
+  publisher would put its events) and waits on both that queue and
+  ``receive()`` until the client disconnects. Nothing is ever published here.
+
+``apps/starlette_floor_app.py`` serves these same two functions through a
+``Starlette`` app.
 
 Run with ``python -m uvicorn benchmarks.apps.raw_app:app`` from the repo root.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from benchmarks.apps.common import (
     END_MESSAGE,
@@ -26,12 +33,10 @@ from benchmarks.apps.common import (
     Send,
     asgi_app,
     query,
+    queue_stream,
 )
 
 DEFAULT_BURST_EVENTS = 100_000
-EVENT = b"data: x\n\n"
-
-EVENT_MESSAGE: Message = {"type": "http.response.body", "body": EVENT, "more_body": True}
 
 
 def _event_count(scope: Scope) -> int:
@@ -42,17 +47,14 @@ def _event_count(scope: Scope) -> int:
 async def burst(scope: Scope, receive: Receive, send: Send) -> None:
     n = _event_count(scope)
     await send(SSE_START)
-    for _ in range(n):
-        await send(EVENT_MESSAGE)
+    for i in range(n):
+        await send({"type": "http.response.body", "body": b"data: %d\n\n" % i, "more_body": True})
     await send(END_MESSAGE)
 
 
 async def idle(scope: Scope, receive: Receive, send: Send) -> None:
-    await send(SSE_START)
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+    queue: asyncio.Queue[Message | None] = asyncio.Queue()
+    await queue_stream(receive, send, queue)
 
 
 async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,15 +1,16 @@
 """The floor for any endpoint routed through a Starlette app: no SSE library at all.
 
-The same two endpoints as ``raw_app``, written as bare ASGI endpoint classes (the
-shape Starlette's ``HTTPEndpoint`` and sseviews' ``EventStreamView`` have) and
-served by ``Starlette(routes=[Route(...)])``. Whatever this app costs over
-``raw_app`` per stream is what Starlette's app, middleware and router cost,
-before any SSE framework code runs: the least a Starlette-routed SSE view can
-cost.
+``raw_app``'s own two endpoint functions, each wrapped in a bare ASGI endpoint
+class (the shape Starlette's ``HTTPEndpoint`` and sseviews' ``EventStreamView``
+have) and served by ``Starlette(routes=[Route(...)])``. Whatever this app costs
+over ``raw_app`` is what Starlette's app, middleware and router cost, before any
+SSE framework code runs: the least a Starlette-routed SSE view can cost.
 
-* ``GET /burst?n=N`` -- N pre-encoded ``data: x\\n\\n`` events, one ``send``
-  each (default N = 100000), then the end of the body.
-* ``GET /idle`` -- the response head, then nothing until the client
+* ``GET /burst?n=N`` -- ``raw_app.burst``: events ``b"data: %d\n\n" % i``
+  for i in 0..N-1, one ``send`` each (default N = 100000), then the end of the
+  body.
+* ``GET /idle`` -- ``raw_app.idle``: the response head, then a stream that
+  holds a queue and waits on both it and ``receive()`` until the client
   disconnects.
 
 Run with ``python -m uvicorn benchmarks.apps.starlette_floor_app:app`` from the

@@ -1,0 +1,85 @@
+"""One table from a core and a fan-out result: the README's Performance table.
+
+``bench_core.py`` and ``bench_fanout.py`` print tables with the same columns
+(raw ASGI, Starlette floor, sse-starlette, sseviews, sseviews' ratio to the
+case's baseline, target, met); this script joins the rows of two of their JSON
+result files into one markdown table, the targeted rows only unless ``--all``.
+
+    python benchmarks/report.py                    # newest core-*.json and fanout-*.json
+    python benchmarks/report.py results/core-A.json results/fanout-B.json --all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.dont_write_bytecode = True  # keep __pycache__ out of the work tree
+
+_REPO = str(Path(__file__).resolve().parent.parent)
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from benchmarks.harness import RESULTS_DIR  # noqa: E402
+
+# Where each benchmark keeps its rows in the result document.
+ROW_SECTIONS = {"core": "cases", "fanout": "rows"}
+
+
+def newest(benchmark: str) -> Path:
+    found = sorted(RESULTS_DIR.glob(f"{benchmark}-*.json"))
+    if not found:
+        raise SystemExit(f"no {benchmark}-*.json in {RESULTS_DIR}; run bench_{benchmark}.py first")
+    return found[-1]
+
+
+def load(path: Path) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(path.read_text())
+    benchmark = document.get("benchmark")
+    if benchmark not in ROW_SECTIONS:
+        raise SystemExit(f"{path}: not a bench_core or bench_fanout result")
+    rows = document.get(ROW_SECTIONS[benchmark], {})
+    if not all("cells" in row for row in rows.values()):
+        raise SystemExit(f"{path}: written by an older benchmark script (no table cells)")
+    return document
+
+
+def source_note(path: Path, document: dict[str, Any]) -> str:
+    environment = document.get("environment", {})
+    return (
+        f"{path.name}: {document['benchmark']}, {document['sizes']['runs']} run(s), "
+        f"started {document['started']}, {document['duration_seconds']} s, "
+        f"Python {environment.get('python')}, {environment.get('cpu_count')} CPUs, "
+        f"argv {document.get('argv')}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("core", nargs="?", type=Path, help="a core-*.json (default: newest)")
+    parser.add_argument("fanout", nargs="?", type=Path, help="a fanout-*.json (default: newest)")
+    parser.add_argument("--all", action="store_true", help="also the (info) rows")
+    args = parser.parse_args(argv)
+    paths = [args.core or newest("core"), args.fanout or newest("fanout")]
+    documents = [load(path) for path in paths]
+    tables = [document["table_markdown"].splitlines() for document in documents]
+    if tables[0][:2] != tables[1][:2]:
+        raise SystemExit("the two tables have different columns")
+    lines = tables[0][:2]
+    for document in documents:
+        for row in document[ROW_SECTIONS[document["benchmark"]]].values():
+            if args.all or not row["info"]:
+                lines.append("| " + " | ".join(row["cells"]) + " |")
+    print("\n".join(lines))
+    print()
+    for path, document in zip(paths, documents, strict=True):
+        print(f"<!-- {source_note(path, document)} -->")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
