@@ -24,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .._exceptions import BackendError
-from ..stores.redis import _REDIS_ERRORS, _describe, _open_client, _redis_errors
+from .._redis import REDIS_ERRORS, describe, open_client, redis_errors
 from .base import Dispatch, LiveBackend, OnFailure
 
 __all__ = ["RedisBackend"]
@@ -57,10 +57,10 @@ class RedisBackend(LiveBackend):
     ) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
-        self._client, self._owned = _open_client(url_or_client)
+        self._client, self._owned = open_client(url_or_client)
         self.prefix = prefix
         self._channel = f"{prefix}:live".encode()
-        self._where = _describe(self._client)
+        self._where = describe(self._client)
         self._task: asyncio.Task[None] | None = None
         self._conn: AbstractConnection | None = None
         self._healthy = False
@@ -80,7 +80,7 @@ class RedisBackend(LiveBackend):
         if self._task is not None:
             raise RuntimeError("this RedisBackend is already connected")
         try:
-            with _redis_errors(f"subscribing to {self._where}"):
+            with redis_errors(f"subscribing to {self._where}"):
                 conn = await self._subscribe()
         except BaseException:
             if self._owned:
@@ -115,7 +115,7 @@ class RedisBackend(LiveBackend):
             BackendError: Redis cannot be reached.
         """
         payload = b"%s\0%d\0%s" % (group.encode(), seq, wire)
-        with _redis_errors(f"publishing to {self._where}"):
+        with redis_errors(f"publishing to {self._where}"):
             await self._client.publish(self._channel, payload)
 
     # -- the pub/sub connection ------------------------------------------------------
@@ -161,7 +161,7 @@ class RedisBackend(LiveBackend):
             while True:
                 try:
                     await self._read(conn, dispatch)
-                except _REDIS_ERRORS as exc:
+                except REDIS_ERRORS as exc:
                     error: Exception = exc
                 except Exception as exc:
                     logger.exception("unexpected error reading from %s", self._where)
@@ -220,7 +220,7 @@ class RedisBackend(LiveBackend):
             try:
                 with anyio.fail_after(self.attempt_timeout):
                     return await self._subscribe()
-            except _REDIS_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 logger.debug("reconnecting to %s failed: %s", self._where, exc)
             except Exception:
                 # Keep trying: giving up would leave the backend unhealthy for good.

@@ -19,27 +19,20 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from .._exceptions import BackendError
+from .._redis import describe, open_client, redis_errors
 from .base import Deliver, HistoryStore, id_line, new_epoch
 
 __all__ = ["RedisStore"]
 
 logger = logging.getLogger("sseviews.redis")
 
-#: What a lost or failing Redis raises; builtin ConnectionError is an OSError.
-_REDIS_ERRORS = (RedisError, OSError, TimeoutError)
-_URL_SCHEMES = ("redis", "rediss", "unix")
 _EPOCH = re.compile(rb"[0-9a-f]{8}")
 
 
@@ -161,46 +154,6 @@ return {redis.call('GET', KEYS[1]) or '0', epoch}
 )
 
 
-# Returns (client, owned): a client made from a URL is ours to close.
-def _open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio.Redis, bool]:
-    if isinstance(url_or_client, redis.asyncio.Redis):
-        return url_or_client, False
-    if not isinstance(url_or_client, str):
-        raise TypeError(
-            "expected a redis:// URL or a redis.asyncio.Redis client, "
-            f"got {type(url_or_client).__name__}"
-        )
-    if urlsplit(url_or_client).scheme not in _URL_SCHEMES:
-        raise ValueError(
-            f"expected a Redis URL such as 'redis://127.0.0.1:6379/0', got {url_or_client!r}"
-        )
-    # No automatic retries: a retried script could append an event twice, and
-    # an unreachable Redis must fail fast with BackendError. RESP2, because with
-    # RESP3 redis-py 8 enables maintenance notifications and then stops checking
-    # pooled connections, so the first command after a Redis restart would fail;
-    # with RESP2 the pool replaces connections that the server closed.
-    client = redis.asyncio.Redis.from_url(url_or_client, retry=Retry(NoBackoff(), 0), protocol=2)
-    return client, True
-
-
-# Where the client connects, for messages: never the URL, which may hold a password.
-def _describe(client: redis.asyncio.Redis) -> str:
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return f"Redis at {kwargs['path']}"
-    return f"Redis at {kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
-
-
-# Turns a Redis failure while doing `what` into a logged BackendError.
-@contextmanager
-def _redis_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except _REDIS_ERRORS as exc:
-        logger.warning("%s failed: %s", what, exc)
-        raise BackendError(f"{what} failed: {exc}") from exc
-
-
 class RedisStore(HistoryStore):
     """Keeps each group's recent events in a Redis Stream and assigns ids in Redis.
 
@@ -251,7 +204,7 @@ class RedisStore(HistoryStore):
             raise ValueError(
                 f"max_age must be a positive number of seconds or None, got {max_age!r}"
             )
-        self._client, self._owned = _open_client(url_or_client)
+        self._client, self._owned = open_client(url_or_client)
         if self._client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError(
                 "RedisStore needs a client without decode_responses=True: it stores bytes"
@@ -267,7 +220,7 @@ class RedisStore(HistoryStore):
         self._trim_key = f"{prefix}:trim"
         self._group_prefix = f"{prefix}:g:"
         self._channel = f"{prefix}:live" if publish else ""
-        self._where = _describe(self._client)
+        self._where = describe(self._client)
         self._append = self._client.register_script(_APPEND)
         self._read = self._client.register_script(_READ)
         self._head = self._client.register_script(_HEAD)
@@ -292,7 +245,7 @@ class RedisStore(HistoryStore):
             BackendError: Redis cannot be reached.
         """
         try:
-            with _redis_errors(f"connecting to {self._where}"):
+            with redis_errors(f"connecting to {self._where}"):
                 await self._client.set(self._epoch_key, new_epoch(), nx=True)
                 raw = await self._client.get(self._epoch_key)
             self._set_epoch(raw)
@@ -320,7 +273,7 @@ class RedisStore(HistoryStore):
             return await self._append_and_deliver(group, wire, deliver)
 
     async def _append_and_deliver(self, group: str, wire: bytes, deliver: Deliver) -> int:
-        with _redis_errors(f"storing an event in {self._where}"):
+        with redis_errors(f"storing an event in {self._where}"):
             raw_seq, raw_epoch = await self._append(
                 keys=[self._seq_key, self._epoch_key, self._group_key(group), self._trim_key],
                 args=[
@@ -351,7 +304,7 @@ class RedisStore(HistoryStore):
         groups = list(dict.fromkeys(groups))
         if not groups:
             return []
-        with _redis_errors(f"reading history from {self._where}"):
+        with redis_errors(f"reading history from {self._where}"):
             reply = await self._read(
                 keys=[self._epoch_key, self._trim_key, *map(self._group_key, groups)],
                 args=[f"{after + 1}-0", after, self._max_age_ms, new_epoch(), *groups],
@@ -378,7 +331,7 @@ class RedisStore(HistoryStore):
         Raises:
             BackendError: Redis cannot be reached.
         """
-        with _redis_errors(f"reading the cursor from {self._where}"):
+        with redis_errors(f"reading the cursor from {self._where}"):
             raw_head, raw_epoch = await self._head(
                 keys=[self._seq_key, self._epoch_key], args=[new_epoch()]
             )
