@@ -34,6 +34,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import sniffio
 from starlette.types import Message, Receive, Send
 
@@ -201,11 +202,20 @@ class Connection:
                     while not self._written:
                         await waiter.wait()
         finally:
-            if shutdown is not None:
-                shutdown._unregister(self)
             if self.reason is None:
                 # Cancelled from outside (the server gave up on its graceful shutdown).
                 self.reason = DisconnectReason.SHUTDOWN
+
+    def release(self) -> None:
+        """Tell the server's shutdown that this stream is done (after `on_disconnect`).
+
+        Not before: a server whose shutdown waits for its streams (see
+        `ShutdownMiddleware`) must not exit, or cancel the request, while
+        `on_disconnect()` still runs.
+        """
+        shutdown = self.shutdown
+        if shutdown is not None:
+            shutdown._unregister(self)
 
     def push(self, data: bytes) -> bool:
         """Buffer one encoded message; True when the caller must `wait_for_space()`."""
@@ -218,9 +228,15 @@ class Connection:
         """Wait until the writer has taken the buffer (backpressure on `events()`)."""
         waiter = self._producer
         assert waiter is not None
-        while (
-            self.buffered >= HIGH_WATER or len(self.buffer) >= self.max_pending
-        ) and not self._written:
+        while self.buffered >= HIGH_WATER or len(self.buffer) >= self.max_pending:
+            if self._written:
+                # Nobody will take the buffer: the stream is over, and stop() has
+                # cancelled events(). A checkpoint delivers that cancellation to an
+                # events() that never waits by itself.
+                self.buffer.clear()
+                self.buffered = 0
+                await anyio.lowlevel.checkpoint()
+                return
             await waiter.wait()
 
     def open_events_scope(self) -> anyio.CancelScope:

@@ -375,7 +375,10 @@ class EventStreamView:
                     produce = None if connection.source is not None else self._produce
                     await connection.run(produce)
             finally:
-                await self._teardown(connection.reason or DisconnectReason.SHUTDOWN)
+                try:
+                    await self._teardown(connection.reason or DisconnectReason.SHUTDOWN)
+                finally:
+                    connection.release()
                 if not connection.shutting_down:  # is_shutting_down stays True after one
                     # The view and its connection refer to each other: unlinked, a
                     # closed stream is freed at once by reference counting instead of

@@ -5,6 +5,27 @@ from collections.abc import AsyncIterator
 import pytest
 from redis_helpers import delete_prefix, unique_prefix
 
+# The core's tests run on both backends anyio supports: a stream must run the same
+# way on each. Other modules (servers, databases, browsers) run on asyncio.
+BOTH_BACKENDS = {
+    "test_broadcast",
+    "test_metrics",
+    "test_testing",
+    "test_views",
+    "test_views_broadcast",
+    "test_views_limits",
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "anyio_backend" not in metafunc.fixturenames:
+        return
+    if metafunc.module.__name__ not in BOTH_BACKENDS:
+        return
+    if metafunc.definition.get_closest_marker("asyncio_only") is not None:
+        return
+    metafunc.parametrize("anyio_backend", ["asyncio", "trio"])
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -1213,6 +1213,7 @@ def session_view(engine: AsyncEngine, trace: Trace, ending: str) -> Any:
     return Stored
 
 
+@pytest.mark.asyncio_only
 @pytest.mark.parametrize("ending", ["client_closed", "error", "shutdown", "completed"])
 async def test_view_session_created_used_and_closed_in_stream_task(
     engine: AsyncEngine, ending: str, caplog: pytest.LogCaptureFixture
@@ -1242,6 +1243,7 @@ async def test_view_session_created_used_and_closed_in_stream_task(
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
+@pytest.mark.asyncio_only
 async def test_view_session_holds_connection_until_closed(engine: AsyncEngine) -> None:
     trace = Trace()
     async with EventStreamClient(session_view(engine, trace, "client_closed")) as client:
@@ -1253,6 +1255,7 @@ async def test_view_session_holds_connection_until_closed(engine: AsyncEngine) -
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
+@pytest.mark.asyncio_only
 async def test_view_session_not_created_when_unused(engine: AsyncEngine) -> None:
     trace = Trace()
 
@@ -1270,6 +1273,7 @@ async def test_view_session_not_created_when_unused(engine: AsyncEngine) -> None
     assert trace.steps == ["on_disconnect"]
 
 
+@pytest.mark.asyncio_only
 async def test_view_session_first_used_in_on_disconnect(engine: AsyncEngine) -> None:
     trace = Trace()
 
@@ -1294,6 +1298,7 @@ async def test_view_session_first_used_in_on_disconnect(engine: AsyncEngine) -> 
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
+@pytest.mark.asyncio_only
 async def test_view_session_in_on_connect_raises_runtime_error(engine: AsyncEngine) -> None:
     errors: list[str] = []
 
@@ -1315,6 +1320,7 @@ async def test_view_session_in_on_connect_raises_runtime_error(engine: AsyncEngi
     assert "on_connect" in errors[0]
 
 
+@pytest.mark.asyncio_only
 async def test_view_session_from_another_task_raises_runtime_error(engine: AsyncEngine) -> None:
     errors: list[str] = []
 
@@ -1362,6 +1368,7 @@ async def test_view_session_without_factory_raises_runtime_error() -> None:
     assert "session_factory" in errors[0]
 
 
+@pytest.mark.asyncio_only
 async def test_view_session_closed_when_events_fail_early(engine: AsyncEngine) -> None:
     trace = Trace()
 
@@ -1392,6 +1399,7 @@ async def wait_for_task_count(count: int) -> None:
             await anyio.sleep(0.01)
 
 
+@pytest.mark.asyncio_only
 @pytest.mark.parametrize("ending", ["client_closed", "shutdown", "completed", "error"])
 async def test_view_no_task_leak(ending: str) -> None:
     proceed = anyio.Event()
