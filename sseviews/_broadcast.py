@@ -477,6 +477,7 @@ class Subscription:
         "max_events",
         "on_error",
         "on_ready",
+        "taken",
     )
 
     def __init__(self, *, max_events: int = 1000, max_bytes: int = 1024 * 1024) -> None:
@@ -499,6 +500,8 @@ class Subscription:
         #: Called when events are ready, instead of waking an `async for` reader
         #: (a view that sends straight from the subscription sets it).
         self.on_ready: Callable[[], None] | None = None
+        #: How many events the last `take()` returned.
+        self.taken = 0
 
     # -- fed by the broadcast (synchronously, in whatever task published) ---------
 
@@ -522,7 +525,13 @@ class Subscription:
             )
             return
         if self._started:
-            self._ready()
+            on_ready = self.on_ready
+            if on_ready is not None:
+                on_ready()
+            else:
+                waiter = self._waiter
+                if waiter is not None:
+                    waiter.wake()
 
     def fail(self, error: BaseException) -> None:
         """End the subscription with `error` (raised to its reader; `on_error` is called)."""
@@ -563,16 +572,9 @@ class Subscription:
         """The error that ended the subscription, if one did."""
         return self._error
 
-    @property
-    def pending(self) -> bool:
-        """Whether events are ready to be taken."""
-        return bool(self._backlog) or (self._started and bool(self._live))
-
-    def take(self, limit: int) -> tuple[int, bytes]:
-        """Take the ready events' bytes: replay slices of about `limit` bytes, else all live.
-
-        Returns how many events were taken, and their bytes joined.
-        """
+    def take(self, limit: int) -> bytes:
+        """Take the ready events' bytes (empty when none): replay slices of about
+        `limit` bytes first, else every live event. `taken` says how many events."""
         backlog = self._backlog
         if backlog:
             size = count = 0
@@ -583,15 +585,15 @@ class Subscription:
                     break
             data = b"".join(backlog[:count])
             del backlog[:count]
-            return count, data
+            self.taken = count
+            return data
         live = self._live
         if not live or not self._started:
-            return 0, b""
+            return b""
         self._live = []
         self._bytes = 0
-        if len(live) == 1:
-            return 1, live[0].wire
-        return len(live), b"".join([delivery.wire for delivery in live])
+        count = self.taken = len(live)
+        return live[0].wire if count == 1 else b"".join([delivery.wire for delivery in live])
 
     def close(self) -> None:
         """Leave the groups (idempotent); nothing more is delivered."""

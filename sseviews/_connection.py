@@ -12,12 +12,14 @@ Every stream runs the same way, under every server, middleware and async backend
 - **the producer**, for a view with `events()`, is the request task itself: it
   iterates `events()`, encodes what it yields into the buffer and wakes the writer.
 
-A view that only streams its groups has no producer: its request task is the
-writer, and the listener is its one child task. A view with `events()` runs the
-writer in a child task too. Both children are started by the request task, run
-in a copy of the request's contextvars context, and are awaited before the
-request task returns (`StreamTasks`). Each ASGI call is awaited to completion in
-the task that started it.
+The writer always runs in a child task: woken once per burst of events, it
+resumes a shallow stack of its own rather than the request's (every ASGI
+middleware and the router above the view). A view that only streams its groups
+has no producer, so its request task is the listener; a view with `events()`
+runs the listener in a second child task. The children are started by the
+request task, run in a copy of the request's contextvars context, and are
+awaited before the request task returns (`StreamTasks`). Each ASGI call is
+awaited to completion in the task that started it.
 
 Publishers never write: `Broadcast.publish()` appends a reference to the event's
 bytes to each subscription and wakes that stream's writer. So middleware that
@@ -74,6 +76,7 @@ class Connection:
     __slots__ = (
         "_direct",
         "_finishing",
+        "_listening",
         "_loop",
         "_producer",
         "_scope",
@@ -98,6 +101,7 @@ class Connection:
         "shutting_down",
         "source",
         "view",
+        "wake",
     )
 
     def __init__(
@@ -131,7 +135,12 @@ class Connection:
             asyncio.get_running_loop() if sniffio.current_async_library() == "asyncio" else None
         )
         self._writer = Waiter()  # the writer waits here for something to send
-        self._producer: Waiter | None = None  # the producer waits here for room
+        #: Wake the writer: events are waiting in the source (the Waiter's own method,
+        #: so a publisher's wake-up is one call).
+        self.wake = self._writer.wake
+        # The request task waits here: for room in the buffer, or for the writer to end.
+        self._producer: Waiter | None = None
+        self._listening: anyio.CancelScope | None = None  # the request task's receive()
         self._scope: anyio.CancelScope | None = None  # the writer's; bounds each send
         self._sending = False
         self._send_deadline = math.inf
@@ -180,27 +189,28 @@ class Connection:
                 None for a view that streams its `source` directly.
         """
         shutdown = self.shutdown
-        if produce is not None:
-            self._direct = False
-            self._producer = Waiter()
+        waiter = self._producer = Waiter()
         if shutdown is not None:
             shutdown._register(self)
         try:
             async with StreamTasks() as tasks:
-                tasks.start(self._listen)
+                tasks.start(self._write)
                 if produce is None:
-                    await self._write()
+                    # The request task listens, and the writer (woken once per burst
+                    # of group events) runs in a task with a shallow stack of its own.
+                    with anyio.CancelScope() as listening:
+                        self._listening = listening  # cancelled when the writer ends
+                        await self._listen()
                 else:
-                    tasks.start(self._write)
+                    self._direct = False
+                    tasks.start(self._listen)
                     try:
                         await produce()
                     finally:
                         self._finishing = True
                         self._writer.wake()
-                    waiter = self._producer
-                    assert waiter is not None
-                    while not self._written:
-                        await waiter.wait()
+                while not self._written:
+                    await waiter.wait()
         finally:
             if self.reason is None:
                 # Cancelled from outside (the server gave up on its graceful shutdown).
@@ -265,10 +275,6 @@ class Connection:
                 self._limit_send(min(self._send_deadline, limit))
         self._writer.wake()
 
-    def wake(self) -> None:
-        """Wake the writer: events are waiting in the source."""
-        self._writer.wake()
-
     def begin_shutdown(self) -> None:
         """Start ending this stream because the server is shutting down."""
         if self.shutting_down:
@@ -326,8 +332,8 @@ class Connection:
                         producer = self._producer
                         if producer is not None:
                             producer.wake()
-                    elif source is not None and source.pending:
-                        count, data = source.take(HIGH_WATER)
+                    elif source is not None and (data := source.take(HIGH_WATER)):
+                        count = source.taken
                     elif self._finishing or reason is not None:
                         end: Message = {"type": "http.response.body", "body": b""}
                         await self._send(end)
@@ -367,6 +373,9 @@ class Connection:
         finally:
             self._scope = None
             self._written = True
+            listening = self._listening
+            if listening is not None:
+                listening.cancel()  # the request task waits on receive(): the stream is over
             timer, self._timer = self._timer, None
             if timer is not None:
                 timer.cancel()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable
 
 import anyio
 import sniffio
@@ -57,19 +58,29 @@ class Waiter:
             self._event = None
             event.set()
 
-    async def wait(self, deadline: float = math.inf) -> bool:
+    def wait(self, deadline: float = math.inf) -> Awaitable[bool]:
         """Wait for `wake()`; False if `deadline` (on anyio's clock) came first."""
+        loop = self._loop
+        if loop is not None and deadline == math.inf:
+            # The hot path (a writer between two events): await the future itself,
+            # with no coroutine object per wait. A cancelled wait leaves a cancelled
+            # future here, which wake() skips and the next wait replaces.
+            future: asyncio.Future[bool] = loop.create_future()
+            self._future = future
+            return future
+        return self._wait(deadline)
+
+    async def _wait(self, deadline: float) -> bool:
         loop = self._loop
         if loop is not None:
             future: asyncio.Future[bool] = loop.create_future()
             self._future = future
-            timer = loop.call_at(deadline, _expire, future) if deadline != math.inf else None
+            timer = loop.call_at(deadline, _expire, future)
             try:
                 return await future
             finally:
                 self._future = None
-                if timer is not None:
-                    timer.cancel()
+                timer.cancel()
         event = self._event = anyio.Event()
         try:
             with anyio.CancelScope(deadline=deadline):

@@ -439,7 +439,8 @@ async def test_connection_tasks_per_stream(mode: str) -> None:
         async with client.stream("/") as stream:
             await broadcast.publish("room", "x")
             await stream.next_event(timeout=2)
-            # A view that streams its groups writes from the request task: one more.
+            # A view that streams its groups listens in the request task: its writer
+            # is the one child.
             assert len(asyncio.all_tasks()) - before == 2
 
 
