@@ -41,7 +41,7 @@ import sniffio
 from starlette.types import Message, Receive, Send
 
 from ._lifecycle import DisconnectReason
-from ._tasks import StreamTasks
+from ._tasks import CancelRegion, StreamTasks
 from ._wait import Waiter
 
 if TYPE_CHECKING:
@@ -140,8 +140,8 @@ class Connection:
         self.wake = self._writer.wake
         # The request task waits here: for room in the buffer, or for the writer to end.
         self._producer: Waiter | None = None
-        self._listening: anyio.CancelScope | None = None  # the request task's receive()
-        self._scope: anyio.CancelScope | None = None  # the writer's; bounds each send
+        self._listening: CancelRegion | None = None  # the request task's receive()
+        self._scope: CancelRegion | None = None  # the writer's; bounds each send
         self._sending = False
         self._send_deadline = math.inf
         self._timer: asyncio.TimerHandle | None = None  # asyncio: sends overdue, pings due
@@ -163,8 +163,8 @@ class Connection:
         The first chunk (the `retry:` line, or empty) makes every server flush the
         head at once: ASGI lets a server hold the head until the first body message.
         """
-        with anyio.CancelScope() as scope:
-            self._scope = scope
+        with CancelRegion() as region:
+            self._scope = region
             try:
                 if await self._send(head):
                     body: Message = {"type": "http.response.body", "body": first, "more_body": True}
@@ -198,7 +198,7 @@ class Connection:
                 if produce is None:
                     # The request task listens, and the writer (woken once per burst
                     # of group events) runs in a task with a shallow stack of its own.
-                    with anyio.CancelScope() as listening:
+                    with CancelRegion() as listening:
                         self._listening = listening  # cancelled when the writer ends
                         await self._listen()
                 else:
@@ -317,7 +317,7 @@ class Connection:
         writer = self._writer
         loop = self._loop
         try:
-            with anyio.CancelScope() as scope:  # cancelled: a send timed out, or nobody reads
+            with CancelRegion() as scope:  # cancelled: a send timed out, or nobody reads
                 self._scope = scope
                 while True:
                     reason = self.reason
@@ -397,6 +397,7 @@ class Connection:
         try:
             await self.send(message)
         except Exception as error:
+            self._sending = False  # stop() must not cancel the writer for a send that is over
             if isinstance(error, OSError):
                 # Some servers raise once the peer is gone; uvicorn just drops the write.
                 self.stop(DisconnectReason.CLIENT_CLOSED)
@@ -412,8 +413,8 @@ class Connection:
             self._sending = False
         if timeout is not None and self._loop is None:
             scope = self._scope
-            if scope is not None and not scope.cancel_called:
-                scope.deadline = math.inf
+            if scope is not None:
+                scope.set_deadline(math.inf)
         # From the start of the write: a ping is due an interval after it, which
         # saves reading the clock again on every write (the fan-out's hot path).
         self.last_write = now
@@ -424,10 +425,10 @@ class Connection:
         cancelled (SEND_TIMEOUT, unless the stream already ended for another reason)."""
         self._send_deadline = deadline
         if self._loop is None:
-            # Other backends: the scope's own deadline (cheap on trio).
+            # Other backends: the region's own deadline (cheap on trio).
             scope = self._scope
             if scope is not None:
-                scope.deadline = deadline
+                scope.set_deadline(deadline)
             return
         # asyncio: the connection's one timer. Moving an anyio deadline costs two timer
         # handles per send (about 15 us per delivery in a 2,000-stream fan-out); this
