@@ -597,6 +597,10 @@ class Subscription:
 
     def close(self) -> None:
         """Leave the groups (idempotent); nothing more is delivered."""
+        # The callbacks point back at the stream (a view's bound methods): let go
+        # of them, so a closed stream is freed by reference counting.
+        self.on_error = None
+        self.on_ready = None
         broadcast = self._broadcast
         if broadcast is not None:
             self._broadcast = None

@@ -478,6 +478,42 @@ async def test_connection_children_cancelled_with_the_request_task() -> None:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_connection_closed_group_stream_freed_without_the_garbage_collector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    views: list[weakref.ref[EventStreamView]] = []
+    recorder = Recorder()
+    broadcast = Broadcast("memory://")
+
+    class Room(EventStreamView):
+        groups = ("room",)
+
+        async def on_connect(self) -> None:
+            views.append(weakref.ref(self))
+
+        async def on_disconnect(self, reason: DisconnectReason) -> None:
+            recorder.record(reason)
+
+    Room.broadcast = broadcast
+    gc.collect()
+    gc.disable()
+    try:
+        async with broadcast, EventStreamClient(Room) as client:
+            async with client.stream("/") as stream:
+                await broadcast.publish("room", "hello")
+                assert (await stream.next_event(timeout=2)).data == "hello"
+            with anyio.fail_after(2):
+                await recorder.ended.wait()
+            for _ in range(5):  # let the request task return
+                await anyio.lowlevel.checkpoint()
+            freed = views[0]() is None
+    finally:
+        gc.enable()
+    assert recorder.reasons == [DisconnectReason.CLIENT_CLOSED]
+    assert freed
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("ending", ["client_closed", "completed", "error"])
 async def test_connection_closed_stream_freed_without_the_garbage_collector(
     ending: str, monkeypatch: pytest.MonkeyPatch
