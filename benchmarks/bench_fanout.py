@@ -10,7 +10,9 @@ Cases (side by side, in one run):
    ``--batch`` (200), receive ``--events`` (20) events published
    ``--interval-ms`` (20) ms apart by a task inside the server (started with one
    ``GET /start`` once every subscriber is registered). Contenders: a raw ASGI
-   app with an ``asyncio.Queue`` per connection, sse-starlette with a queue per
+   app with an ``asyncio.Queue`` per connection, the Starlette floor (the raw
+   app's own functions routed by a ``Starlette`` app: what Starlette's ``send``
+   wrappers cost per delivery, with no SSE code), sse-starlette with a queue per
    client (its broadcasting example), and sseviews with ``Broadcast("memory://")``
    and a view streaming the group. Each event's data is ``{"t": <server
    time.time() at publish>, "i": n}``; the client stamps every event's arrival,
@@ -86,6 +88,7 @@ REPLAY_RETENTION = 50_000
 
 MEMORY_SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("raw", "raw ASGI", "benchmarks.apps.fanout_raw:app"),
+    ServerSpec("floor", "Starlette floor", "benchmarks.apps.fanout_floor:app"),
     ServerSpec("sse-starlette", "sse-starlette", "benchmarks.apps.fanout_sse_starlette:app"),
     ServerSpec("sseviews", "sseviews", SSEVIEWS_APP),
 )
@@ -784,9 +787,8 @@ def run_benchmark(
 class Row:
     label: str
     metric: str  # key in CaseResults.runs
-    # Result keys for the raw, sse-starlette and sseviews columns (the Starlette
-    # floor column is always "-": the floor has no fan-out app).
-    cells: tuple[str | None, str | None, str | None]
+    # Result keys for the raw, Starlette floor, sse-starlette and sseviews columns.
+    cells: tuple[str | None, str | None, str | None, str | None]
     decimals: int
     ratio: tuple[str, str, str] | None = None  # (numerator key, denominator key, metric)
     baseline: str = ""  # how the denominator is named in the ratio and target cells
@@ -804,18 +806,18 @@ def _rows(sizes: Sizes) -> list[Row]:
     subs = f"{sizes.subscribers:,} subscribers"
     fan = f"fan-out, {subs}"
     red = f"fan-out through Redis, 2 processes x {sizes.redis_subscribers:,}"
-    trio = ("raw", "sse-starlette", "sseviews")
-    ours_only = (None, None)
+    memory = ("raw", "floor", "sse-starlette", "sseviews")
+    ours_only = (None, None, None)
     redis = (*ours_only, "sseviews-redis")
     replay = (*ours_only, "sseviews-replay")
     return [
-        Row(f"{fan}, p50 publish-to-client, ms", "p50_ms", trio, 1,
+        Row(f"{fan}, p50 publish-to-client, ms", "p50_ms", memory, 1,
             ("sseviews", "raw", "p50_ms"), "raw", 0.75),
-        Row(f"{fan}, p99 publish-to-client, ms", "p99_ms", trio, 1,
+        Row(f"{fan}, p99 publish-to-client, ms", "p99_ms", memory, 1,
             ("sseviews", "raw", "p99_ms"), "raw", 1.0),
-        Row(f"{fan}, p50 from the scheduled publish time, ms", "p50_ms_from_schedule", trio, 1,
+        Row(f"{fan}, p50 from the scheduled publish time, ms", "p50_ms_from_schedule", memory, 1,
             ("sseviews", "raw", "p50_ms_from_schedule"), "raw", 0.75),
-        Row(f"{fan}, p99 from the scheduled publish time, ms", "p99_ms_from_schedule", trio, 1,
+        Row(f"{fan}, p99 from the scheduled publish time, ms", "p99_ms_from_schedule", memory, 1,
             ("sseviews", "raw", "p99_ms_from_schedule"), "raw", 1.0),
         Row(f"{red}, p99 publish-to-client, ms", "p99_ms", redis, 1,
             ("sseviews-redis", "sseviews", "p99_ms"), "memory", 1.5),
@@ -827,7 +829,7 @@ def _rows(sizes: Sizes) -> list[Row]:
         Row(f"(info) live rate: the same {sizes.replay_events:,} events published to one "
             "connected client, events/s", "live_eps", replay, 0),
         Row(f"(info) {fan}, publisher behind its {sizes.interval_ms:g} ms schedule, "
-            f"most over the {sizes.events} events, ms", "publish_lag_max_ms", trio, 1),
+            f"most over the {sizes.events} events, ms", "publish_lag_max_ms", memory, 1),
         Row(f"(info) {red}, publisher behind its schedule, most, ms",
             "publish_lag_max_ms", redis, 1),
         Row(f"(info) {red}, p50 publish-to-client, ms", "p50_ms", redis, 1,
@@ -836,25 +838,25 @@ def _rows(sizes: Sizes) -> list[Row]:
             "p99_ms_process0", redis, 1),
         Row("(info) p99 through Redis, subscribers of the other process, ms",
             "p99_ms_process1", redis, 1),
-        Row(f"(info) {fan}, max publish-to-client, ms", "max_ms", trio, 1,
+        Row(f"(info) {fan}, max publish-to-client, ms", "max_ms", memory, 1,
             ("sseviews", "raw", "max_ms"), "raw"),
         Row(f"(info) {fan}, max from the scheduled publish time, ms", "max_ms_from_schedule",
-            trio, 1, ("sseviews", "raw", "max_ms_from_schedule"), "raw"),
+            memory, 1, ("sseviews", "raw", "max_ms_from_schedule"), "raw"),
         Row(f"(info) {red}, max publish-to-client, ms", "max_ms", redis, 1),
         Row(f"(info) {fan}, server CPU per delivery, us", "server_cpu_us_per_delivery",
-            trio, 2, ("sseviews", "raw", "server_cpu_us_per_delivery"), "raw"),
+            memory, 2, ("sseviews", "raw", "server_cpu_us_per_delivery"), "raw"),
         Row(f"(info) {red}, server CPU per delivery (both processes), us",
             "server_cpu_us_per_delivery", redis, 2),
         Row(f"(info) {fan}, server event loop waiting for a CPU while publishing, ms",
-            "server_run_queue_wait_ms", trio, 1),
+            "server_run_queue_wait_ms", memory, 1),
         Row(f"(info) {red}, the same, publishing process, ms",
             "run_queue_wait_ms_process0", redis, 1),
         Row(f"(info) {red}, the same, other process, ms",
             "run_queue_wait_ms_process1", redis, 1),
         Row(f"(info) {fan}, server gen-2 GC passes while publishing",
-            "server_gc_gen2_collections", trio, 1),
+            "server_gc_gen2_collections", memory, 1),
         Row(f"(info) {fan}, server longest GC pause while publishing, ms",
-            "server_gc_max_pause_ms", trio, 1),
+            "server_gc_max_pause_ms", memory, 1),
     ]  # fmt: skip
 
 
@@ -867,6 +869,37 @@ def _median(results: dict[str, CaseResults], key: str | None, metric: str) -> fl
 def _cell(results: dict[str, CaseResults], key: str | None, value: float | None, row: Row) -> str:
     # "-": the case does not apply to this contender, or it was not selected.
     return "-" if key is None or key not in results else harness.fmt(value, row.decimals)
+
+
+def _floor_over_raw(results: dict[str, CaseResults], row: Row) -> float | None:
+    raw_key, floor_key = row.cells[:2]
+    raw, floor = _median(results, raw_key, row.metric), _median(results, floor_key, row.metric)
+    return floor / raw if floor is not None and raw else None
+
+
+# The memory-case figures in which the floor shows Starlette's own share.
+FLOOR_NOTE_METRICS = (
+    ("server_cpu_us_per_delivery", "server CPU per delivery"),
+    ("p50_ms", "p50"),
+    ("p99_ms", "p99"),
+)
+
+
+def floor_note(results: dict[str, CaseResults]) -> str | None:
+    """The floor's medians over raw's: what Starlette adds before any SSE code runs."""
+    parts = []
+    for metric, name in FLOOR_NOTE_METRICS:
+        raw, floor = _median(results, "raw", metric), _median(results, "floor", metric)
+        if raw and floor is not None:
+            parts.append(f"{name} {floor / raw:.2f}x")
+    if not parts:
+        return None
+    return (
+        "Starlette floor over raw ASGI, fan-out (Starlette's app, router and the send "
+        "wrappers of ServerErrorMiddleware and ExceptionMiddleware, no SSE code): "
+        + ", ".join(parts)
+        + "."
+    )
 
 
 def build_report(results: dict[str, CaseResults], sizes: Sizes) -> tuple[str, dict[str, Any]]:
@@ -891,14 +924,12 @@ def build_report(results: dict[str, CaseResults], sizes: Sizes) -> tuple[str, di
         met: bool | None = None
         if row.target_ratio is not None and ratio is not None:
             met = harness.meets(ratio, row.target_ratio, row.higher_is_better)
-        raw_key, sse_starlette_key, sseviews_key = row.cells
-        raw, sse_starlette, sseviews = medians
         cells = [
             row.label,
-            _cell(results, raw_key, raw, row),
-            "-",
-            _cell(results, sse_starlette_key, sse_starlette, row),
-            _cell(results, sseviews_key, sseviews, row),
+            *(
+                _cell(results, key, value, row)
+                for key, value in zip(row.cells, medians, strict=True)
+            ),
             "" if row.ratio is None else harness.fmt_ratio(ratio, row.baseline),
             row.target_text,
             harness.met_cell(row.target_ratio is not None, met),
@@ -911,6 +942,8 @@ def build_report(results: dict[str, CaseResults], sizes: Sizes) -> tuple[str, di
             "medians": {key: value for key, value in zip(row.cells, medians, strict=True) if key},
             "ratio": ratio,
             "ratio_of": list(row.ratio) if row.ratio else None,
+            # What Starlette's app, router and send wrappers add to raw ASGI.
+            "floor_over_raw": _floor_over_raw(results, row),
             "target": row.target_text or None,
             "target_met": met,
         }
@@ -938,8 +971,8 @@ def _versions() -> dict[str, str | None]:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = harness.new_parser(
-        "Fan-out SSE benchmark: memory layer (raw ASGI vs sse-starlette vs "
-        "sseviews), sseviews through Redis, and sseviews replay rate.",
+        "Fan-out SSE benchmark: memory layer (raw ASGI vs Starlette floor vs "
+        "sse-starlette vs sseviews), sseviews through Redis, and sseviews replay rate.",
         f"repetitions (default {FULL.runs}; --quick: {QUICK.runs})",
     )
     parser.add_argument("--servers", help="memory-case contenders: " + ",".join(MEMORY_BY_KEY))
@@ -1001,7 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cases": {key: asdict(value) for key, value in results.items()},
         },
     )
-    notes = []
+    notes = [note] if (note := floor_note(results)) else []
     loads = [v for o in results.values() for v in o.runs.get("loadavg_1min_before", [])]
     if loads:
         notes.append(

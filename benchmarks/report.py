@@ -4,6 +4,11 @@
 (raw ASGI, Starlette floor, sse-starlette, sseviews, sseviews' ratio to the
 case's baseline, target, met); this script joins the rows of two of their JSON
 result files into one markdown table, the targeted rows only unless ``--all``.
+Under the table it lists the Starlette floor's ratio to raw ASGI for those rows
+(``floor/raw`` in a core result, ``floor_over_raw`` in a fan-out one): what
+Starlette's app, router and middleware ``send`` wrappers cost before any SSE
+code runs. A fan-out result written before the fan-out floor existed has ``-``
+in its floor column and no such ratios.
 
     python benchmarks/report.py                    # newest core-*.json and fanout-*.json
     python benchmarks/report.py results/core-A.json results/fanout-B.json --all
@@ -48,6 +53,15 @@ def load(path: Path) -> dict[str, Any]:
     return document
 
 
+def floor_over_raw(row: dict[str, Any]) -> float | None:
+    """The floor's median over raw's for one row of either benchmark, if both ran."""
+    if "ratios" in row:  # bench_core
+        value = row["ratios"].get("floor/raw")
+    else:  # bench_fanout
+        value = row.get("floor_over_raw")
+    return float(value) if value is not None else None
+
+
 def source_note(path: Path, document: dict[str, Any]) -> str:
     environment = document.get("environment", {})
     return (
@@ -70,12 +84,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tables[0][:2] != tables[1][:2]:
         raise SystemExit("the two tables have different columns")
     lines = tables[0][:2]
+    floor_lines = []
     for document in documents:
         for row in document[ROW_SECTIONS[document["benchmark"]]].values():
             if args.all or not row["info"]:
                 lines.append("| " + " | ".join(row["cells"]) + " |")
+                ratio = floor_over_raw(row)
+                if ratio is not None:
+                    floor_lines.append(f"- {row['cells'][0]}: {ratio:.2f}x raw")
     print("\n".join(lines))
     print()
+    if floor_lines:
+        print("Starlette floor over raw ASGI (Starlette's own cost, no SSE code):\n")
+        print("\n".join(floor_lines))
+        print()
     for path, document in zip(paths, documents, strict=True):
         print(f"<!-- {source_note(path, document)} -->")
     return 0

@@ -5,12 +5,16 @@ types, the SSE response head, the end-of-body message, query parsing,
 :func:`queue_stream` (the hand-written stream: a queue, a disconnect listener
 and one ``send`` per queued message) and :func:`asgi_app`, which answers the
 lifespan protocol and dispatches HTTP requests on their exact path.
+
+:class:`Endpoint` is for the Starlette floor apps (``starlette_floor_app``,
+``fanout_floor``): it turns a raw app's function into the bare endpoint class a
+``Starlette`` ``Route`` serves.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -71,6 +75,29 @@ async def queue_stream(receive: Receive, send: Send, queue: asyncio.Queue[Messag
         # A None put by the server (shutdown), not by the listener, leaves the
         # listener waiting on receive(): stop it so the group can exit.
         listener.cancel()
+
+
+class Endpoint:
+    """A raw app's endpoint function as an ASGI endpoint class.
+
+    Subclasses set ``handler = staticmethod(<function>)``. The class has the
+    shape of Starlette's ``HTTPEndpoint`` and of ``EventStreamView``
+    (``__init__(scope, receive, send)`` plus ``__await__``), so a ``Route``
+    serves it as an ASGI app: the floor routes the raw function through
+    Starlette and adds nothing else.
+    """
+
+    handler: staticmethod[[Scope, Receive, Send], Coroutine[Any, Any, None]]
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+
+    def __await__(self) -> Generator[Any, None, None]:
+        # The handler's coroutine is awaited as the instance's own, so the
+        # floor holds no frame more than a class endpoint must.
+        return self.handler(self.scope, self.receive, self.send).__await__()
 
 
 async def _lifespan(receive: Receive, send: Send, on_shutdown: Callable[[], None] | None) -> None:

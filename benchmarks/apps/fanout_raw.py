@@ -10,7 +10,10 @@ stream as ``raw_app``'s ``/idle``: it holds its queue and waits on both it and
 wakes once per event and sends it with its own ``send``. The stream ends (and
 leaves the registry) when the client disconnects, or at server shutdown.
 
-Routes: see ``fanout_common.py`` (``/events``, ``/start``, ``/stats``).
+Routes: see ``fanout_common.py`` (``/events``, ``/start``, ``/stats``), served
+by :func:`events`, :func:`start_route` and :func:`stats_route`;
+:func:`end_streams` ends every stream at shutdown. ``fanout_floor`` serves the
+same functions through a Starlette app.
 
 Run with ``python -m uvicorn benchmarks.apps.fanout_raw:app`` from the repo root.
 """
@@ -37,7 +40,7 @@ async def publish_one(index: int) -> None:
 publisher = Publisher(publish_one)
 
 
-async def _events(scope: Scope, receive: Receive, send: Send) -> None:
+async def events(scope: Scope, receive: Receive, send: Send) -> None:
     queue: asyncio.Queue[Message | None] = asyncio.Queue()
     subscribers.add(queue)  # registered before the head: no event can be missed
     try:
@@ -61,12 +64,12 @@ async def _json(send: Send, body: Any, status: int = 200) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-async def _start(scope: Scope, receive: Receive, send: Send) -> None:
+async def start_route(scope: Scope, receive: Receive, send: Send) -> None:
     status, body = start_publishing(publisher, len(subscribers), query(scope))
     await _json(send, body, status)
 
 
-async def _stats(scope: Scope, receive: Receive, send: Send) -> None:
+async def stats_route(scope: Scope, receive: Receive, send: Send) -> None:
     await _json(send, stats(len(subscribers), publisher, query(scope)))
 
 
@@ -74,9 +77,11 @@ async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
     await _json(send, {"error": "not found"}, 404)
 
 
-def _end_streams() -> None:
+def end_streams() -> None:
     for queue in subscribers:
         queue.put_nowait(None)
 
 
-app = asgi_app({"/events": _events, "/start": _start, "/stats": _stats}, _not_found, _end_streams)
+app = asgi_app(
+    {"/events": events, "/start": start_route, "/stats": stats_route}, _not_found, end_streams
+)

@@ -1,10 +1,11 @@
 """The floor for any endpoint routed through a Starlette app: no SSE library at all.
 
 ``raw_app``'s own two endpoint functions, each wrapped in a bare ASGI endpoint
-class (the shape Starlette's ``HTTPEndpoint`` and sseviews' ``EventStreamView``
-have) and served by ``Starlette(routes=[Route(...)])``. Whatever this app costs
-over ``raw_app`` is what Starlette's app, middleware and router cost, before any
-SSE framework code runs: the least a Starlette-routed SSE view can cost.
+class (:class:`benchmarks.apps.common.Endpoint`: the shape Starlette's
+``HTTPEndpoint`` and sseviews' ``EventStreamView`` have) and served by
+``Starlette(routes=[Route(...)])``. Whatever this app costs over ``raw_app`` is
+what Starlette's app, middleware and router cost, before any SSE framework code
+runs: the least a Starlette-routed SSE view can cost.
 
 * ``GET /burst?n=N`` -- ``raw_app.burst``: events ``b"data: %d\n\n" % i``
   for i in 0..N-1, one ``send`` each (default N = 100000), then the end of the
@@ -19,35 +20,18 @@ repo root.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Generator
-from typing import Any
-
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from benchmarks.apps import raw_app
-from benchmarks.apps.common import Receive, Scope, Send
+from benchmarks.apps.common import Endpoint
 
 
-class _Endpoint:
-    # raw_app's function for this route; awaited as the instance's own
-    # coroutine, so the floor holds no frame more than a class endpoint must.
-    handler: staticmethod[[Scope, Receive, Send], Coroutine[Any, Any, None]]
-
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.scope = scope
-        self.receive = receive
-        self.send = send
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return self.handler(self.scope, self.receive, self.send).__await__()
-
-
-class Burst(_Endpoint):
+class Burst(Endpoint):
     handler = staticmethod(raw_app.burst)
 
 
-class Idle(_Endpoint):
+class Idle(Endpoint):
     handler = staticmethod(raw_app.idle)
 
 
