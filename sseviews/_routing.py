@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.routing import Route, Router
 
@@ -20,6 +20,9 @@ class StreamRouter(Router):
     Mount it (`app.mount("/events", router)`, in Starlette or FastAPI) or include
     its `.routes`. Each stream route answers GET and HEAD; other methods fall
     through to other routes at the same path, or get 405 with an `Allow` header.
+
+    For FastAPI's `app.include_router()`, with its dependencies and OpenAPI docs,
+    use `sseviews.fastapi.StreamRouter`.
     """
 
     def add_stream(self, path: str, view: type[EventStreamView], name: str | None = None) -> None:
@@ -45,3 +48,12 @@ class StreamRouter(Router):
             return view
 
         return register
+
+    def _contains_router(self, router: Any, seen: Any = None) -> bool:
+        # FastAPI's include_router() calls this on the router it includes: say what
+        # to use instead of failing with an AttributeError.
+        raise TypeError(
+            "app.include_router() needs an APIRouter: use sseviews.fastapi.StreamRouter, "
+            "whose streams get FastAPI's dependencies and OpenAPI docs, "
+            'or mount this one with app.mount("/prefix", router)'
+        )
