@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -61,9 +62,33 @@ def test_new_says_what_to_do_next(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["new", "my_chat", "--directory", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"Created the project 'my_chat' in {tmp_path / 'my_chat'}" in out
-    assert f"cd {tmp_path / 'my_chat'}" in out
-    assert "sseviews run ." in out
-    assert "python -m pytest" in out
+    steps = [line.strip() for line in out.splitlines()[2:]]
+    assert steps[0] == f"cd {tmp_path / 'my_chat'}"
+    # Installing comes first: `sseviews run .` needs the project's dependencies, and
+    # `python -m pytest` needs pytest.
+    assert steps[1].startswith("python -m pip install -e '.[test]'")
+    assert steps[2].startswith("sseviews run .")
+    assert steps[3].startswith("python -m pytest")
+
+
+def test_new_project_readme_starts_with_its_install_command(project: Path) -> None:
+    readme = (project / "README.md").read_text()
+    commands = [line[2:] for line in readme.splitlines() if line.startswith("$ ")]
+    assert commands[:3] == [
+        "python -m pip install -e '.[test]'",
+        "sseviews run .",
+        "python -m pytest",
+    ]
+
+
+def test_new_project_test_extra_has_what_its_tests_import(project: Path) -> None:
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    test_extra = " ".join(pyproject["project"]["optional-dependencies"]["test"])
+    assert "pytest" in test_extra
+    assert "anyio" in test_extra  # the tests use anyio's pytest plugin
+    dependencies = " ".join(pyproject["project"]["dependencies"])
+    for needed in ("sseviews[sqlite,cli]", "jinja2", "uvicorn"):
+        assert needed in dependencies
 
 
 def test_new_renders_the_name_and_keeps_page_templates_as_they_are(project: Path) -> None:
@@ -296,6 +321,76 @@ def test_run_reports_a_missing_module_or_app(
     err = capsys.readouterr().err
     assert "module 'appless_module' has no attribute 'app'" in err
     sys.modules.pop("appless_module", None)
+
+
+def test_run_names_a_missing_dependency_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "needs_redis.py").write_text("import redis_is_not_here.client\napp = None\n")
+    assert main(["run", "needs_redis.py"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "'needs_redis' imports 'redis_is_not_here', which is not installed" in err
+    assert "python -m pip install redis_is_not_here" in err
+
+
+def test_run_missing_dependency_of_a_project_says_install_the_project(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tmp_path / "shop"
+    (project / "shop").mkdir(parents=True)
+    (project / "pyproject.toml").write_text('[project]\nname = "shop"\n')
+    (project / "shop" / "__init__.py").write_text("import no_such_dependency\n")
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert main(["run", "."]) == 1
+    err = capsys.readouterr().err
+    assert "'shop' imports 'no_such_dependency', which is not installed" in err
+    assert err.rstrip().endswith("install it with: python -m pip install -e '.'")
+    sys.modules.pop("shop", None)
+
+
+@pytest.mark.parametrize(
+    ("module", "command"),
+    [
+        ("sqlalchemy", "python -m pip install 'sseviews[sqlalchemy]'"),
+        ("aiosqlite", "python -m pip install 'sseviews[sqlite]'"),
+        ("asyncpg", "python -m pip install 'sseviews[postgres]'"),
+        ("redis", "python -m pip install 'sseviews[redis]'"),
+    ],
+)
+def test_run_missing_extra_is_named_with_its_extra(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    module: str,
+    command: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setitem(sys.modules, module, None)  # importing it raises ModuleNotFoundError
+    (tmp_path / "server_app.py").write_text(f"import {module}\napp = None\n")
+    assert main(["run", "server_app.py"]) == 1
+    assert f"install it with: {command}" in capsys.readouterr().err
+    sys.modules.pop("server_app", None)
+
+
+def test_run_missing_dependency_from_the_console_has_no_traceback(tmp_path: Path) -> None:
+    (tmp_path / "broken_app.py").write_text("import not_installed_anywhere\napp = None\n")
+    result = subprocess.run(
+        sseviews_command("run", "broken_app.py"),
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("sseviews run: error: 'broken_app' imports")
+    assert len(result.stderr.splitlines()) == 1
 
 
 # -- sseviews run: serving -----------------------------------------------------------------

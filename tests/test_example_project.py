@@ -404,6 +404,15 @@ async def test_pages_render(client: EventStreamClient, path: str) -> None:
     assert "EventSource" in response.text or path == "/"
 
 
+@pytest.mark.parametrize("path", ["/", "/rooms/lobby", "/dashboard", "/jobs", "/private"])
+async def test_pages_link_an_inline_icon(client: EventStreamClient, path: str) -> None:
+    # Without a <link rel="icon">, every page load makes the browser ask for
+    # /favicon.ico, which the app does not serve: a 404 in the log each time.
+    assert (await client.get("/favicon.ico")).status_code == 404
+    response = await client.get(path)
+    assert '<link rel="icon" href="data:image/svg+xml,' in response.text
+
+
 async def test_streams_answer_head_without_a_body(client: EventStreamClient) -> None:
     response = await client.request("HEAD", "/rooms/lobby/events")
     assert response.status_code == 200
