@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._asyncapi import asyncapi as asyncapi
 from ._broadcast import RESET_EVENT as RESET_EVENT
 from ._broadcast import Broadcast as Broadcast
 from ._broadcast import Subscription as Subscription
@@ -10,19 +11,29 @@ from ._exceptions import BackendError as BackendError
 from ._exceptions import BroadcastError as BroadcastError
 from ._exceptions import BroadcastNotConnected as BroadcastNotConnected
 from ._exceptions import InvalidLastEventId as InvalidLastEventId
+from ._exceptions import InvalidToken as InvalidToken
+from ._exceptions import SettingNameWarning as SettingNameWarning
 from ._exceptions import SlowConsumer as SlowConsumer
 from ._exceptions import SSEViewsError as SSEViewsError
 from ._exceptions import StreamEnded as StreamEnded
+from ._lifecycle import EXPIRED_EVENT as EXPIRED_EVENT
 from ._lifecycle import DisconnectReason as DisconnectReason
 from ._lifecycle import ShutdownMiddleware as ShutdownMiddleware
 from ._lifecycle import ShutdownSignal as ShutdownSignal
 from ._metrics import Metrics as Metrics
+from ._presence import JOIN_EVENT as JOIN_EVENT
+from ._presence import LEAVE_EVENT as LEAVE_EVENT
+from ._presence import PresenceEntry as PresenceEntry
 from ._routing import StreamRouter as StreamRouter
+from ._static import js_route as js_route
 from ._views import EventStreamView as EventStreamView
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EXPIRED_EVENT",
+    "JOIN_EVENT",
+    "LEAVE_EVENT",
     "RESET_EVENT",
     "BackendError",
     "Broadcast",
@@ -32,12 +43,17 @@ __all__ = [
     "Event",
     "EventStreamView",
     "InvalidLastEventId",
+    "InvalidToken",
     "Metrics",
+    "PresenceEntry",
     "SSEViewsError",
+    "SettingNameWarning",
     "ShutdownMiddleware",
     "ShutdownSignal",
     "SlowConsumer",
     "StreamEnded",
     "StreamRouter",
     "Subscription",
+    "asyncapi",
+    "js_route",
 ]

@@ -17,8 +17,10 @@ live events whose seq is greater than the last one replayed.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import secrets
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -33,12 +35,12 @@ from ._events import Event, event_from_wire
 from ._exceptions import (
     BackendError,
     BroadcastNotConnected,
-    InvalidLastEventId,
     SlowConsumer,
 )
+from ._presence import DEFAULT_PRESENCE_LIMIT, PresenceEntry, entry_from_json
 from ._wait import Waiter
-from .backends.base import LiveBackend
-from .stores.base import HistoryStore, format_id, parse_id
+from .backends.base import EPHEMERAL_SEQ, LiveBackend
+from .stores.base import HistoryStore, check_idle_expiry, format_id, parse_id
 
 __all__ = [
     "RESET_EVENT",
@@ -107,23 +109,40 @@ def _backend_for(url: str, prefix: str) -> LiveBackend:
 
 
 def _store_for(
-    history: str, *, prefix: str, retention: int | None, max_age: float | None, publish: bool
+    history: str,
+    *,
+    prefix: str,
+    retention: int | None,
+    max_age: float | None,
+    idle_expiry: float | None,
+    publish: bool,
 ) -> HistoryStore:
     scheme = urlsplit(history).scheme
     if scheme == "memory":
         from .stores.memory import MemoryStore
 
-        return MemoryStore(retention=retention, max_age=max_age)
+        return MemoryStore(retention=retention, max_age=max_age, idle_expiry=idle_expiry)
     if scheme in ("redis", "rediss", "unix"):
         from .stores.redis import RedisStore
 
         return RedisStore(
-            history, prefix=prefix, retention=retention, max_age=max_age, publish=publish
+            history,
+            prefix=prefix,
+            retention=retention,
+            max_age=max_age,
+            idle_expiry=idle_expiry,
+            publish=publish,
         )
     if scheme.split("+")[0] in ("sqlite", "postgresql", "postgres"):
         from .stores.sqlalchemy import SQLAlchemyStore
 
-        return SQLAlchemyStore(history, table_prefix=prefix, retention=retention, max_age=max_age)
+        return SQLAlchemyStore(
+            history,
+            table_prefix=prefix,
+            retention=retention,
+            max_age=max_age,
+            idle_expiry=idle_expiry,
+        )
     raise ValueError(
         f"unsupported history {history!r}: expected memory://, redis://..., "
         "sqlite+aiosqlite:///file.db or postgresql+asyncpg://..."
@@ -162,6 +181,10 @@ class Broadcast:
             so two apps (or tests) can share one server.
         retention: Events kept per group (default 1000); None for no count bound.
         max_age: Seconds an event is kept; None (default) for no age bound.
+        idle_expiry: Without `max_age`, seconds after its last event that a
+            group's history and trim mark are removed (default 86400, one day);
+            None keeps idle groups forever. With `max_age`, a group goes once
+            its last event is `max_age` old. Ignored for a `HistoryStore` instance.
 
     Connect it in the app's lifespan with `async with broadcast:`.
     """
@@ -174,9 +197,11 @@ class Broadcast:
         prefix: str = "sseviews",
         retention: int | None = 1000,
         max_age: float | None = None,
+        idle_expiry: float | None = 86400.0,
     ) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
+        check_idle_expiry(idle_expiry)
         if isinstance(url, LiveBackend):
             self.live = url
             url_text = "memory://"
@@ -190,14 +215,24 @@ class Broadcast:
         if history is None:
             fused = urlsplit(url_text).scheme in ("redis", "rediss", "unix")
             self.store = _store_for(
-                url_text, prefix=prefix, retention=retention, max_age=max_age, publish=fused
+                url_text,
+                prefix=prefix,
+                retention=retention,
+                max_age=max_age,
+                idle_expiry=idle_expiry,
+                publish=fused,
             )
             self._fused = fused
         elif isinstance(history, HistoryStore):
             self.store = history
         elif isinstance(history, str):
             self.store = _store_for(
-                history, prefix=prefix, retention=retention, max_age=max_age, publish=False
+                history,
+                prefix=prefix,
+                retention=retention,
+                max_age=max_age,
+                idle_expiry=idle_expiry,
+                publish=False,
             )
         else:
             raise TypeError(
@@ -205,6 +240,12 @@ class Broadcast:
             )
         self._hub: dict[str, set[Subscription]] = {}
         self._connected = False
+        # Presence connection ids: this broadcast's random name, then a counter.
+        self._member_ids = map(f"{secrets.token_hex(6)}-{{}}".format, itertools.count(1))
+        # A stream of a broadcast never connected means a missing lifespan: views
+        # refuse it loudly, and log it once per broadcast (see EventStreamView._open).
+        self._ever_connected = False
+        self._reported_unconnected = False
         self._in_process = urlsplit(url_text).scheme == "memory" and not isinstance(
             url, LiveBackend
         )
@@ -221,6 +262,7 @@ class Broadcast:
                 await self.store.disconnect()
             raise
         self._connected = True
+        self._ever_connected = True
         if self._in_process:
             workers = _worker_count()
             if workers > 1:
@@ -300,6 +342,66 @@ class Broadcast:
         await anyio.lowlevel.checkpoint()
         return format_id(self.store.epoch, seq)
 
+    async def publish_ephemeral(self, group: str, event: Any) -> None:
+        """Send an event (or data) to the streams of `group` now, without storing it.
+
+        The event carries no id, is never replayed, and never moves a client's
+        `Last-Event-ID`: for what only matters live ("alice is typing", join and
+        leave events).
+
+        Raises:
+            ValueError: The event has an id, or the group name is invalid.
+            BroadcastNotConnected: The broadcast is not connected.
+            BackendError: Redis cannot be reached.
+        """
+        check_group(group)
+        if not isinstance(event, Event):
+            event = Event(event)
+        elif event.id is not None:
+            raise ValueError(f"an ephemeral event carries no id (got id={event.id!r})")
+        self._check_connected()
+        await self.live.deliver(group, EPHEMERAL_SEQ, event._wire)
+
+    # -- presence ----------------------------------------------------------------
+
+    async def presence(
+        self, group: str, *, limit: int = DEFAULT_PRESENCE_LIMIT
+    ) -> list[PresenceEntry]:
+        """Return the connections present in `group`, in every process, oldest first.
+
+        Args:
+            group: The group name.
+            limit: Most entries returned (default 1000); `presence_count()` gives
+                the total. Which entries a capped list holds is unspecified.
+
+        Raises:
+            ValueError: An invalid group name or limit.
+            BroadcastNotConnected: The broadcast is not connected.
+            BackendError: Redis cannot be reached.
+        """
+        check_group(group)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+        self._check_connected()
+        entries = [entry_from_json(raw) for raw in await self.live.presence_list(group, limit)]
+        entries.sort(key=lambda entry: (entry.joined_at, entry.id))
+        return entries
+
+    async def presence_count(self, group: str) -> int:
+        """Return how many connections are present in `group`, in every process.
+
+        Raises:
+            ValueError: An invalid group name.
+            BroadcastNotConnected: The broadcast is not connected.
+            BackendError: Redis cannot be reached.
+        """
+        check_group(group)
+        self._check_connected()
+        return await self.live.presence_count(group)
+
+    def _new_member_id(self) -> str:
+        return next(self._member_ids)
+
     # -- local fan-out -----------------------------------------------------------
 
     def _dispatch(self, group: str, seq: int, wire: bytes) -> None:
@@ -346,7 +448,7 @@ class Broadcast:
         the attachment's backlog, and drop those with seq <= `floor`.
 
         Raises:
-            InvalidLastEventId: A malformed id, or one ahead of the history.
+            InvalidLastEventId: A malformed id.
             BackendError: The backend is down.
         """
         self._check_connected()
@@ -368,10 +470,10 @@ class Broadcast:
             if epoch != store.epoch:
                 return Attachment([], head, self._reset_event("unknown_epoch", head))
             if after > head:
-                raise InvalidLastEventId(
-                    f"Last-Event-ID {last_event_id!r} is ahead of this history "
-                    f"(latest id is {format_id(epoch, head)!r})"
-                )
+                # An id of this epoch that was never issued here: the history lost
+                # events (a restored snapshot, a failover). A 400 would stop
+                # EventSource for good; the reset lets it reload and go on.
+                return Attachment([], head, self._reset_event("ahead", head))
             replay = await store.read(groups, after)
             if replay is None:
                 reason = "expired" if store.epoch == epoch else "unknown_epoch"
@@ -412,8 +514,8 @@ class Broadcast:
             max_bytes: Bytes it may hold before it fails with `SlowConsumer`.
 
         Raises:
-            InvalidLastEventId: `last_event_id` was not issued by this broadcast,
-                or is ahead of its history.
+            InvalidLastEventId: `last_event_id` is not in the id format of this
+                broadcast.
             BackendError: The backend is down.
         """
         if not groups:
@@ -507,10 +609,12 @@ class Subscription:
 
     def offer(self, delivery: Delivery) -> None:
         """Take one live event: keep a reference to its bytes and wake the reader."""
-        if self._error is not None or delivery.seq <= self._floor:
+        seq = delivery.seq
+        # An ephemeral event (seq 0: join/leave) has no id and is never a duplicate.
+        if self._error is not None or (seq <= self._floor and seq != EPHEMERAL_SEQ):
             return
-        if self._started:
-            self._floor = delivery.seq
+        if self._started and seq != EPHEMERAL_SEQ:
+            self._floor = seq
         live = self._live
         live.append(delivery)
         size = self._bytes = self._bytes + len(delivery.wire)
@@ -557,10 +661,10 @@ class Subscription:
         if backlog:
             self._backlog = backlog
         floor = attachment.floor
-        held = [delivery for delivery in self._live if delivery.seq > floor]
+        held = [d for d in self._live if d.seq > floor or d.seq == EPHEMERAL_SEQ]
         self._live = held
         self._bytes = sum(len(delivery.wire) for delivery in held)
-        self._floor = held[-1].seq if held else floor
+        self._floor = max([floor, *(delivery.seq for delivery in held)])
         self._started = True
         if backlog or held:
             self._ready()
@@ -639,7 +743,7 @@ async def open_subscription(
     """Join `groups` with `subscription` and queue its replay; `close()` leaves them.
 
     Raises:
-        InvalidLastEventId: A malformed id, or one ahead of the history.
+        InvalidLastEventId: A malformed id.
         BackendError: The backend is down.
         BroadcastNotConnected: The broadcast is not connected.
     """

@@ -51,7 +51,18 @@ _RESERVED = frozenset(
 _TEMPLATE_SUFFIX = ".jinja"
 _PACKAGE_PLACEHOLDER = "package"
 _SKIPPED = frozenset({"__pycache__", ".DS_Store"})
-_INSTALL_HINT = "install it with: pip install 'sseviews[cli]'"
+_INSTALL_HINT = "install it with: python -m pip install 'sseviews[cli]'"
+# The first command a new project's README and next steps give.
+PROJECT_INSTALL = "python -m pip install -e '.[test]'"
+# Modules that an sseviews extra installs: a missing one is named with its extra.
+_EXTRA_OF_MODULE = {
+    "sqlalchemy": "sqlalchemy",
+    "aiosqlite": "sqlite",
+    "asyncpg": "postgres",
+    "redis": "redis",
+    "jinja2": "cli",
+    "uvicorn": "cli",
+}
 
 
 class CommandError(Exception):
@@ -161,8 +172,9 @@ def _cmd_new(args: argparse.Namespace) -> int:
     print(f"Created the project {args.name!r} in {shown}")
     print("Next:")
     print(f"  cd {shown}")
-    print("  sseviews run .          # then open http://127.0.0.1:8000/")
-    print("  python -m pytest        # its tests")
+    print(f"  {PROJECT_INSTALL}   # the project, its dependencies and pytest")
+    print("  sseviews run .                          # then open http://127.0.0.1:8000/")
+    print("  python -m pytest                        # its tests")
     return 0
 
 
@@ -231,15 +243,36 @@ def resolve_target(target: str) -> tuple[str, str, Path]:
     return location, attribute, Path.cwd()
 
 
+def _install_command(missing: str, folder: Path) -> str:
+    """The command that installs the module `missing`, which the app in `folder` imports."""
+    if (folder / "pyproject.toml").is_file() or (folder / "setup.py").is_file():
+        try:
+            shown = folder.relative_to(Path.cwd()).as_posix()
+        except ValueError:
+            shown = str(folder)
+        return f"python -m pip install -e '{shown}'"
+    extra = _EXTRA_OF_MODULE.get(missing)
+    if extra is not None:
+        return f"python -m pip install 'sseviews[{extra}]'"
+    return f"python -m pip install {missing}  (the distribution may have another name)"
+
+
 def _check_importable(module: str, attribute: str, folder: Path) -> None:
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     try:
         loaded = importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name is not None and module.startswith(exc.name):
+        if exc.name is None:
+            raise
+        if module == exc.name or module.startswith(exc.name + "."):
             raise CommandError(f"no module named {module!r} (looked in {folder})") from None
-        raise
+        # The app imports a dependency that is not installed: one line, no traceback.
+        missing = exc.name.partition(".")[0]
+        raise CommandError(
+            f"{module!r} imports {exc.name!r}, which is not installed; "
+            f"install it with: {_install_command(missing, folder)}"
+        ) from None
     if not hasattr(loaded, attribute):
         raise CommandError(f"module {module!r} has no attribute {attribute!r} (the ASGI app)")
 
@@ -260,6 +293,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         app_dir=str(folder),
     )
+    return 0
+
+
+# -- sseviews asyncapi -----------------------------------------------------------------
+
+
+def _cmd_asyncapi(args: argparse.Namespace) -> int:
+    import json
+
+    from ._asyncapi import asyncapi
+
+    module, attribute, folder = resolve_target(args.target)
+    _check_importable(module, attribute, folder)
+    app = getattr(importlib.import_module(module), attribute)
+    try:
+        document = asyncapi(app, title=args.title, version=args.api_version)
+    except TypeError as exc:
+        raise CommandError(f"{module}:{attribute}: {exc}") from None
+    print(json.dumps(document, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -300,6 +352,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--reload", action="store_true", help="restart when a file changes")
     run.add_argument("--workers", type=int, default=None, help="worker processes")
     run.set_defaults(handler=_cmd_run)
+
+    spec = commands.add_parser(
+        "asyncapi",
+        help="print the AsyncAPI 3.0 document of an app's streams",
+        description="Print, as JSON, the AsyncAPI 3.0 document describing every event "
+        "stream of TARGET's `app`: its paths, event names and payload schemas. TARGET is "
+        "a module name or path, optionally followed by :ATTRIBUTE, as for `run`.",
+    )
+    spec.add_argument("target", metavar="PATH_OR_MODULE")
+    spec.add_argument("--title", default=None, help="the document's title")
+    spec.add_argument("--api-version", default=None, metavar="VERSION", help="the API's version")
+    spec.set_defaults(handler=_cmd_asyncapi)
     return parser
 
 

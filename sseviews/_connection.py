@@ -75,6 +75,7 @@ class Connection:
 
     __slots__ = (
         "_direct",
+        "_ending",
         "_finishing",
         "_listening",
         "_loop",
@@ -149,6 +150,8 @@ class Connection:
         self._written = False  # the writer has returned
         self._direct = True  # no events(): the request task is the writer
         self._shutdown_deadline = math.inf
+        # (when, reason, last bytes): see end_at(); None for most streams, at no cost.
+        self._ending: tuple[float, DisconnectReason, bytes] | None = None
 
     def clock(self) -> float:
         """Anyio's clock, read cheaply (`loop.time()` on asyncio)."""
@@ -275,6 +278,23 @@ class Connection:
                 self._limit_send(min(self._send_deadline, limit))
         self._writer.wake()
 
+    def end_at(self, when: float, reason: DisconnectReason, farewell: bytes = b"") -> None:
+        """End the stream cleanly at `when` (anyio's clock) for `reason`; call before `run()`.
+
+        The earliest of several calls wins. What is buffered is written first, then
+        `farewell` (complete messages) with the terminal chunk, so the stream ends on
+        an event boundary. The writer arms the timer, so a stream that never
+        starts leaves nothing behind.
+        """
+        ending = self._ending
+        if ending is None or when < ending[0]:
+            self._ending = (when, reason, farewell)
+
+    def _end_now(self) -> None:
+        ending = self._ending
+        if ending is not None and self.reason is None:
+            self.stop(ending[1])
+
     def begin_shutdown(self) -> None:
         """Start ending this stream because the server is shutting down."""
         if self.shutting_down:
@@ -316,10 +336,21 @@ class Connection:
         source = self.source
         writer = self._writer
         loop = self._loop
+        ending = self._ending
+        end_at = math.inf
+        end_timer: asyncio.TimerHandle | None = None
+        if ending is not None:
+            end_at = ending[0]
+            if loop is not None:
+                end_timer = loop.call_at(end_at, self._end_now)
+        # Other backends have no timer: the writer looks at the clock between writes.
+        watch_end = ending is not None and loop is None
         try:
             with CancelRegion() as scope:  # cancelled: a send timed out, or nobody reads
                 self._scope = scope
                 while True:
+                    if watch_end and self.reason is None and self.clock() >= end_at:
+                        self._end_now()
                     reason = self.reason
                     if reason in DROP_REASONS:
                         break
@@ -335,16 +366,22 @@ class Connection:
                     elif source is not None and (data := source.take(HIGH_WATER)):
                         count = source.taken
                     elif self._finishing or reason is not None:
-                        end: Message = {"type": "http.response.body", "body": b""}
+                        last = ending[2] if ending is not None and reason is ending[1] else b""
+                        end: Message = {"type": "http.response.body", "body": last}
                         await self._send(end)
                         break
                     elif ping_interval is None:
+                        if loop is None and end_at != math.inf:
+                            if not await writer.wait(end_at):
+                                self._end_now()
+                            continue
                         await writer.wait()
                         continue
                     elif self.clock() - self.last_write < ping_interval - 0.001:
                         due = self.last_write + ping_interval
                         if loop is None:
-                            await writer.wait(due)
+                            if not await writer.wait(min(due, end_at)) and end_at <= due:
+                                self._end_now()
                             continue
                         # One timer per connection, moved only when it would be late:
                         # it fires early at most once per interval, and re-arms itself.
@@ -379,6 +416,8 @@ class Connection:
             timer, self._timer = self._timer, None
             if timer is not None:
                 timer.cancel()
+            if end_timer is not None:
+                end_timer.cancel()
             if self.reason is DisconnectReason.SEND_TIMEOUT:
                 self.stop(DisconnectReason.SEND_TIMEOUT)  # stops events() too
             producer = self._producer

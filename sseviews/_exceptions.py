@@ -5,6 +5,8 @@ Every exception the library raises on purpose derives from `SSEViewsError`:
     SSEViewsError
     ├── StreamEnded            the test client's stream has ended
     ├── InvalidLastEventId     a Last-Event-ID this broadcast layer did not issue
+    ├── InvalidToken           a stream token that is missing, forged, malformed or expired
+    ├── SettingNameWarning     a view attribute that looks like a misspelt setting
     └── BroadcastError         the broadcast layer cannot do its job
         ├── BroadcastNotConnected
         ├── SlowConsumer       a subscriber fell too far behind its groups
@@ -32,6 +34,15 @@ class InvalidLastEventId(SSEViewsError):
     """
 
 
+class InvalidToken(SSEViewsError):
+    """Raised when `StreamTokens.verify()` rejects a token.
+
+    The token is forged or signed with an unknown secret, malformed, expired, or
+    its claims have the wrong types. The message says which. Views that set
+    `tokens` turn it into a `401 Unauthorized` response.
+    """
+
+
 class BroadcastError(SSEViewsError):
     """Raised when the broadcast layer cannot publish or deliver events."""
 
@@ -53,4 +64,13 @@ class BackendError(BroadcastError):
 
     Subscribers end with this error instead of hanging or silently missing events;
     clients reconnect and replay from their `Last-Event-ID`.
+    """
+
+
+class SettingNameWarning(SSEViewsError, UserWarning):
+    """Warned when a view subclass sets an attribute that looks like a misspelt setting.
+
+    For example `ping_intervall = 5`: the view would silently keep the default
+    `ping_interval`. Rename the attribute, or, if the name is meant, silence the
+    warning with `warnings.filterwarnings("ignore", category=SettingNameWarning)`.
     """

@@ -26,7 +26,13 @@ import anyio
 import sniffio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["DisconnectReason", "ShutdownMiddleware", "ShutdownSignal", "find_shutdown_signal"]
+__all__ = [
+    "EXPIRED_EVENT",
+    "DisconnectReason",
+    "ShutdownMiddleware",
+    "ShutdownSignal",
+    "find_shutdown_signal",
+]
 
 logger = logging.getLogger("sseviews")
 
@@ -63,6 +69,17 @@ class DisconnectReason(enum.StrEnum):
     SLOW_CONSUMER = "slow_consumer"
     #: `events()` raised, or an event could not be encoded.
     ERROR = "error"
+    #: The stream's token expired (see `EventStreamView.tokens`); the last message
+    #: sent was an `EXPIRED_EVENT`.
+    EXPIRED = "expired"
+    #: The stream reached its `max_lifetime`; the browser reconnects with its
+    #: `Last-Event-ID`, maybe to another worker.
+    LIFETIME = "lifetime"
+
+
+#: The name of the event a stream sends last when it ends because its token
+#: expired: the client fetches a new token before it reconnects.
+EXPIRED_EVENT = "sseviews.expired"
 
 
 class _Stoppable(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl
@@ -18,10 +19,19 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ._broadcast import Broadcast, Subscription, check_group, open_subscription
 from ._connection import Connection
+from ._ending import check_token, check_token_group, schedule_end
 from ._events import Event, encode_data
-from ._exceptions import BackendError, BroadcastNotConnected, InvalidLastEventId, SlowConsumer
+from ._eventtypes import EventTypes, compile_event_types
+from ._exceptions import (
+    BackendError,
+    BroadcastNotConnected,
+    InvalidLastEventId,
+    SettingNameWarning,
+    SlowConsumer,
+)
 from ._lifecycle import DisconnectReason, find_shutdown_signal
 from ._metrics import Metrics
+from ._presence import encode_entry
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -59,6 +69,11 @@ def _check_settings(cls: type[EventStreamView]) -> None:
     _check_seconds(cls, "send_timeout", allow_none=True, allow_zero=False)
     _check_seconds(cls, "shutdown_grace_period", allow_none=False, allow_zero=True)
     _check_seconds(cls, "disconnect_timeout", allow_none=False, allow_zero=False)
+    _check_seconds(cls, "max_lifetime", allow_none=True, allow_zero=False)
+    if cls.tokens is not None and not callable(getattr(cls.tokens, "verify", None)):
+        raise TypeError(f"{cls.__name__}.tokens must be a StreamTokens, got {cls.tokens!r}")
+    if cls.token_cookie is not None and not isinstance(cls.token_cookie, str):
+        raise TypeError(f"{cls.__name__}.token_cookie must be a str, got {cls.token_cookie!r}")
     retry = cls.retry
     if retry is not None:
         if not isinstance(retry, int) or isinstance(retry, bool):
@@ -74,7 +89,10 @@ def _check_settings(cls: type[EventStreamView]) -> None:
         raise TypeError(f"{cls.__name__}.broadcast must be a Broadcast, got {cls.broadcast!r}")
     if cls.metrics is not None and not isinstance(cls.metrics, Metrics):
         raise TypeError(f"{cls.__name__}.metrics must be a Metrics, got {cls.metrics!r}")
+    if not isinstance(cls.announce_presence, bool):
+        raise TypeError(f"{cls.__name__}.announce_presence must be a bool")
     names = ["max_buffer_events", "max_buffer_bytes", "max_groups", "retry_after"]
+    names.append("presence_info_max_bytes")
     if cls.max_connections is not None:
         names.append("max_connections")
     for name in names:
@@ -89,6 +107,79 @@ def _check_settings(cls: type[EventStreamView]) -> None:
     if groups is not None and not callable(groups):
         for group in groups:
             check_group(group)
+
+
+def _check_events(cls: type[EventStreamView]) -> None:
+    events = cls.events
+    if events is EventStreamView.events:
+        return
+    if inspect.isasyncgenfunction(inspect.unwrap(events)):
+        return
+    if inspect.iscoroutinefunction(events):
+        got = "an async def without yield (a coroutine function)"
+    elif inspect.isgeneratorfunction(events):
+        got = "a def with yield (a sync generator)"
+    elif callable(events):
+        got = "a plain def" if inspect.isfunction(events) else repr(events)
+    else:
+        got = repr(events)
+    raise TypeError(
+        f"{cls.__name__}.events() must be an async generator: `async def events(self):` "
+        f"with `yield` in its body; got {got}"
+    )
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance, counting a swap of two neighbours as one edit."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
+            if i > 1 and j > 1 and char_a == b[j - 2] and a[i - 2] == char_b:
+                cost = min(cost, previous2[j - 2] + 1)
+            current.append(cost)
+        previous2, previous = previous, current
+    return previous[-1]
+
+
+def _resembled_setting(name: str) -> str | None:
+    """The setting `name` looks like a misspelling of, if any."""
+    lowered = name.lower()
+    best: tuple[int, str] | None = None
+    for setting in _SETTING_NAMES:
+        # One edit, two in a long name: `retry` is not `entry`, `metrics` not `retries`.
+        allowed = 1 if len(setting) < 10 else 2
+        if abs(len(lowered) - len(setting)) > allowed:
+            continue
+        distance = _edit_distance(lowered, setting)
+        if distance <= allowed and (best is None or distance < best[0]):
+            best = (distance, setting)
+    return best[1] if best is not None else None
+
+
+def _check_setting_names(cls: type[EventStreamView]) -> None:
+    for name in cls.__dict__:
+        if name.startswith("_") or name in _SETTING_NAMES or name in _HOOK_NAMES:
+            continue
+        if any(name in vars(base) for base in cls.__mro__[1:]):
+            continue  # inherited: warned about where it was first set
+        setting = _resembled_setting(name)
+        value = cls.__dict__[name]
+        if inspect.isfunction(value) or isinstance(value, staticmethod | classmethod | property):
+            # A method is a helper of the view's own, unless it resembles `groups`,
+            # the one setting that may be a method.
+            if setting != "groups":
+                continue
+        if setting is not None:
+            warnings.warn(
+                f"{cls.__name__}.{name} looks like a misspelling of the setting "
+                f"{setting!r}, which it leaves at its default ({getattr(cls, setting)!r}); "
+                f"rename it to {setting}",
+                SettingNameWarning,
+                stacklevel=3,  # this, __init_subclass__, then the class statement
+            )
 
 
 def _bad_request(detail: str) -> HTTPException:
@@ -164,44 +255,81 @@ class EventStreamView:
     ended the stream.
     """
 
-    # Seconds without any write after which a keep-alive ping is sent; None: no pings.
     ping_interval: ClassVar[float | None] = 15.0
-    # Seconds one write may block before the client is dropped (SEND_TIMEOUT); None: no limit.
+    """Seconds without any write after which a keep-alive ping is sent (see
+    `ping_message()`); None sends no pings."""
     send_timeout: ClassVar[float | None] = 30.0
-    # Reconnection delay (ms) sent to the browser before any event; None sends none.
+    """Seconds one write may block before the client is dropped with `SEND_TIMEOUT`;
+    None: no limit."""
     retry: ClassVar[int | None] = None
-    # Extra response headers; they may override the defaults (cache-control, ...).
+    """Reconnection delay (milliseconds) sent to the browser before any event; None
+    sends none, and the browser keeps its default (about 3 s)."""
     headers: ClassVar[Mapping[str, str]] = {}
-    # Seconds events() may go on after shutdown starts, to send a farewell and return.
+    """Extra response headers; they may override the defaults (`cache-control`, ...)."""
     shutdown_grace_period: ClassVar[float] = 0.0
-    # Upper bound (seconds) on on_disconnect(), and again on closing the session after it.
+    """Seconds `events()` may go on after shutdown starts, to send a farewell and
+    return (see `is_shutting_down`)."""
     disconnect_timeout: ClassVar[float] = 5.0
-    # A SQLAlchemy async_sessionmaker: self.session is then opened in the stream task.
-    # (typed Any: a callable class attribute would otherwise be read as a method)
+    """Upper bound (seconds) on `on_disconnect()`, and again on closing the session
+    after it."""
+    # Typed Any: a callable class attribute would otherwise be read as a method.
     session_factory: ClassVar[Any] = None
-    # The Broadcast whose groups this view streams (None: no groups).
+    """A SQLAlchemy `async_sessionmaker`: `self.session` is then opened, used and
+    closed in the stream task. None: no session."""
     broadcast: ClassVar[Broadcast | None] = None
-    # Group names: a list, or a (sync or async) method returning them from the request.
+    """The `Broadcast` whose groups this view streams; None: no groups."""
     groups: ClassVar[Any] = ()
-    # Live group events a connection may hold before it ends with SLOW_CONSUMER.
+    """Group names: a list, or a (sync or async) method that returns them for the
+    request. It runs once per connection, after `on_connect()`."""
     max_buffer_events: ClassVar[int] = 1000
-    # ... and bytes (whichever bound is reached first).
+    """Live group events a connection may hold before it ends with `SLOW_CONSUMER`."""
     max_buffer_bytes: ClassVar[int] = 1024 * 1024
-    # Most groups one connection may join (more gets 400).
+    """Bytes of live group events a connection may hold (whichever bound, this or
+    `max_buffer_events`, is reached first)."""
     max_groups: ClassVar[int] = 64
-    # Most streams of this view open at once in this process; more get 503. None: no limit.
+    """Most groups one connection may join; more gets 400."""
     max_connections: ClassVar[int | None] = None
-    # The Retry-After (seconds) sent with that 503.
+    """Most streams of this view open at once in this process; more get 503 with
+    `Retry-After`. None: no limit."""
     retry_after: ClassVar[int] = 5
-    # A Metrics instance that counts this view's streams; None counts nothing.
+    """The `Retry-After` (seconds) sent with the 503 of `max_connections`."""
     metrics: ClassVar[Metrics | None] = None
+    """A `Metrics` instance that counts this view's streams; None counts nothing."""
+    tokens: ClassVar[Any] = None
+    """A `sseviews.tokens.StreamTokens`: streams then need a valid token (401
+    without). None: no token needed."""
+    token_cookie: ClassVar[str | None] = None
+    """The cookie a token may also come in (after `?token=` and
+    `Authorization: Bearer`)."""
+    max_lifetime: ClassVar[float | None] = None
+    """Seconds (±10% jitter) after which a stream ends with `LIFETIME`; None: no
+    limit."""
+    announce_presence: ClassVar[bool] = False
+    """With `presence_info()`: when the stream joins its groups, and when it leaves,
+    send each group an ephemeral `sseviews.join` / `sseviews.leave` event (no id,
+    never stored or replayed) whose data is the presence entry."""
+    presence_info_max_bytes: ClassVar[int] = 1024
+    """Largest `presence_info()` accepted, in bytes of JSON: a larger one is refused
+    with 500 and a log line, never truncated."""
+    token_claims: dict[str, Any] | None = None
+    """The verified claims of the stream's token (None when the view has no `tokens`)."""
+    event_types: ClassVar[Mapping[str, Any] | None] = None
+    """The events the view sends: SSE event name (`"message"` for unnamed events) to
+    payload type, for example `{"tick": Tick}`. Each event sent is checked against it
+    (see Typed streams); None declares nothing and checks nothing."""
+    _event_types: ClassVar[EventTypes | None] = None  # event_types, compiled
+    # (connection id, entry JSON) while the stream is listed in its groups' presence.
+    _presence: tuple[str, bytes] | None = None
     # Streams (and requests being answered) of this class open in this process: the
     # limit protects this process, so it counts here (see __init_subclass__).
     _open_streams: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _check_setting_names(cls)  # first: a misspelt name explains a check below
         _check_settings(cls)
+        _check_events(cls)
+        cls._event_types = compile_event_types(cls)
         cls._open_streams = 0  # each view class counts its own streams
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -245,6 +373,10 @@ class EventStreamView:
     def authorize_group(self, group: str) -> bool | Awaitable[bool]:
         """Decide whether this request may join `group` (sync or async); False gets 403."""
         return True
+
+    def presence_info(self) -> Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None:
+        """Return the stream's presence info, sync or async (None: the stream is not listed)."""
+        return None
 
     def ping_message(self) -> Event:
         """Return the keep-alive message sent after `ping_interval` of silence."""
@@ -389,6 +521,8 @@ class EventStreamView:
             subscription = self._subscription
             if subscription is not None:
                 subscription.close()
+                if self._presence is not None:
+                    await self._leave_presence(subscription)
 
     async def _open(self) -> Connection | None:
         """Run the checks and `on_connect`, join the groups: the stream's Connection, or
@@ -400,6 +534,8 @@ class EventStreamView:
             await self._end_at_once()
             return None
         try:
+            if self.tokens is not None:
+                check_token(self)  # before on_connect(), which may read token_claims
             refusal = await self.on_connect()
             if refusal is None:
                 _ = self.last_event_id  # 400 for a bad one, after authentication
@@ -421,6 +557,8 @@ class EventStreamView:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return None
         connection = self._connection = Connection(self, receive, send, shutdown, self._counters)
+        if self.token_claims is not None or self.max_lifetime is not None:
+            schedule_end(self, connection)
         direct = type(self).events is EventStreamView.events
         if not groups:
             if broadcast is not None and direct:
@@ -438,22 +576,84 @@ class EventStreamView:
         if direct:
             # No events(): the writer sends straight from the subscription.
             subscription.on_ready = connection.wake
+            if self._event_types is not None:
+                self._event_types.relayed(self)  # checked by a test client, if any
             connection.source = subscription
         else:
             # events() relays the subscription: it may not get further ahead of the
             # client than the subscription itself may.
             connection.max_pending = self.max_buffer_events
+        presence: tuple[str, bytes] | None = None
+        if type(self).presence_info is not EventStreamView.presence_info:
+            try:
+                presence = await self._presence_entry(broadcast)
+            except (TypeError, ValueError) as exc:
+                await self._refuse(
+                    PlainTextResponse("Internal Server Error", status_code=500),
+                    level=logging.ERROR,
+                    detail=str(exc),
+                )
+                return None
         try:
             await open_subscription(broadcast, groups, self.last_event_id, subscription)
         except InvalidLastEventId as exc:
             await self._refuse(PlainTextResponse(str(exc), status_code=400))
             return None
         except (BackendError, BroadcastNotConnected) as exc:
+            if isinstance(exc, BroadcastNotConnected) and not broadcast._ever_connected:
+                await self._refuse_unconnected(broadcast)
+                return None
             logger.warning("%s: broadcast unavailable: %s", self.describe(), exc)
             await self._end_at_once()
             return None
         self._subscription = subscription  # dispatch() closes it at the end
+        if presence is not None:
+            try:
+                await broadcast.live.presence_join(
+                    presence[0], subscription._groups, presence[1], self.announce_presence
+                )
+            except BackendError as exc:
+                logger.warning("%s: presence unavailable: %s", self.describe(), exc)
+                await self._end_at_once()
+                return None
+            except NotImplementedError as exc:
+                await self._refuse(
+                    PlainTextResponse("Internal Server Error", status_code=500),
+                    level=logging.ERROR,
+                    detail=str(exc),
+                )
+                return None
+            self._presence = presence  # dispatch() leaves at the end
         return connection
+
+    async def _presence_entry(self, broadcast: Broadcast) -> tuple[str, bytes] | None:
+        """Call `presence_info()`: the connection id and entry JSON, or None.
+
+        Raises:
+            TypeError: The info is not a JSON-serialisable mapping.
+            ValueError: It is larger than `presence_info_max_bytes`.
+        """
+        info = self.presence_info()
+        if inspect.isawaitable(info):
+            info = await info
+        if info is None:
+            return None
+        member = broadcast._new_member_id()
+        return member, encode_entry(member, info, self.presence_info_max_bytes)
+
+    async def _leave_presence(self, subscription: Subscription) -> None:
+        """Remove the stream from its groups' presence: shielded, bounded, in this task."""
+        member, entry = self._presence or ("", b"")
+        self._presence = None
+        broadcast = self.broadcast
+        assert broadcast is not None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.disconnect_timeout):
+            try:
+                await broadcast.live.presence_leave(
+                    member, subscription._groups, entry, self.announce_presence
+                )
+            except BackendError as exc:
+                logger.warning("%s: leaving presence failed: %s", self.describe(), exc)
 
     async def _refuse(
         self, response: Response, *, level: int = logging.INFO, detail: str | None = None
@@ -467,6 +667,29 @@ class EventStreamView:
         reason = _printable(detail)
         logger.log(level, "%s: refused with %d: %s", self.describe(), response.status_code, reason)
         await response(self.scope, self.receive, self.send)
+
+    async def _refuse_unconnected(self, broadcast: Broadcast) -> None:
+        """Refuse a stream whose broadcast was never connected: 503, and an ERROR once.
+
+        A 200 that ends at once would make browsers reconnect forever to a stream
+        that can never work; a 503 makes `EventSource` stop and show the error.
+        """
+        if not broadcast._reported_unconnected:
+            broadcast._reported_unconnected = True
+            logger.error(
+                "%s: the view's broadcast was never connected, so none of its streams can "
+                "be served (503); connect it in the app's lifespan with "
+                "`async with broadcast: yield`",
+                self.describe(),
+            )
+        await self._refuse(
+            PlainTextResponse(
+                "the stream's broadcast is not connected (the app's lifespan must run "
+                "`async with broadcast:`)",
+                status_code=503,
+                headers={"Retry-After": str(self.retry_after)},
+            )
+        )
 
     def _subscription_failed(self, error: BaseException) -> None:
         # events() may be parked behind a blocked write and never see the error.
@@ -497,7 +720,10 @@ class EventStreamView:
                 check_group(group)
             except (TypeError, ValueError) as exc:
                 raise HTTPException(400, f"invalid group name: {exc}") from None
+        claims = self.token_claims
         for group in groups:
+            if claims is not None:
+                check_token_group(claims, group)
             allowed = self.authorize_group(group)
             if inspect.isawaitable(allowed):
                 allowed = await allowed
@@ -548,6 +774,9 @@ class EventStreamView:
             )
             connection.stop(DisconnectReason.ERROR)
             return
+        event_types = self._event_types
+        if event_types is not None:  # views without a declaration pay nothing per event
+            agen = event_types.checked(self, agen)
         try:
             with connection.open_events_scope():
                 async for item in agen:
@@ -627,3 +856,12 @@ class EventStreamView:
                         await session.close()
                     except Exception:
                         logger.exception("%s: closing the session failed", self.describe())
+
+
+# The names a view subclass may set on purpose: settings, and the hooks and helpers
+# it may override. An attribute close to a setting's name, but not one of these, is
+# most likely a misspelt setting (see _check_setting_names).
+_SETTING_NAMES = frozenset(
+    name for name in EventStreamView.__annotations__ if not name.startswith("_")
+)
+_HOOK_NAMES = frozenset(name for name in vars(EventStreamView) if not name.startswith("_"))

@@ -30,7 +30,9 @@ import anyio.abc
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Scope
 
+from ._broadcast import RESET_EVENT
 from ._events import Event
+from ._eventtypes import EVENT_CHECKS_KEY, EventTypes
 from ._exceptions import StreamEnded
 from ._lifecycle import SCOPE_KEY, ShutdownSignal
 
@@ -192,6 +194,32 @@ class _Exchange:
         self._flowing: anyio.Event | None = None  # None while not paused
         self._changed = anyio.Event()
         self.done = anyio.Event()
+        # Events that did not match the view's event_types (raised to the test).
+        self.mismatches: list[str] = []
+        self._relayed: tuple[EventTypes, str] | None = None
+
+    def event_mismatch(self, message: str) -> None:
+        """Called by a declared view for an event that does not match its declaration."""
+        self.mismatches.append(message)
+        self.notify()
+
+    def check_relayed(self, event_types: EventTypes, view_name: str) -> None:
+        """Called by a declared view that relays group events: check them as parsed."""
+        self._relayed = (event_types, view_name)
+
+    def _check_parsed(self, events: list[Event]) -> None:
+        assert self._relayed is not None
+        event_types, view_name = self._relayed
+        for event in events:
+            if event.event == RESET_EVENT:
+                continue  # sent by the Broadcast itself, not declared by the view
+            problem = event_types.problem(event.event, event.data)
+            if problem is not None:
+                name = event.event or "message"
+                self.mismatches.append(
+                    f"{view_name} sent event {name!r} that does not match its event_types: "
+                    f"{problem}; sent {event.data!r}"
+                )
 
     def notify(self) -> None:
         self._changed.set()
@@ -230,7 +258,10 @@ class _Exchange:
             chunk: bytes = message.get("body", b"")
             if chunk:
                 self.raw += chunk
-                self.events.extend(self.parser.feed(chunk))
+                parsed = self.parser.feed(chunk)
+                if self._relayed is not None:
+                    self._check_parsed(parsed)
+                self.events.extend(parsed)
             if not message.get("more_body", False):
                 self.ended = True
         self.notify()
@@ -315,7 +346,15 @@ class EventStream:
         """True once the app has ended the response (or returned)."""
         return self._exchange.ended
 
+    def _raise_mismatch(self) -> None:
+        mismatches = self._exchange.mismatches
+        if mismatches:
+            lines = "\n".join(f"  - {each}" for each in mismatches)
+            mismatches.clear()
+            raise AssertionError(f"the stream sent events that break its event_types:\n{lines}")
+
     def _raise_app_error(self) -> None:
+        self._raise_mismatch()
         error = self._exchange.error
         if error is not None:
             self._exchange.error = None
@@ -332,8 +371,11 @@ class EventStream:
         Raises:
             TimeoutError: No event arrived in time.
             StreamEnded: The stream ended and every event was read.
+            AssertionError: The view declares `event_types` and sent an event that
+                does not match them (the view did not send it).
         """
         exchange = self._exchange
+        self._raise_mismatch()
         with anyio.fail_after(self._timeout if timeout is None else timeout):
             while not exchange.events:
                 self._raise_app_error()
@@ -405,6 +447,10 @@ class EventStreamClient:
 
     `async with EventStreamClient(app) as client:` runs the app's lifespan startup;
     leaving the block closes open streams and runs the lifespan shutdown.
+
+    Every event a view with `event_types` sends is checked against them: a
+    mismatch raises `AssertionError` from the stream's next read, or when its
+    `stream()` block is left (see Typed streams).
     """
 
     __test__ = False  # not a pytest test class
@@ -570,6 +616,7 @@ class EventStreamClient:
         if self._task_group is None:
             raise RuntimeError("use `async with EventStreamClient(app) as client:` first")
         exchange = _Exchange(self, scope, body)
+        scope["extensions"][EVENT_CHECKS_KEY] = exchange  # a declared view reports here
         self._exchanges.add(exchange)
 
         async def run() -> None:

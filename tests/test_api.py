@@ -66,6 +66,13 @@ def test_api_star_import_gives_all() -> None:
     assert sorted(k for k in namespace if k != "__builtins__") == sorted(sseviews.__all__)
 
 
+def test_api_asyncapi_is_exported() -> None:
+    from sseviews._asyncapi import asyncapi
+
+    assert "asyncapi" in sseviews.__all__
+    assert sseviews.asyncapi is asyncapi
+
+
 def test_api_exceptions_share_one_root() -> None:
     for name in sseviews.__all__:
         value = getattr(sseviews, name)
@@ -87,7 +94,17 @@ def test_api_testing_module_exports() -> None:
 
 
 def test_api_import_needs_only_starlette_and_anyio() -> None:
-    optional = ["sqlalchemy", "redis", "jinja2", "uvicorn", "pydantic", "fastapi", "httpx"]
+    optional = [
+        "sqlalchemy",
+        "redis",
+        "jinja2",
+        "uvicorn",
+        "pydantic",
+        "fastapi",
+        "httpx",
+        "jwt",
+        "jsonschema",
+    ]
     code = f"import sys, sseviews; print(','.join(m for m in {optional!r} if m in sys.modules))"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True

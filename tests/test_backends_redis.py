@@ -293,13 +293,16 @@ async def test_redis_backend_fails_then_recovers_when_the_server_restarts(
                 # The backend reports recovery only through `healthy`: poll it.
                 while not backend.healthy:  # noqa: ASYNC110
                     await anyio.sleep(0.05)
-                # A new history on the new server: its first event has seq 1.
+                # A new history (a new epoch) on the new server; its seqs continue
+                # above those this store saw, so no id is issued twice.
+                old_epoch, old_seq = store.epoch, store._high
                 delivered_before = len(recorder.events)
                 seq = await store.append("a", data("after restart"), no_deliver)
                 await recorder.wait_events(delivered_before + 1)
 
-        assert seq == 1
-        assert recorder.events[-1] == ("a", 1, id_line(store.epoch, 1) + data("after restart"))
+        assert store.epoch != old_epoch
+        assert seq == old_seq + 1
+        assert recorder.events[-1] == ("a", seq, id_line(store.epoch, seq) + data("after restart"))
         assert len(recorder.failures) == 1
         levels = [(r.levelno, r.getMessage()) for r in caplog.records]
         assert any(level == logging.WARNING and "lost" in msg for level, msg in levels)

@@ -414,13 +414,19 @@ async def test_malformed_last_event_id_raises_invalid(
     assert broadcast.subscriber_count == 0
 
 
-async def test_last_event_id_ahead_of_head_raises_invalid(broadcast: Broadcast) -> None:
+async def test_last_event_id_ahead_of_head_gets_reset_event(broadcast: Broadcast) -> None:
+    """History lost events (a restored snapshot): a reset, never an error that
+    would stop EventSource for good."""
     head = await broadcast.publish("a", "x")
     ahead = f"{broadcast.epoch}-{seq_of(head) + 1}"
-    with pytest.raises(InvalidLastEventId, match="ahead") as info:
-        async with broadcast.subscribe("a", last_event_id=ahead):
-            pass  # pragma: no cover
-    assert head in str(info.value)
+    async with broadcast.subscribe("a", last_event_id=ahead) as sub:
+        (reset,) = await take(sub, 1)
+        assert reset.event == RESET_EVENT
+        assert reset.json() == {"reason": "ahead", "epoch": broadcast.epoch, "head": head}
+        assert reset.id == head
+        assert await nothing_more(sub)
+        live = await broadcast.publish("a", "y")
+        assert [e.id for e in await take(sub, 1)] == [live]
     assert broadcast.subscriber_count == 0
 
 

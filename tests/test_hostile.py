@@ -439,15 +439,21 @@ async def test_hostile_foreign_last_event_id_on_broadcast_view_gets_400(server: 
         await assert_healthy(server)
 
 
-async def test_hostile_last_event_id_ahead_of_history_gets_400(
+async def test_hostile_last_event_id_ahead_of_history_gets_a_reset_event(
     server: Server, http: httpx.AsyncClient
 ) -> None:
+    """Ahead of the head: history lost events. A reset, not a 400 (which would stop
+    EventSource for good)."""
     with anyio.fail_after(TIMEOUT):
         epoch = (await http.get(f"{server.base_url}/health")).json()["epoch"]
     ahead = f"{epoch}-{10**18}"
-    reply = await exchange(server, get("/rooms/lobby", (b"Last-Event-ID", ahead.encode())))
-    assert reply.status == 400
-    assert f"Last-Event-ID {ahead!r} is ahead of this history" in reply.text
+    reply = await exchange(
+        server, get("/rooms/lobby", (b"Last-Event-ID", ahead.encode())), events=1
+    )
+    assert reply.status == 200
+    (reset,) = EventParser().feed(reply.body)
+    assert reset.event == RESET_EVENT
+    assert reset.json()["reason"] == "ahead"
     await assert_healthy(server)
 
 

@@ -282,7 +282,9 @@ async def test_metrics_refusals_counted_by_status() -> None:
 
 async def test_metrics_unavailable_broadcast_counts_as_refused_200() -> None:
     metrics = Metrics()
-    broadcast = Broadcast("memory://")  # never connected
+    broadcast = Broadcast("memory://")
+    async with broadcast:  # connected, then closed: unavailable (never connected gets 503)
+        pass
     view = room_view(broadcast, metrics, relay=False)
     async with EventStreamClient(view, timeout=TIMEOUT) as client:
         response = await client.get("/")

@@ -20,7 +20,7 @@ from redis_helpers import (
 
 from sseviews import BackendError
 from sseviews.stores.base import id_line, parse_id
-from sseviews.stores.redis import RedisStore
+from sseviews.stores.redis import RedisStore, group_key
 
 pytestmark = pytest.mark.anyio
 
@@ -141,7 +141,8 @@ async def test_redis_store_lost_epoch_starts_a_new_history(store: RedisStore, pr
         # A cursor of the old epoch cannot be resumed any more.
         assert await store.read(["a"], 0) is None
         assert store.epoch != old_epoch
-        assert await store.head() == 0
+        # The new epoch's seqs start above those this store saw.
+        assert await store.head() == 1
 
 
 # -- reading after a cursor ----------------------------------------------------------
@@ -178,8 +179,8 @@ async def test_redis_store_count_retention_expires_older_cursors(prefix: str) ->
         for group in "aabababa":
             await store.append(group, data(group), no_deliver)
         async with redis_client() as client:
-            assert await client.xlen(f"{prefix}:g:a") == 3
-            assert await client.hgetall(f"{prefix}:trim") == {b"a": b"2"}
+            assert await client.xlen(group_key(prefix, "g", "a")) == 3
+            assert await client.hget(group_key(prefix, "m", "a"), "trim") == b"2"
         assert await store.read(["a"], 0) is None
         assert await store.read(["a"], 1) is None
         # Nothing after seq 2 was trimmed: that cursor still replays.
@@ -199,11 +200,12 @@ async def test_redis_store_age_retention_expires_old_events(prefix: str) -> None
         await store.append("b", data("2"), no_deliver)
         await anyio.sleep(0.5)
         await store.append("b", data("3"), no_deliver)
-        # b's old event was trimmed by the append; a's has only expired by age.
+        # Idle for max_age, a and b expired as a whole (a TTL); b started again.
         async with redis_client() as client:
-            assert await client.xlen(f"{prefix}:g:a") == 1
-            assert await client.xlen(f"{prefix}:g:b") == 1
-            assert await client.hgetall(f"{prefix}:trim") == {b"b": b"2"}
+            assert await client.exists(group_key(prefix, "g", "a")) == 0
+            assert await client.exists(group_key(prefix, "m", "a")) == 0
+            assert await client.xlen(group_key(prefix, "g", "b")) == 1
+            assert await client.hgetall(group_key(prefix, "m", "b")) == {b"last": b"3"}
         assert await store.read(["a"], 0) is None
         assert await store.read(["b"], 0) is None
         assert await store.read(["a", "b"], 1) is None
@@ -218,11 +220,12 @@ async def test_redis_store_count_and_age_retention_combined(prefix: str) -> None
         for i in range(4):
             await store.append("a", data(str(i)), no_deliver)
         async with redis_client() as client:
-            assert await client.hget(f"{prefix}:trim", "a") == b"2"
+            assert await client.hget(group_key(prefix, "m", "a"), "trim") == b"2"
             await anyio.sleep(0.5)
             await store.append("a", data("4"), no_deliver)
-            assert await client.hget(f"{prefix}:trim", "a") == b"4"
-            assert await client.xlen(f"{prefix}:g:a") == 1
+            # The group expired as a whole (TTL max_age); its new event starts again.
+            assert await client.hget(group_key(prefix, "m", "a"), "trim") is None
+            assert await client.xlen(group_key(prefix, "g", "a")) == 1
         assert await store.read(["a"], 3) is None
         assert [seq for seq, _ in await store.read(["a"], 4) or []] == [5]
         await store.disconnect()
@@ -236,7 +239,8 @@ async def test_redis_store_keys_all_carry_the_prefix(prefix: str) -> None:
         await store.append("room:1", data("2"), no_deliver)
         await store.disconnect()
         keys = await keys_under(prefix)
-    assert keys == [f"{prefix}:{name}".encode() for name in ("epoch", "g:room:1", "seq", "trim")]
+    names = ("clock", "epoch", "g:{room%3A1}", "m:{room%3A1}", "seq", "start")
+    assert keys == [f"{prefix}:{name}".encode() for name in names]
 
 
 # -- clients and errors --------------------------------------------------------------

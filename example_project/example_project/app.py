@@ -37,6 +37,7 @@ from .chat import (
     post_message,
     resume_cursor,
 )
+from .htmx_feed import htmx_routes
 from .jobs import JobRunner
 from .models import Base, Message
 from .settings import Settings
@@ -286,6 +287,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/jobs", jobs_page, name="jobs"),
         Route("/jobs", start_job, methods=["POST"]),
         *streams.routes,
+        *htmx_routes(broadcast, templates.TemplateResponse),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings

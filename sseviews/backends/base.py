@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-__all__ = ["Dispatch", "LiveBackend", "OnFailure"]
+__all__ = ["EPHEMERAL_SEQ", "Dispatch", "LiveBackend", "OnFailure"]
 
 #: Called, in the event loop thread, for every event delivered to this process:
 #: `dispatch(group, seq, wire)`, where `wire` is the full message including its `id:` line.
 Dispatch = Callable[[str, int, bytes], None]
 #: Called when the backend loses its connection; live subscribers must then end.
 OnFailure = Callable[[BaseException], None]
+#: The seq of an ephemeral event (join/leave): delivered live only, never stored,
+#: carrying no id, so it never moves a client's Last-Event-ID.
+EPHEMERAL_SEQ = 0
 
 
 class LiveBackend(ABC):
@@ -43,3 +46,45 @@ class LiveBackend(ABC):
     def healthy(self) -> bool:
         """False while the backend is disconnected and recovering."""
         return True
+
+    # -- presence (see sseviews._presence) ------------------------------------------
+    # Not abstract: a backend without presence still delivers events; a view or a
+    # caller that asks it for presence gets NotImplementedError.
+
+    async def presence_join(
+        self, member: str, groups: Sequence[str], entry: bytes, announce: bool
+    ) -> None:
+        """List `member` (its `entry` JSON) in `groups`, in one write; with `announce`,
+        deliver an ephemeral `sseviews.join` event to each group.
+
+        Raises:
+            BackendError: The backend cannot be reached.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not track presence")
+
+    async def presence_leave(
+        self, member: str, groups: Sequence[str], entry: bytes, announce: bool
+    ) -> None:
+        """Remove `member` from `groups`, in one write; with `announce`, deliver an
+        ephemeral `sseviews.leave` event to each group it was still listed in.
+
+        Raises:
+            BackendError: The backend cannot be reached.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not track presence")
+
+    async def presence_list(self, group: str, limit: int) -> list[bytes]:
+        """Return the entries (JSON) of at most `limit` members of `group`, every process.
+
+        Raises:
+            BackendError: The backend cannot be reached.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not track presence")
+
+    async def presence_count(self, group: str) -> int:
+        """Return how many members `group` has, in every process.
+
+        Raises:
+            BackendError: The backend cannot be reached.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not track presence")

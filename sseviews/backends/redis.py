@@ -8,6 +8,17 @@ assign ids elsewhere (SQL).
 A backend holds one pub/sub connection of its own and one reader task, which
 parses each message and calls `dispatch` in order. When the connection is lost it
 calls `on_failure`, then reconnects with backoff and subscribes again.
+
+Presence (see `_PRESENCE_SCRIPT`) lives in three kinds of keys:
+
+- `{prefix}:presence:{group}`: a hash, member id -> entry JSON (the group name
+  with `%` and `:` escaped, so no prefix and group can name another's key);
+- `{prefix}:presence-proc:{process}`: a hash, member id -> the groups it joined;
+- `{prefix}:presence-procs`: a sorted set, process -> the time its entries expire.
+
+Each process refreshes its own deadline with one heartbeat task; any process
+that finds another's deadline passed removes that process's members (announcing
+their leave), so the members of a killed process vanish within `presence_timeout`.
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -53,10 +66,31 @@ class RedisBackend(LiveBackend):
     attempt_timeout = 5.0
 
     def __init__(
-        self, url_or_client: str | redis.asyncio.Redis, *, prefix: str = "sseviews"
+        self,
+        url_or_client: str | redis.asyncio.Redis,
+        *,
+        prefix: str = "sseviews",
+        presence_timeout: float = 30.0,
     ) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
+        if (
+            isinstance(presence_timeout, bool)
+            or not isinstance(presence_timeout, int | float)
+            or not presence_timeout > 0
+        ):
+            raise ValueError(
+                f"presence_timeout must be a number of seconds > 0, got {presence_timeout!r}"
+            )
+        #: Bound, in seconds, on how long the members of a process that died
+        #: without cleaning up stay listed (their leave is announced by then).
+        self.presence_timeout = float(presence_timeout)
+        self._process = secrets.token_hex(8)  # this backend's name in presence keys
+        self._present = 0  # members of this process listed (or being listed) in Redis
+        self._heartbeat: asyncio.Task[None] | None = None
+        # Leaves that failed (Redis down): retried by the heartbeat, or the member
+        # would stay listed for as long as this process lives.
+        self._unleft: list[tuple[str, tuple[str, ...], bool]] = []
         self._client, self._owned = open_client(url_or_client)
         self.prefix = prefix
         self._channel = f"{prefix}:live".encode()
@@ -89,16 +123,29 @@ class RedisBackend(LiveBackend):
             raise
         self._conn = conn
         self._healthy = True
-        self._task = asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(
             self._run(conn, dispatch, on_failure), name=f"sseviews redis reader {self.prefix}"
+        )
+        self._heartbeat = loop.create_task(
+            self._beat(), name=f"sseviews redis presence heartbeat {self.prefix}"
         )
 
     async def disconnect(self) -> None:
         """Stop the reader, unsubscribe, and close the client if made from a URL."""
         task, self._task = self._task, None
+        heartbeat, self._heartbeat = self._heartbeat, None
         self._healthy = False
         # Runs even if the caller is cancelled, and ends within a second.
         with anyio.move_on_after(1, shield=True):
+            if heartbeat is not None:
+                heartbeat.cancel()
+                await asyncio.wait({heartbeat})
+                # Streams still listed (a server stopping) leave now, not at the timeout.
+                try:
+                    await self._presence("drop")
+                except REDIS_ERRORS as exc:
+                    logger.warning("removing this process's presence failed: %s", exc)
             if task is not None:
                 task.cancel()
                 await asyncio.wait({task})
@@ -226,3 +273,200 @@ class RedisBackend(LiveBackend):
                 # Keep trying: giving up would leave the backend unhealthy for good.
                 logger.exception("unexpected error reconnecting to %s", self._where)
             delay = min(delay * 2, self.max_retry_delay)
+
+    # -- presence ----------------------------------------------------------------------
+
+    async def _presence(self, op: str, *args: str | bytes | int) -> Any:
+        prefix = self.prefix
+        return await self._client.eval(
+            _PRESENCE_SCRIPT,
+            0,
+            op,
+            f"{prefix}:presence:",
+            f"{prefix}:presence-procs",
+            f"{prefix}:presence-proc:",
+            self._channel,
+            self._process,
+            # The process's deadline is refreshed every timeout/6 and lies timeout*2/3
+            # ahead: once it passes, the next heartbeat of any process (at most
+            # timeout/6 later) removes the members, within the timeout.
+            repr(self.presence_timeout * 2 / 3),
+            *args,
+        )
+
+    async def presence_join(
+        self, member: str, groups: Sequence[str], entry: bytes, announce: bool
+    ) -> None:
+        """List `member` in `groups` with one script call (which also announces it)."""
+        self._present += 1
+        try:
+            with redis_errors(f"joining presence on {self._where}"):
+                await self._presence("join", member, entry, "1" if announce else "0", *groups)
+        except BaseException:
+            self._present -= 1
+            raise
+
+    async def presence_leave(
+        self, member: str, groups: Sequence[str], entry: bytes, announce: bool
+    ) -> None:
+        """Remove `member` from `groups` with one script call (which also announces it)."""
+        try:
+            with redis_errors(f"leaving presence on {self._where}"):
+                await self._presence("leave", member, "1" if announce else "0", *groups)
+        except BaseException:
+            self._unleft.append((member, tuple(groups), announce))
+            raise
+        self._present -= 1
+
+    async def presence_list(self, group: str, limit: int) -> list[bytes]:
+        """Return at most `limit` entries of `group`, after removing dead processes'."""
+        with redis_errors(f"reading presence from {self._where}"):
+            entries: list[bytes] = await self._presence("list", group, limit)
+        return entries
+
+    async def presence_count(self, group: str) -> int:
+        """Return the number of members of `group`, after removing dead processes'."""
+        with redis_errors(f"reading presence from {self._where}"):
+            count: int = await self._presence("count", group)
+        return count
+
+    async def _beat(self) -> None:
+        """Refresh this process's deadline and sweep dead processes, every timeout/6."""
+        while True:
+            try:
+                with anyio.fail_after(self.attempt_timeout):
+                    while self._unleft:
+                        member, groups, announce = self._unleft[-1]
+                        await self._presence("leave", member, "1" if announce else "0", *groups)
+                        self._unleft.pop()
+                        self._present -= 1
+                    kept = await self._presence("beat", "1" if self._present else "0")
+                if kept == 0:
+                    logger.warning(
+                        "this process missed its presence heartbeats for more than %ss: "
+                        "other processes removed its members from presence",
+                        self.presence_timeout,
+                    )
+            except (*REDIS_ERRORS, TimeoutError) as exc:
+                logger.warning("presence heartbeat to %s failed: %s", self._where, exc)
+            except Exception:
+                logger.exception("presence heartbeat to %s failed", self._where)
+            await anyio.sleep(self.presence_timeout / 6)
+
+
+# Every presence operation, in one script so that each is atomic and costs one
+# round trip. ARGV: op, group key base, processes key, process key base, live
+# channel, this process, registration lifetime (s), then the op's own arguments.
+# A member's value in its process hash is `announce \0 group \0 group ...`.
+# Group names never hold NUL or whitespace (check_group), entries never hold NUL.
+_PRESENCE_SCRIPT = r"""
+local op, gbase, procs, pbase, channel, proc = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local lifetime = tonumber(ARGV[7])
+
+local function gkey(group)
+  return gbase .. (string.gsub(group, '[%%:]', {['%'] = '%25', [':'] = '%3A'}))
+end
+
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+local function split(s)
+  local parts, start = {}, 1
+  while true do
+    local i = string.find(s, '\0', start, true)
+    if not i then
+      parts[#parts + 1] = string.sub(s, start)
+      return parts
+    end
+    parts[#parts + 1] = string.sub(s, start, i - 1)
+    start = i + 1
+  end
+end
+
+local function announce(group, event, entry)
+  redis.call('PUBLISH', channel,
+    group .. '\0' .. '0\0' .. 'event: ' .. event .. '\ndata: ' .. entry .. '\n\n')
+end
+
+-- Remove a member from its groups (announcing its leave if asked).
+local function remove(member, value)
+  local parts = split(value)
+  for j = 2, #parts do
+    local key = gkey(parts[j])
+    if parts[1] == '1' then
+      local entry = redis.call('HGET', key, member)
+      if entry then announce(parts[j], 'sseviews.leave', entry) end
+    end
+    redis.call('HDEL', key, member)
+  end
+end
+
+local function drop(process)
+  local pkey = pbase .. process
+  local all = redis.call('HGETALL', pkey)
+  for i = 1, #all, 2 do remove(all[i], all[i + 1]) end
+  redis.call('DEL', pkey)
+  redis.call('ZREM', procs, process)
+end
+
+local function sweep()
+  local dead = redis.call('ZRANGEBYSCORE', procs, '-inf', now(), 'LIMIT', 0, 100)
+  for _, process in ipairs(dead) do drop(process) end
+end
+
+if op == 'join' then
+  local member, entry, flag = ARGV[8], ARGV[9], ARGV[10]
+  local groups = {}
+  for i = 11, #ARGV do groups[#groups + 1] = ARGV[i] end
+  redis.call('ZADD', procs, now() + lifetime, proc)
+  redis.call('HSET', pbase .. proc, member, flag .. '\0' .. table.concat(groups, '\0'))
+  for _, group in ipairs(groups) do
+    redis.call('HSET', gkey(group), member, entry)
+    if flag == '1' then announce(group, 'sseviews.join', entry) end
+  end
+  return 1
+elseif op == 'leave' then
+  local member, flag = ARGV[8], ARGV[9]
+  local pkey = pbase .. proc
+  -- Gone already when another process swept this one (a missed heartbeat): then
+  -- its leave was announced by that process.
+  if redis.call('HDEL', pkey, member) == 1 then
+    local groups = {}
+    for i = 10, #ARGV do groups[#groups + 1] = ARGV[i] end
+    remove(member, flag .. '\0' .. table.concat(groups, '\0'))
+  end
+  return 1
+elseif op == 'beat' then
+  sweep()
+  local known = redis.call('ZSCORE', procs, proc)
+  if ARGV[8] == '1' then
+    redis.call('ZADD', procs, now() + lifetime, proc)
+    if not known and redis.call('EXISTS', pbase .. proc) == 0 then return 0 end
+  elseif redis.call('EXISTS', pbase .. proc) == 0 then
+    redis.call('ZREM', procs, proc)
+  end
+  return 1
+elseif op == 'list' then
+  sweep()
+  local key, limit = gkey(ARGV[8]), tonumber(ARGV[9])
+  if redis.call('HLEN', key) <= limit then return redis.call('HVALS', key) end
+  local entries, cursor = {}, '0'
+  repeat
+    local page = redis.call('HSCAN', key, cursor, 'COUNT', 500)
+    cursor = page[1]
+    for i = 2, #page[2], 2 do
+      if #entries < limit then entries[#entries + 1] = page[2][i] end
+    end
+  until cursor == '0' or #entries >= limit
+  return entries
+elseif op == 'count' then
+  sweep()
+  return redis.call('HLEN', gkey(ARGV[8]))
+elseif op == 'drop' then
+  drop(proc)
+  return 1
+end
+return redis.error_reply('unknown presence operation ' .. op)
+"""

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 
+import anyio
+import sniffio
+
 from .._exceptions import InvalidLastEventId
+
+logger = logging.getLogger("sseviews")
 
 __all__ = [
     "Deliver",
     "HistoryStore",
+    "Sweeper",
+    "check_idle_expiry",
     "check_retention",
     "format_id",
     "id_line",
     "new_epoch",
     "parse_id",
+    "sweep_interval",
 ]
 
 #: Awaited by `append` with `(seq, wire)` once the event is stored, before the next
@@ -62,7 +72,9 @@ class HistoryStore(ABC):
     Ids come from one monotonic sequence per store (`seq`, starting at 1), shared
     by all groups, plus the store's `epoch`, which changes when the history is
     reset. Retention is per group: the last `retention` events, and/or those
-    younger than `max_age` seconds.
+    younger than `max_age` seconds. A group with no event for `max_age` (else
+    `idle_expiry`) seconds is removed with its trim mark; `read` then treats a
+    cursor older than that as expired for a group it holds nothing of.
     """
 
     #: Set by `connect()`.
@@ -104,6 +116,68 @@ class HistoryStore(ABC):
     @abstractmethod
     async def head(self) -> int:
         """Return the highest seq issued so far (0 before the first event)."""
+
+
+def check_idle_expiry(idle_expiry: float | None) -> None:
+    """Validate an idle-group expiry (seconds, or None for none) where it enters.
+
+    Raises:
+        ValueError: It is not a positive, finite number of seconds.
+        TypeError: It is not a number.
+    """
+    if idle_expiry is None:
+        return
+    if isinstance(idle_expiry, bool) or not isinstance(idle_expiry, int | float):
+        raise TypeError(f"idle_expiry must be a number of seconds or None, got {idle_expiry!r}")
+    if not math.isfinite(idle_expiry) or idle_expiry <= 0:
+        raise ValueError(f"idle_expiry must be > 0 seconds, got {idle_expiry}")
+
+
+def sweep_interval(ttl: float) -> float:
+    """How often a store sweeps groups idle for `ttl` seconds: a quarter of it, at most 60 s."""
+    return min(60.0, max(0.05, ttl / 4))
+
+
+class Sweeper:
+    """A store's periodic sweep: a background task started by its `connect()`.
+
+    It belongs to the store instance (never to the process), calls `sweep` every
+    `interval` seconds, and is stopped, within a second, by `stop()`. Exceptions
+    from `sweep` are logged by it, never raised.
+    """
+
+    def __init__(self, sweep: Callable[[], Awaitable[object]], interval: float) -> None:
+        self._sweep = sweep
+        self._interval = interval
+        self._scope = anyio.CancelScope()
+        self._done = anyio.Event()
+
+    def start(self, name: str) -> None:
+        if sniffio.current_async_library() == "trio":
+            import trio
+
+            trio.lowlevel.spawn_system_task(self._run, name=name)
+        else:
+            import asyncio
+
+            asyncio.get_running_loop().create_task(self._run(), name=name)
+
+    async def _run(self) -> None:
+        try:
+            with self._scope:
+                while True:
+                    await anyio.sleep(self._interval)
+                    try:
+                        await self._sweep()
+                    except Exception:
+                        logger.exception("sweeping idle groups failed; trying again later")
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        self._scope.cancel()
+        with anyio.move_on_after(1, shield=True):
+            await self._done.wait()
 
 
 def check_retention(retention: int | None, max_age: float | None) -> None:

@@ -9,7 +9,16 @@ from collections.abc import Sequence
 
 import anyio
 
-from .base import Deliver, HistoryStore, check_retention, id_line, new_epoch
+from .base import (
+    Deliver,
+    HistoryStore,
+    Sweeper,
+    check_idle_expiry,
+    check_retention,
+    id_line,
+    new_epoch,
+    sweep_interval,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -17,23 +26,65 @@ __all__ = ["MemoryStore"]
 class MemoryStore(HistoryStore):
     """Keeps the last `retention` events of each group (and/or those younger than
     `max_age` seconds) in this process's memory. Lost when the process exits.
+
+    A group with no event for `max_age` (else `idle_expiry`) seconds is removed,
+    with its trim mark, by a sweep that runs between `connect()` and `disconnect()`.
     """
 
-    def __init__(self, *, retention: int | None = 1000, max_age: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        retention: int | None = 1000,
+        max_age: float | None = None,
+        idle_expiry: float | None = 86400.0,
+    ) -> None:
         check_retention(retention, max_age)
+        check_idle_expiry(idle_expiry)
         self.retention = retention
         self.max_age = max_age
+        self.idle_expiry = idle_expiry
         self.epoch = new_epoch()
         self._seq = 0
         self._logs: dict[str, deque[tuple[int, float, bytes]]] = {}
         self._trimmed: dict[str, int] = {}
+        # The highest seq removed with a whole group: the trim mark of every group
+        # this store holds no mark for.
+        self._swept = 0
         self._lock = anyio.Lock()
+        self._sweeper: Sweeper | None = None
+
+    @property
+    def _ttl(self) -> float | None:
+        return self.max_age if self.max_age is not None else self.idle_expiry
 
     async def connect(self) -> None:
-        return None
+        ttl = self._ttl
+        if ttl is not None and self._sweeper is None:
+            self._sweeper = Sweeper(self._sweep_async, sweep_interval(ttl))
+            self._sweeper.start(f"sseviews memory history sweep {self.epoch}")
 
     async def disconnect(self) -> None:
-        return None
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            await sweeper.stop()
+
+    async def _sweep_async(self) -> None:
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Remove the groups with no event younger than the idle expiry; return how many."""
+        ttl = self._ttl
+        if ttl is None:
+            return 0
+        oldest = time.monotonic() - ttl
+        idle = [group for group, log in self._logs.items() if log[-1][1] < oldest]
+        for group in idle:
+            self._swept = max(self._swept, self._logs.pop(group)[-1][0])
+            self._trimmed.pop(group, None)
+        # A mark whose group holds no event any more: everything in it was removed.
+        for group in [group for group in self._trimmed if group not in self._logs]:
+            self._swept = max(self._swept, self._trimmed.pop(group))
+        return len(idle)
 
     def _trim(self, group: str, log: deque[tuple[int, float, bytes]]) -> None:
         removed = 0
@@ -68,7 +119,7 @@ class MemoryStore(HistoryStore):
             log = self._logs.get(group)
             if log is not None:
                 self._trim(group, log)
-            if self._trimmed.get(group, 0) > after:
+            if self._trimmed.get(group, self._swept) > after:
                 return None
             log = self._logs.get(group)
             if not log:

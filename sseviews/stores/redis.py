@@ -2,12 +2,22 @@
 
 Keys, all under a configurable prefix (default `"sseviews"`):
 
-- `{prefix}:epoch`: the epoch, created once with `SET NX`.
+- `{prefix}:epoch`: the epoch. A new one starts when the history is lost or went
+  back (a restart without persistence, a restored snapshot, a failover to a
+  lagging replica), so an id is never issued twice.
 - `{prefix}:seq`: the cursor, a counter `INCR`ed for every event of every group.
-- `{prefix}:g:{group}`: a stream per group; entry id `{seq}-0`, fields `w` (the
+- `{prefix}:start`: the seq the current epoch started after.
+- `{prefix}:g:{<group>}`: a stream per group; entry id `{seq}-0`, fields `w` (the
   wire bytes, `id:` line included) and `t` (Redis time in ms, for age retention).
-- `{prefix}:trim`: a hash, group -> highest seq trimmed from that group, so a
-  cursor older than the retained history is detected.
+- `{prefix}:m:{<group>}`: a hash per group: `last` (the group's last seq) and
+  `trim` (the highest seq trimmed from it), so a cursor older than the retained
+  history, or a stream that was evicted, is detected.
+- `{prefix}:clock`: a sorted set sampling the cursor over time, so a cursor into a
+  group that expired as a whole is detected.
+
+In a group's keys the group name is escaped (`%`, `:`, `{` and `}` as `%XX`) and
+wrapped in braces, so no prefix plus group can spell another prefix's key. A
+group's keys expire `max_age` (else `idle_expiry`) seconds after its last event.
 
 `append` runs one Lua script that takes the seq, stores the event, trims the group
 and (with `publish=True`) publishes it on `{prefix}:live`, so events reach every
@@ -24,57 +34,88 @@ from typing import Any
 
 import anyio
 import redis.asyncio
+from redis.exceptions import ResponseError
 
 from .._exceptions import BackendError
 from .._redis import describe, open_client, redis_errors
-from .base import Deliver, HistoryStore, id_line, new_epoch
+from .base import Deliver, HistoryStore, check_idle_expiry, id_line, new_epoch
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisStore", "group_key"]
 
 logger = logging.getLogger("sseviews.redis")
 
 _EPOCH = re.compile(rb"[0-9a-f]{8}")
+_ESCAPE = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
 
 
-def _get_or_create_epoch(key: int, arg: int) -> str:
-    """Lua that sets `epoch` to the history's epoch, creating it from ARGV[arg] if absent.
+def group_key(prefix: str, kind: str, group: str) -> str:
+    """Return the key of one of `group`'s Redis keys: `{prefix}:{kind}:{<escaped group>}`.
 
-    Every script starts with it, so a history that Redis lost (a restart without
-    persistence) gets its new epoch from whichever script runs first.
+    The escaped group holds no `:`, `{` or `}`, so the key's last `:` ends the
+    prefix and no two (prefix, group) pairs share a key.
     """
-    return f"""local epoch = redis.call('GET', KEYS[{key}])
-if not epoch then
-  epoch = ARGV[{arg}]
-  redis.call('SET', KEYS[{key}], epoch)
+    return f"{prefix}:{kind}:{{{group.translate(_ESCAPE)}}}"
+
+
+# Every script starts with this. KEYS[1..4]: epoch, seq, start, clock.
+# ARGV[1..5]: the epoch this process knows, the highest seq it has seen in it, an
+# epoch to start if needed, the groups' time to live in ms (0: none), the clock's
+# sampling interval in ms. It starts a new epoch when Redis has none (the history
+# was lost) or when the cursor is below a seq this process has seen (a restored
+# snapshot or a failover): otherwise ids would be issued again.
+_PRELUDE = """
+local epoch = redis.call('GET', KEYS[1])
+local head = tonumber(redis.call('GET', KEYS[2]) or '0')
+local renewed = 0
+if not epoch or (epoch == ARGV[1] and head < tonumber(ARGV[2])) then
+  -- The new epoch starts above every seq this process saw, so no stream entry
+  -- that survived can be ahead of the counter.
+  head = math.max(head, tonumber(ARGV[2]))
+  epoch = ARGV[3]
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('SET', KEYS[2], string.format('%d', head))
+  redis.call('SET', KEYS[3], string.format('%d', head))
+  renewed = 1
 end
-"""
-
-
-# Takes the next seq, stores the event and trims its group, atomically.
-# KEYS: seq, epoch, group stream, trim hash.
-# ARGV: wire (without id line), retention (0: none), max age in ms (0: none),
-#       live channel ('' : don't publish), group, epoch to create if none exists.
-_APPEND = (
-    _get_or_create_epoch(2, 6)
-    + """
-local seq = string.format('%d', redis.call('INCR', KEYS[1]))
-local wire = 'id: ' .. epoch .. '-' .. seq .. '\\n' .. ARGV[1]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-redis.call('XADD', KEYS[3], seq .. '-0', 'w', wire, 't', now)
+local ttl = tonumber(ARGV[4])
+"""
+
+# Takes the next seq, stores the event and trims its group, atomically.
+# KEYS[5..6]: group stream, group meta. ARGV[6..10]: wire (without id line),
+# retention (0: none), max age in ms (0: none), live channel ('': don't publish), group.
+_APPEND = (
+    _PRELUDE
+    + """
+if ttl > 0 then
+  -- A sample (time, head before this append) at most every interval: events
+  -- appended before `time` have a seq <= head.
+  local interval = tonumber(ARGV[5])
+  local newest = redis.call('ZREVRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  if #newest == 0 or tonumber(newest[2]) + interval <= now then
+    redis.call('ZADD', KEYS[4], now, string.format('%d', head))
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. string.format('%d', now - ttl))
+  end
+  redis.call('PEXPIRE', KEYS[4], ttl + interval)
+end
+local seq = string.format('%d', redis.call('INCR', KEYS[2]))
+local wire = 'id: ' .. epoch .. '-' .. seq .. '\\n' .. ARGV[6]
+redis.call('XADD', KEYS[5], seq .. '-0', 'w', wire, 't', now)
+redis.call('HSET', KEYS[6], 'last', seq)
 
 -- The highest seq removed from this group; Redis does not report what XTRIM
 -- removed, so find it before removing with XTRIM MINID.
 local trimmed = nil
-local retention = tonumber(ARGV[2])
+local retention = tonumber(ARGV[7])
 if retention > 0 then
-  local excess = redis.call('XLEN', KEYS[3]) - retention
+  local excess = redis.call('XLEN', KEYS[5]) - retention
   if excess > 0 then
-    local oldest = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', excess)
+    local oldest = redis.call('XRANGE', KEYS[5], '-', '+', 'COUNT', excess)
     trimmed = oldest[#oldest][1]
   end
 end
-local max_age = tonumber(ARGV[3])
+local max_age = tonumber(ARGV[8])
 if max_age > 0 then
   local cutoff = now - max_age
   local start = '-'
@@ -83,7 +124,7 @@ if max_age > 0 then
   local count = 1
   local done = false
   while not done do
-    local batch = redis.call('XRANGE', KEYS[3], start, '+', 'COUNT', count)
+    local batch = redis.call('XRANGE', KEYS[5], start, '+', 'COUNT', count)
     for _, entry in ipairs(batch) do
       if tonumber(entry[2][4]) >= cutoff then
         done = true
@@ -98,45 +139,80 @@ if max_age > 0 then
 end
 if trimmed then
   local trimmed_seq = tonumber(string.match(trimmed, '^%d+'))
-  redis.call('XTRIM', KEYS[3], 'MINID', string.format('%d-0', trimmed_seq + 1))
-  local mark = redis.call('HGET', KEYS[4], ARGV[5])
+  redis.call('XTRIM', KEYS[5], 'MINID', string.format('%d-0', trimmed_seq + 1))
+  local mark = redis.call('HGET', KEYS[6], 'trim')
   if not mark or tonumber(mark) < trimmed_seq then
-    redis.call('HSET', KEYS[4], ARGV[5], string.format('%d', trimmed_seq))
+    redis.call('HSET', KEYS[6], 'trim', string.format('%d', trimmed_seq))
   end
 end
-
-if ARGV[4] ~= '' then
-  redis.call('PUBLISH', ARGV[4], ARGV[5] .. '\\0' .. seq .. '\\0' .. wire)
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[5], ttl)
+  redis.call('PEXPIRE', KEYS[6], ttl)
 end
-return {seq, epoch}
+
+if ARGV[9] ~= '' then
+  redis.call('PUBLISH', ARGV[9], ARGV[10] .. '\\0' .. seq .. '\\0' .. wire)
+end
+return {seq, epoch, renewed}
 """
 )
 
 # Reads what follows a cursor in some groups, atomically, or reports it expired.
-# KEYS: epoch, trim hash, then one stream per group.
-# ARGV: first stream id to read ('{after+1}-0'), after, max age in ms (0: none),
-#       epoch to create if none exists, then the group names.
-# Returns {epoch, expired (0/1), id, wire, id, wire, ...}.
+# KEYS[5..]: per group, its stream then its meta. ARGV[6..7]: first stream id to
+# read ('{after+1}-0'), after. ARGV[8]: max age in ms (0: none). ARGV[9]: '1' when
+# Redis may evict these keys.
+# Returns {epoch, expired (0/1), renewed, id, wire, id, wire, ...}.
 _READ = (
-    _get_or_create_epoch(1, 4)
+    _PRELUDE
     + """
-local after = tonumber(ARGV[2])
-local marks = redis.call('HMGET', KEYS[2], unpack(ARGV, 5))
-for i = 1, #marks do
-  if marks[i] and tonumber(marks[i]) > after then return {epoch, 1} end
+local after = tonumber(ARGV[7])
+if renewed == 1 or after < tonumber(redis.call('GET', KEYS[3]) or '0') then
+  return {epoch, 1, renewed}
+end
+-- What a group that has no keys may have lost: events appended before the
+-- first clock sample younger than its time to live.
+local floor = nil
+local function group_floor()
+  if floor then return floor end
+  floor = 0
+  if ARGV[9] == '1' then
+    -- Both of its keys may have been evicted: nothing tells how much is lost.
+    floor = head
+  elseif ttl > 0 then
+    local sample = redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. string.format('%d', now - ttl),
+      '+inf', 'LIMIT', 0, 1)
+    if #sample > 0 then floor = tonumber(sample[1]) else floor = head end
+  end
+  return floor
+end
+for i = 5, #KEYS, 2 do
+  local meta = redis.call('HMGET', KEYS[i + 1], 'last', 'trim')
+  local last, trim = tonumber(meta[1]), tonumber(meta[2])
+  local newest = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+  local newest_seq = nil
+  if #newest > 0 then newest_seq = tonumber(string.match(newest[1][1], '^%d+')) end
+  if last then
+    -- A group without a trim mark may have expired as a whole before it got
+    -- this life's first event: its mark is then the floor.
+    if (trim or group_floor()) > after or (last > after and newest_seq ~= last) then
+      return {epoch, 1, 0}
+    end
+  elseif newest_seq then
+    -- Its stream without its marks: they were evicted.
+    if newest_seq > after then return {epoch, 1, 0} end
+  elseif after < group_floor() then
+    return {epoch, 1, 0}
+  end
 end
 local cutoff = nil
-local max_age = tonumber(ARGV[3])
-if max_age > 0 then
-  local time = redis.call('TIME')
-  cutoff = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) - max_age
-end
-local out = {epoch, 0}
-for i = 3, #KEYS do
-  local entries = redis.call('XRANGE', KEYS[i], ARGV[1], '+')
+local max_age = tonumber(ARGV[8])
+if max_age > 0 then cutoff = now - max_age end
+local out = {epoch, 0, 0}
+for i = 5, #KEYS, 2 do
+  local entries = redis.call('XRANGE', KEYS[i], ARGV[6], '+')
   for _, entry in ipairs(entries) do
     -- Expired by age but not trimmed yet (no append since): trimmed all the same.
-    if cutoff and tonumber(entry[2][4]) < cutoff then return {epoch, 1} end
+    if cutoff and tonumber(entry[2][4]) < cutoff then return {epoch, 1, 0} end
     out[#out + 1] = entry[1]
     out[#out + 1] = entry[2][2]
   end
@@ -145,11 +221,11 @@ return out
 """
 )
 
-# KEYS: seq, epoch. ARGV: epoch to create if none exists. Returns {head, epoch}.
+# Returns {head, epoch, renewed}.
 _HEAD = (
-    _get_or_create_epoch(2, 1)
+    _PRELUDE
     + """
-return {redis.call('GET', KEYS[1]) or '0', epoch}
+return {string.format('%d', head), epoch, renewed}
 """
 )
 
@@ -169,6 +245,8 @@ class RedisStore(HistoryStore):
         retention: How many events to keep per group, or None for no count limit.
         max_age: How long to keep events, in seconds (by the Redis server's
             clock), or None for no age limit.
+        idle_expiry: Without `max_age`, how long a group's keys live after its
+            last event, in seconds (default one day); None keeps them forever.
         publish: Also publish each event on `{prefix}:live` from the same atomic
             script, for a `RedisBackend` with the same prefix: events then reach
             every process in id order, and `deliver` has nothing left to do.
@@ -176,7 +254,7 @@ class RedisStore(HistoryStore):
             this process only.
 
     Raises:
-        ValueError: A bad URL, prefix, retention or max_age.
+        ValueError: A bad URL, prefix, retention, max_age or idle_expiry.
         TypeError: `url_or_client` is neither a str nor a Redis client.
     """
 
@@ -187,6 +265,7 @@ class RedisStore(HistoryStore):
         prefix: str = "sseviews",
         retention: int | None = 1000,
         max_age: float | None = None,
+        idle_expiry: float | None = 86400.0,
         publish: bool = False,
     ) -> None:
         if not isinstance(prefix, str) or not prefix:
@@ -204,6 +283,7 @@ class RedisStore(HistoryStore):
             raise ValueError(
                 f"max_age must be a positive number of seconds or None, got {max_age!r}"
             )
+        check_idle_expiry(idle_expiry)
         self._client, self._owned = open_client(url_or_client)
         if self._client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError(
@@ -212,48 +292,115 @@ class RedisStore(HistoryStore):
         self.prefix = prefix
         self.retention = retention
         self.max_age = max_age
+        self.idle_expiry = idle_expiry
         self.publish = publish
         self._retention_arg = retention or 0
         self._max_age_ms = max(1, round(max_age * 1000)) if max_age is not None else 0
-        self._seq_key = f"{prefix}:seq"
-        self._epoch_key = f"{prefix}:epoch"
-        self._trim_key = f"{prefix}:trim"
-        self._group_prefix = f"{prefix}:g:"
+        ttl = max_age if max_age is not None else idle_expiry
+        self._ttl_ms = max(1, round(ttl * 1000)) if ttl is not None else 0
+        # About 64 clock samples per time to live: a cursor at most 1/64 of it older
+        # than the group's expiry may get a reset it did not need.
+        self._interval_ms = max(10, self._ttl_ms // 64)
+        self._meta_keys = [f"{prefix}:epoch", f"{prefix}:seq", f"{prefix}:start", f"{prefix}:clock"]
         self._channel = f"{prefix}:live" if publish else ""
         self._where = describe(self._client)
         self._append = self._client.register_script(_APPEND)
         self._read = self._client.register_script(_READ)
         self._head = self._client.register_script(_HEAD)
+        # The highest seq this instance has seen in `epoch`: Redis's cursor going
+        # below it means the history went back.
+        self._high = 0
+        # Set by connect() from maxmemory-policy: once Redis has evicted keys, a
+        # group with no keys may have been evicted, and a cursor into it is reset
+        # unless it is the head.
+        self._evictable = False
         # Without `publish`, `deliver` runs after the script; hold appends until
         # it returns so this process delivers in id order.
         self._lock = anyio.Lock() if not publish else None
 
-    def _group_key(self, group: str) -> str:
-        return self._group_prefix + group
+    def _prelude_args(self) -> list[Any]:
+        epoch = getattr(self, "epoch", "")
+        return [epoch, self._high, new_epoch(), self._ttl_ms, self._interval_ms]
+
+    def _observe(self, raw_epoch: Any, seq: int, renewed: Any) -> None:
+        if raw_epoch != self.epoch.encode():
+            self._set_epoch(raw_epoch)
+            self._high = seq
+            if int(renewed):
+                logger.warning(
+                    "%s (prefix %r): the history was lost or went back (a restart, a "
+                    "restored snapshot or a failover); started a new epoch %s so that no "
+                    "event id is issued twice",
+                    self._where,
+                    self.prefix,
+                    self.epoch,
+                )
+        elif seq > self._high:
+            self._high = seq
 
     def _set_epoch(self, raw: Any) -> None:
         if not isinstance(raw, bytes) or _EPOCH.fullmatch(raw) is None:
             raise BackendError(
-                f"{self._where}: key {self._epoch_key!r} holds {raw!r}, not an sseviews epoch"
+                f"{self._where}: key {self._meta_keys[0]!r} holds {raw!r}, not an sseviews epoch"
             )
         self.epoch = raw.decode()
 
     async def connect(self) -> None:
         """Read the epoch, creating it if this prefix has none yet.
 
+        Also checks Redis's `maxmemory-policy`, and logs a WARNING when it lets
+        Redis evict this store's keys.
+
         Raises:
             BackendError: Redis cannot be reached.
         """
         try:
             with redis_errors(f"connecting to {self._where}"):
-                await self._client.set(self._epoch_key, new_epoch(), nx=True)
-                raw = await self._client.get(self._epoch_key)
-            self._set_epoch(raw)
+                raw_head, raw_epoch, _ = await self._head(
+                    keys=self._meta_keys, args=self._prelude_args()
+                )
+            self._set_epoch(raw_epoch)
+            self._high = int(raw_head)
+            await self._check_eviction()
         except BaseException:
             if self._owned:
                 with anyio.move_on_after(1, shield=True):
                     await self._client.aclose()
             raise
+
+    async def _check_eviction(self) -> None:
+        try:
+            reply = await self._client.config_get("maxmemory-policy")
+        except Exception as exc:  # managed Redis often refuses CONFIG
+            logger.debug("%s: could not read maxmemory-policy: %s", self._where, exc)
+            return
+        raw: Any = dict(reply)
+        policy = raw.get(b"maxmemory-policy", raw.get("maxmemory-policy", b""))
+        if isinstance(policy, bytes):
+            policy = policy.decode()
+        policy = str(policy)
+        # volatile-* evicts keys that have a TTL, as the groups' keys do when an
+        # expiry is set.
+        self._evictable = policy.startswith("allkeys-") or (
+            policy.startswith("volatile-") and self._ttl_ms > 0
+        )
+        if self._evictable:
+            logger.warning(
+                "%s has maxmemory-policy %s: Redis may evict the event history (prefix %r) "
+                "under memory pressure, and clients then get the sseviews.reset event "
+                "instead of their replay. Set maxmemory-policy noeviction on this Redis",
+                self._where,
+                policy,
+                self.prefix,
+            )
+
+    async def _evicted(self) -> bool:
+        """Whether Redis has evicted any key since it started."""
+        try:
+            stats = await self._client.info("stats")
+        except ResponseError:  # INFO refused: assume the worst
+            return True
+        return int(stats.get("evicted_keys", 1)) > 0
 
     async def disconnect(self) -> None:
         """Close the client if the store created it from a URL."""
@@ -273,22 +420,25 @@ class RedisStore(HistoryStore):
             return await self._append_and_deliver(group, wire, deliver)
 
     async def _append_and_deliver(self, group: str, wire: bytes, deliver: Deliver) -> int:
+        prefix = self.prefix
         with redis_errors(f"storing an event in {self._where}"):
-            raw_seq, raw_epoch = await self._append(
-                keys=[self._seq_key, self._epoch_key, self._group_key(group), self._trim_key],
+            raw_seq, raw_epoch, renewed = await self._append(
+                keys=[
+                    *self._meta_keys,
+                    group_key(prefix, "g", group),
+                    group_key(prefix, "m", group),
+                ],
                 args=[
+                    *self._prelude_args(),
                     wire,
                     self._retention_arg,
                     self._max_age_ms,
                     self._channel,
                     group,
-                    new_epoch(),
                 ],
             )
         seq = int(raw_seq)
-        if raw_epoch != self.epoch.encode():
-            # The epoch key was lost (a Redis restart without persistence): new history.
-            self._set_epoch(raw_epoch)
+        self._observe(raw_epoch, seq, renewed)
         await deliver(seq, id_line(self.epoch, seq) + wire)
         return seq
 
@@ -296,7 +446,8 @@ class RedisStore(HistoryStore):
         """Return the retained events of `groups` after `after`, or None if it expired.
 
         The cursor also expires when the epoch in Redis is not this store's
-        epoch any more (the history was lost); `epoch` is then updated.
+        epoch any more (the history was lost); `epoch` is then updated. A group
+        whose stream was evicted, or that expired as a whole, expires it too.
 
         Raises:
             BackendError: Redis cannot be reached.
@@ -304,20 +455,30 @@ class RedisStore(HistoryStore):
         groups = list(dict.fromkeys(groups))
         if not groups:
             return []
+        prefix = self.prefix
+        keys = list(self._meta_keys)
+        for group in groups:
+            keys += (group_key(prefix, "g", group), group_key(prefix, "m", group))
+        known = self.epoch
         with redis_errors(f"reading history from {self._where}"):
+            evicted = self._evictable and await self._evicted()
             reply = await self._read(
-                keys=[self._epoch_key, self._trim_key, *map(self._group_key, groups)],
-                args=[f"{after + 1}-0", after, self._max_age_ms, new_epoch(), *groups],
+                keys=keys,
+                args=[
+                    *self._prelude_args(),
+                    f"{after + 1}-0",
+                    after,
+                    self._max_age_ms,
+                    "1" if evicted else "0",
+                ],
             )
-        raw_epoch, expired = reply[0], reply[1]
-        if raw_epoch != self.epoch.encode():
-            self._set_epoch(raw_epoch)
-            return None
-        if expired:
+        raw_epoch, expired, renewed = reply[0], reply[1], reply[2]
+        self._observe(raw_epoch, 0, renewed)
+        if self.epoch != known or expired:
             return None
         events = [
             (int(reply[i][:-2]), reply[i + 1])  # stream ids are b"<seq>-0"
-            for i in range(2, len(reply), 2)
+            for i in range(3, len(reply), 2)
         ]
         if len(groups) > 1:
             events.sort(key=_seq_of)
@@ -326,18 +487,19 @@ class RedisStore(HistoryStore):
     async def head(self) -> int:
         """Return the highest seq issued so far (0 before the first event).
 
-        Also refreshes `epoch`, which changes if Redis lost the history.
+        Also refreshes `epoch`, which changes if Redis lost the history or it went
+        back.
 
         Raises:
             BackendError: Redis cannot be reached.
         """
         with redis_errors(f"reading the cursor from {self._where}"):
-            raw_head, raw_epoch = await self._head(
-                keys=[self._seq_key, self._epoch_key], args=[new_epoch()]
+            raw_head, raw_epoch, renewed = await self._head(
+                keys=self._meta_keys, args=self._prelude_args()
             )
-        if raw_epoch != self.epoch.encode():
-            self._set_epoch(raw_epoch)
-        return int(raw_head)
+        head = int(raw_head)
+        self._observe(raw_epoch, head, renewed)
+        return head
 
 
 def _seq_of(event: tuple[int, bytes]) -> int:

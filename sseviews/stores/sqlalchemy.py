@@ -47,7 +47,16 @@ from sqlalchemy.exc import ArgumentError, InvalidRequestError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .._exceptions import BackendError, BroadcastNotConnected
-from .base import Deliver, HistoryStore, check_retention, id_line, new_epoch
+from .base import (
+    Deliver,
+    HistoryStore,
+    Sweeper,
+    check_idle_expiry,
+    check_retention,
+    id_line,
+    new_epoch,
+    sweep_interval,
+)
 
 __all__ = ["SQLAlchemyStore"]
 
@@ -58,6 +67,9 @@ _PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
 _ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
 # Cleanup that must run even when the append was cancelled gets this many seconds.
 _CLEANUP_SECONDS = 5.0
+# The trim row of no group (names are 1 to 200 characters): the mark of every group
+# that has none, raised when whole groups are swept or a new epoch starts.
+_FLOOR = ""
 
 
 class SQLAlchemyStore(HistoryStore):
@@ -66,7 +78,9 @@ class SQLAlchemyStore(HistoryStore):
     Three tables are created on `connect()`, named after `table_prefix`:
     `<prefix>_meta` (the epoch and the last seq issued), `<prefix>_events` (each event's
     seq, group, creation time and wire bytes, id line included) and `<prefix>_trim`
-    (per group, the highest seq removed by retention).
+    (per group, the highest seq removed by retention). A group with no event for
+    `max_age` (else `idle_expiry`) seconds is deleted with its mark by a sweep that
+    runs between `connect()` and `disconnect()`.
 
     Args:
         url_or_engine: A database URL such as `"sqlite+aiosqlite:///events.db"` or
@@ -77,6 +91,8 @@ class SQLAlchemyStore(HistoryStore):
         table_prefix: Prefix of the table names, so several histories share a database.
         retention: Events kept per group, or None for no count bound.
         max_age: Seconds an event is kept, or None for no age bound.
+        idle_expiry: Without `max_age`, seconds after its last event that a group
+            is deleted (default one day); None keeps idle groups.
 
     Raises:
         ValueError: The URL is not a SQLite file or PostgreSQL URL with an async driver,
@@ -93,8 +109,15 @@ class SQLAlchemyStore(HistoryStore):
         table_prefix: str = "sseviews",
         retention: int | None = 1000,
         max_age: float | None = None,
+        idle_expiry: float | None = 86400.0,
     ) -> None:
         check_retention(retention, max_age)
+        check_idle_expiry(idle_expiry)
+        self.idle_expiry = idle_expiry
+        # The highest seq this instance has seen: the head going below it means the
+        # database went back (a restored backup, a failover), so a new epoch starts.
+        self._high = 0
+        self._sweeper: Sweeper | None = None
         if not isinstance(table_prefix, str) or _PREFIX.fullmatch(table_prefix) is None:
             raise ValueError(
                 "table_prefix must be letters, digits and underscores, not starting with a "
@@ -176,15 +199,73 @@ class SQLAlchemyStore(HistoryStore):
                 await conn.exec_driver_sql("BEGIN IMMEDIATE")
             await conn.run_sync(self._metadata.create_all)
             await conn.execute(claim.on_conflict_do_nothing(index_elements=["id"]))
-            epoch = (await conn.execute(select(self._meta.c.epoch))).scalar_one()
+            epoch, head = (await conn.execute(select(self._meta.c.epoch, self._meta.c.head))).one()
         self.epoch = epoch
+        self._high = int(head)
         self._connected = True
+        ttl = self.max_age if self.max_age is not None else self.idle_expiry
+        if ttl is not None and self._sweeper is None:
+            self._sweeper = Sweeper(self.sweep, sweep_interval(ttl))
+            self._sweeper.start(f"sseviews SQL history sweep {self}")
 
     async def disconnect(self) -> None:
         """Close the store's connections (the engine is disposed only if the store made it)."""
         self._connected = False
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            await sweeper.stop()
         if self._owns_engine:
             await self._engine.dispose()
+
+    async def sweep(self) -> int:
+        """Delete the groups with no event younger than the idle expiry; return how many.
+
+        Raises:
+            BackendError: The database cannot be reached.
+        """
+        ttl = self.max_age if self.max_age is not None else self.idle_expiry
+        if ttl is None:
+            return 0
+        events, trim = self._events, self._trim
+        newest = (
+            select(events.c.grp, func.max(events.c.seq).label("last"))
+            .group_by(events.c.grp)
+            .having(func.max(events.c.created) < time.time() - ttl)
+            .subquery()
+        )
+        async with self._wrap("sweep idle groups"), self._engine.begin() as conn:
+            idle = (await conn.execute(select(newest.c.grp, newest.c.last))).all()
+            # Marks of groups that hold no event any more (emptied by max_age).
+            orphans = (
+                await conn.execute(
+                    select(trim.c.grp, trim.c.upto).where(
+                        trim.c.grp != _FLOOR,
+                        ~select(events.c.seq).where(events.c.grp == trim.c.grp).exists(),
+                    )
+                )
+            ).all()
+            found = [*idle, *orphans]
+            floor = max([int(last) for _, last in found], default=0)
+            if not floor:
+                return 0
+            names = [grp for grp, _ in found]
+            for start in range(0, len(names), 500):
+                chunk = names[start : start + 500]
+                await conn.execute(delete(events).where(events.c.grp.in_(chunk)))
+                await conn.execute(delete(trim).where(trim.c.grp.in_(chunk)))
+            await self._raise_floor(conn, floor)
+        return len(idle)
+
+    async def _raise_floor(self, conn: AsyncConnection, floor: int) -> None:
+        trim = self._trim
+        insert = postgresql.insert if self._postgres else sqlite.insert
+        greatest = func.greatest if self._postgres else func.max
+        mark = insert(trim).values(grp=_FLOOR, upto=floor)
+        await conn.execute(
+            mark.on_conflict_do_update(
+                index_elements=["grp"], set_={"upto": greatest(trim.c.upto, mark.excluded.upto)}
+            )
+        )
 
     async def append(self, group: str, wire: bytes, deliver: Deliver) -> int:
         """Store one event and return its seq (see `HistoryStore.append`).
@@ -227,13 +308,14 @@ class SQLAlchemyStore(HistoryStore):
             .where(events.c.grp.in_(groups), events.c.seq > after)
             .order_by(events.c.seq)
         )
-        trimmed = select(func.max(trim.c.upto)).where(trim.c.grp.in_(groups))
+        trimmed = select(trim.c.grp, trim.c.upto).where(trim.c.grp.in_([*groups, _FLOOR]))
         async with self._wrap("read the history"), self._engine.connect() as conn:
             found = (await conn.execute(rows)).all()
             # Read after the events: a trim committed before that read is seen here, so
             # no event can vanish unnoticed between the two statements.
-            upto = (await conn.execute(trimmed)).scalar()
-        if upto is not None and upto > after:
+            marks = {grp: int(upto) for grp, upto in (await conn.execute(trimmed)).all()}
+        floor = marks.get(_FLOOR, 0)
+        if any(marks.get(group, floor) > after for group in groups):
             return None
         if self.max_age is not None and found:
             oldest = time.time() - self.max_age
@@ -250,16 +332,29 @@ class SQLAlchemyStore(HistoryStore):
         """
         self._check_connected()
         async with self._wrap("read the head"), self._engine.connect() as conn:
-            head = (await conn.execute(select(self._meta.c.head))).scalar_one()
+            epoch, head = (await conn.execute(select(self._meta.c.epoch, self._meta.c.head))).one()
+        if epoch != self.epoch:
+            # Another process started a new epoch.
+            self.epoch, self._high = epoch, int(head)
         return int(head)
 
     async def _store(self, conn: AsyncConnection, group: str, wire: bytes) -> tuple[int, bytes]:
         meta, events, trim = self._meta, self._events, self._trim
         # The row lock taken here also serialises publishers inside PostgreSQL.
         bump = (
-            update(meta).where(meta.c.id == 1).values(head=meta.c.head + 1).returning(meta.c.head)
+            update(meta)
+            .where(meta.c.id == 1)
+            .values(head=meta.c.head + 1)
+            .returning(meta.c.head, meta.c.epoch)
         )
-        seq = int((await conn.execute(bump)).scalar_one())
+        raw_seq, epoch = (await conn.execute(bump)).one()
+        seq = int(raw_seq)
+        if epoch != self.epoch:
+            # Another process started a new epoch.
+            self.epoch, self._high = epoch, 0
+        elif seq <= self._high:
+            seq = await self._renew(conn, seq - 1)
+        self._high = seq
         stored = id_line(self.epoch, seq) + wire
         now = time.time()
         await conn.execute(events.insert().values(seq=seq, grp=group, created=now, wire=stored))
@@ -292,6 +387,30 @@ class SQLAlchemyStore(HistoryStore):
                 )
             )
         return seq, stored
+
+    async def _renew(self, conn: AsyncConnection, head: int) -> int:
+        """Start a new epoch after `head` (the database went back); return the next seq.
+
+        The events kept belong to the old epoch, which no client can resume any more.
+        """
+        meta, events, trim = self._meta, self._events, self._trim
+        epoch = new_epoch()
+        issued = self._high
+        # Above every seq this instance saw, so no row that survived is in the way.
+        head = max(head, issued)
+        await conn.execute(update(meta).where(meta.c.id == 1).values(epoch=epoch, head=head + 1))
+        await conn.execute(delete(events))
+        await conn.execute(delete(trim))
+        await self._raise_floor(conn, head)
+        logger.warning(
+            "SQL history %s went back below seq %d, which this process issued (a restored "
+            "backup or a failover); started a new epoch %s so that no event id is issued twice",
+            self,
+            issued,
+            epoch,
+        )
+        self.epoch = epoch
+        return head + 1
 
     async def _release(self, conn: AsyncConnection, locked: bool) -> None:
         """Unlock and return the connection, even when the append was cancelled."""
