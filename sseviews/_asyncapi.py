@@ -54,6 +54,10 @@ def _streams(
         if view is not None:
             path = getattr(route, "path", "")
             yield prefix + path, getattr(route, "name", None) or view.__name__, view
+        elif callable(getattr(route, "effective_route_contexts", None)):
+            # Newer FastAPI versions include a router lazily: one route stands for the
+            # included router, and lists its routes with the include's prefix.
+            yield from _streams(list(route.effective_route_contexts()), prefix)
         elif isinstance(route, Mount):
             yield from _streams(route.routes, prefix + route.path)
         elif isinstance(route, Host):

@@ -215,6 +215,7 @@ def _endpoint(view: type[EventStreamView], path: str) -> Callable[..., Any]:
     endpoint.__qualname__ = view.__qualname__
     endpoint.__module__ = view.__module__
     endpoint.__doc__ = view.__doc__
+    endpoint.view = view  # type: ignore[attr-defined]  # sseviews.asyncapi() finds the view here
     return endpoint
 
 

@@ -168,6 +168,18 @@ def test_asyncapi_fastapi_app_with_mounted_and_routed_streams() -> None:
     }
 
 
+def test_asyncapi_fastapi_include_router_streams() -> None:
+    from sseviews.fastapi import StreamRouter as APIStreamRouter
+
+    app = FastAPI(title="Clocks", version="1.0.0")
+    router = APIStreamRouter()
+    router.add_stream("/clock", ClockView)
+    app.include_router(router, prefix="/events")
+    document = sseviews.asyncapi(app)
+    assert_valid(document)
+    assert [channel["address"] for channel in document["channels"].values()] == ["/events/clock"]
+
+
 def test_asyncapi_same_names_get_unique_keys() -> None:
     app = Starlette(routes=[Route("/a", ClockView), Route("/b", ClockView)])
     document = sseviews.asyncapi(app, title="T", version="1")
