@@ -34,8 +34,10 @@ from .chat import (
     check_token,
     clean_message,
     latest_messages,
+    member_name,
     post_message,
     resume_cursor,
+    room_group,
 )
 from .htmx_feed import htmx_routes
 from .jobs import JobRunner
@@ -130,8 +132,23 @@ async def room_page(request: Request) -> Response:
         "cursor": resume_cursor(messages, state.broadcast),
         "events_url": request.url_for("room_events", room=room).path,
         "post_url": request.url_for("post_room_message", room=room).path,
+        "members_url": request.url_for("room_members", room=room).path,
+        "name": member_name(request) or "",
     }
     return templates.TemplateResponse(request, "room.html", context)
+
+
+async def room_members(request: Request) -> Response:
+    """Who is in the room now: its presence entries, oldest first, as JSON."""
+    room = check_room(request.path_params["room"])
+    try:
+        entries = await request.app.state.broadcast.presence(room_group(room))
+    except BroadcastError as exc:
+        logger.warning("could not read who is in %s: %s", room, exc)
+        raise HTTPException(
+            503, "the member list cannot be read right now", headers={"Retry-After": "2"}
+        ) from None
+    return JSONResponse([entry.as_dict() for entry in entries])
 
 
 async def private_page(request: Request) -> Response:
@@ -280,6 +297,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/", index, name="index"),
         Route("/rooms/{room}", room_page, name="room"),
         Route("/rooms/{room}/messages", post_room_message, methods=["POST"]),
+        Route("/rooms/{room}/members", room_members, name="room_members"),
         Route("/private", private_page, name="private"),
         Route("/private/messages", post_private_message, methods=["POST"]),
         Route("/private/token", set_private_token, methods=["POST"]),

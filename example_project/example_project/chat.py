@@ -37,6 +37,21 @@ def room_group(room: str) -> str:
     return PRIVATE_GROUP if room == PRIVATE_ROOM else f"room:{room}"
 
 
+def member_name(request: Request) -> str | None:
+    """The name a room stream is listed under in the room's presence (`?name=`), if any.
+
+    The example has no login, so a page says who its reader is; a real app would
+    take the name from its session instead.
+
+    Raises:
+        HTTPException: 422 for a name longer than `MAX_AUTHOR` characters.
+    """
+    name = request.query_params.get("name", "").strip()
+    if len(name) > MAX_AUTHOR:
+        raise HTTPException(422, f"name must be at most {MAX_AUTHOR} characters")
+    return name or None
+
+
 def clean_message(fields: dict[str, str]) -> tuple[str, str]:
     """Return `(author, text)` from a posted form or JSON object, or raise 422."""
     author = fields.get("author", "").strip() or "anonymous"

@@ -7,14 +7,14 @@ this app's broadcast and database, so two apps (say, two tests) live side by sid
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypeVar
 
 import anyio
 from sseviews import RESET_EVENT, Event, EventStreamView
 from starlette.exceptions import HTTPException
 
-from .chat import PRIVATE_GROUP, check_room, check_token, room_group
+from .chat import PRIVATE_GROUP, check_room, check_token, member_name, room_group
 from .jobs import job_group
 from .metrics import ProcessSampler
 from .models import Job
@@ -35,23 +35,33 @@ class RoomFeed(EventStreamView):
     reconnects with `Last-Event-ID` first gets every message it missed, then live ones.
     A page opens the stream with `?lastEventId=` set to the id of the newest message
     it rendered, so nothing falls between the page and its stream.
+
+    A stream opened with `?name=` is listed in the room's presence while it is open,
+    and its join and leave reach the room as `sseviews.join` and `sseviews.leave`
+    events (ephemeral: never replayed, and they do not move `Last-Event-ID`).
     """
 
     # Browsers reconnect half a second after losing the stream.
     retry = 500
+    announce_presence = True
+    member: str | None = None
 
     async def on_connect(self) -> None:
         check_room(self.request.path_params["room"])
+        self.member = member_name(self.request)
 
     def groups(self) -> list[str]:
         return [room_group(self.request.path_params["room"])]
+
+    def presence_info(self) -> Mapping[str, Any] | None:
+        return {"name": self.member} if self.member else None
 
 
 class PrivateRoomFeed(RoomFeed):
     """The private room: `on_connect` refuses a missing (401) or wrong (403) token.
 
     A browser's `EventSource` does not retry after a refusal: it fires `error` and
-    its `readyState` becomes `CLOSED`, which the page shows.
+    its `readyState` becomes `CLOSED`, which the page shows. It lists no presence.
     """
 
     async def on_connect(self) -> None:
