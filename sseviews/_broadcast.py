@@ -11,8 +11,10 @@ subscription keeps a reference to the shared bytes and wakes its stream. It neve
 writes to a stream; the stream's own task does that.
 
 Resuming is gap-free: a sink is registered (live events are held back) before
-the history after its cursor is read; then it gets the replay, then the held
-live events whose seq is greater than the last one replayed.
+the head is read; the replay covers the history from its cursor up to that head,
+and the live events above the head wait until the replay is sent. The replay is
+read a page at a time, as the stream's writer sends it, so a resume holds one
+page of history at most.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from ._exceptions import (
 from ._presence import DEFAULT_PRESENCE_LIMIT, PresenceEntry, entry_from_json
 from ._wait import Waiter
 from .backends.base import EPHEMERAL_SEQ, LiveBackend
-from .stores.base import HistoryStore, check_idle_expiry, format_id, parse_id
+from .stores.base import HistoryStore, Page, check_idle_expiry, format_id, parse_id
 
 __all__ = [
     "RESET_EVENT",
@@ -57,6 +59,8 @@ logger = logging.getLogger("sseviews")
 RESET_EVENT = "sseviews.reset"
 #: Longest group name accepted, in characters.
 MAX_GROUP_LENGTH = 200
+#: The default bytes of history a resuming subscription reads at a time.
+REPLAY_PAGE_BYTES = 256 * 1024
 
 
 def check_group(group: object) -> str:
@@ -83,14 +87,29 @@ def check_group(group: object) -> str:
 
 
 class Attachment:
-    """What a sink must send first after subscribing: a replay or a reset event."""
+    """What a sink must send first after subscribing: a replay or a reset event.
 
-    __slots__ = ("backlog", "floor", "reset")
+    `backlog` is the replay's first page; it read the history up to `cursor`, and
+    the rest of the replay, up to `upto`, is read page by page (`Subscription.fill`).
+    """
 
-    def __init__(self, backlog: list[bytes], floor: int, reset: Event | None) -> None:
+    __slots__ = ("backlog", "cursor", "epoch", "floor", "reset", "upto")
+
+    def __init__(
+        self,
+        backlog: list[bytes],
+        floor: int,
+        reset: Event | None,
+        cursor: int = 0,
+        upto: int = 0,
+        epoch: str = "",
+    ) -> None:
         self.backlog = backlog
         self.floor = floor
         self.reset = reset
+        self.cursor = cursor
+        self.upto = upto
+        self.epoch = epoch
 
 
 def _backend_for(url: str, prefix: str) -> LiveBackend:
@@ -185,6 +204,11 @@ class Broadcast:
             group's history and trim mark are removed (default 86400, one day);
             None keeps idle groups forever. With `max_age`, a group goes once
             its last event is `max_age` old. Ignored for a `HistoryStore` instance.
+        max_concurrent_replays: How many history reads of resuming streams run at
+            once in this process (default 16); the others wait their turn, so a
+            burst of resumes cannot starve live delivery.
+        replay_page_bytes: How much history a resuming stream reads at a time
+            (default 256 KiB): it reads the next page once it has sent this one.
 
     Connect it in the app's lifespan with `async with broadcast:`.
     """
@@ -198,10 +222,22 @@ class Broadcast:
         retention: int | None = 1000,
         max_age: float | None = None,
         idle_expiry: float | None = 86400.0,
+        max_concurrent_replays: int = 16,
+        replay_page_bytes: int = REPLAY_PAGE_BYTES,
     ) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
         check_idle_expiry(idle_expiry)
+        for name, value in (
+            ("max_concurrent_replays", max_concurrent_replays),
+            ("replay_page_bytes", replay_page_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.max_concurrent_replays = max_concurrent_replays
+        self.replay_page_bytes = replay_page_bytes
+        # Made by connect(), in the event loop that serves the streams.
+        self._replays: anyio.CapacityLimiter | None = None
         if isinstance(url, LiveBackend):
             self.live = url
             url_text = "memory://"
@@ -254,6 +290,7 @@ class Broadcast:
 
     async def connect(self) -> None:
         """Connect the history store and the live backend."""
+        self._replays = anyio.CapacityLimiter(self.max_concurrent_replays)
         await self.store.connect()
         try:
             await self.live.connect(self._dispatch, self._fail_all)
@@ -474,16 +511,35 @@ class Broadcast:
                 # events (a restored snapshot, a failover). A 400 would stop
                 # EventSource for good; the reset lets it reload and go on.
                 return Attachment([], head, self._reset_event("ahead", head))
-            replay = await store.read(groups, after)
-            if replay is None:
+            # The replay covers (after, head]; live events above head wait for it.
+            page = await self._read_page(sink, groups, after, head)
+            if page is None:
                 reason = "expired" if store.epoch == epoch else "unknown_epoch"
                 head = await store.head()
                 return Attachment([], head, self._reset_event(reason, head))
-            floor = replay[-1][0] if replay else after
-            return Attachment([wire for _, wire in replay], floor, None)
+            backlog = [wire for _, wire in page.events]
+            return Attachment(backlog, head, None, page.end, head, epoch)
         except BaseException:
             self._unregister(sink, groups)
             raise
+
+    async def _read_page(
+        self, borrower: object, groups: Sequence[str], after: int, upto: int
+    ) -> Page | None:
+        """Read one page of a replay, in a slot of this broadcast's replay limiter.
+
+        Raises:
+            BackendError: The store cannot be reached.
+            BroadcastNotConnected: The broadcast is not connected.
+        """
+        limiter = self._replays
+        if limiter is None:
+            raise BroadcastNotConnected("the broadcast is not connected")
+        await limiter.acquire_on_behalf_of(borrower)
+        try:
+            return await self.store.read_page(groups, after, upto, self.replay_page_bytes)
+        finally:
+            limiter.release_on_behalf_of(borrower)
 
     def _reset_event(self, reason: str, head: int) -> Event:
         epoch = self.store.epoch
@@ -560,6 +616,9 @@ class Subscription:
     and bounds what may wait to be sent. A view that streams its groups sends
     straight from it; a view that iterates `self.subscription` reads events from it.
 
+    The replay is held one page at a time: once a page is taken, `pending_history`
+    is true and `fill()` reads the next one, in the reader's own task.
+
     Iteration raises `SlowConsumer` when more than `max_events` or `max_bytes`
     of live events were waiting, and `BackendError` when the backend failed:
     events are never dropped silently. Resume with the last event's id.
@@ -569,11 +628,14 @@ class Subscription:
         "_backlog",
         "_broadcast",
         "_bytes",
+        "_cursor",
+        "_epoch",
         "_error",
         "_floor",
         "_groups",
         "_live",
         "_started",
+        "_upto",
         "_waiter",
         "max_bytes",
         "max_events",
@@ -593,6 +655,11 @@ class Subscription:
         self._bytes = 0  # bytes of live events waiting
         self._floor = 0  # highest seq taken; an offer at or below it is a duplicate
         self._started = False  # False while the replay is read: live events are held
+        # While the replay is paged: it has been read up to _cursor, and goes on to
+        # _upto (the head when it attached); live events above _upto are held.
+        self._cursor = 0
+        self._upto = 0
+        self._epoch = ""  # the epoch of the cursor being replayed
         self._error: BaseException | None = None
         self._waiter: Waiter | None = None
         self._broadcast: Broadcast | None = None
@@ -655,19 +722,37 @@ class Subscription:
             waiter.wake()
 
     def _start(self, attachment: Attachment) -> None:
-        """Queue the replay (or reset), and keep only the held events newer than it."""
+        """Queue the replay's first page (or reset), and keep only the held events newer
+        than the replay."""
         backlog = [attachment.reset.encode()] if attachment.reset is not None else []
         backlog.extend(attachment.backlog)
         if backlog:
             self._backlog = backlog
-        floor = attachment.floor
+        if attachment.cursor < attachment.upto:
+            # More pages to read: live events stay held, those the replay covers dropped.
+            self._cursor = attachment.cursor
+            self._upto = attachment.upto
+            self._epoch = attachment.epoch
+            self._hold(attachment.floor)
+            self._floor = attachment.floor
+            self._ready()
+            return
+        if self._go_live(attachment.floor) or backlog:
+            self._ready()
+
+    def _hold(self, floor: int) -> list[Delivery]:
         held = [d for d in self._live if d.seq > floor or d.seq == EPHEMERAL_SEQ]
         self._live = held
         self._bytes = sum(len(delivery.wire) for delivery in held)
+        return held
+
+    def _go_live(self, floor: int) -> list[Delivery]:
+        """End the replay: the held live events newer than `floor` are ready."""
+        held = self._hold(floor)
         self._floor = max([floor, *(delivery.seq for delivery in held)])
+        self._cursor = self._upto = 0
         self._started = True
-        if backlog or held:
-            self._ready()
+        return held
 
     # -- read by the stream (in the stream's own task) ----------------------------
 
@@ -675,6 +760,56 @@ class Subscription:
     def error(self) -> BaseException | None:
         """The error that ended the subscription, if one did."""
         return self._error
+
+    @property
+    def pending_history(self) -> bool:
+        """True when the replay's current page is used up and more history is to be
+        read: await `fill()`."""
+        return self._cursor < self._upto and not self._backlog
+
+    async def fill(self) -> None:
+        """Read the replay's next page (when `pending_history`), in the reader's own task.
+
+        It waits for a slot of the broadcast's `max_concurrent_replays`. A backend
+        failure ends the subscription with `BackendError` (raised by iteration, and
+        passed to `on_error`); history lost since the replay started gets the reset
+        event, then the live events.
+        """
+        if not self.pending_history:
+            return
+        broadcast = self._broadcast
+        cursor, upto = self._cursor, self._upto
+        if broadcast is None or self._error is not None:
+            self._cursor = self._upto = 0  # closed or failed: nothing more to read
+            return
+        store = broadcast.store
+        try:
+            page = await broadcast._read_page(self, self._groups, cursor, upto)
+            head = await store.head() if page is None else 0
+        except (BackendError, BroadcastNotConnected) as error:
+            self._cursor = self._upto = 0
+            logger.warning("reading the replay from the history failed: %s", error)
+            self.fail(error)
+            return
+        if self._error is not None or self._broadcast is None:
+            self._cursor = self._upto = 0  # failed or closed meanwhile
+            return
+        if page is None:
+            # Events the replay had not reached yet were dropped meanwhile.
+            reason = "expired" if store.epoch == self._epoch else "unknown_epoch"
+            self._backlog = [broadcast._reset_event(reason, head).encode()]
+            self._go_live(head)
+            return
+        events, end = page
+        if events:
+            self._backlog = [wire for _, wire in events]
+        if end >= upto:
+            self._go_live(upto)
+        elif end > cursor:
+            self._cursor = end
+        else:
+            self._cursor = self._upto = 0
+            self.fail(BackendError(f"the history store's page after {cursor} ends at {end}"))
 
     def take(self, limit: int) -> bytes:
         """Take the ready events' bytes (empty when none): replay slices of about
@@ -725,6 +860,9 @@ class Subscription:
                 return delivery.event()
             if self._error is not None:
                 raise self._error
+            if self._cursor < self._upto:
+                await self.fill()
+                continue
             waiter = self._waiter
             if waiter is None:
                 waiter = self._waiter = Waiter()

@@ -33,22 +33,21 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import anyio
 import anyio.lowlevel
-import sniffio
 from starlette.types import Message, Receive, Send
 
 from ._lifecycle import DisconnectReason
 from ._tasks import CancelRegion, StreamTasks
-from ._wait import Waiter
+from ._wait import Waiter, running_loop
 
 if TYPE_CHECKING:
     from ._broadcast import Subscription
+    from ._events import Event
     from ._lifecycle import ShutdownSignal
     from ._metrics import ViewCounters
-    from ._views import EventStreamView
 
 __all__ = ["HIGH_WATER", "Connection"]
 
@@ -68,6 +67,18 @@ DROP_REASONS = frozenset(
 # Upper bound on the writes that end a stream during shutdown, in seconds, so a
 # client that stopped reading cannot hold the server's exit.
 SHUTDOWN_WRITE_TIMEOUT = 1.0
+
+
+class StreamOwner(Protocol):
+    """What a connection needs of the view that serves it (`EventStreamView` is one)."""
+
+    ping_interval: ClassVar[float | None]
+    send_timeout: ClassVar[float | None]
+    shutdown_grace_period: ClassVar[float]
+
+    def describe(self) -> str: ...
+
+    def ping_message(self) -> Event: ...
 
 
 class Connection:
@@ -107,7 +118,7 @@ class Connection:
 
     def __init__(
         self,
-        view: EventStreamView,
+        view: StreamOwner,
         receive: Receive,
         send: Send,
         shutdown: ShutdownSignal | None,
@@ -132,10 +143,8 @@ class Connection:
         self.last_write = 0.0
         # The scope that stops events(); made by open_events_scope().
         self.events_scope: anyio.CancelScope | None = None
-        self._loop = (
-            asyncio.get_running_loop() if sniffio.current_async_library() == "asyncio" else None
-        )
-        self._writer = Waiter()  # the writer waits here for something to send
+        self._loop = running_loop()
+        self._writer = Waiter(self._loop)  # the writer waits here for something to send
         #: Wake the writer: events are waiting in the source (the Waiter's own method,
         #: so a publisher's wake-up is one call).
         self.wake = self._writer.wake
@@ -166,7 +175,7 @@ class Connection:
         The first chunk (the `retry:` line, or empty) makes every server flush the
         head at once: ASGI lets a server hold the head until the first body message.
         """
-        with CancelRegion() as region:
+        with CancelRegion(self._loop is not None) as region:
             self._scope = region
             try:
                 if await self._send(head):
@@ -192,16 +201,16 @@ class Connection:
                 None for a view that streams its `source` directly.
         """
         shutdown = self.shutdown
-        waiter = self._producer = Waiter()
+        waiter = self._producer = Waiter(self._loop)
         if shutdown is not None:
             shutdown._register(self)
         try:
-            async with StreamTasks() as tasks:
+            async with StreamTasks(self._loop is not None) as tasks:
                 tasks.start(self._write)
                 if produce is None:
                     # The request task listens, and the writer (woken once per burst
                     # of group events) runs in a task with a shallow stack of its own.
-                    with CancelRegion() as listening:
+                    with CancelRegion(self._loop is not None) as listening:
                         self._listening = listening  # cancelled when the writer ends
                         await self._listen()
                 else:
@@ -346,7 +355,8 @@ class Connection:
         # Other backends have no timer: the writer looks at the clock between writes.
         watch_end = ending is not None and loop is None
         try:
-            with CancelRegion() as scope:  # cancelled: a send timed out, or nobody reads
+            # Cancelled when a send times out, or when nobody reads any more.
+            with CancelRegion(loop is not None) as scope:
                 self._scope = scope
                 while True:
                     if watch_end and self.reason is None and self.clock() >= end_at:
@@ -370,6 +380,9 @@ class Connection:
                         end: Message = {"type": "http.response.body", "body": last}
                         await self._send(end)
                         break
+                    elif source is not None and source.pending_history:
+                        await source.fill()  # the replay's next page, read in this task
+                        continue
                     elif ping_interval is None:
                         if loop is None and end_at != math.inf:
                             if not await writer.wait(end_at):

@@ -21,7 +21,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import sniffio
 
 __all__ = ["CancelRegion", "StreamTasks"]
 
@@ -31,14 +30,12 @@ class StreamTasks:
 
     __slots__ = ("_group", "_tasks")
 
-    def __init__(self) -> None:
-        self._tasks: list[asyncio.Task[None]] | None = None
+    def __init__(self, asyncio_loop: bool) -> None:
+        self._tasks: list[asyncio.Task[None]] | None = [] if asyncio_loop else None
         self._group: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> StreamTasks:
-        if sniffio.current_async_library() == "asyncio":
-            self._tasks = []
-        else:
+        if self._tasks is None:
             group = self._group = anyio.create_task_group()
             await group.__aenter__()
         return self
@@ -90,9 +87,10 @@ class CancelRegion:
     other backends (trio) it is an anyio `CancelScope`, which is cheap there.
     """
 
-    __slots__ = ("_cancelling", "_requested", "_scope", "_task", "cancelled_caught")
+    __slots__ = ("_asyncio", "_cancelling", "_requested", "_scope", "_task", "cancelled_caught")
 
-    def __init__(self) -> None:
+    def __init__(self, asyncio_loop: bool) -> None:
+        self._asyncio = asyncio_loop
         self._task: asyncio.Task[Any] | None = None
         self._scope: anyio.CancelScope | None = None
         self._cancelling = 0
@@ -101,7 +99,7 @@ class CancelRegion:
         self.cancelled_caught = False
 
     def __enter__(self) -> CancelRegion:
-        if sniffio.current_async_library() == "asyncio":
+        if self._asyncio:
             task = asyncio.current_task()
             assert task is not None
             self._task = task

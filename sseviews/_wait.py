@@ -25,7 +25,18 @@ from collections.abc import Awaitable
 import anyio
 import sniffio
 
-__all__ = ["Waiter"]
+__all__ = ["Waiter", "running_loop"]
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None on another backend (trio).
+
+    A stream asks once and hands the answer to its waiters and regions: sniffio's
+    lookup costs about a microsecond, and a stream has several of them.
+    """
+    if sniffio.current_async_library() == "asyncio":
+        return asyncio.get_running_loop()
+    return None
 
 
 def _expire(future: asyncio.Future[bool]) -> None:
@@ -38,9 +49,11 @@ class Waiter:
 
     __slots__ = ("_event", "_future", "_loop")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | bool | None = True) -> None:
+        # `loop`: the running asyncio loop, or None on other backends; looked up
+        # when not given.
         self._loop: asyncio.AbstractEventLoop | None = (
-            asyncio.get_running_loop() if sniffio.current_async_library() == "asyncio" else None
+            running_loop() if loop is True else loop or None
         )
         self._future: asyncio.Future[bool] | None = None
         self._event: anyio.Event | None = None

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import anyio.lowlevel
 
+from sseviews.stores.base import Page
 from sseviews.stores.memory import MemoryStore
 
 
@@ -22,3 +23,11 @@ class YieldingStore(MemoryStore):
         rows = await super().read(groups, after)
         await anyio.lowlevel.checkpoint()
         return rows
+
+    async def read_page(
+        self, groups: Sequence[str], after: int, upto: int, limit_bytes: int
+    ) -> Page | None:
+        await anyio.lowlevel.checkpoint()
+        page = await super().read_page(groups, after, upto, limit_bytes)
+        await anyio.lowlevel.checkpoint()
+        return page

@@ -7,7 +7,8 @@ import math
 import re
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import anyio
 import sniffio
@@ -19,9 +20,11 @@ logger = logging.getLogger("sseviews")
 __all__ = [
     "Deliver",
     "HistoryStore",
+    "Page",
     "Sweeper",
     "check_idle_expiry",
     "check_retention",
+    "cut_page",
     "format_id",
     "id_line",
     "new_epoch",
@@ -34,6 +37,31 @@ __all__ = [
 Deliver = Callable[[int, bytes], Awaitable[None]]
 
 _ID = re.compile(r"([0-9a-f]{8})-(0|[1-9][0-9]{0,18})")
+
+
+class Page(NamedTuple):
+    """One page of a replay, as `HistoryStore.read_page` returns it."""
+
+    #: `(seq, wire)` of the page's events, by seq.
+    events: list[tuple[int, bytes]]
+    #: The seq the page reads up to: the next page starts after it. It equals the
+    #: `upto` asked for when no event of the range is left.
+    end: int
+
+
+def cut_page(events: Iterable[tuple[int, bytes]], upto: int, limit_bytes: int) -> Page:
+    """Return the page of `events` (by seq, all after the cursor) that ends at `upto`
+    or once `limit_bytes` are reached, whichever comes first."""
+    page: list[tuple[int, bytes]] = []
+    size = 0
+    for event in events:
+        if event[0] > upto:
+            break
+        if size >= limit_bytes:
+            return Page(page, page[-1][0])
+        page.append(event)
+        size += len(event[1])
+    return Page(page, upto)
 
 
 def new_epoch() -> str:
@@ -112,6 +140,27 @@ class HistoryStore(ABC):
         Raises:
             BackendError: The store cannot be reached.
         """
+
+    async def read_page(
+        self, groups: Sequence[str], after: int, upto: int, limit_bytes: int
+    ) -> Page | None:
+        """Return one page of the events of `groups` with `after < seq <= upto`, by seq.
+
+        The page holds events until their size reaches `limit_bytes` (so at least
+        one, when the range has any), and its `end` says where the next page
+        starts. Returns None when the cursor expired, as `read` does.
+
+        The stores of sseviews read only the page. This default reads everything
+        after `after` with `read` and cuts the page from it: a store of your own
+        should override it, so a replay's memory stays bounded.
+
+        Raises:
+            BackendError: The store cannot be reached.
+        """
+        events = await self.read(groups, after)
+        if events is None:
+            return None
+        return cut_page(events, upto, limit_bytes)
 
     @abstractmethod
     async def head(self) -> int:

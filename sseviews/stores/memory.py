@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
+from bisect import bisect_right
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import anyio
 
 from .base import (
     Deliver,
     HistoryStore,
+    Page,
     Sweeper,
     check_idle_expiry,
     check_retention,
+    cut_page,
     id_line,
     new_epoch,
     sweep_interval,
@@ -113,14 +117,37 @@ class MemoryStore(HistoryStore):
             await deliver(seq, stored)
         return seq
 
-    async def read(self, groups: Sequence[str], after: int) -> list[tuple[int, bytes]] | None:
-        runs: list[list[tuple[int, bytes]]] = []
+    def _expired(self, groups: Sequence[str], after: int) -> bool:
+        """Apply retention to `groups`; True if any event of theirs after `after` is gone."""
         for group in groups:
             log = self._logs.get(group)
             if log is not None:
                 self._trim(group, log)
             if self._trimmed.get(group, self._swept) > after:
-                return None
+                return True
+        return False
+
+    async def read_page(
+        self, groups: Sequence[str], after: int, upto: int, limit_bytes: int
+    ) -> Page | None:
+        if self._expired(groups, after):
+            return None
+        runs: list[Iterator[tuple[int, bytes]]] = []
+        for group in groups:
+            log = self._logs.get(group)
+            if log:
+                start = bisect_right(log, after, key=_seq_of)
+                runs.append(((seq, wire) for seq, _, wire in itertools.islice(log, start, None)))
+        if not runs:
+            return Page([], upto)
+        merged = runs[0] if len(runs) == 1 else heapq.merge(*runs)
+        return cut_page(merged, upto, limit_bytes)
+
+    async def read(self, groups: Sequence[str], after: int) -> list[tuple[int, bytes]] | None:
+        if self._expired(groups, after):
+            return None
+        runs: list[list[tuple[int, bytes]]] = []
+        for group in groups:
             log = self._logs.get(group)
             if not log:
                 continue
@@ -137,3 +164,7 @@ class MemoryStore(HistoryStore):
 
     async def head(self) -> int:
         return self._seq
+
+
+def _seq_of(entry: tuple[int, float, bytes]) -> int:
+    return entry[0]

@@ -38,7 +38,7 @@ from redis.exceptions import ResponseError
 
 from .._exceptions import BackendError
 from .._redis import describe, open_client, redis_errors
-from .base import Deliver, HistoryStore, check_idle_expiry, id_line, new_epoch
+from .base import Deliver, HistoryStore, Page, check_idle_expiry, id_line, new_epoch
 
 __all__ = ["RedisStore", "group_key"]
 
@@ -160,8 +160,10 @@ return {seq, epoch, renewed}
 # Reads what follows a cursor in some groups, atomically, or reports it expired.
 # KEYS[5..]: per group, its stream then its meta. ARGV[6..7]: first stream id to
 # read ('{after+1}-0'), after. ARGV[8]: max age in ms (0: none). ARGV[9]: '1' when
-# Redis may evict these keys.
-# Returns {epoch, expired (0/1), renewed, id, wire, id, wire, ...}.
+# Redis may evict these keys. ARGV[10]: last stream id to read ('+', or
+# '{upto}-0'). ARGV[11]: bytes in a page (0: read everything, unordered).
+# Returns {epoch, expired (0/1), renewed, end, id, wire, id, wire, ...}, where end
+# is the seq of the last event of a full page ('0' when the range was read to its end).
 _READ = (
     _PRELUDE
     + """
@@ -207,17 +209,72 @@ end
 local cutoff = nil
 local max_age = tonumber(ARGV[8])
 if max_age > 0 then cutoff = now - max_age end
-local out = {epoch, 0, 0}
+local last_id = ARGV[10]
+local budget = tonumber(ARGV[11])
+local out = {epoch, 0, 0, '0'}
+if budget == 0 then
+  for i = 5, #KEYS, 2 do
+    local entries = redis.call('XRANGE', KEYS[i], ARGV[6], last_id)
+    for _, entry in ipairs(entries) do
+      -- Expired by age but not trimmed yet (no append since): trimmed all the same.
+      if cutoff and tonumber(entry[2][4]) < cutoff then return {epoch, 1, 0} end
+      out[#out + 1] = entry[1]
+      out[#out + 1] = entry[2][2]
+    end
+  end
+  return out
+end
+-- One page: merge the groups' streams by seq, reading each a batch at a time,
+-- until the page holds `budget` bytes.
+local batch = 32
+local runs = {}
+local function advance(run)
+  if run.at > #run.entries then
+    if #run.entries < batch then
+      run.seq = nil
+      return
+    end
+    run.entries = redis.call('XRANGE', run.key, '(' .. run.entries[#run.entries][1], last_id,
+      'COUNT', batch)
+    run.at = 1
+    if #run.entries == 0 then
+      run.seq = nil
+      return
+    end
+  end
+  run.seq = tonumber(string.match(run.entries[run.at][1], '^%d+'))
+end
 for i = 5, #KEYS, 2 do
-  local entries = redis.call('XRANGE', KEYS[i], ARGV[6], '+')
-  for _, entry in ipairs(entries) do
-    -- Expired by age but not trimmed yet (no append since): trimmed all the same.
-    if cutoff and tonumber(entry[2][4]) < cutoff then return {epoch, 1, 0} end
-    out[#out + 1] = entry[1]
-    out[#out + 1] = entry[2][2]
+  local run = {key = KEYS[i], at = 1}
+  run.entries = redis.call('XRANGE', KEYS[i], ARGV[6], last_id, 'COUNT', batch)
+  advance(run)
+  if run.seq then runs[#runs + 1] = run end
+end
+local size = 0
+while true do
+  local best = nil
+  for _, run in ipairs(runs) do
+    if run.seq and (best == nil or run.seq < best.seq) then best = run end
+  end
+  if best == nil then return out end
+  local entry = best.entries[best.at]
+  if cutoff and tonumber(entry[2][4]) < cutoff then return {epoch, 1, 0} end
+  out[#out + 1] = entry[1]
+  out[#out + 1] = entry[2][2]
+  size = size + #entry[2][2]
+  local seq = best.seq
+  best.at = best.at + 1
+  advance(best)
+  if size >= budget then
+    for _, run in ipairs(runs) do
+      if run.seq then
+        out[4] = string.format('%d', seq)
+        return out
+      end
+    end
+    return out
   end
 end
-return out
 """
 )
 
@@ -455,6 +512,39 @@ class RedisStore(HistoryStore):
         groups = list(dict.fromkeys(groups))
         if not groups:
             return []
+        reply = await self._run_read(groups, after, "+", 0)
+        if reply is None:
+            return None
+        events = _events_of(reply)
+        if len(groups) > 1:
+            events.sort(key=_seq_of)
+        return events
+
+    async def read_page(
+        self, groups: Sequence[str], after: int, upto: int, limit_bytes: int
+    ) -> Page | None:
+        """Return one page of the events of `groups` in `(after, upto]`, or None if
+        the cursor expired (see `HistoryStore.read_page`).
+
+        One script merges the groups' streams by seq (`XRANGE ... COUNT` a batch
+        at a time) until the page holds `limit_bytes`, after the checks `read`
+        makes.
+
+        Raises:
+            BackendError: Redis cannot be reached.
+        """
+        groups = list(dict.fromkeys(groups))
+        if not groups:
+            return Page([], upto)
+        reply = await self._run_read(groups, after, f"{upto}-0", max(1, limit_bytes))
+        if reply is None:
+            return None
+        end = int(reply[3])
+        return Page(_events_of(reply), end or upto)
+
+    async def _run_read(
+        self, groups: list[str], after: int, last_id: str, budget: int
+    ) -> list[Any] | None:
         prefix = self.prefix
         keys = list(self._meta_keys)
         for group in groups:
@@ -462,7 +552,7 @@ class RedisStore(HistoryStore):
         known = self.epoch
         with redis_errors(f"reading history from {self._where}"):
             evicted = self._evictable and await self._evicted()
-            reply = await self._read(
+            reply: list[Any] = await self._read(
                 keys=keys,
                 args=[
                     *self._prelude_args(),
@@ -470,19 +560,15 @@ class RedisStore(HistoryStore):
                     after,
                     self._max_age_ms,
                     "1" if evicted else "0",
+                    last_id,
+                    budget,
                 ],
             )
         raw_epoch, expired, renewed = reply[0], reply[1], reply[2]
         self._observe(raw_epoch, 0, renewed)
         if self.epoch != known or expired:
             return None
-        events = [
-            (int(reply[i][:-2]), reply[i + 1])  # stream ids are b"<seq>-0"
-            for i in range(3, len(reply), 2)
-        ]
-        if len(groups) > 1:
-            events.sort(key=_seq_of)
-        return events
+        return reply
 
     async def head(self) -> int:
         """Return the highest seq issued so far (0 before the first event).
@@ -504,3 +590,8 @@ class RedisStore(HistoryStore):
 
 def _seq_of(event: tuple[int, bytes]) -> int:
     return event[0]
+
+
+def _events_of(reply: list[Any]) -> list[tuple[int, bytes]]:
+    # Stream ids are b"<seq>-0".
+    return [(int(reply[i][:-2]), reply[i + 1]) for i in range(4, len(reply), 2)]

@@ -50,6 +50,7 @@ from .._exceptions import BackendError, BroadcastNotConnected
 from .base import (
     Deliver,
     HistoryStore,
+    Page,
     Sweeper,
     check_idle_expiry,
     check_retention,
@@ -70,6 +71,8 @@ _CLEANUP_SECONDS = 5.0
 # The trim row of no group (names are 1 to 200 characters): the mark of every group
 # that has none, raised when whole groups are swept or a new epoch starts.
 _FLOOR = ""
+# Most events in one page of a replay (their sizes are read first, then the page).
+_PAGE_ROWS = 1000
 
 
 class SQLAlchemyStore(HistoryStore):
@@ -288,6 +291,7 @@ class SQLAlchemyStore(HistoryStore):
                         locked = True
                         await conn.execute(select(func.pg_advisory_lock(self._key())))
                     seq, stored = await self._store(conn, group, wire)
+                self._high = max(self._high, seq)  # committed: this id is issued
                 await deliver(seq, stored)
                 return seq
             finally:
@@ -324,6 +328,62 @@ class SQLAlchemyStore(HistoryStore):
                 return None
         return [(seq, bytes(stored)) for seq, _, stored in found]
 
+    async def read_page(
+        self, groups: Sequence[str], after: int, upto: int, limit_bytes: int
+    ) -> Page | None:
+        """Return one page of the events of `groups` in `(after, upto]`, or None if the
+        cursor expired (see `HistoryStore.read_page`).
+
+        It reads the sizes of the next events first (`LIMIT`), then the events of
+        the page, so it never loads more than about `limit_bytes` of them.
+
+        Raises:
+            BackendError: The database cannot be reached.
+        """
+        self._check_connected()
+        if not groups:
+            return Page([], upto)
+        events, trim = self._events, self._trim
+        in_range = (events.c.grp.in_(groups), events.c.seq > after, events.c.seq <= upto)
+        sizes = (
+            select(events.c.seq, func.length(events.c.wire))
+            .where(*in_range)
+            .order_by(events.c.seq)
+            .limit(_PAGE_ROWS)
+        )
+        trimmed = select(trim.c.grp, trim.c.upto).where(trim.c.grp.in_([*groups, _FLOOR]))
+        async with self._wrap("read the history"), self._engine.connect() as conn:
+            end, size, count = upto, 0, 0
+            rows = (await conn.execute(sizes)).all()
+            for _, length in rows:
+                if size >= limit_bytes:
+                    end = int(rows[count - 1][0])
+                    break
+                size += int(length)
+                count += 1
+            else:
+                if len(rows) == _PAGE_ROWS:
+                    end = int(rows[-1][0])
+            found: list[Any] = []
+            if count:
+                page = (
+                    select(events.c.seq, events.c.created, events.c.wire)
+                    .where(*in_range[:2], events.c.seq <= end)
+                    .order_by(events.c.seq)
+                )
+                found = list((await conn.execute(page)).all())
+            # Read after the events: a trim committed before that read is seen here, so
+            # no event can vanish unnoticed between the two statements.
+            marks = {grp: int(mark) for grp, mark in (await conn.execute(trimmed)).all()}
+        floor = marks.get(_FLOOR, 0)
+        if any(marks.get(group, floor) > after for group in groups):
+            return None
+        if self.max_age is not None and found:
+            oldest = time.time() - self.max_age
+            if any(created < oldest for _, created, _ in found):
+                return None
+        return Page([(int(seq), bytes(stored)) for seq, _, stored in found], end)
+
     async def head(self) -> int:
         """Return the highest seq issued so far.
 
@@ -354,7 +414,8 @@ class SQLAlchemyStore(HistoryStore):
             self.epoch, self._high = epoch, 0
         elif seq <= self._high:
             seq = await self._renew(conn, seq - 1)
-        self._high = seq
+        # self._high moves only once this transaction commits (see append()): a
+        # rolled-back append (its connection terminated) issued no id.
         stored = id_line(self.epoch, seq) + wire
         now = time.time()
         await conn.execute(events.insert().values(seq=seq, grp=group, created=now, wire=stored))
