@@ -314,3 +314,32 @@ async def test_redis_backend_fails_then_recovers_when_the_server_restarts(
             if store is not None:
                 await store.disconnect()
         server.kill()
+
+
+async def test_redis_backend_disconnect_after_a_delivery_closes_everything(prefix: str) -> None:
+    # The presence heartbeat, cancelled in mid-command, used to swallow its
+    # cancellation: disconnect() then ran out of its 1 s bound and left the
+    # pub/sub connection and the client's pool open (a ResourceWarning later).
+    import gc
+
+    import redis.asyncio.connection
+
+    from sseviews import Broadcast
+
+    broadcast = Broadcast(REDIS_URL, prefix=prefix)
+    await broadcast.connect()
+    async with broadcast.subscribe("a") as subscription:
+        await broadcast.publish("a", "one")
+        with anyio.fail_after(2):
+            await subscription.__anext__()
+    started = anyio.current_time()
+    await broadcast.disconnect()
+    assert anyio.current_time() - started < 0.5
+    gc.collect()
+    still_open = [
+        conn
+        for conn in gc.get_objects()
+        if isinstance(conn, redis.asyncio.connection.AbstractConnection)
+        and getattr(conn, "_writer", None) is not None
+    ]
+    assert still_open == []

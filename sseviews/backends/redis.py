@@ -149,6 +149,8 @@ class RedisBackend(LiveBackend):
             if task is not None:
                 task.cancel()
                 await asyncio.wait({task})
+        # Closed even when a step above ran out of time: nothing may stay open.
+        with anyio.move_on_after(1, shield=True):
             conn, self._conn = self._conn, None
             if conn is not None:
                 await conn.disconnect(nowait=True)
@@ -332,9 +334,12 @@ class RedisBackend(LiveBackend):
 
     async def _beat(self) -> None:
         """Refresh this process's deadline and sweep dead processes, every timeout/6."""
-        while True:
+        while self._heartbeat is not None:  # disconnect() clears it, then cancels this task
             try:
-                with anyio.fail_after(self.attempt_timeout):
+                # asyncio's own timeout (this backend is asyncio-only): it lets the
+                # native cancellation from disconnect() through, where anyio's
+                # fail_after swallowed it and the heartbeat never ended.
+                async with asyncio.timeout(self.attempt_timeout):
                     while self._unleft:
                         member, groups, announce = self._unleft[-1]
                         await self._presence("leave", member, "1" if announce else "0", *groups)
@@ -348,9 +353,15 @@ class RedisBackend(LiveBackend):
                         self.presence_timeout,
                     )
             except (*REDIS_ERRORS, TimeoutError) as exc:
+                if self._heartbeat is None:
+                    # Cancelled by disconnect() in mid-command: redis-py may report
+                    # that cancellation as a connection error. Stop, don't retry.
+                    return
                 logger.warning("presence heartbeat to %s failed: %s", self._where, exc)
             except Exception:
                 logger.exception("presence heartbeat to %s failed", self._where)
+            if self._heartbeat is None:
+                return
             await anyio.sleep(self.presence_timeout / 6)
 
 
