@@ -829,10 +829,13 @@ class Subscription:
         live = self._live
         if not live or not self._started:
             return b""
-        self._live = []
         self._bytes = 0
         count = self.taken = len(live)
-        return live[0].wire if count == 1 else b"".join([delivery.wire for delivery in live])
+        data = live[0].wire if count == 1 else b"".join([delivery.wire for delivery in live])
+        # Emptied in place: a new list per delivery would outlive the burst of
+        # wake-ups and be promoted by the collector, 2,000 of them per publish.
+        live.clear()
+        return data
 
     def close(self) -> None:
         """Leave the groups (idempotent); nothing more is delivered."""
