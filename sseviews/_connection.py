@@ -85,12 +85,11 @@ class Connection:
     """The state of one open stream: its buffer, its writer and its listener."""
 
     __slots__ = (
-        "_direct",
         "_ending",
         "_finishing",
         "_listening",
         "_loop",
-        "_producer",
+        "_request",
         "_scope",
         "_send_deadline",
         "_sending",
@@ -149,7 +148,7 @@ class Connection:
         #: so a publisher's wake-up is one call).
         self.wake = self._writer.wake
         # The request task waits here: for room in the buffer, or for the writer to end.
-        self._producer: Waiter | None = None
+        self._request = Waiter(self._loop)
         self._listening: CancelRegion | None = None  # the request task's receive()
         self._scope: CancelRegion | None = None  # the writer's; bounds each send
         self._sending = False
@@ -157,7 +156,6 @@ class Connection:
         self._timer: asyncio.TimerHandle | None = None  # asyncio: sends overdue, pings due
         self._finishing = False
         self._written = False  # the writer has returned
-        self._direct = True  # no events(): the request task is the writer
         self._shutdown_deadline = math.inf
         # (when, reason, last bytes): see end_at(); None for most streams, at no cost.
         self._ending: tuple[float, DisconnectReason, bytes] | None = None
@@ -186,9 +184,7 @@ class Connection:
                     return False
             finally:
                 self._scope = None
-                timer, self._timer = self._timer, None
-                if timer is not None:
-                    timer.cancel()
+                self._disarm()
         if self.reason is None:
             self.reason = DisconnectReason.SEND_TIMEOUT
         return False
@@ -201,7 +197,6 @@ class Connection:
                 None for a view that streams its `source` directly.
         """
         shutdown = self.shutdown
-        waiter = self._producer = Waiter(self._loop)
         if shutdown is not None:
             shutdown._register(self)
         try:
@@ -214,7 +209,6 @@ class Connection:
                         self._listening = listening  # cancelled when the writer ends
                         await self._listen()
                 else:
-                    self._direct = False
                     tasks.start(self._listen)
                     try:
                         await produce()
@@ -222,7 +216,7 @@ class Connection:
                         self._finishing = True
                         self._writer.wake()
                 while not self._written:
-                    await waiter.wait()
+                    await self._request.wait()
         finally:
             if self.reason is None:
                 # Cancelled from outside (the server gave up on its graceful shutdown).
@@ -248,8 +242,7 @@ class Connection:
 
     async def wait_for_space(self) -> None:
         """Wait until the writer has taken the buffer (backpressure on `events()`)."""
-        waiter = self._producer
-        assert waiter is not None
+        waiter = self._request
         while self.buffered >= HIGH_WATER or len(self.buffer) >= self.max_pending:
             if self._written:
                 # Nobody will take the buffer: the stream is over, and stop() has
@@ -310,7 +303,7 @@ class Connection:
             return
         self.shutting_down = True
         grace = self.view.shutdown_grace_period
-        if grace > 0 and not self._direct:
+        if grace > 0 and self.source is None:  # a view with events() of its own
             # events() may go on for the grace period to send a farewell and return.
             limit = self._shutdown_deadline = self.clock() + grace
             if self.events_scope is not None:
@@ -370,9 +363,7 @@ class Connection:
                         data = buffer[0] if count == 1 else b"".join(buffer)
                         buffer.clear()
                         self.buffered = 0
-                        producer = self._producer
-                        if producer is not None:
-                            producer.wake()
+                        self._request.wake()
                     elif source is not None and (data := source.take(HIGH_WATER)):
                         count = source.taken
                     elif self._finishing or reason is not None:
@@ -383,31 +374,30 @@ class Connection:
                     elif source is not None and source.pending_history:
                         await source.fill()  # the replay's next page, read in this task
                         continue
-                    elif ping_interval is None:
-                        if loop is None and end_at != math.inf:
-                            if not await writer.wait(end_at):
-                                self._end_now()
-                            continue
-                        await writer.wait()
-                        continue
-                    elif self.clock() - self.last_write < ping_interval - 0.001:
-                        due = self.last_write + ping_interval
-                        if loop is None:
-                            if not await writer.wait(min(due, end_at)) and end_at <= due:
-                                self._end_now()
-                            continue
-                        # One timer per connection, moved only when it would be late:
-                        # it fires early at most once per interval, and re-arms itself.
-                        timer = self._timer
-                        if timer is None or timer.when() > due:
-                            self._arm(due)
-                        await writer.wait()
-                        continue
-                    else:
+                    elif (
+                        ping_interval is not None
+                        and self.clock() - self.last_write >= ping_interval - 0.001
+                    ):
                         count, data = 0, self.view.ping_message().encode()
                         counters = self.counters
                         if counters is not None:
                             counters.pings += 1
+                    else:  # idle until woken, or until the next ping is due
+                        due = math.inf if ping_interval is None else self.last_write + ping_interval
+                        if loop is None:
+                            # No timer on these backends: the wait's own deadline (the
+                            # end of the stream is looked at at the top of the loop).
+                            await writer.wait(min(due, end_at))
+                            continue
+                        if due != math.inf:
+                            # One timer per connection, moved only when it would be
+                            # late: it fires early at most once per interval, and
+                            # re-arms itself.
+                            timer = self._timer
+                            if timer is None or timer.when() > due:
+                                self._arm(due)
+                        await writer.wait()
+                        continue
                     body: Message = {"type": "http.response.body", "body": data, "more_body": True}
                     if not await self._send(body):
                         break
@@ -426,16 +416,12 @@ class Connection:
             listening = self._listening
             if listening is not None:
                 listening.cancel()  # the request task waits on receive(): the stream is over
-            timer, self._timer = self._timer, None
-            if timer is not None:
-                timer.cancel()
+            self._disarm()
             if end_timer is not None:
                 end_timer.cancel()
             if self.reason is DisconnectReason.SEND_TIMEOUT:
                 self.stop(DisconnectReason.SEND_TIMEOUT)  # stops events() too
-            producer = self._producer
-            if producer is not None:
-                producer.wake()
+            self._request.wake()
 
     async def _send(self, message: Message) -> bool:
         """Send one message under `send_timeout`; False (the stream stopped) if it failed."""
@@ -495,6 +481,11 @@ class Connection:
         if timer is not None:
             timer.cancel()
         self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _disarm(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
 
     def _on_timer(self) -> None:
         """(asyncio) The connection's timer: a send overdue, or a ping due."""

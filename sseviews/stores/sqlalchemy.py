@@ -318,14 +318,8 @@ class SQLAlchemyStore(HistoryStore):
             # Read after the events: a trim committed before that read is seen here, so
             # no event can vanish unnoticed between the two statements.
             marks = {grp: int(upto) for grp, upto in (await conn.execute(trimmed)).all()}
-        floor = marks.get(_FLOOR, 0)
-        if any(marks.get(group, floor) > after for group in groups):
+        if self._expired(groups, after, marks, found):
             return None
-        if self.max_age is not None and found:
-            oldest = time.time() - self.max_age
-            # Expired by age but not deleted yet (its group saw no append since).
-            if any(created < oldest for _, created, _ in found):
-                return None
         return [(seq, bytes(stored)) for seq, _, stored in found]
 
     async def read_page(
@@ -375,14 +369,27 @@ class SQLAlchemyStore(HistoryStore):
             # Read after the events: a trim committed before that read is seen here, so
             # no event can vanish unnoticed between the two statements.
             marks = {grp: int(mark) for grp, mark in (await conn.execute(trimmed)).all()}
+        if self._expired(groups, after, marks, found):
+            return None
+        return Page([(int(seq), bytes(stored)) for seq, _, stored in found], end)
+
+    def _expired(
+        self,
+        groups: Sequence[str],
+        after: int,
+        marks: dict[str, int],
+        found: Sequence[Any],
+    ) -> bool:
+        """Whether a read after `after` lost events: a trim mark (or the store-wide
+        floor) above the cursor, or a row expired by age but not deleted yet (its
+        group saw no append since). `found` rows are `(seq, created, wire)`."""
         floor = marks.get(_FLOOR, 0)
         if any(marks.get(group, floor) > after for group in groups):
-            return None
+            return True
         if self.max_age is not None and found:
             oldest = time.time() - self.max_age
-            if any(created < oldest for _, created, _ in found):
-                return None
-        return Page([(int(seq), bytes(stored)) for seq, _, stored in found], end)
+            return any(created < oldest for _, created, _ in found)
+        return False
 
     async def head(self) -> int:
         """Return the highest seq issued so far.
