@@ -16,6 +16,7 @@ Needs PyJWT: `pip install sseviews[tokens]`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -122,7 +123,7 @@ class StreamTokens:
         """
         if not isinstance(subject, str):
             raise TypeError(f"StreamTokens.issue() subject must be a str, got {subject!r}")
-        now = int(time.time())
+        now = time.time()
         lifetime = self.ttl if ttl is None else _positive("ttl", ttl)
         payload: dict[str, Any] = {}
         if claims:
@@ -134,9 +135,10 @@ class StreamTokens:
                 )
             payload.update(claims)
         payload["sub"] = subject
-        payload["iat"] = now
-        # Rounded up: a ttl of 0.5 s still gives a token that is valid for a moment.
-        payload["exp"] = now + max(1, round(lifetime))
+        payload["iat"] = int(now)
+        # JWT times are whole seconds. Rounded up, so a token is never valid for
+        # less than its ttl (truncating could leave a 1 s token a few ms of life).
+        payload["exp"] = math.ceil(now + lifetime)
         if groups is not None:
             if isinstance(groups, str):
                 raise TypeError("StreamTokens.issue() groups must be a list of names, not a str")

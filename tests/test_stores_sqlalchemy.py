@@ -319,6 +319,24 @@ async def test_store_concurrent_connect_agrees_on_epoch(database: Database) -> N
                 await store.disconnect()
 
 
+async def test_store_sqlite_new_file_many_stores_connect_together(tmp_path: Path) -> None:
+    # SQLite refuses the switch to WAL at once, without its busy wait, while another
+    # connection opens the same new file: a new file, many times, shows it.
+    for round_ in range(30):
+        url = f"sqlite+aiosqlite:///{tmp_path}/new{round_}.db"
+        stores = [SQLAlchemyStore(url, retention=10) for _ in range(8)]
+        try:
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    for store in stores:
+                        tg.start_soon(store.connect)
+            assert len({store.epoch for store in stores}) == 1
+        finally:
+            with anyio.fail_after(10):
+                for store in stores:
+                    await store.disconnect()
+
+
 async def test_store_unreachable_postgres_raises_backend_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -46,6 +46,19 @@ def test_tokens_issue_and_verify_round_trip() -> None:
     assert "groups" not in tokens.verify(tokens.issue("user-1"))
 
 
+@pytest.mark.parametrize("ttl", [0.5, 1, 1.5, 60])
+def test_tokens_never_expire_before_their_ttl(ttl: float) -> None:
+    tokens = StreamTokens(SECRET)
+    for _ in range(50):
+        before = time.time()
+        token = tokens.issue("u", ttl=ttl)
+        after = time.time()
+        claims = tokens.verify(token)
+        # Whole seconds, rounded up: at least the ttl, less than a second more.
+        assert before + ttl <= claims["exp"] < after + ttl + 1
+        time.sleep(0.003)
+
+
 def test_tokens_extra_claims_are_carried() -> None:
     tokens = StreamTokens(SECRET)
     claims = tokens.verify(tokens.issue("u", claims={"role": "admin"}))

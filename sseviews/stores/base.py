@@ -200,6 +200,7 @@ class Sweeper:
         self._interval = interval
         self._scope = anyio.CancelScope()
         self._done = anyio.Event()
+        self._task: object = None
 
     def start(self, name: str) -> None:
         if sniffio.current_async_library() == "trio":
@@ -209,7 +210,8 @@ class Sweeper:
         else:
             import asyncio
 
-            asyncio.get_running_loop().create_task(self._run(), name=name)
+            # Held here: the loop keeps only a weak reference to a task.
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
 
     async def _run(self) -> None:
         try:

@@ -36,14 +36,13 @@ from sqlalchemy import (
     Text,
     bindparam,
     delete,
-    event,
     func,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, InvalidRequestError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, InvalidRequestError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .._exceptions import BackendError, BroadcastNotConnected
@@ -194,6 +193,9 @@ class SQLAlchemyStore(HistoryStore):
         """
         insert = postgresql.insert if self._postgres else sqlite.insert
         claim = insert(self._meta).values(id=1, epoch=new_epoch(), head=0)
+        async with self._wrap("connect"):
+            if not self._postgres and self._owns_engine:
+                await self._use_wal()
         async with self._wrap("connect"), self._engine.begin() as conn:
             # Two stores starting together would race in CREATE TABLE.
             if self._postgres:
@@ -210,6 +212,22 @@ class SQLAlchemyStore(HistoryStore):
         if ttl is not None and self._sweeper is None:
             self._sweeper = Sweeper(self.sweep, sweep_interval(ttl))
             self._sweeper.start(f"sseviews SQL history sweep {self}")
+
+    async def _use_wal(self) -> None:
+        # WAL lets readers (replays) run while an append writes. The mode is kept in
+        # the file, so once per store is enough. On a new file SQLite refuses the switch
+        # at once, without its busy wait, while another connection opens the file too
+        # (2 to 3% of four stores connecting together): try again for up to 5 s.
+        deadline = anyio.current_time() + 5
+        while True:
+            try:
+                async with self._engine.connect() as conn:
+                    await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                return
+            except OperationalError as exc:
+                if "locked" not in str(exc) or anyio.current_time() > deadline:
+                    raise
+            await anyio.sleep(0.01)
 
     async def disconnect(self) -> None:
         """Close the store's connections (the engine is disposed only if the store made it)."""
@@ -563,18 +581,7 @@ def _create_engine(url: str | URL) -> AsyncEngine:
             f"history URL {parsed.drivername!r} needs its driver: {exc}; "
             f"install it with `pip install sseviews[{extra}]`"
         ) from exc
-    if backend == "sqlite":
-        event.listen(engine.sync_engine, "connect", _sqlite_wal)
     return engine
-
-
-def _sqlite_wal(dbapi_connection: Any, connection_record: Any) -> None:
-    # WAL lets readers (replays) run while an append writes.
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-    finally:
-        cursor.close()
 
 
 def _database_errors(engine: AsyncEngine) -> tuple[type[BaseException], ...]:
