@@ -269,7 +269,7 @@ async def test_tokens_view_cookie_is_ignored_without_token_cookie_setting() -> N
 
 async def test_tokens_view_stream_ends_with_expired_on_event_boundary() -> None:
     seen = Seen()
-    token = TOKENS.issue("u", ttl=1)  # expires within a second
+    token = TOKENS.issue("u", ttl=1)  # expires in 1 to 2 s (whole seconds, rounded up)
     async with EventStreamClient(make_app(seen)) as client:
         async with client.stream("/stream", params={"token": token}) as stream:
             with anyio.fail_after(TIMEOUT):

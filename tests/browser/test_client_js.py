@@ -100,7 +100,8 @@ def wait_received(page: Page, count: int, timeout: float = 15_000) -> list[int]:
 def test_client_js_keeps_streaming_across_token_expiries(
     make_server: Callable[..., ClientAppServer], open_page: OpenPage
 ) -> None:
-    server = make_server(TOKEN_TTL="2")
+    # A 1 s token lives 1 to 2 s (its expiry is rounded up to whole seconds).
+    server = make_server(TOKEN_TTL="1")
     page = open_page(server.base + "/")
     page.wait_for_function("window.opens >= 1")
     # Publish steadily for longer than two token lifetimes.
