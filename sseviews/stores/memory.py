@@ -88,6 +88,11 @@ class MemoryStore(HistoryStore):
         # A mark whose group holds no event any more: everything in it was removed.
         for group in [group for group in self._trimmed if group not in self._logs]:
             self._swept = max(self._swept, self._trimmed.pop(group))
+        if len(idle) > len(self._logs):
+            # A dict never shrinks its table as keys go: copy what is left, so a
+            # burst of groups that all expired gives its memory back.
+            self._logs = dict(self._logs)
+            self._trimmed = dict(self._trimmed)
         return len(idle)
 
     def _trim(self, group: str, log: deque[tuple[int, float, bytes]]) -> None:
