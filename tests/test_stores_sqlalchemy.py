@@ -305,8 +305,8 @@ async def test_store_append_holds_the_lock_until_deliver_returns(pg_tables: list
     assert events == ["deliver 1 start", "deliver 1 end", "deliver 2"]
 
 
-async def test_store_concurrent_connect_agrees_on_epoch(database: Database) -> None:
-    stores = [database.store() for _ in range(4)]
+async def connect_together(stores: list[SQLAlchemyStore]) -> None:
+    """Connect every store at once; they must agree on one epoch. All are disconnected."""
     try:
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
@@ -319,22 +319,16 @@ async def test_store_concurrent_connect_agrees_on_epoch(database: Database) -> N
                 await store.disconnect()
 
 
+async def test_store_concurrent_connect_agrees_on_epoch(database: Database) -> None:
+    await connect_together([database.store() for _ in range(4)])
+
+
 async def test_store_sqlite_new_file_many_stores_connect_together(tmp_path: Path) -> None:
     # SQLite refuses the switch to WAL at once, without its busy wait, while another
     # connection opens the same new file: a new file, many times, shows it.
     for round_ in range(30):
         url = f"sqlite+aiosqlite:///{tmp_path}/new{round_}.db"
-        stores = [SQLAlchemyStore(url, retention=10) for _ in range(8)]
-        try:
-            with anyio.fail_after(20):
-                async with anyio.create_task_group() as tg:
-                    for store in stores:
-                        tg.start_soon(store.connect)
-            assert len({store.epoch for store in stores}) == 1
-        finally:
-            with anyio.fail_after(10):
-                for store in stores:
-                    await store.disconnect()
+        await connect_together([SQLAlchemyStore(url, retention=10) for _ in range(8)])
 
 
 async def test_store_unreachable_postgres_raises_backend_error(

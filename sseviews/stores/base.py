@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -200,7 +201,7 @@ class Sweeper:
         self._interval = interval
         self._scope = anyio.CancelScope()
         self._done = anyio.Event()
-        self._task: object = None
+        self._task: asyncio.Task[None] | None = None  # asyncio: held, see start()
 
     def start(self, name: str) -> None:
         if sniffio.current_async_library() == "trio":
@@ -208,8 +209,6 @@ class Sweeper:
 
             trio.lowlevel.spawn_system_task(self._run, name=name)
         else:
-            import asyncio
-
             # Held here: the loop keeps only a weak reference to a task.
             self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
 
