@@ -445,9 +445,9 @@ async def measure_per_user(
     if t0 is None:
         raise BenchError("the publisher did not report its schedule start")
     window = t_end - t_start
-    delivered = max(counts["delivered"] - counts["duplicated"], 1.0)
+    distinct_delivered = max(counts["delivered"] - counts["duplicated"], 1.0)
     values = {
-        "server_cpu_us_per_event": sum(cpu) / delivered * 1e6,
+        "server_cpu_us_per_event": sum(cpu) / distinct_delivered * 1e6,
         "server_cpu_cores": sum(cpu) / window,
         **{f"server_cpu_ms_process{k}": seconds * 1e3 for k, seconds in enumerate(cpu)},
         "idle_server_cpu_ms_per_s": idle_cpu / sizes.settle_seconds * 1e3,
