@@ -26,7 +26,7 @@ ExampleServer = Any
 # the stream leaves the room's presence and a `sseviews.leave` reaches the others
 # (tens of ms measured; see docs/presence.md).
 LEAVE_BOUND_MS = 1_000
-# Reloads in a row that must each meet the bound: some reloads (4 of 50 measured)
+# Reloads in a row that must each meet the bound: some reloads (1 to 4 of 50 measured)
 # used to leave a stream of the unloading page listed for 5 s; one reload missed it.
 RELOADS = 20
 
