@@ -14,7 +14,7 @@ from ._eventtypes import UNNAMED
 from ._schema import content_type, generate_schemas
 from ._views import MAX_LAST_EVENT_ID_BYTES, EventStreamView
 
-__all__ = ["asyncapi"]
+__all__ = ["asyncapi", "stream_routes"]
 
 _PARAMETER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[A-Za-z_][A-Za-z0-9_]*)?\}")
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_\-]")
@@ -78,6 +78,24 @@ def _streams(routes: Sequence[Any], prefix: str, level: Sequence[Any]) -> Iterat
             yield from _streams(route.routes, prefix, route.routes)
 
 
+def stream_routes(app: Any, caller: str = "asyncapi()") -> list[_Stream]:
+    """Every stream route of `app`, once each, in the order `asyncapi()` lists them.
+
+    Raises:
+        TypeError: `app` has no routes to walk.
+    """
+    routes = getattr(app, "routes", None)
+    if not isinstance(routes, Sequence):
+        raise TypeError(f"{caller} expects a Starlette or FastAPI app or a router, got {app!r}")
+    streams: list[_Stream] = []
+    seen: set[tuple[str, str, type[EventStreamView]]] = set()
+    for stream in _streams(routes, "", routes):
+        if stream[:3] not in seen:  # FastAPI adds HEAD as its own route
+            seen.add(stream[:3])
+            streams.append(stream)
+    return streams
+
+
 def _unique(key: str, taken: set[str]) -> str:
     key = _UNSAFE_KEY.sub("_", key) or "stream"
     candidate, number = key, 2
@@ -90,7 +108,8 @@ def _unique(key: str, taken: set[str]) -> str:
 
 def _summary(view: type[EventStreamView]) -> str | None:
     doc = inspect.getdoc(view)
-    if not doc or view.__doc__ is EventStreamView.__doc__:
+    # A view without a docstring of its own inherits EventStreamView's.
+    if not doc or doc == inspect.getdoc(EventStreamView):
         return None
     return doc.split("\n\n")[0].replace("\n", " ")
 
@@ -222,15 +241,7 @@ def asyncapi(app: Any, *, title: str | None = None, version: str | None = None) 
     Raises:
         TypeError: `app` has no routes to walk.
     """
-    routes = getattr(app, "routes", None)
-    if not isinstance(routes, Sequence):
-        raise TypeError(f"asyncapi() expects a Starlette or FastAPI app or a router, got {app!r}")
-    streams: list[_Stream] = []
-    seen: set[tuple[str, str, type[EventStreamView]]] = set()
-    for stream in _streams(routes, "", routes):
-        if stream[:3] not in seen:  # FastAPI adds HEAD as its own route
-            seen.add(stream[:3])
-            streams.append(stream)
+    streams = stream_routes(app)
 
     payloads: list[tuple[Any, Any]] = []
     for index, (_, _, view, _, _) in enumerate(streams):

@@ -315,6 +315,23 @@ def _cmd_asyncapi(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- sseviews typescript ----------------------------------------------------------------
+
+
+def _cmd_typescript(args: argparse.Namespace) -> int:
+    from ._typescript import typescript
+
+    module, attribute, folder = resolve_target(args.target)
+    _check_importable(module, attribute, folder)
+    app = getattr(importlib.import_module(module), attribute)
+    try:
+        source = typescript(app, target=args.target)
+    except TypeError as exc:
+        raise CommandError(f"{module}:{attribute}: {exc}") from None
+    sys.stdout.write(source)
+    return 0
+
+
 # -- the command line --------------------------------------------------------------------
 
 
@@ -364,6 +381,18 @@ def _parser() -> argparse.ArgumentParser:
     spec.add_argument("--title", default=None, help="the document's title")
     spec.add_argument("--api-version", default=None, metavar="VERSION", help="the API's version")
     spec.set_defaults(handler=_cmd_asyncapi)
+
+    typed = commands.add_parser(
+        "typescript",
+        help="print TypeScript types of an app's streams and a typed sseviews.js wrapper",
+        description="Print one TypeScript module (ES module) holding the types of every "
+        "event of every stream of TARGET's `app`, from the views' event_types, and "
+        "connect(), which opens a stream with sseviews.js and gives each on(name, handler) "
+        "its payload type. TARGET is a module name or path, optionally followed by "
+        ":ATTRIBUTE, as for `run`.",
+    )
+    typed.add_argument("target", metavar="PATH_OR_MODULE")
+    typed.set_defaults(handler=_cmd_typescript)
     return parser
 
 
