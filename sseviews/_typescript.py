@@ -379,7 +379,7 @@ def typescript(app: Any, *, target: str | None = None) -> str:
         address: str = channel["address"]
         if address in by_path:  # the same path served twice: the first one answers
             continue
-        interface = names.new(f"{key[:1].upper()}{key[1:]}Events")
+        interface = names.new(f"{stream.view.__name__}Events")
         summary = f"The events of {stream.view.__name__} (GET {address})."
         if isinstance(channel.get("description"), str):
             summary += "\n\n" + channel["description"]

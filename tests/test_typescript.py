@@ -211,6 +211,14 @@ def test_typescript_names_that_clash_are_made_unique() -> None:
     assert len(re.findall(r"^export interface Streams \{", source, re.MULTILINE)) == 1
 
 
+def test_typescript_one_view_at_two_paths_gets_an_interface_per_path() -> None:
+    app = Starlette(routes=[Route("/a", Room), Route("/b/{b}", Room)])
+    source = typescript(app)
+    assert block(source, "export interface Streams {") == (
+        'export interface Streams {\n  "/a": RoomEvents;\n  "/b/{b}": RoomEvents2;\n}'
+    )
+
+
 def test_typescript_rejects_what_is_not_an_app() -> None:
     with pytest.raises(TypeError, match=r"typescript\(\) expects a Starlette or FastAPI app"):
         typescript(Room)

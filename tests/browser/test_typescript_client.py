@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.sync_api import Page
@@ -22,6 +23,9 @@ from typescript_helpers import tsc
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+# The server fixture's type (tests/browser/conftest.py); Any keeps this module standalone.
+ExampleServer = Any
 HOST = "127.0.0.1"
 CLI = "import sys; from sseviews._cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -82,3 +86,46 @@ def test_typescript_client_compiles_and_receives_typed_events(
         {"name": "count", "value": 14, "type": "number"},
     ]
     assert page.locator("#log li").count() == 6
+
+
+def test_typescript_client_receives_the_example_dashboard_metrics(
+    server: ExampleServer, open_page: Callable[[str], Page], tmp_path: Path
+) -> None:
+    from example_project.views import DashboardFeed
+
+    if not DashboardFeed.event_types:
+        pytest.skip("the example project declares no event_types yet (issue 20, item 8)")
+    source = tmp_path / "src"
+    source.mkdir()
+    generated = subprocess.run(
+        [sys.executable, "-c", CLI, "typescript", "example_project:app"],
+        cwd=REPO / "example_project",
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert generated.returncode == 0, generated.stderr
+    (source / "streams.ts").write_text(generated.stdout)
+    shutil.copy(HERE / "typed_dashboard.ts", source / "typed_dashboard.ts")
+    out = tmp_path / "js"
+    result = tsc(source, "--outDir", str(out), "streams.ts", "typed_dashboard.ts")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    page = open_page(server.url("/dashboard"))
+    # The example serves neither sseviews.js nor the compiled module: the test does.
+    page.route(
+        "**/typed/*.js",
+        lambda route: route.fulfill(
+            path=str(out / route.request.url.rsplit("/", 1)[1]), content_type="text/javascript"
+        ),
+    )
+    page.add_script_tag(path=str(REPO / "sseviews" / "static" / "sseviews.js"))
+    page.add_script_tag(url=server.url("/typed/typed_dashboard.js"), type="module")
+    page.wait_for_function("window.samples && window.samples.length >= 2", timeout=15_000)
+    samples = page.evaluate("window.samples")
+    for sample in samples:
+        assert sample["pid"] > 0
+        assert sample["rss"] > 0
+        assert float(sample["cpu"]) >= 0
+        assert sample["streams"] >= 0
