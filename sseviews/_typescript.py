@@ -13,7 +13,6 @@ JSON, such as `"42"`).
 from __future__ import annotations
 
 import json
-import keyword
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -66,7 +65,13 @@ _TAKEN = frozenset(
         "unknown",
         "void",
     }
-    | set(keyword.kwlist)
+    # TypeScript's reserved words, which cannot name a type.
+    | set(
+        "break case catch class const continue debugger default delete do else enum export "
+        "extends false finally for function if import in instanceof new null return super "
+        "switch this throw true try typeof var void while with implements interface let "
+        "package private protected public static yield type".split()
+    )
 )
 
 _PROLOGUE = """\
