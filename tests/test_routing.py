@@ -106,6 +106,28 @@ def test_router_stream_decorator_rejects_non_view() -> None:
             pass
 
 
+def test_router_add_stream_rejects_view_with_nothing_to_stream() -> None:
+    class Base(EventStreamView):
+        async def on_connect(self) -> None:
+            return None
+
+    router = StreamRouter()
+    with pytest.raises(TypeError, match=r"Base has nothing to stream: override `async def events"):
+        router.add_stream("/x", Base)
+    with pytest.raises(TypeError, match="or set `broadcast` and `groups`"):
+        router.stream("/x")(Base)
+    assert router.routes == []
+
+
+def test_router_add_stream_accepts_groups_whose_broadcast_comes_later() -> None:
+    class Room(EventStreamView):
+        groups = ("room",)
+
+    router = StreamRouter()
+    router.add_stream("/room", Room)  # the broadcast may be set before the first request
+    assert [route.path for route in router.routes] == ["/room"]  # type: ignore[attr-defined]
+
+
 def test_router_add_stream_rejects_plain_function() -> None:
     async def endpoint(request: Request) -> Response:
         return PlainTextResponse("x")  # pragma: no cover
