@@ -5,10 +5,11 @@
   whose name is a near miss of a hook's (`event`, `on_disconect`), which would
   otherwise never be called.
 - **When the class is registered** (`StreamRouter.add_stream`, `nothing_to_stream`)
-  **and on each request** (`wiring_problem`): a view with nothing to stream, and
-  `groups` without a `broadcast` (per request only). Not at class creation: a base
-  class of other views streams nothing, and `View.broadcast = broadcast` after the
-  class statement (inside an app factory, say) is a legitimate way to set it.
+  **and on each request that `on_connect()` accepts** (`wiring_problem`): a view
+  with nothing to stream, and `groups` without a `broadcast` (per request only).
+  Not at class creation: a base class of other views streams nothing, and
+  `View.broadcast = broadcast` after the class statement (inside an app factory,
+  say) is a legitimate way to set it.
 - **When `on_connect()` returns** (`on_connect_result_problem`): anything but
   None or a `Response`.
 - **On the first value a stream yields** (`lookalike_problem`): a `(name, data)`
@@ -188,11 +189,18 @@ def _sets_groups(cls: type, base: type) -> bool:
 
 
 def nothing_to_stream(cls: type, base: type) -> str | None:
-    """Say so when the view neither overrides `events()` nor sets `broadcast` or `groups`.
+    """Say so when the view can never answer but with an error.
 
-    Such a view cannot become one that streams unless its class is changed after
-    it is registered, so registering it (`StreamRouter.add_stream`) refuses it.
+    That is a view that neither overrides `events()` nor sets `broadcast` or
+    `groups`, nor `on_connect()` (which may refuse every request on purpose).
+    Registering it (`StreamRouter.add_stream`) refuses it.
     """
+    if getattr(cls, "on_connect", None) is not getattr(base, "on_connect", None):
+        return None
+    return _streams_nothing(cls, base)
+
+
+def _streams_nothing(cls: type, base: type) -> str | None:
     if getattr(cls, "broadcast", None) is not None or _sets_groups(cls, base):
         return None
     if getattr(cls, "events", None) is not getattr(base, "events", None):
@@ -220,7 +228,7 @@ def wiring_problem(cls: type, base: type) -> str | None:
             f"from: set `broadcast = Broadcast(...)` on the view (or `{view}.broadcast = "
             f"broadcast` before it serves a request)"
         )
-    return nothing_to_stream(cls, base)
+    return _streams_nothing(cls, base)
 
 
 def on_connect_result_problem(view: str, result: object) -> str:

@@ -527,15 +527,6 @@ class EventStreamView:
         """Run the checks and `on_connect`, join the groups: the stream's Connection, or
         None when the request was answered without a stream (refused, HEAD, ...)."""
         scope, receive, send = self.scope, self.receive, self.send
-        if self.broadcast is None:
-            problem = wiring_problem(type(self), EventStreamView)
-            if problem is not None:
-                await self._refuse(
-                    PlainTextResponse("Internal Server Error", status_code=500),
-                    level=logging.ERROR,
-                    detail=problem,
-                )
-                return None
         shutdown = find_shutdown_signal(scope)
         if shutdown is not None and shutdown.is_set:
             logger.info("%s: refused a new stream during shutdown", self.describe())
@@ -561,6 +552,17 @@ class EventStreamView:
             return None
         groups: list[str] = []
         broadcast = self.broadcast
+        if broadcast is None:
+            # After on_connect(): a view that only ever refuses (a 204 that tells old
+            # clients to stop, say) needs nothing to stream.
+            problem = wiring_problem(type(self), EventStreamView)
+            if problem is not None:
+                await self._refuse(
+                    PlainTextResponse("Internal Server Error", status_code=500),
+                    level=logging.ERROR,
+                    detail=problem,
+                )
+                return None
         if broadcast is not None:
             try:
                 groups = await self._resolve_groups()
@@ -835,7 +837,7 @@ class EventStreamView:
         retry = self.error_retry
         if retry is not None:
             retry = round(retry * random.uniform(0.5, 1.5))
-        connection.push(Event({"reason": "error"}, event=ERROR_EVENT, retry=retry).encode())
+        connection.farewell = Event({"reason": "error"}, event=ERROR_EVENT, retry=retry).encode()
         connection.stop(DisconnectReason.ERROR)
 
     def _look_at(self, item: object) -> None:

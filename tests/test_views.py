@@ -440,7 +440,8 @@ async def test_view_without_events_override_is_refused_with_500(
         assert stream.status_code == 500
         await stream.wait_ended()
         assert stream.raw == b"Internal Server Error"
-    assert trace.steps == []  # the view is refused before any hook runs
+    # on_connect() could have refused on purpose; it accepted, and no stream started.
+    assert trace.steps == ["on_connect"]
     assert trace.reasons == []
     logged = [r for r in caplog.records if r.name == "sseviews" and r.levelno >= logging.ERROR]
     assert len(logged) == 1
