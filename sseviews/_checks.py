@@ -221,6 +221,11 @@ def wiring_problem(cls: type, base: type) -> str | None:
     """
     if getattr(cls, "broadcast", None) is not None:
         return None
+    groups = getattr(cls, "groups", ())
+    if groups is getattr(base, "groups", ()) and getattr(cls, "events", None) is not getattr(
+        base, "events", None
+    ):
+        return None  # the usual view: its own events(), no groups
     if _sets_groups(cls, base):
         view = cls.__name__
         return (
