@@ -563,7 +563,7 @@ class EventStreamView:
                     detail=problem,
                 )
                 return None
-        if broadcast is not None:
+        else:
             try:
                 groups = await self._resolve_groups()
             except HTTPException as exc:
