@@ -101,6 +101,7 @@ class Connection:
         "buffered",
         "counters",
         "events_scope",
+        "farewell",
         "last_write",
         "max_pending",
         "ping_interval",
@@ -138,6 +139,9 @@ class Connection:
         #: its subscription lowers it, so group events stay bounded by its settings).
         self.max_pending = 1 << 30
         self.reason: DisconnectReason | None = None
+        #: Complete messages written last, with the terminal chunk, when the stream
+        #: ends for a reason end_at() did not plan (the view's `sseviews.error`).
+        self.farewell = b""
         self.shutting_down = False
         self.last_write = 0.0
         # The scope that stops events(); made by open_events_scope().
@@ -367,9 +371,13 @@ class Connection:
                     elif source is not None and (data := source.take(HIGH_WATER)):
                         count = source.taken
                     elif self._finishing or reason is not None:
-                        last = ending[2] if ending is not None and reason is ending[1] else b""
+                        if ending is not None and reason is ending[1]:
+                            last = ending[2]
+                        else:
+                            last = self.farewell
                         end: Message = {"type": "http.response.body", "body": last}
-                        await self._send(end)
+                        if await self._send(end):
+                            self._count(0, len(last))
                         break
                     elif source is not None and source.pending_history:
                         await source.fill()  # the replay's next page, read in this task

@@ -673,9 +673,14 @@ async def test_hostile_view_building_injected_event_ends_with_error_and_nothing_
                 body += chunk
         finally:
             conn.close()
-    # Exactly the good event, then a clean end: not one byte of the bad one.
-    assert body == Event("before", event="good", id="0").encode()
+    # Exactly the good event, then the error event and a clean end: not one byte of
+    # the bad one, and nothing of the exception.
+    good = Event("before", event="good", id="0").encode()
+    assert body.startswith(good)
+    [final] = EventParser().feed(body[len(good) :])
+    assert (final.event, final.data) == ("sseviews.error", '{"reason":"error"}')
     assert b"injected" not in conn.raw
+    assert b"must not contain" not in conn.raw
     assert b"after" not in conn.raw
     records = (await debug(http, server, tag))["records"]
     assert [(r["kind"], r.get("reason")) for r in records] == [
