@@ -379,11 +379,7 @@ class RedisBackend(LiveBackend):
             if isinstance(error, REDIS_ERRORS):
                 return error
             if isinstance(error, Exception):
-                logger.error(
-                    "unexpected error on the subscription to %s",
-                    self._where,
-                    exc_info=error,
-                )
+                logger.error("unexpected error reading from %s", self._where, exc_info=error)
                 return error
         return ConnectionError("the subscription ended")  # unreachable: both loop forever
 
