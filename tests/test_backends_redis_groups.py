@@ -200,6 +200,36 @@ async def test_redis_backend_subscribe_when_not_connected_raises_backend_error(
         await connected.subscribe(["a"])
 
 
+async def test_redis_backend_churn_of_joins_and_leaves_keeps_every_subscription_live(
+    prefix: str,
+) -> None:
+    # No linger: groups are subscribed and unsubscribed all the time, so joins
+    # land while an UNSUBSCRIBE of the same channel is in flight.
+    broadcast = redis_broadcast(prefix, linger=0)
+    publisher = redis_broadcast(prefix)
+    rounds = 0
+    with anyio.fail_after(30):
+        async with broadcast, publisher:
+
+            async def churn(worker: int) -> None:
+                nonlocal rounds
+                for i in range(15):
+                    group = f"g{(worker + i) % 4}"
+                    async with broadcast.subscribe(group) as subscription:
+                        # Subscribed once attached: a publish from now on arrives.
+                        event_id = await publisher.publish(group, f"{worker}-{i}")
+                        while (await next_event(subscription)).id != event_id:
+                            pass
+                    rounds += 1
+                    await anyio.sleep((worker + i) % 3 * 0.002)
+
+            async with anyio.create_task_group() as tg:
+                for worker in range(12):
+                    tg.start_soon(churn, worker)
+            await wait_channels(prefix, set())
+    assert rounds == 12 * 15
+
+
 # -- what reaches a process ------------------------------------------------------------------
 
 
