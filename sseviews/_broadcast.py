@@ -1,8 +1,9 @@
 """`Broadcast`: groups, event ids, replay, and fan-out to this process's subscribers.
 
 A broadcast pairs a live backend (memory or Redis), which carries each published
-event to every process that serves its group, with a history store (memory, Redis or SQL), which
-assigns ids from one monotonic cursor and keeps recent events per group.
+event to every process that serves its group, with a history store (memory,
+Redis or SQL), which assigns ids from one monotonic cursor and keeps recent
+events per group.
 
 Each process keeps a hub: group name -> the subscriptions of that group in this
 process (one per open stream that joined it). A publish received by this process

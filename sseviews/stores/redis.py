@@ -74,7 +74,7 @@ local ttl = tonumber(ARGV[4])
 """
 
 # Takes the next seq, stores the event and trims its group, atomically.
-# KEYS[5..6]: group stream, group meta. ARGV[6..10]: wire (without id line),
+# KEYS[5..6]: group stream, group meta. ARGV[6..9]: wire (without id line),
 # retention (0: none), max age in ms (0: none), the group's live channel ('': don't publish).
 _APPEND = (
     _PRELUDE
@@ -298,9 +298,8 @@ class RedisStore(HistoryStore):
         publish: Also publish each event on its group's channel from the same
             atomic script, for a `RedisBackend` with the same prefix: events then
             reach every process that serves the group in id order, and `deliver`
-            has nothing left to do.
-            Without it, appends are serialised until `deliver` returns within
-            this process only.
+            has nothing left to do. Without it, appends are serialised until
+            `deliver` returns within this process only.
 
     Raises:
         ValueError: A bad URL, prefix, retention, max_age or idle_expiry.
