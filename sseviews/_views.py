@@ -48,7 +48,6 @@ _DEFAULT_HEADERS: dict[str, str] = {
     "x-accel-buffering": "no",
 }
 _DEFAULT_RAW_HEADERS = [(k.encode(), v.encode()) for k, v in _DEFAULT_HEADERS.items()]
-_PING = Event(comment="ping")
 _UNSET: Any = object()
 
 
@@ -378,9 +377,15 @@ class EventStreamView:
         """Return the stream's presence info, sync or async (None: the stream is not listed)."""
         return None
 
-    def ping_message(self) -> Event:
-        """Return the keep-alive message sent after `ping_interval` of silence."""
-        return _PING
+    def ping_message(self) -> Event | str:
+        """Return the keep-alive sent after `ping_interval` of silence.
+
+        Returns:
+            A `str`, sent as a comment line (`: ping\n` by default) with no blank
+            line after it, which no client dispatches as an event; or an `Event`,
+            sent as an event (the page sees it, for example `Event("", event="ping")`).
+        """
+        return "ping"
 
     # -- context --------------------------------------------------------------
 
