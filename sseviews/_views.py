@@ -747,7 +747,7 @@ class EventStreamView:
         if counters is not None:
             counters.refuse(200)
         await self.send(self._response_start())
-        body = b"retry: %d\n\n" % self.retry if self.retry is not None else b""
+        body = b"retry: %d\n" % self.retry if self.retry is not None else b""
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _response_start(self) -> Message:
@@ -763,7 +763,9 @@ class EventStreamView:
         return {"type": "http.response.start", "status": 200, "headers": headers}
 
     def _first_chunk(self) -> bytes:
-        return b"retry: %d\n\n" % self.retry if self.retry is not None else b""
+        # No blank line after it: a `retry:` line takes effect as it is parsed, and a
+        # blank line would make httpx-sse and fetch-event-source dispatch an empty event.
+        return b"retry: %d\n" % self.retry if self.retry is not None else b""
 
     async def _produce(self) -> None:
         """Iterate `events()` in this task, encoding each item into the connection's buffer."""
