@@ -368,39 +368,51 @@ def check_reset_event(start: StartClient, server: InteropServer) -> None:
     assert (live["event"], live["data"], live["id"]) == ("message", "m1000", published)
 
 
-def check_resume(start: StartClient, folder: Path) -> None:
-    """A client of the group `room` through a proxy: the proxy drops every connection,
-    then the server restarts (its history is in SQLite). Events published while the
-    client was away are replayed after its Last-Event-ID: no gap, no duplicate."""
+def check_resume(clients: dict[str, StartClient], folder: Path) -> None:
+    """Clients of the group `room`, all at once, through a proxy: the proxy drops every
+    connection, then the server restarts (its history is in SQLite). Events published
+    while they were away are replayed after their Last-Event-ID: no gap, no duplicate.
+    (One server for several clients: each restart costs a second or more.)"""
     server = InteropServer(folder)
     server.start()
     proxy = DroppingProxy(server.port)
-    run = start(proxy.base + "/room")
+    runs: dict[str, ClientRun] = {}
+
+    def opened(records: list[Record]) -> int:
+        return sum(record["type"] == "open" for record in records)
+
+    def wait_all(done: Callable[[list[Record]], bool], what: str) -> None:
+        for name, run in runs.items():
+            wait_for(run, done, f"{what} ({name})")
+
+    def has(count: int) -> Callable[[list[Record]], bool]:
+        return lambda records: len(events_of(records)) >= count
+
     try:
-
-        def has(count: int) -> Callable[[list[Record]], bool]:
-            return lambda records: len(events_of(records)) >= count
-
-        opened = lambda records: sum(r["type"] == "open" for r in records)  # noqa: E731
-        wait_for(run, lambda r: opened(r) >= 1, "open")
+        for name, start in clients.items():
+            runs[name] = start(proxy.base + "/room")
+        wait_all(lambda r: opened(r) >= 1, "open")
         ids = server.publish(0, 5)
-        wait_for(run, has(5), "the first 5 events")
-        assert proxy.drop() >= 1
-        ids += server.publish(5, 5)  # while the client is away
-        wait_for(run, has(10), "events 5-9, replayed after the dropped connection")
+        wait_all(has(5), "the first 5 events")
+        assert proxy.drop() >= len(runs)
+        ids += server.publish(5, 5)  # while the clients are away
+        wait_all(has(10), "events 5-9, replayed after the dropped connection")
         server.stop()
         server.start()
-        ids += server.publish(10, 5)  # most likely before the client is back
-        wait_for(run, has(15), "events 10-14, replayed after the restart")
+        ids += server.publish(10, 5)  # most likely before the clients are back
+        wait_all(has(15), "events 10-14, replayed after the restart")
         ids += server.publish(15, 5)
-        records = wait_for(run, has(20), "events 15-19, live")
+        wait_all(has(20), "events 15-19, live")
         time.sleep(0.2)  # anything extra (a duplicate) would come now
-        records = run.records()
+        results = {name: run.records() for name, run in runs.items()}
     finally:
-        run.close()
+        for run in runs.values():
+            run.close()
         proxy.close()
         server.stop()
-    got = [(e["data"], e["id"]) for e in events_of(records)]
-    assert got == [(f"m{n}", id) for n, id in enumerate(ids)], records
-    # The client did reconnect twice (after the drop, after the restart), at least.
-    assert opened(records) >= 3, records
+    expected = [(f"m{n}", id) for n, id in enumerate(ids)]
+    for name, records in results.items():
+        got = [(e["data"], e["id"]) for e in events_of(records)]
+        assert got == expected, (name, records)
+        # The client did reconnect twice (after the drop, after the restart), at least.
+        assert opened(records) >= 3, (name, records)

@@ -105,4 +105,4 @@ def test_interop_chromium_closes_on_refusal(
 def test_interop_chromium_resumes_after_drop_and_restart(
     start: StartClient, tmp_path: Path
 ) -> None:
-    check_resume(start, tmp_path)
+    check_resume({"chromium": start}, tmp_path)

@@ -72,5 +72,5 @@ def test_interop_node_client_sees_refusal_status(
         assert [r["status"] for r in records if r["type"] == "error"] == [status]
 
 
-def test_interop_node_client_resumes_after_drop_and_restart(client: str, tmp_path: Path) -> None:
-    check_resume(CLIENTS[client], tmp_path)
+def test_interop_node_clients_resume_after_drop_and_restart(tmp_path: Path) -> None:
+    check_resume(CLIENTS, tmp_path)

@@ -134,7 +134,5 @@ def test_interop_python_client_sees_refusal_status(
     assert [r["status"] for r in records if r["type"] == "error"] == [status]
 
 
-def test_interop_python_client_resumes_after_drop_and_restart(
-    start: StartClient, tmp_path: Path
-) -> None:
-    check_resume(start, tmp_path)
+def test_interop_python_clients_resume_after_drop_and_restart(tmp_path: Path) -> None:
+    check_resume(CLIENTS, tmp_path)
