@@ -208,6 +208,8 @@ class ThreadRun:
 
     def __init__(self, target: Callable[[str, ThreadRun], None], url: str) -> None:
         self.stopped = threading.Event()
+        #: Ends the connection being read, from another thread (set by `target`).
+        self.interrupt: Callable[[], None] | None = None
         self._records: list[Record] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._main, args=(target, url), daemon=True)
@@ -229,7 +231,12 @@ class ThreadRun:
 
     def close(self) -> None:
         self.stopped.set()
-        self._thread.join(timeout=0.1)  # a blocked read ends when its server goes
+        interrupt = self.interrupt
+        if interrupt is not None:
+            with contextlib.suppress(Exception):
+                interrupt()
+        self._thread.join(timeout=5)
+        assert not self._thread.is_alive(), "the client's thread did not end"
 
 
 class NodeRun:

@@ -7,7 +7,8 @@ leave to the user, resending the last id seen as `Last-Event-ID` after the serve
 
 from __future__ import annotations
 
-import time
+import functools
+import socket
 from pathlib import Path
 
 import httpx
@@ -39,6 +40,9 @@ def _httpx_sse(url: str, run: ThreadRun) -> None:
         while not run.stopped.is_set():
             try:
                 with connect_sse(client, "GET", url, headers=headers) as source:
+                    # response.close() would not wake a read blocked in another thread.
+                    sock = source.response.extensions["network_stream"].get_extra_info("socket")
+                    run.interrupt = functools.partial(sock.shutdown, socket.SHUT_RDWR)
                     status = source.response.status_code
                     run.add({"type": "open", "status": status})
                     for sse in source.iter_sse():
@@ -59,9 +63,9 @@ def _httpx_sse(url: str, run: ThreadRun) -> None:
                 run.add({"type": "error", "status": status, "error": str(exc)})
                 run.add({"type": "closed"})
                 return
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, httpx.StreamClosed) as exc:
                 run.add({"type": "error", "status": None, "error": repr(exc)})
-            time.sleep(delay)
+            run.stopped.wait(delay)
 
 
 def _sseclient(url: str, run: ThreadRun) -> None:
@@ -71,6 +75,7 @@ def _sseclient(url: str, run: ThreadRun) -> None:
     while not run.stopped.is_set():
         try:
             response = http.request("GET", url, preload_content=False, headers=headers)
+            run.interrupt = response.shutdown  # made to be called from another thread
             run.add({"type": "open", "status": response.status})
             if response.status != 200:  # sseclient-py leaves the status to its user
                 run.add({"type": "error", "status": response.status})
@@ -92,7 +97,7 @@ def _sseclient(url: str, run: ThreadRun) -> None:
                     delay = int(event.retry) / 1000
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             run.add({"type": "error", "status": None, "error": repr(exc)})
-        time.sleep(delay)
+        run.stopped.wait(delay)
     http.clear()
 
 
