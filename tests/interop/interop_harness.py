@@ -104,8 +104,8 @@ class InteropServer:
 @contextlib.contextmanager
 def running_server(folder: Path) -> Iterator[InteropServer]:
     server = InteropServer(folder)
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         server.stop()
@@ -381,8 +381,6 @@ def check_resume(clients: dict[str, StartClient], folder: Path) -> None:
     while they were away are replayed after their Last-Event-ID: no gap, no duplicate.
     (One server for several clients: each restart costs a second or more.)"""
     server = InteropServer(folder)
-    server.start()
-    proxy = DroppingProxy(server.port)
     runs: dict[str, ClientRun] = {}
 
     def opened(records: list[Record]) -> int:
@@ -395,9 +393,15 @@ def check_resume(clients: dict[str, StartClient], folder: Path) -> None:
     def has(count: int) -> Callable[[list[Record]], bool]:
         return lambda records: len(events_of(records)) >= count
 
-    try:
+    # Every clean-up runs, even when one of them fails.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(server.stop)
+        server.start()
+        proxy = DroppingProxy(server.port)
+        cleanup.callback(proxy.close)
         for name, start in clients.items():
             runs[name] = start(proxy.base + "/room")
+            cleanup.callback(runs[name].close)
         wait_all(lambda r: opened(r) >= 1, "open")
         ids = server.publish(0, 5)
         wait_all(has(5), "the first 5 events")
@@ -412,11 +416,6 @@ def check_resume(clients: dict[str, StartClient], folder: Path) -> None:
         wait_all(has(20), "events 15-19, live")
         time.sleep(0.2)  # anything extra (a duplicate) would come now
         results = {name: run.records() for name, run in runs.items()}
-    finally:
-        for run in runs.values():
-            run.close()
-        proxy.close()
-        server.stop()
     expected = [(f"m{n}", id) for n, id in enumerate(ids)]
     for name, records in results.items():
         got = [(e["data"], e["id"]) for e in events_of(records)]
