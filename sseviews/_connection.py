@@ -39,13 +39,13 @@ import anyio
 import anyio.lowlevel
 from starlette.types import Message, Receive, Send
 
+from ._events import Event, encode_comment
 from ._lifecycle import DisconnectReason
 from ._tasks import CancelRegion, StreamTasks
 from ._wait import Waiter, running_loop
 
 if TYPE_CHECKING:
     from ._broadcast import Subscription
-    from ._events import Event
     from ._lifecycle import ShutdownSignal
     from ._metrics import ViewCounters
 
@@ -78,7 +78,7 @@ class StreamOwner(Protocol):
 
     def describe(self) -> str: ...
 
-    def ping_message(self) -> Event: ...
+    def ping_message(self) -> Event | str: ...
 
 
 class Connection:
@@ -386,7 +386,11 @@ class Connection:
                         ping_interval is not None
                         and self.clock() - self.last_write >= ping_interval - 0.001
                     ):
-                        count, data = 0, self.view.ping_message().encode()
+                        ping = self.view.ping_message()
+                        # A str is a comment line with no blank line after it, which no
+                        # client takes for an event; an Event is sent as an event.
+                        data = ping.encode() if isinstance(ping, Event) else encode_comment(ping)
+                        count = 0
                         counters = self.counters
                         if counters is not None:
                             counters.pings += 1

@@ -58,7 +58,6 @@ _DEFAULT_HEADERS: dict[str, str] = {
     "x-accel-buffering": "no",
 }
 _DEFAULT_RAW_HEADERS = [(k.encode(), v.encode()) for k, v in _DEFAULT_HEADERS.items()]
-_PING = Event(comment="ping")
 _UNSET: Any = object()
 
 
@@ -377,9 +376,15 @@ class EventStreamView:
         """Return the stream's presence info, sync or async (None: the stream is not listed)."""
         return None
 
-    def ping_message(self) -> Event:
-        """Return the keep-alive message sent after `ping_interval` of silence."""
-        return _PING
+    def ping_message(self) -> Event | str:
+        """Return the keep-alive sent after `ping_interval` of silence.
+
+        Returns:
+            A `str`, sent as a comment line (`: ping\n` by default) with no blank
+            line after it, which no client dispatches as an event; or an `Event`,
+            sent as an event (the page sees it, for example `Event("", event="ping")`).
+        """
+        return "ping"
 
     # -- context --------------------------------------------------------------
 
@@ -759,7 +764,7 @@ class EventStreamView:
         if counters is not None:
             counters.refuse(200)
         await self.send(self._response_start())
-        body = b"retry: %d\n\n" % self.retry if self.retry is not None else b""
+        body = b"retry: %d\n" % self.retry if self.retry is not None else b""
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _response_start(self) -> Message:
@@ -775,7 +780,9 @@ class EventStreamView:
         return {"type": "http.response.start", "status": 200, "headers": headers}
 
     def _first_chunk(self) -> bytes:
-        return b"retry: %d\n\n" % self.retry if self.retry is not None else b""
+        # No blank line after it: a `retry:` line takes effect as it is parsed, and a
+        # blank line would make httpx-sse and fetch-event-source dispatch an empty event.
+        return b"retry: %d\n" % self.retry if self.retry is not None else b""
 
     async def _produce(self) -> None:
         """Iterate `events()` in this task, encoding each item into the connection's buffer."""

@@ -461,7 +461,7 @@ async def test_hostile_last_event_id_of_another_epoch_gets_a_reset_event(server:
     """Well-formed but from another history: not an error, a reset (then live)."""
     reply = await exchange(server, get("/rooms/lobby", (b"Last-Event-ID", b"deadbeef-5")), events=1)
     assert reply.status == 200
-    assert reply.body.startswith(b"retry: 100\n\n")
+    assert reply.body.startswith(b"retry: 100\nevent: ")
     events = EventParser().feed(reply.body)
     assert [event.event for event in events] == [RESET_EVENT]
     assert events[0].json()["reason"] == "unknown_epoch"
@@ -500,7 +500,7 @@ async def test_hostile_odd_group_name_gets_400(server: Server, case: str) -> Non
 async def test_hostile_group_names_at_the_limits_are_served(server: Server, path: str) -> None:
     reply = await exchange(server, get(path))
     assert reply.status == 200, reply
-    assert reply.body == b"retry: 100\n\n"
+    assert reply.body == b"retry: 100\n"
 
 
 def _groups_query(count: int) -> str:

@@ -239,7 +239,7 @@ async def test_metrics_bytes_include_the_retry_line() -> None:
     async with EventStreamClient(Retrying, timeout=TIMEOUT) as client:
         async with client.stream("/") as stream:
             await stream.wait_ended()
-    assert stream.raw == b"retry: 2500\n\ndata: hello\n\n"
+    assert stream.raw == b"retry: 2500\ndata: hello\n\n"
     assert metrics.snapshot()["Retrying"]["bytes"] == len(stream.raw)
 
 

@@ -1020,7 +1020,8 @@ async def test_view_ping_sent_when_idle() -> None:
         with anyio.fail_after(2):
             assert await stream.next_comment() == "ping"
             assert await stream.next_comment() == "ping"
-        assert stream.raw.startswith(b"data: hello\n\n: ping\n\n")
+        # A comment line alone, no blank line: no client takes it for an event.
+        assert stream.raw.startswith(b"data: hello\n\n: ping\n: ping\n")
         with pytest.raises(TimeoutError):
             await stream.next_event(timeout=0.05)
 
@@ -1076,6 +1077,46 @@ async def test_view_ping_message_override() -> None:
     async with EventStreamClient(Custom) as client, client.stream("/") as stream:
         ping = await stream.next_event(timeout=2)
         assert (ping.event, ping.json()) == ("heartbeat", {"alive": True})
+
+
+async def test_view_ping_message_str_sent_as_comment_line() -> None:
+    class Custom(EventStreamView):
+        ping_interval = 0.05
+
+        def ping_message(self) -> str:
+            return "keep-alive"
+
+        async def events(self) -> AsyncIterator[Any]:
+            yield Event("x", id="1")
+            await anyio.sleep_forever()
+
+    async with EventStreamClient(Custom) as client, client.stream("/") as stream:
+        assert (await stream.next_event(timeout=2)).data == "x"
+        with anyio.fail_after(2):
+            assert await stream.next_comment() == "keep-alive"
+            assert await stream.next_comment() == "keep-alive"
+        assert stream.raw.startswith(b"id: 1\ndata: x\n\n: keep-alive\n: keep-alive\n")
+        with pytest.raises(TimeoutError):
+            await stream.next_event(timeout=0.05)
+
+
+async def test_view_ping_message_wrong_type_ends_stream_with_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Wrong(EventStreamView):
+        ping_interval = 0.05
+
+        def ping_message(self) -> Any:
+            return 42
+
+        async def events(self) -> AsyncIterator[Any]:
+            await anyio.sleep_forever()
+            yield  # pragma: no cover
+
+    async with EventStreamClient(Wrong) as client, client.stream("/") as stream:
+        with anyio.fail_after(5):
+            assert [event async for event in stream] == []
+    assert "keep-alive comment must be a str" in caplog.text
 
 
 async def test_view_retry_sent_before_any_event() -> None:
