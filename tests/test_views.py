@@ -527,7 +527,7 @@ async def test_view_error_event_follows_the_view_retry_setting() -> None:
     view = traced_view(Trace(), events, retry=200, error_retry=60_000)
     async with EventStreamClient(view) as client, client.stream("/") as stream:
         await stream.wait_ended()
-        assert stream.raw.startswith(b"retry: 200\n\nevent: sseviews.error\nretry: ")
+        assert stream.raw.startswith(b"retry: 200\nevent: sseviews.error\nretry: ")
         assert stream.retry is not None and 30_000 <= stream.retry <= 90_000
 
 
