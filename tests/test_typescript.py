@@ -79,6 +79,9 @@ class Room(EventStreamView):
         "typing/started": Any,
     }
 
+    async def events(self) -> AsyncIterator[str]:
+        yield "welcome"
+
 
 class Legacy(EventStreamView):
     async def events(self) -> AsyncIterator[str]:
@@ -185,6 +188,9 @@ class Shaded(EventStreamView):
     event_types: ClassVar[dict[str, Any]] = {"tick": int}
     shade: Annotated[Shade, Query()] = Shade.light
 
+    async def events(self) -> AsyncIterator[int]:
+        yield 1
+
 
 def test_typescript_fastapi_query_parameters_of_dependencies_are_typed() -> None:
     router = APIStreamRouter()
@@ -204,6 +210,9 @@ def test_typescript_names_that_clash_are_made_unique() -> None:
 
     class Clash(EventStreamView):
         event_types: ClassVar[dict[str, Any]] = {"a": Streams}
+
+        async def events(self) -> AsyncIterator[Streams]:
+            yield Streams(1)
 
     source = typescript(Starlette(routes=[Route("/clash", Clash)]))
     assert "export interface Streams2 {\n  n: number;\n}" in source

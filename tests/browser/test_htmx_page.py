@@ -8,6 +8,7 @@ htmx and its SSE extension come from the npm registry (`.ci/run` installs them i
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 ExampleServer = Any  # tests/browser/conftest.py: the example project under uvicorn
 OpenPage = Callable[[str], Page]
+MakeServer = Callable[..., ExampleServer]
 VENDOR = Path(__file__).resolve().parents[2] / "example_project" / "node_modules"
 CONNECTED = """() => {
   const element = document.querySelector("[sse-connect]");
@@ -70,3 +72,34 @@ def test_htmx_fragments_arrive_in_order(server: ExampleServer, open_page: OpenPa
     reader.wait_for_function(f"document.querySelectorAll('#feed li').length >= {before + 5}")
     texts = reader.locator("#feed li .text").all_inner_texts()[before:]
     assert texts == [f"line {n}" for n in range(5)]
+
+
+def test_htmx_page_says_what_to_run_until_htmx_is_installed(
+    make_server: MakeServer, open_page: OpenPage, tmp_path: Path
+) -> None:
+    """Right after the README's run command there is no node_modules: the page says so."""
+    node_modules = tmp_path / "npm" / "node_modules"
+    server = make_server(NODE_MODULES=str(node_modules))
+    server.start()
+    failed: list[str] = []
+    page = open_page(server.url("/htmx"))
+    page.on("console", lambda message: message.type == "error" and failed.append(message.text))
+    page.on("response", lambda response: response.status >= 400 and failed.append(response.url))
+    page.reload()
+    notice = page.locator("#htmx-missing")
+    assert "htmx is not installed yet" in notice.inner_text()
+    assert f"cd {node_modules.parent} && npm install" in notice.locator("pre").inner_text()
+    # Nothing can be typed, so nothing typed is lost.
+    assert page.locator("input[name=text]").is_disabled()
+    assert page.locator("form button").is_disabled()
+    assert failed == []
+    assert "Traceback" not in server.output()
+    # The command the page gives, run while the server keeps running, then a reload.
+    shutil.copytree(VENDOR, node_modules)
+    page.reload()
+    page.wait_for_function(CONNECTED)
+    assert page.locator("#htmx-missing").count() == 0
+    page.fill("input[name=text]", "after npm install")
+    page.click("form button")
+    page.locator("#feed li.feed-item .text", has_text="after npm install").wait_for()
+    assert failed == []
