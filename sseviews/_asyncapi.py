@@ -11,6 +11,7 @@ from starlette.routing import Host, Mount
 
 from ._broadcast import RESET_EVENT
 from ._eventtypes import UNNAMED
+from ._lifecycle import ERROR_EVENT
 from ._schema import content_type, generate_schemas
 from ._views import MAX_LAST_EVENT_ID_BYTES, EventStreamView
 
@@ -33,6 +34,13 @@ _RESET_SCHEMA: dict[str, Any] = {
         "head": {"type": "string"},
     },
     "required": ["reason", "epoch", "head"],
+}
+
+
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"reason": {"type": "string", "const": "error"}},
+    "required": ["reason"],
 }
 
 
@@ -279,6 +287,13 @@ def asyncapi(app: Any, *, title: str | None = None, version: str | None = None) 
                 "application/json",
                 "Sent by the Broadcast when the history cannot resume after Last-Event-ID",
             )
+        messages[_unique(ERROR_EVENT, message_keys)] = _message(
+            ERROR_EVENT,
+            _ERROR_SCHEMA,
+            "application/json",
+            "Sent last when the stream failed (its events() raised), with a `retry` "
+            "that makes clients back off; the details are in the server's log only",
+        )
         address = _PARAMETER.sub(r"{\1}", path) or "/"
         channel: dict[str, Any] = {"address": address, "title": view.__name__, "messages": messages}
         described = _summary(view)

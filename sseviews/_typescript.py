@@ -19,6 +19,7 @@ from typing import Any
 
 from ._asyncapi import asyncapi, stream_routes
 from ._broadcast import RESET_EVENT
+from ._lifecycle import ERROR_EVENT
 
 __all__ = ["typescript"]
 
@@ -30,6 +31,7 @@ _TAKEN = frozenset(
     {
         "ConnectArgs",
         "ConnectOptions",
+        "ErrorData",
         "Handler",
         "ResetData",
         "StreamOptions",
@@ -99,6 +101,11 @@ export interface ResetData {
   reason: "expired" | "unknown_epoch";
   epoch: string;
   head: string;
+}
+
+/** The data of `sseviews.error`: the stream failed; sseviews.js backs off and reconnects. */
+export interface ErrorData {
+  reason: "error";
 }
 
 /** A handler of one event: its data, typed, and the browser's event. */
@@ -396,6 +403,8 @@ def typescript(app: Any, *, target: str | None = None) -> str:
                 event = message["name"]
                 if event == RESET_EVENT:
                     kind = "ResetData"
+                elif event == ERROR_EVENT:
+                    kind = "ErrorData"
                 else:
                     kind = types.of(message["payload"], "  ")
                 if message["contentType"] == "text/plain":

@@ -119,14 +119,18 @@ def test_asyncapi_messages_per_event_name_with_payload_schemas() -> None:
     assert schemas["Chat"]["required"] == ["text"]
 
     room = document["channels"]["room"]["messages"]
-    assert set(room) == {"message", "typing_started", "sseviews_reset"}
+    assert set(room) == {"message", "typing_started", "sseviews_reset", "sseviews_error"}
     assert room["typing_started"]["name"] == "typing/started"
     assert room["message"]["headers"]["properties"]["event"]["enum"] == ["message"]
     assert room["sseviews_reset"]["name"] == sseviews.RESET_EVENT
 
     legacy = document["channels"]["LegacyView"]["messages"]
-    assert list(legacy) == ["message"]
+    assert list(legacy) == ["message", "sseviews_error"]
     assert "declares no event_types" in legacy["message"]["summary"]
+    # Any stream ends with sseviews.error when its events() raises.
+    error = clock["sseviews_error"]
+    assert error["name"] == sseviews.ERROR_EVENT
+    assert error["payload"]["properties"]["reason"] == {"type": "string", "const": "error"}
 
 
 def test_asyncapi_send_operation_with_last_event_id_resume() -> None:
