@@ -165,6 +165,34 @@ def _renamed(schema: Any, names: Mapping[str, str]) -> Any:
     return result
 
 
+def _security_scheme(scheme: Mapping[str, Any]) -> dict[str, Any] | None:
+    """An OpenAPI security scheme as AsyncAPI 3.0 writes it; None if it has no match."""
+    kind = scheme.get("type")
+    result: dict[str, Any]
+    if kind == "apiKey":
+        result = {"type": "httpApiKey", "name": scheme.get("name"), "in": scheme.get("in")}
+    elif kind == "http":
+        result = {"type": "http", "scheme": scheme.get("scheme")}
+        if scheme.get("bearerFormat"):
+            result["bearerFormat"] = scheme["bearerFormat"]
+    elif kind == "oauth2":
+        flows = {
+            name: {
+                **{key: value for key, value in flow.items() if key != "scopes"},
+                "availableScopes": flow.get("scopes", {}),
+            }
+            for name, flow in scheme.get("flows", {}).items()
+        }
+        result = {"type": "oauth2", "flows": flows}
+    elif kind == "openIdConnect":
+        result = {"type": "openIdConnect", "openIdConnectUrl": scheme.get("openIdConnectUrl")}
+    else:
+        return None
+    if scheme.get("description"):
+        result["description"] = scheme["description"]
+    return result
+
+
 class _Parameters:
     """The request parameters of FastAPI streams, as the app's OpenAPI documents them.
 
@@ -179,19 +207,45 @@ class _Parameters:
         self._definitions = definitions  # the AsyncAPI document's components/schemas
         self._documents: dict[int, dict[str, Any]] = {}
         self._names: dict[tuple[int, str], str] = {}
+        #: The security schemes the operations refer to, for components/securitySchemes.
+        self.security_schemes: dict[str, Any] = {}
 
-    def of(self, level: Sequence[Any], local_path: str) -> list[dict[str, Any]]:
-        """The OpenAPI parameter objects of the GET operation at `local_path`."""
+    def _operation(self, level: Sequence[Any], local_path: str) -> tuple[Any, Any]:
         document = self._documents.get(id(level))
         if document is None:
             from fastapi.openapi.utils import get_openapi
 
             document = get_openapi(title="streams", version="0", routes=list(level))
             self._documents[id(level)] = document
-        operation = document.get("paths", {}).get(local_path, {}).get("get", {})
+        return document.get("paths", {}).get(local_path, {}).get("get", {}), document
+
+    def of(self, level: Sequence[Any], local_path: str) -> list[dict[str, Any]]:
+        """The OpenAPI parameter objects of the GET operation at `local_path`."""
+        operation, document = self._operation(level, local_path)
         parameters: list[dict[str, Any]] = operation.get("parameters", [])
         components: dict[str, Any] = document.get("components", {}).get("schemas", {})
         return [self._imported(id(level), parameter, components) for parameter in parameters]
+
+    def security(self, level: Sequence[Any], local_path: str) -> list[dict[str, Any]]:
+        """References to the security schemes (`Security` dependencies, such as
+        `HTTPBearer`) of the GET operation at `local_path`: any one of them opens it."""
+        operation, document = self._operation(level, local_path)
+        schemes = document.get("components", {}).get("securitySchemes", {})
+        found: list[dict[str, Any]] = []
+        for requirement in operation.get("security", []):
+            for name in requirement:
+                converted = _security_scheme(schemes.get(name, {}))
+                if converted is None:
+                    continue
+                key, number = _UNSAFE_KEY.sub("_", name), 2
+                while self.security_schemes.get(key, converted) != converted:
+                    key = f"{_UNSAFE_KEY.sub('_', name)}_{number}"
+                    number += 1
+                self.security_schemes[key] = converted
+                reference = {"$ref": f"#/components/securitySchemes/{key}"}
+                if reference not in found:
+                    found.append(reference)
+        return found
 
     def _imported(self, key: int, schema: Any, components: Mapping[str, Any]) -> Any:
         """`schema`, its referenced components added to the document's definitions
@@ -236,7 +290,9 @@ def asyncapi(app: Any, *, title: str | None = None, version: str | None = None) 
     resume are described on each operation. For a FastAPI path operation, the
     parameters its dependencies require (of the app, `include_router()`, the route
     and the view's attributes) are listed as `/openapi.json` lists them, in the
-    `x-parameters` extension, and the query parameters in the HTTP binding too.
+    `x-parameters` extension, and the query parameters in the HTTP binding too;
+    its `Security` dependencies (`HTTPBearer`, `APIKeyQuery`, ...) become the
+    operation's `security`.
 
     Args:
         app: A Starlette or FastAPI app, or a router.
@@ -264,6 +320,7 @@ def asyncapi(app: Any, *, title: str | None = None, version: str | None = None) 
     for index, (path, route_name, view, level, local_path) in enumerate(streams):
         key = _unique(route_name, taken)
         openapi = documented.of(level, local_path) if level is not None else []
+        security = documented.security(level, local_path) if level is not None else []
         messages: dict[str, Any] = {}
         message_keys: set[str] = set()
         declared = view.event_types
@@ -350,6 +407,8 @@ def asyncapi(app: Any, *, title: str | None = None, version: str | None = None) 
             # Headers and cookies have no place in AsyncAPI's HTTP binding: every
             # parameter is listed here as /openapi.json has it.
             operations[key]["x-parameters"] = openapi
+        if security:
+            operations[key]["security"] = security
 
     document: dict[str, Any] = {
         "asyncapi": "3.0.0",
@@ -364,4 +423,6 @@ def asyncapi(app: Any, *, title: str | None = None, version: str | None = None) 
     }
     if definitions:
         document["components"] = {"schemas": definitions}
+    if documented.security_schemes:
+        document.setdefault("components", {})["securitySchemes"] = documented.security_schemes
     return document

@@ -11,7 +11,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import jsonschema
 import pytest
-from fastapi import Depends, FastAPI, Header, Query
+from fastapi import Depends, FastAPI, Header, Query, Security
+from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
@@ -300,3 +301,38 @@ def test_asyncapi_starlette_streams_have_no_dependency_parameters() -> None:
     for operation in document["operations"].values():
         assert "x-parameters" not in operation
         assert list(operation["bindings"]["http"]["query"]["properties"]) == ["lastEventId"]
+
+
+bearer = HTTPBearer(description="A session token.")
+api_key = APIKeyQuery(name="key", auto_error=False)
+
+
+async def authorized(
+    credentials: Annotated[HTTPAuthorizationCredentials, Security(bearer)],
+) -> str:
+    return credentials.credentials
+
+
+def test_asyncapi_fastapi_security_dependencies_become_security_schemes() -> None:
+    from sseviews.fastapi import StreamRouter as APIStreamRouter
+
+    class Guarded(ClockView):
+        user: Annotated[str, Depends(authorized)]
+        key: Annotated[str | None, Security(api_key)]
+
+    router = APIStreamRouter()
+    router.add_stream("/guarded", Guarded)
+    router.add_stream("/open", ClockView)
+    app = FastAPI()
+    app.include_router(router)
+    document = sseviews.asyncapi(app)
+    assert_valid(document)
+    assert document["operations"]["Guarded"]["security"] == [
+        {"$ref": "#/components/securitySchemes/HTTPBearer"},
+        {"$ref": "#/components/securitySchemes/APIKeyQuery"},
+    ]
+    assert "security" not in document["operations"]["ClockView"]
+    assert document["components"]["securitySchemes"] == {
+        "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "A session token."},
+        "APIKeyQuery": {"type": "httpApiKey", "name": "key", "in": "query"},
+    }
