@@ -5,6 +5,7 @@ The same features are checked in a real browser by `tests/browser/`.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -438,3 +439,87 @@ def test_settings_from_env() -> None:
     assert Settings.from_env({}) == Settings()
     with pytest.raises(ValueError, match="JOB_STEPS must be a number"):
         Settings.from_env({"JOB_STEPS": "many"})
+
+
+# -- typed events (event_types) and the AsyncAPI document -------------------------------
+
+ASYNCAPI_SCHEMA = Path(__file__).parent / "schemas" / "asyncapi-3.0.0.json"
+
+
+def test_asyncapi_of_the_example_lists_typed_channels(capsys: pytest.CaptureFixture[str]) -> None:
+    import jsonschema
+
+    from sseviews._cli import main
+
+    assert main(["asyncapi", "example_project.app:app"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    validator = jsonschema.Draft7Validator(json.loads(ASYNCAPI_SCHEMA.read_text()))
+    assert [error.message for error in validator.iter_errors(document)] == []
+
+    def messages(channel: str) -> dict[str, tuple[str, Any]]:
+        found = document["channels"][channel]["messages"].values()
+        return {each["name"]: (each["contentType"], each["payload"]) for each in found}
+
+    def ref(name: str) -> tuple[str, dict[str, str]]:
+        return ("application/json", {"$ref": f"#/components/schemas/{name}"})
+
+    reset = messages("room_events")["sseviews.reset"]
+    presence = {"sseviews.join": ref("Presence"), "sseviews.leave": ref("Presence")}
+    room = {"message": ref("ChatMessage"), **presence, "sseviews.reset": reset}
+    assert messages("room_events") == room
+    assert messages("private_events") == room
+    assert messages("dashboard_events") == {"metrics": ref("Metrics")}
+    assert messages("job_events") == {
+        "progress": ref("Progress"),
+        "done": ref("Outcome"),
+        "sseviews.reset": reset,
+    }
+    feed = ("text/plain", {"type": "string"})
+    assert messages("htmx_events") == {"feed": feed, "sseviews.reset": reset}
+    schemas = document["components"]["schemas"]
+    assert schemas["Outcome"]["properties"]["status"] == {"enum": ["done", "interrupted"]}
+    assert set(schemas["Metrics"]["required"]) == {
+        "pid",
+        "rss_bytes",
+        "cpu_percent",
+        "open_files",
+        "threads",
+        "streams",
+        "uptime_seconds",
+    }
+
+
+async def test_typed_room_presence_events_match_their_declaration(
+    client: EventStreamClient,
+) -> None:
+    # The test client checks every relayed event against RoomFeed.event_types.
+    async with client.stream("/rooms/lobby/events") as watcher:
+        async with client.stream("/rooms/lobby/events?name=ada"):
+            joined = await watcher.next_event(timeout=2)
+        left = await watcher.next_event(timeout=2)
+    assert [joined.event, left.event] == ["sseviews.join", "sseviews.leave"]
+    assert joined.json()["info"] == {"name": "ada"}
+
+
+async def test_typed_htmx_feed_sends_html_text(client: EventStreamClient) -> None:
+    async with client.stream("/htmx/events") as stream:
+        response = await client.post(
+            "/htmx/messages",
+            content=b"author=ada&text=hi",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert response.status_code == 204
+        event = await stream.next_event(timeout=2)
+    assert event.event == "feed"
+    assert "hi" in event.data and "<li" in event.data
+
+
+async def test_typed_room_event_that_breaks_its_declaration_fails_the_test(
+    settings: Settings,
+) -> None:
+    app = create_app(settings)
+    async with EventStreamClient(app) as client:
+        with pytest.raises(AssertionError, match=r"RoomFeed sent event 'message'.*text"):
+            async with client.stream("/rooms/lobby/events") as stream:
+                await app.state.broadcast.publish("room:lobby", {"id": 1, "text": 2})
+                await stream.next_event(timeout=2)

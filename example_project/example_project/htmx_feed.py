@@ -9,7 +9,7 @@ into `example_project/node_modules/`, which git ignores) and are served at `/ven
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
 from sseviews import Broadcast, EventStreamView
@@ -33,6 +33,7 @@ fragments = Fragments(TEMPLATES)
 class HtmxFeed(EventStreamView):
     """The feed's group; every event is an HTML fragment named `feed`."""
 
+    event_types: ClassVar = {"feed": str}
     retry = 500
     groups = (GROUP,)
 
