@@ -523,3 +523,20 @@ async def test_typed_room_event_that_breaks_its_declaration_fails_the_test(
             async with client.stream("/rooms/lobby/events") as stream:
                 await app.state.broadcast.publish("room:lobby", {"id": 1, "text": 2})
                 await stream.next_event(timeout=2)
+
+
+@pytest.mark.parametrize("installed", [True, False])
+async def test_htmx4_page_loads_htmx4_or_says_what_to_run(
+    client: EventStreamClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, installed: bool
+) -> None:
+    from example_project import htmx_feed
+
+    htmx4 = tmp_path / "node_modules" / "htmx4"
+    if installed:
+        htmx4.mkdir(parents=True)
+    monkeypatch.setattr(htmx_feed, "HTMX4", htmx4)
+    page = (await client.get("/htmx4")).text
+    assert 'hx-sse:connect="/htmx/events"' in page
+    assert ('<script src="/vendor/htmx4/dist/ext/hx-sse.js">' in page) is installed
+    assert ("npm install --no-save --no-package-lock htmx4@npm:htmx.org@4" in page) is not installed
+    assert ("disabled" in page) is not installed  # nothing typed into a dead form is lost
