@@ -1,8 +1,9 @@
 """`Broadcast`: groups, event ids, replay, and fan-out to this process's subscribers.
 
 A broadcast pairs a live backend (memory or Redis), which carries each published
-event to every process, with a history store (memory, Redis or SQL), which
-assigns ids from one monotonic cursor and keeps recent events per group.
+event to every process that serves its group, with a history store (memory,
+Redis or SQL), which assigns ids from one monotonic cursor and keeps recent
+events per group.
 
 Each process keeps a hub: group name -> the subscriptions of that group in this
 process (one per open stream that joined it). A publish received by this process
@@ -10,7 +11,12 @@ becomes one `Delivery`, offered synchronously to each subscription: the
 subscription keeps a reference to the shared bytes and wakes its stream. It never
 writes to a stream; the stream's own task does that.
 
-Resuming is gap-free: a sink is registered (live events are held back) before
+A process receives only the events of the groups in its hub: the live backend
+subscribes to a group when a subscription first uses it (`LiveBackend.subscribe`)
+and lets it go when the last one leaves (`LiveBackend.unsubscribe`).
+
+Resuming is gap-free: a sink is registered (live events are held back), and the
+backend has confirmed that its groups' live events reach this process, before
 the head is read; the replay covers the history from its cursor up to that head,
 and the live events above the head wait until the replay is sent. The replay is
 read a page at a time, as the stream's writer sends it, so a resume holds one
@@ -469,12 +475,17 @@ class Broadcast:
 
     def _unregister(self, sink: Subscription, groups: Sequence[str]) -> None:
         hub = self._hub
+        unused = []
         for group in groups:
             members = hub.get(group)
             if members is not None:
                 members.discard(sink)
                 if not members:
                     del hub[group]
+                    unused.append(group)
+        if unused:
+            # No stream of this process is in these groups any more.
+            self.live.unsubscribe(unused)
 
     async def _attach(
         self, sink: Subscription, groups: Sequence[str], last_event_id: str | None
@@ -497,6 +508,10 @@ class Broadcast:
             cursor = parse_id(last_event_id)
         self._register(sink, groups)
         try:
+            # The live events of the groups reach this process before their history
+            # is read: the replay and the live events meet without a gap. Returns
+            # at once for groups that other streams of this process use already.
+            await self.live.subscribe(groups)
             if cursor is None:
                 return Attachment([], 0, None)
             epoch, after = cursor

@@ -3,7 +3,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
@@ -589,3 +589,61 @@ async def test_subscriber_count_follows_subscriptions(broadcast: Broadcast) -> N
         assert broadcast.subscriber_count == 3
     assert broadcast.subscriber_count == 0
     assert broadcast._hub == {}
+
+
+# -- the backend's subscribe/unsubscribe seam ----------------------------------------------
+
+
+class SubscribingBackend(MemoryBackend):
+    """Records the seam's calls; `subscribe` takes a turn, as a round trip would."""
+
+    def __init__(self, log: list[tuple[str, list[str]]], fail: bool = False) -> None:
+        super().__init__()
+        self.log = log
+        self.fail = fail
+
+    async def subscribe(self, groups: Sequence[str]) -> None:
+        self.log.append(("subscribe", list(groups)))
+        await anyio.lowlevel.checkpoint()
+        if self.fail:
+            raise BackendError("refused")
+        self.log.append(("confirmed", list(groups)))
+
+    def unsubscribe(self, groups: Sequence[str]) -> None:
+        self.log.append(("unsubscribe", list(groups)))
+
+
+class LoggingStore(MemoryStore):
+    def __init__(self, log: list[tuple[str, list[str]]]) -> None:
+        super().__init__()
+        self.log = log
+
+    async def head(self) -> int:
+        self.log.append(("head", []))
+        return await super().head()
+
+
+async def test_broadcast_subscribes_before_reading_history_and_unsubscribes_unused_groups() -> None:
+    log: list[tuple[str, list[str]]] = []
+    broadcast = Broadcast(SubscribingBackend(log), history=LoggingStore(log))
+    async with broadcast:
+        first = await broadcast.publish("a", "one")
+        async with broadcast.subscribe("a", "b", last_event_id=first):
+            # The backend confirmed the groups before the history's head was read.
+            assert log == [("subscribe", ["a", "b"]), ("confirmed", ["a", "b"]), ("head", [])]
+            async with broadcast.subscribe("a"):
+                pass
+            # Group a still has a subscription: nothing is unsubscribed yet.
+            assert ("unsubscribe", ["a"]) not in log
+        assert log[-1] == ("unsubscribe", ["a", "b"])
+
+
+async def test_broadcast_subscribe_failure_raises_backend_error_and_lets_the_groups_go() -> None:
+    log: list[tuple[str, list[str]]] = []
+    broadcast = Broadcast(SubscribingBackend(log, fail=True))
+    async with broadcast:
+        with pytest.raises(BackendError, match="refused"):
+            async with broadcast.subscribe("a", "b"):
+                pass
+        assert broadcast._hub == {}
+    assert log == [("subscribe", ["a", "b"]), ("unsubscribe", ["a", "b"])]

@@ -394,18 +394,135 @@ async def test_dashboard_counts_open_group_streams(client: EventStreamClient) ->
     assert metrics["streams"] == 2
 
 
+# -- the htmx page ---------------------------------------------------------------------
+
+HTMX_SCRIPTS = ("htmx.org/dist/htmx.min.js", "htmx-ext-sse/sse.js")
+HTMX4_SCRIPTS = ("htmx4/dist/htmx.min.js", "htmx4/dist/ext/hx-sse.js")
+INSTALL = "npm install --no-save --no-package-lock htmx.org@2 htmx-ext-sse@2 htmx4@npm:htmx.org@4"
+
+
+def fake_node_modules(folder: Path, scripts: tuple[str, ...] = HTMX_SCRIPTS) -> Path:
+    """A node_modules holding the files a page loads (their content is not run here)."""
+    for script in scripts:
+        path = folder / "node_modules" / script
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"/* {script} */\n")
+    return folder / "node_modules"
+
+
+async def test_htmx_page_without_htmx_says_what_to_run(tmp_path: Path) -> None:
+    missing = tmp_path / "no_npm_here" / "node_modules"
+    settings = make_settings(tmp_path, node_modules=str(missing))
+    async with EventStreamClient(create_app(settings)) as client:
+        page = await client.get("/htmx")
+        script = await client.get("/vendor/htmx.org/dist/htmx.min.js")
+    assert page.status_code == 200
+    command = f"cd {missing.parent} &amp;&amp; npm install --no-save --no-package-lock"
+    assert command in page.text
+    assert "htmx.org@2 htmx-ext-sse@2" in page.text
+    assert "/vendor/" not in page.text  # no script the browser would fail to load
+    # Nothing can be typed into a form that has nowhere to go.
+    assert '<input name="text" placeholder="message" maxlength="500" required disabled>' in (
+        page.text
+    )
+    assert "<button disabled>Send</button>" in page.text
+    # Not StaticFiles' 500 for a missing folder: a 404 that says the same.
+    assert script.status_code == 404
+    assert "htmx is not installed; run: cd " in script.text
+
+
+async def test_htmx_page_with_htmx_loads_it_from_vendor(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, node_modules=str(fake_node_modules(tmp_path)))
+    async with EventStreamClient(create_app(settings)) as client:
+        page = await client.get("/htmx")
+        scripts = [await client.get(f"/vendor/{script}") for script in HTMX_SCRIPTS]
+    assert page.status_code == 200
+    assert "npm install" not in page.text
+    assert " disabled" not in page.text
+    for script, response in zip(HTMX_SCRIPTS, scripts, strict=True):
+        assert f'<script src="/vendor/{script}"></script>' in page.text
+        assert response.status_code == 200
+        assert response.text == f"/* {script} */\n"
+
+
+async def test_htmx_page_works_once_htmx_is_installed_while_serving(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, node_modules=str(tmp_path / "node_modules"))
+    async with EventStreamClient(create_app(settings)) as client:
+        assert "npm install" in (await client.get("/htmx")).text
+        assert (await client.get(f"/vendor/{HTMX_SCRIPTS[0]}")).status_code == 404
+        fake_node_modules(tmp_path)  # `npm install`, the server still running
+        assert "npm install" not in (await client.get("/htmx")).text
+        assert (await client.get(f"/vendor/{HTMX_SCRIPTS[0]}")).status_code == 200
+
+
+async def test_htmx_post_from_htmx_answers_204_and_publishes_a_fragment(
+    client: EventStreamClient,
+) -> None:
+    async with client.stream("/htmx/events") as stream:
+        response = await client.post(
+            "/htmx/messages",
+            data={"author": "ada", "text": "<b>hi</b>"},
+            headers={"HX-Request": "true"},
+        )
+        event = await stream.next_event(timeout=2)
+    assert response.status_code == 204
+    assert event.event is None  # unnamed: both htmx 2 (sse-swap="message") and 4 swap it
+    assert "&lt;b&gt;hi&lt;/b&gt;" in event.data
+    assert "ada" in event.data
+
+
+async def test_htmx_form_posted_without_htmx_is_published_and_comes_back(
+    client: EventStreamClient,
+) -> None:
+    # htmx failed to load: the browser posts the form itself. The message must not be lost.
+    async with client.stream("/htmx/events") as stream:
+        response = await client.post("/htmx/messages", data={"author": "", "text": "by form"})
+        event = await stream.next_event(timeout=2)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/htmx"
+    assert "by form" in event.data
+    assert "anonymous" in event.data
+
+
+async def test_htmx4_form_posted_without_htmx_is_published_and_comes_back_to_htmx4(
+    client: EventStreamClient,
+) -> None:
+    async with client.stream("/htmx/events") as stream:
+        response = await client.post(
+            "/htmx/messages", data={"page": "htmx4", "author": "", "text": "by form"}
+        )
+        event = await stream.next_event(timeout=2)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/htmx4"
+    assert "by form" in event.data
+
+
+async def test_htmx_post_refuses_an_empty_message(client: EventStreamClient) -> None:
+    response = await client.post("/htmx/messages", data={"text": "  "})
+    assert response.status_code == 422
+
+
+async def test_index_lists_the_htmx_page(client: EventStreamClient) -> None:
+    page = await client.get("/")
+    assert '<a href="/htmx">htmx feed</a>:' in page.text
+    assert '<a href="/htmx4">htmx 4 feed</a>:' in page.text
+    assert "npm" in page.text
+
+
 # -- pages and settings -----------------------------------------------------------------
 
+PAGES = ["/", "/rooms/lobby", "/dashboard", "/jobs", "/private", "/htmx", "/htmx4"]
 
-@pytest.mark.parametrize("path", ["/", "/rooms/lobby", "/dashboard", "/jobs", "/private"])
+
+@pytest.mark.parametrize("path", PAGES)
 async def test_pages_render(client: EventStreamClient, path: str) -> None:
     response = await client.get(path)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    assert "EventSource" in response.text or path == "/"
+    assert "EventSource" in response.text or path in ("/", "/htmx", "/htmx4")
 
 
-@pytest.mark.parametrize("path", ["/", "/rooms/lobby", "/dashboard", "/jobs", "/private"])
+@pytest.mark.parametrize("path", PAGES)
 async def test_pages_link_an_inline_icon(client: EventStreamClient, path: str) -> None:
     # Without a <link rel="icon">, every page load makes the browser ask for
     # /favicon.ico, which the app does not serve: a 404 in the log each time.
@@ -429,6 +546,7 @@ def test_settings_from_env() -> None:
             "HISTORY_URL": "",
             "JOB_STEPS": "3",
             "JOB_STEP_SECONDS": "0.25",
+            "NODE_MODULES": "/srv/npm/node_modules",
             "UNRELATED": "x",
         }
     )
@@ -436,6 +554,7 @@ def test_settings_from_env() -> None:
     assert settings.broadcast_url == "redis://127.0.0.1:6379/0"
     assert settings.history_url is None
     assert (settings.job_steps, settings.job_step_seconds) == (3, 0.25)
+    assert settings.node_modules == "/srv/npm/node_modules"
     assert Settings.from_env({}) == Settings()
     with pytest.raises(ValueError, match="JOB_STEPS must be a number"):
         Settings.from_env({"JOB_STEPS": "many"})
@@ -506,7 +625,7 @@ async def test_typed_htmx_feed_sends_html_text(client: EventStreamClient) -> Non
         response = await client.post(
             "/htmx/messages",
             content=b"author=ada&text=hi",
-            headers={"content-type": "application/x-www-form-urlencoded"},
+            headers={"content-type": "application/x-www-form-urlencoded", "hx-request": "true"},
         )
         assert response.status_code == 204
         event = await stream.next_event(timeout=2)
@@ -525,18 +644,25 @@ async def test_typed_room_event_that_breaks_its_declaration_fails_the_test(
                 await stream.next_event(timeout=2)
 
 
-@pytest.mark.parametrize("installed", [True, False])
-async def test_htmx4_page_loads_htmx4_or_says_what_to_run(
-    client: EventStreamClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, installed: bool
-) -> None:
-    from example_project import htmx_feed
-
-    htmx4 = tmp_path / "node_modules" / "htmx4"
-    if installed:
-        htmx4.mkdir(parents=True)
-    monkeypatch.setattr(htmx_feed, "HTMX4", htmx4)
-    page = (await client.get("/htmx4")).text
+@pytest.mark.parametrize("installed", ["nothing", "htmx2", "both"])
+async def test_htmx4_page_loads_htmx4_or_says_what_to_run(tmp_path: Path, installed: str) -> None:
+    node_modules = tmp_path / "node_modules"
+    if installed != "nothing":
+        fake_node_modules(tmp_path)
+    if installed == "both":
+        fake_node_modules(tmp_path, HTMX4_SCRIPTS)
+    settings = make_settings(tmp_path, node_modules=str(node_modules))
+    async with EventStreamClient(create_app(settings)) as client:
+        response = await client.get("/htmx4")
+        scripts = [await client.get(f"/vendor/{script}") for script in HTMX4_SCRIPTS]
+    page = response.text
+    has_htmx4 = installed == "both"
+    assert response.status_code == 200  # never a 500, whatever is missing
     assert 'hx-sse:connect="/htmx/events"' in page
-    assert ('<script src="/vendor/htmx4/dist/ext/hx-sse.js">' in page) is installed
-    assert ("npm install --no-save --no-package-lock htmx4@npm:htmx.org@4" in page) is not installed
-    assert ("disabled" in page) is not installed  # nothing typed into a dead form is lost
+    for script, answer in zip(HTMX4_SCRIPTS, scripts, strict=True):
+        assert (f'<script src="/vendor/{script}"></script>' in page) is has_htmx4
+        assert answer.status_code == (200 if has_htmx4 else 404)
+    assert ("/vendor/" in page) is has_htmx4  # no script the browser would fail to load
+    # The one command for both pages: `npm install --no-save` removes what it is not given.
+    assert (f"cd {tmp_path} &amp;&amp; {INSTALL}" in page) is not has_htmx4
+    assert ("disabled" in page) is not has_htmx4  # nothing typed into a dead form is lost

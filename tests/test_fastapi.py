@@ -83,6 +83,16 @@ def test_fastapi_add_stream_rejects_what_is_not_a_view() -> None:
         router.add_stream("/x", object)  # type: ignore[arg-type]
 
 
+def test_fastapi_add_stream_rejects_view_with_nothing_to_stream() -> None:
+    class Base(EventStreamView):
+        pass
+
+    router = StreamRouter()
+    with pytest.raises(TypeError, match=r"Base has nothing to stream: override `async def events"):
+        router.add_stream("/x", Base)
+    assert router.routes == []
+
+
 async def test_fastapi_include_router_with_prefix_serves_the_stream() -> None:
     router = StreamRouter()
     router.add_stream("/ticks", Tick, name="ticks")

@@ -39,7 +39,7 @@ from .chat import (
     resume_cursor,
     room_group,
 )
-from .htmx_feed import htmx_routes
+from .htmx_feed import VENDOR, htmx_routes
 from .jobs import JobRunner
 from .models import Base, Message
 from .settings import Settings
@@ -305,7 +305,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/jobs", jobs_page, name="jobs"),
         Route("/jobs", start_job, methods=["POST"]),
         *streams.routes,
-        *htmx_routes(broadcast, templates.TemplateResponse),
+        *htmx_routes(
+            broadcast,
+            templates.TemplateResponse,
+            Path(settings.node_modules) if settings.node_modules else VENDOR,
+        ),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings

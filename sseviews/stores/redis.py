@@ -20,8 +20,9 @@ wrapped in braces, so no prefix plus group can spell another prefix's key. A
 group's keys expire `max_age` (else `idle_expiry`) seconds after its last event.
 
 `append` runs one Lua script that takes the seq, stores the event, trims the group
-and (with `publish=True`) publishes it on `{prefix}:live`, so events reach every
-process's `RedisBackend` in id order.
+and (with `publish=True`) publishes it on the group's channel,
+`{prefix}:live:{<escaped group>}`, so events reach the `RedisBackend` of every
+process that serves the group, in id order.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import redis.asyncio
 from redis.exceptions import ResponseError
 
 from .._exceptions import BackendError
-from .._redis import describe, open_client, redis_errors
+from .._redis import describe, group_key, open_client, redis_errors
 from .base import Deliver, HistoryStore, Page, check_idle_expiry, id_line, new_epoch
 
 __all__ = ["RedisStore", "group_key"]
@@ -45,16 +46,6 @@ __all__ = ["RedisStore", "group_key"]
 logger = logging.getLogger("sseviews.redis")
 
 _EPOCH = re.compile(rb"[0-9a-f]{8}")
-_ESCAPE = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
-
-
-def group_key(prefix: str, kind: str, group: str) -> str:
-    """Return the key of one of `group`'s Redis keys: `{prefix}:{kind}:{<escaped group>}`.
-
-    The escaped group holds no `:`, `{` or `}`, so the key's last `:` ends the
-    prefix and no two (prefix, group) pairs share a key.
-    """
-    return f"{prefix}:{kind}:{{{group.translate(_ESCAPE)}}}"
 
 
 # Every script starts with this. KEYS[1..4]: epoch, seq, start, clock.
@@ -83,8 +74,8 @@ local ttl = tonumber(ARGV[4])
 """
 
 # Takes the next seq, stores the event and trims its group, atomically.
-# KEYS[5..6]: group stream, group meta. ARGV[6..10]: wire (without id line),
-# retention (0: none), max age in ms (0: none), live channel ('': don't publish), group.
+# KEYS[5..6]: group stream, group meta. ARGV[6..9]: wire (without id line),
+# retention (0: none), max age in ms (0: none), the group's live channel ('': don't publish).
 _APPEND = (
     _PRELUDE
     + """
@@ -151,7 +142,7 @@ if ttl > 0 then
 end
 
 if ARGV[9] ~= '' then
-  redis.call('PUBLISH', ARGV[9], ARGV[10] .. '\\0' .. seq .. '\\0' .. wire)
+  redis.call('PUBLISH', ARGV[9], seq .. '\\0' .. wire)
 end
 return {seq, epoch, renewed}
 """
@@ -304,11 +295,11 @@ class RedisStore(HistoryStore):
             clock), or None for no age limit.
         idle_expiry: Without `max_age`, how long a group's keys live after its
             last event, in seconds (default one day); None keeps them forever.
-        publish: Also publish each event on `{prefix}:live` from the same atomic
-            script, for a `RedisBackend` with the same prefix: events then reach
-            every process in id order, and `deliver` has nothing left to do.
-            Without it, appends are serialised until `deliver` returns within
-            this process only.
+        publish: Also publish each event on its group's channel from the same
+            atomic script, for a `RedisBackend` with the same prefix: events then
+            reach every process that serves the group in id order, and `deliver`
+            has nothing left to do. Without it, appends are serialised until
+            `deliver` returns within this process only.
 
     Raises:
         ValueError: A bad URL, prefix, retention, max_age or idle_expiry.
@@ -359,7 +350,6 @@ class RedisStore(HistoryStore):
         # than the group's expiry may get a reset it did not need.
         self._interval_ms = max(10, self._ttl_ms // 64)
         self._meta_keys = [f"{prefix}:epoch", f"{prefix}:seq", f"{prefix}:start", f"{prefix}:clock"]
-        self._channel = f"{prefix}:live" if publish else ""
         self._where = describe(self._client)
         self._append = self._client.register_script(_APPEND)
         self._read = self._client.register_script(_READ)
@@ -490,8 +480,7 @@ class RedisStore(HistoryStore):
                     wire,
                     self._retention_arg,
                     self._max_age_ms,
-                    self._channel,
-                    group,
+                    group_key(prefix, "live", group) if self.publish else "",
                 ],
             )
         seq = int(raw_seq)

@@ -10,6 +10,7 @@ without them these tests are skipped.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 ExampleServer = Any  # tests/browser/conftest.py: the example project under uvicorn
 OpenPage = Callable[[str], Page]
+MakeServer = Callable[..., ExampleServer]
 VENDOR = Path(__file__).resolve().parents[2] / "example_project" / "node_modules"
 
 # Posts to the feed through the app itself, in another OS process: with a SQL history
@@ -38,7 +40,10 @@ async def main(texts):
             response = await client.post(
                 "/htmx/messages",
                 content=f"author=offline&text={text}".encode(),
-                headers={"content-type": "application/x-www-form-urlencoded"},
+                headers={
+                    "content-type": "application/x-www-form-urlencoded",
+                    "hx-request": "true",
+                },
             )
             assert response.status_code == 204, response.text
 
@@ -54,6 +59,7 @@ class Htmx:
     path: str
     packages: tuple[str, ...]
     connected: str
+    missing: str  # what the page says until it is installed
 
 
 HTMX2 = Htmx(
@@ -65,6 +71,7 @@ HTMX2 = Htmx(
       const data = element && element["htmx-internal-data"];
       return !!(data && data.sseEventSource && data.sseEventSource.readyState === 1);
     }""",
+    "htmx is not installed yet",
 )
 # htmx 4 streams with fetch(): `element._htmx.sse` is the connection, `reader` its body.
 HTMX4 = Htmx(
@@ -76,6 +83,7 @@ HTMX4 = Htmx(
       const sse = element && element._htmx && element._htmx.sse;
       return !!(sse && sse.status === 200 && sse.reader);
     }""",
+    "htmx 4 is not installed yet",
 )
 
 
@@ -181,3 +189,37 @@ def test_htmx_after_a_server_restart_replays_missed_fragments_once(
     answered = [request for request in streams[1:] if request.response() is not None]
     assert answered
     assert all(request.all_headers().get("last-event-id") for request in answered)
+
+
+def test_htmx_page_says_what_to_run_until_htmx_is_installed(
+    make_server: MakeServer, open_page: OpenPage, tmp_path: Path, htmx: Htmx
+) -> None:
+    """Right after the README's run command there is no node_modules: the page says so."""
+    node_modules = tmp_path / "npm" / "node_modules"
+    server = make_server(NODE_MODULES=str(node_modules))
+    server.start()
+    failed: list[str] = []
+    page = open_page(server.url(htmx.path))
+    page.on("console", lambda message: message.type == "error" and failed.append(message.text))
+    page.on("response", lambda response: response.status >= 400 and failed.append(response.url))
+    page.reload()
+    notice = page.locator("#htmx-missing")
+    assert htmx.missing in notice.inner_text()
+    command = notice.locator("pre").inner_text()
+    assert f"cd {node_modules.parent} && npm install" in command
+    # Every package in one command: `npm install --no-save` removes those it is not given.
+    assert command.endswith("htmx.org@2 htmx-ext-sse@2 htmx4@npm:htmx.org@4")
+    # Nothing can be typed, so nothing typed is lost.
+    assert page.locator("input[name=text]").is_disabled()
+    assert page.locator("form button").is_disabled()
+    assert failed == []
+    assert "Traceback" not in server.output()
+    # The command the page gives, run while the server keeps running, then a reload.
+    shutil.copytree(VENDOR, node_modules)
+    page.reload()
+    page.wait_for_function(htmx.connected)
+    assert page.locator("#htmx-missing").count() == 0
+    page.fill("input[name=text]", "after npm install")
+    page.click("form button")
+    page.locator("#feed li.feed-item .text", has_text="after npm install").wait_for()
+    assert failed == []
