@@ -316,3 +316,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.sessions = sessions
     app.state.broadcast = broadcast
     return app
+
+
+# `python -m example_project` serves this one (`example_project:app`, or `example_project.app:app`).
+app = create_app()

@@ -220,7 +220,7 @@ PLACEHOLDER_FIT = """() => {
 
 
 @pytest.mark.parametrize("width", [900, 400])
-@pytest.mark.parametrize("path", ["/", "/rooms/lobby", "/private", "/htmx"])
+@pytest.mark.parametrize("path", ["/", "/rooms/lobby", "/private", "/htmx", "/htmx4"])
 def test_pages_show_whole_placeholders_and_never_overflow(
     server: ExampleServer, open_page: OpenPage, path: str, width: int
 ) -> None:
