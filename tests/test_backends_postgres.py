@@ -132,12 +132,23 @@ def test_postgres_backend_rejects_bad_urls_and_prefixes() -> None:
 
 
 def test_broadcast_url_selects_postgres_for_live_and_history() -> None:
-    url = f"{PG_URL}?listen_url=postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+    broadcast = Broadcast(PG_URL, prefix="sel")
+    assert isinstance(broadcast.live, PostgresBackend)
+    assert broadcast.live._listen_dsn == broadcast.live._dsn == PG_DSN
+    assert isinstance(broadcast.store, SQLAlchemyStore)
+    assert history_url(PG_URL) == PG_URL
+
+
+def test_broadcast_url_listen_url_parameter_serves_listening_and_history() -> None:
+    pooled = "postgresql+asyncpg://postgres@127.0.0.1:6432/test?ssl=disable"
+    direct = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+    url = f"{pooled.replace('?', '?listen_url=' + direct + '&')}"
     broadcast = Broadcast(url, prefix="sel")
     assert isinstance(broadcast.live, PostgresBackend)
+    assert broadcast.live._dsn == "postgresql://postgres@127.0.0.1:6432/test?ssl=disable"
     assert broadcast.live._listen_dsn == PG_DSN
-    assert isinstance(broadcast.store, SQLAlchemyStore)
-    assert history_url(url) == PG_URL
+    # The history needs a connection that keeps its session: the direct one.
+    assert history_url(url) == direct
 
 
 async def test_postgres_backend_presence_says_it_is_not_supported(pg_prefix: str) -> None:
@@ -169,9 +180,10 @@ async def test_postgres_backend_listens_only_to_its_own_groups(pg_prefix: str) -
             # UNLISTEN after the linger, in one query.
             one.unsubscribe(["a", "b"])
             assert one.listening == {"a", "b"}
-            while await listening_channels(one):  # noqa: ASYNC110 (polls PostgreSQL)
+            while one.listening:  # noqa: ASYNC110 (polls the backend)
                 await anyio.sleep(0.05)
-            assert one.listening == frozenset()
+            await anyio.sleep(0.1)  # the UNLISTEN's reply
+            assert await listening_channels(one) == set()
             assert await listening_channels(two) == {f"{pg_prefix}:b", f"{pg_prefix}:c"}
 
 

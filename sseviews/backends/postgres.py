@@ -96,9 +96,15 @@ def _split_url(url: str) -> tuple[str, str | None]:
 
 
 def history_url(url: str) -> str:
-    """Return the SQLAlchemy URL of the history that `Broadcast(url)` keeps by default:
-    `url` without its `listen_url` parameter."""
-    return _split_url(url)[0]
+    """Return the SQLAlchemy URL of the history that `Broadcast(url)` keeps by default.
+
+    It is the `listen_url` parameter when `url` has one, else `url`: the SQL history
+    holds a session-level advisory lock from an event's INSERT until its delivery,
+    which only a connection that keeps its session (not a pooler in transaction
+    mode) can hold.
+    """
+    url, listen = _split_url(url)
+    return listen if listen is not None else url
 
 
 def _asyncpg_dsn(url: str, what: str) -> str:
