@@ -14,7 +14,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -34,22 +33,6 @@ pytestmark = pytest.mark.anyio
 
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-async def pg_prefix() -> AsyncIterator[str]:
-    """A table and channel prefix of this test's own; its tables are dropped afterwards."""
-    prefix = f"t{uuid.uuid4().hex[:12]}"
-    yield prefix
-    conn = await asyncpg.connect(PG_DSN)
-    try:
-        tables = await conn.fetch(
-            "SELECT tablename FROM pg_tables WHERE tablename LIKE $1", f"{prefix}%"
-        )
-        for row in tables:
-            await conn.execute(f'DROP TABLE IF EXISTS "{row["tablename"]}"')
-    finally:
-        await conn.close()
 
 
 @asynccontextmanager
@@ -149,12 +132,6 @@ def test_broadcast_url_listen_url_parameter_serves_listening_and_history() -> No
     assert broadcast.live._listen_dsn == PG_DSN
     # The history needs a connection that keeps its session: the direct one.
     assert history_url(url) == direct
-
-
-async def test_postgres_backend_presence_says_it_is_not_supported(pg_prefix: str) -> None:
-    backend = PostgresBackend(PG_URL, prefix=pg_prefix)
-    with pytest.raises(NotImplementedError, match="does not track presence"):
-        await backend.presence_count("g")
 
 
 # -- live delivery ------------------------------------------------------------------------

@@ -41,8 +41,8 @@ import re
 import secrets
 import time
 from base64 import b32encode
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -50,7 +50,8 @@ import anyio
 import asyncpg
 
 from .._exceptions import BackendError
-from .base import Dispatch, LiveBackend, OnFailure
+from .._presence import JOIN_EVENT, LEAVE_EVENT
+from .base import EPHEMERAL_SEQ, Dispatch, LiveBackend, OnFailure
 
 __all__ = ["PostgresBackend", "channel_name", "history_url"]
 
@@ -185,11 +186,14 @@ class PostgresBackend(LiveBackend):
         listen_url: The URL of the one listening connection: PostgreSQL itself, or a
             pooler in session mode. A pooler in transaction mode cannot LISTEN.
             Defaults to `url`.
-        prefix: Prefix of the channel names and of the `{prefix}_live_payloads`
-            table; use the prefix of the history.
+        prefix: Prefix of the channel names and of the backend's tables
+            (`{prefix}_live_payloads`, `{prefix}_presence`,
+            `{prefix}_presence_processes`); use the prefix of the history.
+        presence_timeout: Bound, in seconds, on how long the members of a process
+            that died without cleaning up stay listed.
 
     Raises:
-        ValueError: A bad URL or prefix.
+        ValueError: A bad URL, prefix or presence_timeout.
     """
 
     #: First pause before reconnecting after the connection was lost, in seconds.
@@ -213,7 +217,12 @@ class PostgresBackend(LiveBackend):
     pool_size = 4
 
     def __init__(
-        self, url: str, *, listen_url: str | None = None, prefix: str = "sseviews"
+        self,
+        url: str,
+        *,
+        listen_url: str | None = None,
+        prefix: str = "sseviews",
+        presence_timeout: float = 30.0,
     ) -> None:
         if not isinstance(url, str):
             raise TypeError(f"url must be a str, got {type(url).__name__}")
@@ -222,6 +231,23 @@ class PostgresBackend(LiveBackend):
                 "prefix must be 1 to 40 letters, digits or underscores, not starting "
                 f"with a digit, got {prefix!r}"
             )
+        if (
+            isinstance(presence_timeout, bool)
+            or not isinstance(presence_timeout, int | float)
+            or not presence_timeout > 0
+        ):
+            raise ValueError(
+                f"presence_timeout must be a number of seconds > 0, got {presence_timeout!r}"
+            )
+        #: Bound, in seconds, on how long the members of a process that died
+        #: without cleaning up stay listed (their leave is announced by then).
+        self.presence_timeout = float(presence_timeout)
+        self._process = secrets.token_hex(8)  # this backend's name in the presence tables
+        self._present = 0  # members of this process listed (or being listed)
+        # Leaves that failed (database down): retried by the heartbeat, or the member
+        # would stay listed for as long as this process lives.
+        self._unleft: list[str] = []
+        self._heartbeat: asyncio.Task[None] | None = None
         url, in_url = _split_url(url)
         if listen_url is not None and in_url is not None:
             raise ValueError("give listen_url either in the URL or as a keyword, not both")
@@ -231,6 +257,8 @@ class PostgresBackend(LiveBackend):
         self._listen_dsn = _asyncpg_dsn(listen, "listen_url") if listen else self._dsn
         self._where = _describe(self._listen_dsn)
         self._table = _quote_ident(f"{prefix}_live_payloads")
+        self._members = _quote_ident(f"{prefix}_presence")
+        self._processes = _quote_ident(f"{prefix}_presence_processes")
         self._pool: asyncpg.Pool | None = None
         self._task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -293,17 +321,27 @@ class PostgresBackend(LiveBackend):
         self._sweeper = loop.create_task(
             self._sweep(), name=f"sseviews postgres payload sweeper {self.prefix}"
         )
+        self._heartbeat = loop.create_task(
+            self._beat(), name=f"sseviews postgres presence heartbeat {self.prefix}"
+        )
 
     async def disconnect(self) -> None:
         """Stop listening, and close the listening connection and the pool."""
         task, self._task = self._task, None
         sweeper, self._sweeper = self._sweeper, None
+        heartbeat, self._heartbeat = self._heartbeat, None
         self._healthy = False
         with anyio.move_on_after(1, shield=True):
-            for running in (task, sweeper):
+            for running in (heartbeat, task, sweeper):
                 if running is not None:
                     running.cancel()
                     await asyncio.wait({running})
+            if heartbeat is not None and self._pool is not None:
+                # Streams still listed (a server stopping) leave now, not at the timeout.
+                try:
+                    await self._drop_presence()
+                except BackendError as exc:
+                    logger.warning("removing this process's presence failed: %s", exc)
         link, self._link = self._link, None
         self._forget()
         self._wanted.clear()
@@ -330,7 +368,19 @@ class PostgresBackend(LiveBackend):
                 f"CREATE TABLE IF NOT EXISTS {self._table} ("
                 " id bigserial PRIMARY KEY,"
                 " created timestamptz NOT NULL DEFAULT now(),"
-                " wire bytea NOT NULL)"
+                " wire bytea NOT NULL);"
+                f"CREATE TABLE IF NOT EXISTS {self._processes} ("
+                " process text PRIMARY KEY,"
+                " expires timestamptz NOT NULL);"
+                f"CREATE TABLE IF NOT EXISTS {self._members} ("
+                " grp text NOT NULL,"
+                " member text NOT NULL,"
+                " process text NOT NULL,"
+                " entry bytea NOT NULL,"
+                " announce boolean NOT NULL,"
+                " PRIMARY KEY (grp, member));"
+                f"CREATE INDEX IF NOT EXISTS {_quote_ident(self.prefix + '_presence_by_process')}"
+                f" ON {self._members} (process, member)"
             )
 
     # -- publishing --------------------------------------------------------------------
@@ -346,29 +396,54 @@ class PostgresBackend(LiveBackend):
         pool = self._pool
         if pool is None:
             raise BackendError(f"the backend is not connected to {_describe(self._dsn)}")
-        channel = channel_name(self.prefix, group)
-        header = f"{seq} {group}"
-        text: str | None
-        try:
-            text = wire.decode()
-        except UnicodeDecodeError:
-            text = None
         with _errors(f"publishing to {_describe(self._dsn)}"):
+            await self._notify(pool, [(group, seq, wire)])
+
+    async def _notify(self, executor: Any, events: Sequence[tuple[str, int, bytes]]) -> None:
+        """NOTIFY `events` (group, seq, wire) in order, through `executor` (the pool, or a
+        connection in a transaction: then they are sent when it commits)."""
+        small: list[tuple[str, str]] = []
+        for group, seq, wire in events:
+            channel = channel_name(self.prefix, group)
+            header = f"{seq} {group}"
+            text: str | None
+            try:
+                text = wire.decode()
+            except UnicodeDecodeError:
+                text = None
             if (
                 text is not None
                 and "\0" not in text
                 and len(header.encode()) + 1 + len(wire) <= _MAX_PAYLOAD
             ):
-                await pool.execute("SELECT pg_notify($1, $2)", channel, f"{header}\n{text}")
-            else:
-                # One statement: the row and its NOTIFY commit together.
-                await pool.execute(
-                    f"WITH row AS (INSERT INTO {self._table} (wire) VALUES ($3) RETURNING id) "
-                    "SELECT pg_notify($1, $2 || ' ' || id) FROM row",
-                    channel,
-                    header,
-                    wire,
-                )
+                small.append((channel, f"{header}\n{text}"))
+                continue
+            if small:
+                await self._notify_small(executor, small)
+                small = []
+            # One statement: the row and its NOTIFY commit together.
+            await executor.execute(
+                f"WITH row AS (INSERT INTO {self._table} (wire) VALUES ($3) RETURNING id) "
+                "SELECT pg_notify($1, $2 || ' ' || id) FROM row",
+                channel,
+                header,
+                wire,
+            )
+        if small:
+            await self._notify_small(executor, small)
+
+    @staticmethod
+    async def _notify_small(executor: Any, small: list[tuple[str, str]]) -> None:
+        if len(small) == 1:
+            await executor.execute("SELECT pg_notify($1, $2)", *small[0])
+            return
+        channels, payloads = zip(*small, strict=True)
+        await executor.execute(
+            "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) WITH ORDINALITY "
+            "AS t(c, p, n) ORDER BY n",
+            list(channels),
+            list(payloads),
+        )
 
     async def _sweep(self) -> None:
         """Delete the rows of large events older than `payload_ttl`, now and then."""
@@ -729,29 +804,157 @@ class PostgresBackend(LiveBackend):
     async def presence_join(
         self, member: str, groups: Sequence[str], entry: bytes, announce: bool
     ) -> None:
-        """Not supported: raises NotImplementedError."""
-        raise NotImplementedError(_NO_PRESENCE)
+        """List `member` in `groups` in one transaction (which also announces it)."""
+        self._present += 1
+        try:
+            async with self._presence_transaction("joining presence") as conn:
+                await self._register(conn)
+                await conn.execute(
+                    f"INSERT INTO {self._members} (grp, member, process, entry, announce) "
+                    "SELECT g, $2, $3, $4, $5 FROM unnest($1::text[]) AS g "
+                    "ON CONFLICT (grp, member) DO UPDATE SET process = excluded.process, "
+                    "entry = excluded.entry, announce = excluded.announce",
+                    list(groups),
+                    member,
+                    self._process,
+                    entry,
+                    announce,
+                )
+                if announce:
+                    wire = _presence_wire(JOIN_EVENT, entry)
+                    await self._notify(conn, [(group, EPHEMERAL_SEQ, wire) for group in groups])
+        except BaseException:
+            self._present -= 1
+            raise
 
     async def presence_leave(
         self, member: str, groups: Sequence[str], entry: bytes, announce: bool
     ) -> None:
-        """Not supported: raises NotImplementedError."""
-        raise NotImplementedError(_NO_PRESENCE)
+        """Remove `member` from its groups in one transaction (which also announces it)."""
+        try:
+            async with self._presence_transaction("leaving presence") as conn:
+                await self._leave(conn, member)
+        except BaseException:
+            self._unleft.append(member)
+            raise
+        self._present -= 1
 
     async def presence_list(self, group: str, limit: int) -> list[bytes]:
-        """Not supported: raises NotImplementedError."""
-        raise NotImplementedError(_NO_PRESENCE)
+        """Return at most `limit` entries of `group`, after removing dead processes'."""
+        async with self._presence_transaction("reading presence") as conn:
+            await self._sweep_presence(conn)
+            rows = await conn.fetch(
+                f"SELECT entry FROM {self._members} WHERE grp = $1 LIMIT $2", group, limit
+            )
+        return [bytes(row["entry"]) for row in rows]
 
     async def presence_count(self, group: str) -> int:
-        """Not supported: raises NotImplementedError."""
-        raise NotImplementedError(_NO_PRESENCE)
+        """Return the number of members of `group`, after removing dead processes'."""
+        async with self._presence_transaction("reading presence") as conn:
+            await self._sweep_presence(conn)
+            count = await conn.fetchval(
+                f"SELECT count(*) FROM {self._members} WHERE grp = $1", group
+            )
+        return int(count)
+
+    @asynccontextmanager
+    async def _presence_transaction(self, doing: str) -> AsyncIterator[Any]:
+        pool = self._pool
+        if pool is None:
+            raise BackendError(f"the backend is not connected to {_describe(self._dsn)}")
+        with _errors(f"{doing} on {_describe(self._dsn)}"):
+            async with pool.acquire() as conn, conn.transaction():
+                yield conn
+
+    async def _register(self, conn: Any) -> bool:
+        """Push this process's deadline `presence_timeout * 2/3` ahead; return whether
+        its registration was still there (no other process swept it)."""
+        # Refreshed every timeout/6: once the deadline passes, the next sweep of any
+        # process (at most timeout/6 later) removes the members, within the timeout.
+        existed: bool = await conn.fetchval(
+            f"INSERT INTO {self._processes} (process, expires) "
+            "VALUES ($1, now() + make_interval(secs => $2)) "
+            "ON CONFLICT (process) DO UPDATE SET expires = excluded.expires "
+            "RETURNING xmax <> 0",
+            self._process,
+            self.presence_timeout * 2 / 3,
+        )
+        return existed
+
+    async def _leave(self, conn: Any, member: str) -> None:
+        # Gone already when another process swept this one: it announced the leave.
+        rows = await conn.fetch(
+            f"DELETE FROM {self._members} WHERE member = $1 AND process = $2 "
+            "RETURNING grp, entry, announce",
+            member,
+            self._process,
+        )
+        await self._announce_leaves(conn, rows)
+
+    async def _announce_leaves(self, conn: Any, rows: Sequence[Any]) -> None:
+        leaves = [
+            (row["grp"], EPHEMERAL_SEQ, _presence_wire(LEAVE_EVENT, bytes(row["entry"])))
+            for row in rows
+            if row["announce"]
+        ]
+        if leaves:
+            await self._notify(conn, leaves)
+
+    async def _sweep_presence(self, conn: Any) -> None:
+        """Remove the members of processes whose deadline passed, announcing their leave."""
+        rows = await conn.fetch(
+            f"WITH dead AS (DELETE FROM {self._processes} WHERE expires < now() "
+            "RETURNING process) "
+            f"DELETE FROM {self._members} m USING dead WHERE m.process = dead.process "
+            "RETURNING m.grp, m.entry, m.announce"
+        )
+        await self._announce_leaves(conn, rows)
+
+    async def _drop_presence(self) -> None:
+        """Remove every member of this process (a server stopping), announcing leaves."""
+        async with self._presence_transaction("removing this process's presence") as conn:
+            rows = await conn.fetch(
+                f"DELETE FROM {self._members} WHERE process = $1 RETURNING grp, entry, announce",
+                self._process,
+            )
+            await self._announce_leaves(conn, rows)
+            await conn.execute(f"DELETE FROM {self._processes} WHERE process = $1", self._process)
+
+    async def _beat(self) -> None:
+        """Refresh this process's deadline and sweep dead processes, every timeout/6."""
+        while True:
+            try:
+                async with (
+                    asyncio.timeout(self.attempt_timeout),
+                    self._presence_transaction("presence heartbeat") as conn,
+                ):
+                    while self._unleft:
+                        await self._leave(conn, self._unleft[-1])
+                        self._unleft.pop()
+                        self._present -= 1
+                    await self._sweep_presence(conn)
+                    if self._present:
+                        if not await self._register(conn):
+                            logger.warning(
+                                "this process missed its presence heartbeats for more than "
+                                "%ss: other processes removed its members from presence",
+                                self.presence_timeout,
+                            )
+                    else:
+                        await conn.execute(
+                            f"DELETE FROM {self._processes} WHERE process = $1 AND NOT EXISTS "
+                            f"(SELECT 1 FROM {self._members} WHERE process = $1)",
+                            self._process,
+                        )
+            except (BackendError, TimeoutError) as exc:
+                logger.warning("presence heartbeat to %s failed: %s", self._where, exc)
+            except Exception:
+                logger.exception("presence heartbeat to %s failed", self._where)
+            await anyio.sleep(self.presence_timeout / 6)
 
 
-_NO_PRESENCE = (
-    "PostgresBackend does not track presence yet: use Broadcast('redis://...') "
-    "(with history='postgresql+asyncpg://...' to keep the history in PostgreSQL) "
-    "for presence across processes"
-)
+def _presence_wire(event: str, entry: bytes) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + entry + b"\n\n"
 
 
 @contextmanager
