@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 import httpx
 import pytest
@@ -171,6 +172,49 @@ async def test_postgres_backend_resubscribe_within_linger_costs_no_listen(pg_pre
             backend.unsubscribe(["g"])
             await backend.subscribe(["g"])
             assert backend._dirty == set()
+            assert await listening_channels(backend) == {f"{pg_prefix}:g"}
+
+
+async def test_postgres_backend_batches_concurrent_listens_into_few_queries(
+    pg_prefix: str,
+) -> None:
+    async with connected_backend(pg_prefix) as (backend, got):
+        link = backend._link
+        assert link is not None
+        queries: list[str] = []
+        link.conn.add_query_logger(lambda record: queries.append(record.query))
+        groups = [f"user:{n}" for n in range(300)]
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for group in groups:
+                    tg.start_soon(backend.subscribe, [group])
+        listens = [query for query in queries if "LISTEN" in query]
+        # The first group goes alone; the others piled up while it ran.
+        assert 1 <= len(listens) <= 3, listens
+        assert sum(query.count("LISTEN ") for query in listens) == 300
+        assert len(await listening_channels(backend)) == 300
+        await backend.deliver("user:299", 1, wire(1, "last"))
+        with anyio.fail_after(5):
+            await got.wait_events(1)
+
+
+async def test_postgres_backend_subscribe_given_up_before_its_listen_ends(
+    pg_prefix: str,
+) -> None:
+    async with connected_backend(pg_prefix) as (backend, _):
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+
+                async def subscribe() -> None:
+                    with pytest.raises(BackendError, match="unsubscribed"):
+                        await backend.subscribe(["g"])
+
+                tg.start_soon(subscribe)
+                # One step: subscribe() now waits, and the writer it woke runs after this.
+                await anyio.lowlevel.checkpoint()
+                backend.unsubscribe(["g"])
+            assert await listening_channels(backend) == set()
+            await backend.subscribe(["g"])
             assert await listening_channels(backend) == {f"{pg_prefix}:g"}
 
 
