@@ -481,15 +481,18 @@ async def test_postgres_two_processes_resuming_clients_get_every_event_once_in_o
         total = 120
         published: list[str] = []
         clients: dict[str, list[str]] = {}
+        streams: dict[str, int] = {}  # streams each client opened
 
         async def follow(name: str, server: mp.Server) -> None:
             """Stream `room` as a browser does: resume with Last-Event-ID after each end."""
             got: list[str] = []
             clients[name] = got
+            streams[name] = 0
             last: str | None = None
             while len(got) < total:
                 try:
                     async with mp.SSEClient.connect(server, room, last_event_id=last) as client:
+                        streams[name] += 1
                         while len(got) < total:
                             try:
                                 event = await client.next_event()
@@ -522,6 +525,8 @@ async def test_postgres_two_processes_resuming_clients_get_every_event_once_in_o
         assert seqs == list(range(1, total + 1))
         for name, got in clients.items():
             assert got == published, f"{name} got {got}"
+            # Its stream ended when its process lost the listener; it resumed.
+            assert streams[name] >= 2, streams
         for server in (a, b):
             assert "lost the listening connection" in server.log()
     finally:
