@@ -132,7 +132,8 @@ def _backend_for(url: str, prefix: str) -> LiveBackend:
         from .backends.redis import RedisBackend
 
         return RedisBackend(url, prefix=prefix)
-    if scheme in _POSTGRES_SCHEMES:
+    if scheme.split("+")[0] in ("postgresql", "postgres"):
+        # It says what it expects of a URL with another driver (+psycopg).
         from .backends.postgres import PostgresBackend
 
         return PostgresBackend(url, prefix=prefix)
@@ -207,8 +208,9 @@ class Broadcast:
         url: The live layer: `"memory://"` (one process, no setup),
             `"redis://host:port/db"` (any number of processes and machines),
             `"postgresql+asyncpg://user@host/db"` (LISTEN/NOTIFY, with the history
-            in the same database by default: PostgreSQL only), or a `LiveBackend`
-            instance.
+            in the same database by default: PostgreSQL only; a `listen_url=`
+            query parameter names a direct connection when the URL is a pooler),
+            or a `LiveBackend` instance.
         history: Where the replay log lives. By default `memory://` keeps a bounded
             log in memory and `redis://` keeps it in Redis Streams. Give
             `"sqlite+aiosqlite:///events.db"`, `"postgresql+asyncpg://..."` or a

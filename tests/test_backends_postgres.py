@@ -115,6 +115,11 @@ def test_postgres_backend_rejects_bad_urls_and_prefixes() -> None:
         PostgresBackend(f"{PG_URL}?listen_url={PG_DSN}", listen_url=PG_DSN)
 
 
+def test_broadcast_url_with_another_postgres_driver_says_asyncpg() -> None:
+    with pytest.raises(ValueError, match=r"postgresql\+asyncpg:// URL \(live delivery"):
+        Broadcast("postgresql+psycopg://app@db/app")
+
+
 def test_broadcast_url_selects_postgres_for_live_and_history() -> None:
     broadcast = Broadcast(PG_URL, prefix="sel")
     assert isinstance(broadcast.live, PostgresBackend)

@@ -113,7 +113,8 @@ def _asyncpg_dsn(url: str, what: str) -> str:
     scheme, _, driver = parts.scheme.partition("+")
     if scheme not in ("postgresql", "postgres") or driver not in ("", "asyncpg"):
         raise ValueError(
-            f"{what} must be a postgresql:// or postgresql+asyncpg:// URL, got {url!r}"
+            f"{what} must be a postgresql:// or postgresql+asyncpg:// URL (live delivery "
+            f"on PostgreSQL uses asyncpg), got {url!r}"
         )
     return urlunsplit(parts._replace(scheme="postgresql"))
 
