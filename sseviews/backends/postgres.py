@@ -347,6 +347,13 @@ class PostgresBackend(LiveBackend):
         self._forget()
         self._wanted.clear()
         if link is not None:
+            link.conn.sink = None
+            # A clean goodbye, so the server logs no lost client; bounded.
+            with anyio.move_on_after(1, shield=True):
+                try:
+                    await link.conn.close()
+                except _ERRORS as exc:
+                    logger.debug("closing the listening connection to %s: %s", self._where, exc)
             link.conn.terminate()
         await self._close_pool()
 
@@ -610,8 +617,8 @@ class PostgresBackend(LiveBackend):
                 if self._wake is not None:
                     self._wake.set()
         finally:
+            # Cancelled by disconnect(), which closes the connection in use.
             link.conn.sink = None
-            link.conn.terminate()
 
     async def _serve(self, link: _Link, dispatch: Dispatch) -> BaseException:
         """Read and write on `link` until it fails; return why."""
