@@ -331,7 +331,7 @@ class Broadcast:
                 logger.warning(
                     "Broadcast('memory://') under %d worker processes: each worker has its "
                     "own groups and history, so events published in one worker never reach "
-                    "clients of the others. Use redis://host:port/db",
+                    "clients of the others. Use redis://host:port/db or postgresql+asyncpg://...",
                     workers,
                 )
 
