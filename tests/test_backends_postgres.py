@@ -236,6 +236,34 @@ async def test_postgres_backend_long_group_names_get_hashed_channels(pg_prefix: 
             assert got.events == [(long_group, 1, wire(1, "long"))]
 
 
+async def test_postgres_backend_groups_sharing_a_channel_stay_apart(
+    pg_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hash collision (forced here) costs a wasted notification, never a wrong event."""
+    import sseviews.backends.postgres as module
+
+    monkeypatch.setattr(module, "channel_name", lambda prefix, group: f"{prefix}#same")
+    async with (
+        connected_backend(pg_prefix, linger=0.1) as (sender, _),
+        connected_backend(pg_prefix, linger=0.1) as (receiver, got),
+    ):
+        with anyio.fail_after(10):
+            await receiver.subscribe(["a", "b"])
+            await sender.deliver("c", 1, wire(1, "c"))  # same channel, nobody's group
+            await sender.deliver("a", 2, wire(2, "a"))
+            await got.wait_events(1)
+            receiver.unsubscribe(["a"])
+            while receiver.listening != {"b"}:  # noqa: ASYNC110 (polls the backend)
+                await anyio.sleep(0.02)
+            await anyio.sleep(0.1)
+            # "b" still needs the channel: it was not UNLISTENed with "a".
+            assert await listening_channels(receiver) == {f"{pg_prefix}#same"}
+            await sender.deliver("a", 3, wire(3, "a"))
+            await sender.deliver("b", 4, wire(4, "b"))
+            await got.wait_events(2)
+            assert [(g, s) for g, s, _ in got.events] == [("a", 2), ("b", 4)]
+
+
 async def test_postgres_backend_large_events_go_through_the_table_in_order(
     pg_prefix: str,
 ) -> None:
@@ -357,6 +385,42 @@ async def test_postgres_backend_recovers_after_its_listener_is_terminated(
             assert set(await listener_pids(pg_prefix)).isdisjoint(old)
             seqs = [s for _, s, _ in got.events]
             assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+async def test_postgres_backend_publishing_connections_terminated_then_publishing_works(
+    pg_prefix: str,
+) -> None:
+    async with (
+        connected_backend(pg_prefix) as (sender, _),
+        connected_backend(pg_prefix) as (receiver, got),
+    ):
+        with anyio.fail_after(10):
+            await receiver.subscribe(["g"])
+            conn = await asyncpg.connect(PG_DSN)
+            try:
+                killed = await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = $1",
+                    f"sseviews publish {pg_prefix}",
+                )
+            finally:
+                await conn.close()
+            assert killed >= 2  # the pools of both backends
+            await anyio.sleep(0.1)
+            # A dead pooled connection is replaced, or the publish says why: never a hang.
+            delivered = []
+            for seq in (1, 2):
+                try:
+                    await sender.deliver("g", seq, wire(seq, "after"))
+                    delivered.append(seq)
+                except BackendError:
+                    pass
+            await sender.deliver("g", 3, wire(3, "after"))
+            delivered.append(3)
+            await got.wait_events(len(delivered))
+            assert [s for _, s, _ in got.events] == delivered
+            # The listening connection was not touched.
+            assert got.failures == []
 
 
 async def test_postgres_backend_subscribe_while_reconnecting_raises(pg_prefix: str) -> None:

@@ -307,6 +307,7 @@ class PostgresBackend(LiveBackend):
                         # No named prepared statements: a pooler in transaction mode
                         # may run the next statement on another server connection.
                         statement_cache_size=0,
+                        server_settings={"application_name": f"sseviews publish {self.prefix}"},
                     )
                     await self._create_table()
             link = self._link = _Link(await self._open())
@@ -778,10 +779,9 @@ class PostgresBackend(LiveBackend):
                 event = self._confirming.pop(group, None)
                 if event is not None:
                     event.set()
-        if not statements:
-            return
-        async with asyncio.timeout(self.attempt_timeout):
-            await link.conn.execute(";".join(statements))
+        if statements:
+            async with asyncio.timeout(self.attempt_timeout):
+                await link.conn.execute(";".join(statements))
         for group in listened:
             if group in link.listening:
                 link.confirmed.add(group)
