@@ -534,6 +534,24 @@ async def test_postgres_backend_listen_url_bypasses_pgbouncer(
             assert got.events == [("g", seq, event) for seq, event in enumerate(sent, 1)]
 
 
+@pytest.mark.slow
+async def test_postgres_broadcast_behind_pgbouncer_with_listen_url_publishes_and_replays(
+    pg_prefix: str, pgbouncer: int
+) -> None:
+    pooled = f"postgresql+asyncpg://postgres@127.0.0.1:{pgbouncer}/test"
+    url = f"{pooled}?listen_url={PG_URL}"
+    one = Broadcast(url, prefix=pg_prefix)
+    two = Broadcast(url, prefix=pg_prefix)
+    async with one, two:
+        with anyio.fail_after(15):
+            first = await one.publish("room", "before")
+            async with two.subscribe("room", last_event_id=first) as sub:
+                ids = [await one.publish("room", text) for text in ("a", "b" * 9000, "c")]
+                events = [await sub.__anext__() for _ in ids]
+    assert [event.id for event in events] == ids
+    assert [len(event.data) for event in events] == [1, 9000, 1]
+
+
 # -- two processes -------------------------------------------------------------------------
 
 
