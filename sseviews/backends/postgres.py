@@ -25,6 +25,14 @@ what was asked while its previous command ran as one query of many `LISTEN` and
 `on_failure`, then reconnects with backoff and listens again to the groups still
 in use.
 
+Presence lives in two tables: `{prefix}_presence` (group, member, process,
+entry) and `{prefix}_presence_processes` (process -> the time its entries expire).
+A join or leave is one transaction that also sends its announcements (delivered
+at commit). Each process refreshes its own deadline with one heartbeat task;
+any process that finds another's deadline passed deletes that process's members
+and announces their leave, so the members of a killed process vanish within
+`presence_timeout`.
+
 Order per group: the history store assigns a group's ids one at a time and holds
 that serialisation until `deliver` returns, and `deliver`'s NOTIFY is committed
 before it returns. So the NOTIFY of event N commits before the one of N+1 is
@@ -822,7 +830,7 @@ class PostgresBackend(LiveBackend):
                     "SELECT g, $2, $3, $4, $5 FROM unnest($1::text[]) AS g "
                     "ON CONFLICT (grp, member) DO UPDATE SET process = excluded.process, "
                     "entry = excluded.entry, announce = excluded.announce",
-                    list(groups),
+                    list(dict.fromkeys(groups)),  # a row once: ON CONFLICT updates it once
                     member,
                     self._process,
                     entry,
