@@ -305,6 +305,12 @@ class PostgresBackend(LiveBackend):
         """
         if self._task is not None:
             raise RuntimeError("this PostgresBackend is already connected")
+        if not callable(getattr(asyncpg.Connection, "_process_notification", None)):
+            # The one asyncpg internal this backend relies on (see _ListenConnection).
+            raise RuntimeError(
+                f"asyncpg {asyncpg.__version__} no longer routes notifications through "
+                "Connection._process_notification: PostgresBackend needs asyncpg 0.29 to 0.32"
+            )
         try:
             with _errors(f"connecting to {_describe(self._dsn)}"):
                 async with asyncio.timeout(self.attempt_timeout):
