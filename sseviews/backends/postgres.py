@@ -309,7 +309,8 @@ class PostgresBackend(LiveBackend):
             # The one asyncpg internal this backend relies on (see _ListenConnection).
             raise RuntimeError(
                 f"asyncpg {asyncpg.__version__} no longer routes notifications through "
-                "Connection._process_notification: PostgresBackend needs asyncpg 0.29 to 0.32"
+                "Connection._process_notification, which PostgresBackend overrides "
+                "(tested with asyncpg 0.32)"
             )
         try:
             with _errors(f"connecting to {_describe(self._dsn)}"):
