@@ -118,6 +118,10 @@ class Attachment:
         self.epoch = epoch
 
 
+#: The URL schemes that select PostgreSQL as the live layer (and, by default, history).
+_POSTGRES_SCHEMES = ("postgresql", "postgresql+asyncpg", "postgres", "postgres+asyncpg")
+
+
 def _backend_for(url: str, prefix: str) -> LiveBackend:
     scheme = urlsplit(url).scheme
     if scheme == "memory":
@@ -128,8 +132,14 @@ def _backend_for(url: str, prefix: str) -> LiveBackend:
         from .backends.redis import RedisBackend
 
         return RedisBackend(url, prefix=prefix)
+    if scheme.split("+")[0] in ("postgresql", "postgres"):
+        # It says what it expects of a URL with another driver (+psycopg).
+        from .backends.postgres import PostgresBackend
+
+        return PostgresBackend(url, prefix=prefix)
     raise ValueError(
-        f"unsupported broadcast URL {url!r}: expected memory:// or redis://host:port/db"
+        f"unsupported broadcast URL {url!r}: expected memory://, redis://host:port/db "
+        "or postgresql+asyncpg://user@host:port/db"
     )
 
 
@@ -196,8 +206,11 @@ class Broadcast:
 
     Args:
         url: The live layer: `"memory://"` (one process, no setup),
-            `"redis://host:port/db"` (any number of processes and machines), or a
-            `LiveBackend` instance.
+            `"redis://host:port/db"` (any number of processes and machines),
+            `"postgresql+asyncpg://user@host/db"` (LISTEN/NOTIFY, with the history
+            in the same database by default: PostgreSQL only; a `listen_url=`
+            query parameter names a direct connection when the URL is a pooler),
+            or a `LiveBackend` instance.
         history: Where the replay log lives. By default `memory://` keeps a bounded
             log in memory and `redis://` keeps it in Redis Streams. Give
             `"sqlite+aiosqlite:///events.db"`, `"postgresql+asyncpg://..."` or a
@@ -255,7 +268,13 @@ class Broadcast:
         # Redis live + Redis history publish in one atomic script (ids in live order).
         self._fused = False
         if history is None:
-            fused = urlsplit(url_text).scheme in ("redis", "rediss", "unix")
+            scheme = urlsplit(url_text).scheme
+            fused = scheme in ("redis", "rediss", "unix")
+            if scheme in _POSTGRES_SCHEMES:
+                from .backends.postgres import history_url
+
+                # The history in the same database, without the live layer's options.
+                url_text = history_url(url_text)
             self.store = _store_for(
                 url_text,
                 prefix=prefix,
@@ -312,7 +331,7 @@ class Broadcast:
                 logger.warning(
                     "Broadcast('memory://') under %d worker processes: each worker has its "
                     "own groups and history, so events published in one worker never reach "
-                    "clients of the others. Use redis://host:port/db",
+                    "clients of the others. Use redis://host:port/db or postgresql+asyncpg://...",
                     workers,
                 )
 
