@@ -112,18 +112,23 @@ class Attachment:
         self.epoch = epoch
 
 
+# URL schemes of the Redis backend and store (plain, TLS, unix socket, Sentinel).
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+
+
 def _backend_for(url: str, prefix: str) -> LiveBackend:
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         from .backends.memory import MemoryBackend
 
         return MemoryBackend()
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in _REDIS_SCHEMES:
         from .backends.redis import RedisBackend
 
         return RedisBackend(url, prefix=prefix)
     raise ValueError(
-        f"unsupported broadcast URL {url!r}: expected memory:// or redis://host:port/db"
+        f"unsupported broadcast URL {url!r}: expected memory://, redis://host:port/db "
+        "or redis+sentinel://host:port[,host:port...]/service[/db]"
     )
 
 
@@ -141,7 +146,7 @@ def _store_for(
         from .stores.memory import MemoryStore
 
         return MemoryStore(retention=retention, max_age=max_age, idle_expiry=idle_expiry)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in _REDIS_SCHEMES:
         from .stores.redis import RedisStore
 
         return RedisStore(
@@ -190,7 +195,9 @@ class Broadcast:
 
     Args:
         url: The live layer: `"memory://"` (one process, no setup),
-            `"redis://host:port/db"` (any number of processes and machines), or a
+            `"redis://host:port/db"` (any number of processes and machines),
+            `"redis+sentinel://host:port[,host:port...]/service[/db]"` (Redis
+            with Sentinel, following its failovers), or a
             `LiveBackend` instance.
         history: Where the replay log lives. By default `memory://` keeps a bounded
             log in memory and `redis://` keeps it in Redis Streams. Give
@@ -249,7 +256,7 @@ class Broadcast:
         # Redis live + Redis history publish in one atomic script (ids in live order).
         self._fused = False
         if history is None:
-            fused = urlsplit(url_text).scheme in ("redis", "rediss", "unix")
+            fused = urlsplit(url_text).scheme in _REDIS_SCHEMES
             self.store = _store_for(
                 url_text,
                 prefix=prefix,

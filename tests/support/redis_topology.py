@@ -424,6 +424,21 @@ class SentinelGroup:
         master.kill()
         return master
 
+    def detach_replica(self) -> RedisNode:
+        """Point the replica at a port where nothing listens, and return it.
+
+        Writes to the master from then on never reach it: a replica lagging
+        behind, whose promotion loses those writes. `reattach_replica` undoes it.
+        """
+        replica = self.replica()
+        (nowhere,) = spare_ports(1)
+        replica.execute("REPLICAOF", HOST, nowhere)
+        return replica
+
+    def reattach_replica(self, replica: RedisNode, master: RedisNode) -> None:
+        """Point `replica` at `master` again (which may be dead: then it waits for it)."""
+        replica.execute("REPLICAOF", HOST, master.port)
+
     def wait_for_failover(self, old: RedisNode, seconds: float = SETTLE_TIMEOUT) -> RedisNode:
         """Wait until every sentinel names a new master that reports role:master; return it."""
 
