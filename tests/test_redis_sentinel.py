@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,9 @@ class Subscriber:
     connects: int = 0
     refused: int = 0
     last_id: str | None = None
+    #: Whether a stream is open now, and when it last sent anything (for failures).
+    streaming: bool = False
+    last_read: float = 0.0
     done: anyio.Event = field(default_factory=anyio.Event)
     subscribed: anyio.Event = field(default_factory=anyio.Event)
 
@@ -184,8 +188,10 @@ class Subscriber:
                         await response.aread()
                     else:
                         self.subscribed.set()
+                        self.streaming = True
                         parser = EventParser()
                         async for chunk in response.aiter_raw():
+                            self.last_read = time.monotonic()
                             for event in parser.feed(chunk):
                                 self.received.append(event)
                                 self.last_id = parser.last_event_id or self.last_id
@@ -194,6 +200,8 @@ class Subscriber:
                                     return
             except httpx.HTTPError:
                 pass
+            finally:
+                self.streaming = False
             await anyio.sleep(0.1)  # the app's retry: 100 ms
 
 
@@ -336,6 +344,7 @@ async def test_sentinel_failover_keeps_the_guarantee_for_subscribers_on_two_proc
     failed = 0
     via = a
     stop = anyio.Event()
+    stopped = anyio.Event()
     stats: dict[str, Any] = {}
 
     async def publisher() -> None:
@@ -352,14 +361,36 @@ async def test_sentinel_failover_keeps_the_guarantee_for_subscribers_on_two_proc
                 published.append(Published(room, event_id, data))
             n += 1
             await anyio.sleep(0.005)
+        stopped.set()
+
+    def progress() -> str:
+        now = time.monotonic()
+        clients = [
+            f"{s.name}: {len(s.received)} events, {s.connects} connects, done={s.done.is_set()}, "
+            f"streaming={s.streaming} (read {now - s.last_read:.1f}s ago), last_id={s.last_id}, "
+            f"last events {[(e.event, e.id, e.data) for e in s.received[-3:]]}"
+            for s in subscribers
+        ]
+        tail = [(p.room, p.id) for p in published[-4:]]
+        return f"{len(published)} published (last {tail}), {failed} failed, {stats}; {clients}"
+
+    @contextmanager
+    def within(seconds: float, what: str) -> Iterator[None]:
+        try:
+            with anyio.fail_after(seconds):
+                yield
+        except TimeoutError:
+            logs = "\n".join(f"--- {s.name}:\n{s.log()[-2000:]}" for s in (a, b))
+            raise AssertionError(f"{what}: not within {seconds}s; {progress()}\n{logs}") from None
 
     async def published_at_least(count: int) -> None:
-        await poll_until(lambda: len(published) >= count)
+        with within(FAILOVER_TIMEOUT, f"{count} events published"):
+            await poll_until(lambda: len(published) >= count)
 
     async with anyio.create_task_group() as tg:
         for subscriber in subscribers:
             tg.start_soon(subscriber.run, http)
-        with anyio.fail_after(TIMEOUT):
+        with within(TIMEOUT, "every subscriber subscribed"):
             for subscriber in subscribers:
                 await subscriber.subscribed.wait()
         tg.start_soon(publisher)
@@ -377,18 +408,33 @@ async def test_sentinel_failover_keeps_the_guarantee_for_subscribers_on_two_proc
             await anyio.to_thread.run_sync(sentinel_group.reattach_replica, replica, old)
         await anyio.to_thread.run_sync(sentinel_group.wait_for_failover, old, FAILOVER_TIMEOUT)
         stats["failover_s"] = round(time.monotonic() - started, 2)
-        await published_at_least(killed_at + 100)
+        await published_at_least(killed_at + 50)
+        # Publishing goes on until every subscriber is live again and has
+        # received 10 events published after the failover.
+        after = published[-1].data["n"]
+
+        def new_events(subscriber: Subscriber) -> int:
+            return sum(
+                1
+                for e in subscriber.received
+                if e.event is None and e.id is not None and e.json().get("n", -1) > after
+            )
+
+        with within(FAILOVER_TIMEOUT, "every subscriber live on the new master"):
+            await poll_until(lambda: all(new_events(s) >= 10 for s in subscribers))
         stop.set()
-        # The end marker, in each room, through each server in turn.
-        for n, room in enumerate(rooms):
-            with anyio.fail_after(TIMEOUT):
-                while True:
-                    if await post(http, (a, b)[n % 2], room, {"done": True}) is not None:
-                        break
-                    await anyio.sleep(0.1)
-        with anyio.fail_after(FAILOVER_TIMEOUT):
-            for subscriber in subscribers:
-                await subscriber.done.wait()
+        with within(TIMEOUT, "the publisher stopped"):
+            await stopped.wait()
+        # End markers, in each room, through each server in turn, until every
+        # subscriber has one: a subscriber that resubscribes after a marker was
+        # published gets a reset past it, and needs the next one.
+        with within(FAILOVER_TIMEOUT, "every subscriber received an end marker"):
+            n = 0
+            while not all(subscriber.done.is_set() for subscriber in subscribers):
+                room = rooms[n % 2]
+                await post(http, (a, b)[n // 2 % 2], room, {"done": True})
+                n += 1
+                await anyio.sleep(0.1)
         tg.cancel_scope.cancel()
 
     outcomes = [judge(subscriber, published) for subscriber in subscribers]

@@ -7,8 +7,9 @@ Keys, all under a configurable prefix (default `"sseviews"`):
   lagging replica), so an id is never issued twice.
 - `{prefix}:seq`: the cursor, a counter `INCR`ed for every event of every group.
 - `{prefix}:start`: the seq the current epoch started after.
-- `{prefix}:server`: the run id of the Redis server that issued the epoch's ids;
-  a failover to a replica (or a restart) changes it, which starts a new epoch.
+- `{prefix}:server`: the replication id of the Redis master that ran the last
+  script; a replica promoted by a failover has a new one (and this one as its
+  previous id), which starts a new epoch.
 - `{prefix}:g:{<group>}`: a stream per group; entry id `{seq}-0`, fields `w` (the
   wire bytes, `id:` line included) and `t` (Redis time in ms, for age retention).
 - `{prefix}:m:{<group>}`: a hash per group: `last` (the group's last seq) and
@@ -64,20 +65,24 @@ def group_key(prefix: str, kind: str, group: str) -> str:
 # epoch to start if needed, the groups' time to live in ms (0: none), the clock's
 # sampling interval in ms. It starts a new epoch when Redis has none (the history
 # was lost), when the cursor is below a seq this process has seen (a restored
-# snapshot), or when another Redis server issued the epoch (a replica promoted by
-# a failover, or a restart): asynchronous replication may have lost the newest
-# events, which other processes or browsers saw, and no process can tell which,
-# so their ids must never be issued again with other data.
+# snapshot), or when this server is a replica promoted since the last script ran
+# on its master (a failover): its replication id is new, and its previous one
+# (replid2) is the master's. Asynchronous replication may have lost the master's
+# newest events, which other processes or browsers saw, and no process can tell
+# which, so their ids must never be issued again with other data.
 _PRELUDE = """
 local epoch = redis.call('GET', KEYS[1])
 local head = tonumber(redis.call('GET', KEYS[2]) or '0')
-local info = redis.pcall('INFO', 'server')
-local server = nil
-if type(info) == 'string' then server = string.match(info, 'run_id:(%x+)') end
+local info = redis.pcall('INFO', 'replication')
+local server, previous = nil, nil
+if type(info) == 'string' then
+  server = string.match(info, 'master_replid:(%x+)')
+  previous = string.match(info, 'master_replid2:(%x+)')
+end
 local owner = redis.call('GET', KEYS[5])
 local renewed = 0
 if not epoch or (epoch == ARGV[1] and head < tonumber(ARGV[2]))
-    or (server and owner and owner ~= server) then
+    or (server and owner and owner ~= server and owner == previous) then
   -- The new epoch starts above every seq this process saw, so no stream entry
   -- that survived can be ahead of the counter.
   head = math.max(head, tonumber(ARGV[2]))
