@@ -1,7 +1,9 @@
 """Redis Sentinel: `redis+sentinel://` URLs, and streams that follow a failover.
 
 Runs against a real `SentinelGroup` (a master, a replica and 3 sentinels, see
-`tests/support/redis_topology.py`). The failover tests run the app of
+`tests/support/redis_topology.py`), and against plain `redis-server` pairs for the
+epoch rule (a promoted replica starts a new epoch, a restarted master keeps its
+own). The failover tests run the app of
 `tests/apps/multiprocess_app.py` in two uvicorn processes with subscribers on
 both, SIGKILL the master while events are being published, and check the
 guarantee: every event whose publish() returned an id reaches each subscriber
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,9 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
+import redis
 from redis_helpers import unique_prefix
-from support.redis_topology import RedisNode, SentinelGroup
+from support.redis_topology import RedisNode, SentinelGroup, spare_ports
 from test_multiprocess import Server, _start_servers
 
 from sseviews import Event
@@ -148,6 +151,74 @@ async def test_sentinel_backend_resubscribes_to_the_new_master_after_a_failover(
             await backend.disconnect()
     finally:
         await store.disconnect()
+
+
+# -- the epoch: a promoted replica starts a new one, a restarted master keeps it -----------
+
+
+async def test_redis_store_on_a_promoted_replica_starts_a_new_epoch(tmp_path: Path) -> None:
+    master_port, replica_port = spare_ports(2)
+    master = RedisNode(tmp_path, "master", master_port, [])
+    replica = RedisNode(tmp_path, "replica", replica_port, [])
+    master.start()
+    try:
+        replica.start("--replicaof", "127.0.0.1", str(master_port))
+        prefix = unique_prefix()
+        first = RedisStore(f"redis://127.0.0.1:{master_port}/0", prefix=prefix)
+        with anyio.fail_after(TIMEOUT):
+            await first.connect()
+            seqs = [await first.append("g", data(f"e{n}"), no_deliver) for n in range(3)]
+            await first.disconnect()
+        assert master.execute("WAIT", 1, 2000) == 1
+        # A failover as Sentinel runs it: the replica, fully in sync, becomes a master.
+        replica.execute("REPLICAOF", "NO", "ONE")
+        # A process that never saw the old master (no seq of its own) appends there.
+        second = RedisStore(f"redis://127.0.0.1:{replica_port}/0", prefix=prefix)
+        with anyio.fail_after(TIMEOUT):
+            await second.connect()
+            seq = await second.append("g", data("after"), no_deliver)
+            await second.disconnect()
+        assert second.epoch != first.epoch
+        assert seq == seqs[-1] + 1  # above every seq issued, under a new epoch
+        # A restart keeps it: the same server, no promotion.
+        third = RedisStore(f"redis://127.0.0.1:{replica_port}/0", prefix=prefix)
+        with anyio.fail_after(TIMEOUT):
+            await third.connect()
+            await third.append("g", data("again"), no_deliver)
+            await third.disconnect()
+        assert third.epoch == second.epoch
+    finally:
+        replica.kill()
+        master.kill()
+
+
+async def test_redis_store_on_a_restarted_master_keeps_its_epoch(tmp_path: Path) -> None:
+    (port,) = spare_ports(1)
+    node = RedisNode(tmp_path, "durable", port, ["appendonly yes", "appendfsync always"])
+    node.start()
+    try:
+        prefix = unique_prefix()
+        url = f"redis://127.0.0.1:{port}/0"
+        before = RedisStore(url, prefix=prefix)
+        with anyio.fail_after(TIMEOUT):
+            await before.connect()
+            seq = await before.append("g", data("before"), no_deliver)
+            await before.disconnect()
+        replid = node.info("replication")["master_replid"]
+        with suppress(redis.ConnectionError):
+            node.execute("SHUTDOWN")
+        node.kill()
+        node.start()
+        # A new replication id, but no promotion: nothing was lost, ids go on.
+        assert node.info("replication")["master_replid"] != replid
+        after = RedisStore(url, prefix=prefix)
+        with anyio.fail_after(TIMEOUT):
+            await after.connect()
+            assert await after.append("g", data("after"), no_deliver) == seq + 1
+            await after.disconnect()
+        assert after.epoch == before.epoch
+    finally:
+        node.kill()
 
 
 # -- two uvicorn processes: the failover guarantee ---------------------------------------
