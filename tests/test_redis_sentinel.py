@@ -169,7 +169,7 @@ async def test_redis_store_on_a_promoted_replica_starts_a_new_epoch(tmp_path: Pa
             await first.connect()
             seqs = [await first.append("g", data(f"e{n}"), no_deliver) for n in range(3)]
             await first.disconnect()
-        assert master.execute("WAIT", 1, 2000) == 1
+        assert master.wait_replicated() == 1
         # A failover as Sentinel runs it: the replica, fully in sync, becomes a master.
         replica.execute("REPLICAOF", "NO", "ONE")
         # A process that never saw the old master (no seq of its own) appends there.

@@ -45,7 +45,7 @@ def test_sentinel_group_reports_its_master_and_replica(sentinel_group: SentinelG
     assert replica.info("replication")["role"] == "slave"
     # A write on the master reaches the replica.
     master.execute("SET", "topology-probe", "1")
-    master.execute("WAIT", 1, 2000)
+    assert master.wait_replicated() == 1
     assert replica.execute("GET", "topology-probe") == "1"
     url = sentinel_group.url()
     assert url.startswith("redis+sentinel://") and url.endswith(f"/{sentinel_group.service}/0")
@@ -55,7 +55,7 @@ def test_sentinel_group_failover_promotes_the_replica(sentinel_group: SentinelGr
     replica = sentinel_group.replica()
     master = sentinel_group.master()
     master.execute("SET", "before-failover", "kept")
-    master.execute("WAIT", 1, 2000)
+    assert master.wait_replicated() == 1
     started = time.monotonic()
     killed = sentinel_group.kill_master()
     assert killed is master and not master.running
@@ -110,7 +110,7 @@ def test_redis_cluster_survives_a_master_kill(redis_cluster: RedisCluster) -> No
     key = key_in_slot_range(*ranges[0])
     with ClusterClient(host=HOST, port=redis_cluster.masters()[0].port, protocol=2) as client:
         client.set(key, "before")
-        victim.execute("WAIT", 1, 2000)
+        assert victim.wait_replicated(probe=f"{{{key}}}:probe") == 1
         started = time.monotonic()
         redis_cluster.kill_master(victim)
         redis_cluster.wait_for_failover(victim, replica, seconds=25)

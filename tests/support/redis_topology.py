@@ -25,6 +25,7 @@ from async tests with `anyio.to_thread.run_sync`.
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -49,6 +50,8 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
+#: Set this environment variable to keep the topologies' logs and files after a run.
+KEEP_ENV = "SSEVIEWS_KEEP_TOPOLOGY"
 #: Bound on starting a topology, or on any one wait for it to settle.
 SETTLE_TIMEOUT = 30.0
 
@@ -199,6 +202,20 @@ class RedisNode:
         with self.client() as client:
             return _decode(client.execute_command(*args))
 
+    def wait_replicated(
+        self, replicas: int = 1, timeout_ms: int = 5000, probe: str = "replication-probe"
+    ) -> int:
+        """Wait until `replicas` replicas have everything written to this master so far;
+        return how many have.
+
+        `WAIT` counts only what its own connection wrote, so this writes the key
+        `probe` first, on the same connection (on a cluster node, give a key of
+        its own slots).
+        """
+        with self.client() as client:
+            client.set(probe, "1")
+            return int(client.execute_command("WAIT", replicas, timeout_ms))
+
     def info(self, section: str) -> dict[str, Any]:
         """`INFO section`, parsed by redis-py (`slave0` is a dict, numbers are ints)."""
         with self.client() as client:
@@ -325,7 +342,7 @@ class SentinelGroup:
         """Kill every process of the group (sentinels first), and remove its directory."""
         for node in [*self.sentinels, *self.nodes]:
             node.kill()
-        if remove:
+        if remove and not os.environ.get(KEEP_ENV):
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def heal(self) -> None:
@@ -550,7 +567,7 @@ class RedisCluster:
         """Kill every node, and remove the directory."""
         for node in self.nodes:
             node.kill()
-        if remove:
+        if remove and not os.environ.get(KEEP_ENV):
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def heal(self) -> None:
