@@ -273,7 +273,9 @@ class SentinelGroup:
     Args:
         directory: Where configuration files, data and logs go (removed by `stop`).
         down_after_ms: How long a master must be silent before a sentinel
-            considers it down (`down-after-milliseconds`).
+            considers it down (`down-after-milliseconds`). At 1000, a loaded
+            machine made sentinels think a just-promoted master was down, and
+            fail over again.
         failover_timeout_ms: The sentinels' `failover-timeout`.
     """
 
@@ -281,7 +283,7 @@ class SentinelGroup:
     service = "sseviews"
 
     def __init__(
-        self, directory: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000
+        self, directory: Path, *, down_after_ms: int = 2000, failover_timeout_ms: int = 4000
     ) -> None:
         self.directory = directory
         self.down_after_ms = down_after_ms
