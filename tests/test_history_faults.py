@@ -313,19 +313,21 @@ async def test_history_redis_idle_groups_expire() -> None:
                 assert await broadcast.store.head() == 20_000
 
                 async def expired() -> bool:
-                    return len(await keys_under(prefix)) <= 3
+                    return len(await keys_under(prefix)) <= 4
 
                 await eventually(expired, every=0.2)
                 left = await keys_under(prefix)
                 async with broadcast.subscribe("g0", last_event_id=first) as sub:
                     (reset,) = await take(sub, 1)
             assert (reset.event, reset.json()["reason"]) == (RESET_EVENT, "expired")
-            assert left == [f"{prefix}:{name}".encode() for name in ("epoch", "seq", "start")]
+            assert left == [
+                f"{prefix}:{name}".encode() for name in ("epoch", "seq", "server", "start")
+            ]
     finally:
         await delete_prefix(prefix)
     print(
         f"\nFIGURE Redis, 20,000 groups published once, max_age=1: {published} keys "
-        "when the last was published, 3 after expiry"
+        "when the last was published, 4 after expiry"
     )
 
 
@@ -333,7 +335,7 @@ async def test_history_redis_idle_groups_expire() -> None:
 
 
 def _all_keys(prefix: str, group: str) -> list[str]:
-    fixed = [f"{prefix}:{name}" for name in ("epoch", "seq", "start", "clock")]
+    fixed = [f"{prefix}:{name}" for name in ("epoch", "seq", "start", "clock", "server")]
     return [*fixed, group_key(prefix, "g", group), group_key(prefix, "m", group)]
 
 

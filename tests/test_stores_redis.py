@@ -239,7 +239,7 @@ async def test_redis_store_keys_all_carry_the_prefix(prefix: str) -> None:
         await store.append("room:1", data("2"), no_deliver)
         await store.disconnect()
         keys = await keys_under(prefix)
-    names = ("clock", "epoch", "g:{room%3A1}", "m:{room%3A1}", "seq", "start")
+    names = ("clock", "epoch", "g:{room%3A1}", "m:{room%3A1}", "seq", "server", "start")
     assert keys == [f"{prefix}:{name}".encode() for name in names]
 
 

@@ -7,6 +7,9 @@ Keys, all under a configurable prefix (default `"sseviews"`):
   lagging replica), so an id is never issued twice.
 - `{prefix}:seq`: the cursor, a counter `INCR`ed for every event of every group.
 - `{prefix}:start`: the seq the current epoch started after.
+- `{prefix}:server`: the replication id of the Redis master that ran the last
+  script; a replica promoted by a failover has a new one (and this one as its
+  previous id), which starts a new epoch.
 - `{prefix}:g:{<group>}`: a stream per group; entry id `{seq}-0`, fields `w` (the
   wire bytes, `id:` line included) and `t` (Redis time in ms, for age retention).
 - `{prefix}:m:{<group>}`: a hash per group: `last` (the group's last seq) and
@@ -38,7 +41,7 @@ import redis.asyncio
 from redis.exceptions import ResponseError
 
 from .._exceptions import BackendError
-from .._redis import describe, group_key, open_client, redis_errors
+from .._redis import check_not_cluster, close_client, describe, group_key, open_client, redis_errors
 from .base import Deliver, HistoryStore, Page, check_idle_expiry, id_line, new_epoch
 
 __all__ = ["RedisStore", "group_key"]
@@ -48,17 +51,29 @@ logger = logging.getLogger("sseviews.redis")
 _EPOCH = re.compile(rb"[0-9a-f]{8}")
 
 
-# Every script starts with this. KEYS[1..4]: epoch, seq, start, clock.
+# Every script starts with this. KEYS[1..5]: epoch, seq, start, clock, server.
 # ARGV[1..5]: the epoch this process knows, the highest seq it has seen in it, an
 # epoch to start if needed, the groups' time to live in ms (0: none), the clock's
 # sampling interval in ms. It starts a new epoch when Redis has none (the history
-# was lost) or when the cursor is below a seq this process has seen (a restored
-# snapshot or a failover): otherwise ids would be issued again.
+# was lost), when the cursor is below a seq this process has seen (a restored
+# snapshot), or when this server is a replica promoted since the last script ran
+# on its master (a failover): its replication id is new, and its previous one
+# (replid2) is the master's. Asynchronous replication may have lost the master's
+# newest events, which other processes or browsers saw, and no process can tell
+# which, so their ids must never be issued again with other data.
 _PRELUDE = """
 local epoch = redis.call('GET', KEYS[1])
 local head = tonumber(redis.call('GET', KEYS[2]) or '0')
+local info = redis.pcall('INFO', 'replication')
+local server, previous = nil, nil
+if type(info) == 'string' then
+  server = string.match(info, 'master_replid:(%x+)')
+  previous = string.match(info, 'master_replid2:(%x+)')
+end
+local owner = redis.call('GET', KEYS[5])
 local renewed = 0
-if not epoch or (epoch == ARGV[1] and head < tonumber(ARGV[2])) then
+if not epoch or (epoch == ARGV[1] and head < tonumber(ARGV[2]))
+    or (server and owner and owner ~= server and owner == previous) then
   -- The new epoch starts above every seq this process saw, so no stream entry
   -- that survived can be ahead of the counter.
   head = math.max(head, tonumber(ARGV[2]))
@@ -68,13 +83,14 @@ if not epoch or (epoch == ARGV[1] and head < tonumber(ARGV[2])) then
   redis.call('SET', KEYS[3], string.format('%d', head))
   renewed = 1
 end
+if server and owner ~= server then redis.call('SET', KEYS[5], server) end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local ttl = tonumber(ARGV[4])
 """
 
 # Takes the next seq, stores the event and trims its group, atomically.
-# KEYS[5..6]: group stream, group meta. ARGV[6..9]: wire (without id line),
+# KEYS[6..7]: group stream, group meta. ARGV[6..9]: wire (without id line),
 # retention (0: none), max age in ms (0: none), the group's live channel ('': don't publish).
 _APPEND = (
     _PRELUDE
@@ -92,17 +108,17 @@ if ttl > 0 then
 end
 local seq = string.format('%d', redis.call('INCR', KEYS[2]))
 local wire = 'id: ' .. epoch .. '-' .. seq .. '\\n' .. ARGV[6]
-redis.call('XADD', KEYS[5], seq .. '-0', 'w', wire, 't', now)
-redis.call('HSET', KEYS[6], 'last', seq)
+redis.call('XADD', KEYS[6], seq .. '-0', 'w', wire, 't', now)
+redis.call('HSET', KEYS[7], 'last', seq)
 
 -- The highest seq removed from this group; Redis does not report what XTRIM
 -- removed, so find it before removing with XTRIM MINID.
 local trimmed = nil
 local retention = tonumber(ARGV[7])
 if retention > 0 then
-  local excess = redis.call('XLEN', KEYS[5]) - retention
+  local excess = redis.call('XLEN', KEYS[6]) - retention
   if excess > 0 then
-    local oldest = redis.call('XRANGE', KEYS[5], '-', '+', 'COUNT', excess)
+    local oldest = redis.call('XRANGE', KEYS[6], '-', '+', 'COUNT', excess)
     trimmed = oldest[#oldest][1]
   end
 end
@@ -115,7 +131,7 @@ if max_age > 0 then
   local count = 1
   local done = false
   while not done do
-    local batch = redis.call('XRANGE', KEYS[5], start, '+', 'COUNT', count)
+    local batch = redis.call('XRANGE', KEYS[6], start, '+', 'COUNT', count)
     for _, entry in ipairs(batch) do
       if tonumber(entry[2][4]) >= cutoff then
         done = true
@@ -130,15 +146,15 @@ if max_age > 0 then
 end
 if trimmed then
   local trimmed_seq = tonumber(string.match(trimmed, '^%d+'))
-  redis.call('XTRIM', KEYS[5], 'MINID', string.format('%d-0', trimmed_seq + 1))
-  local mark = redis.call('HGET', KEYS[6], 'trim')
+  redis.call('XTRIM', KEYS[6], 'MINID', string.format('%d-0', trimmed_seq + 1))
+  local mark = redis.call('HGET', KEYS[7], 'trim')
   if not mark or tonumber(mark) < trimmed_seq then
-    redis.call('HSET', KEYS[6], 'trim', string.format('%d', trimmed_seq))
+    redis.call('HSET', KEYS[7], 'trim', string.format('%d', trimmed_seq))
   end
 end
 if ttl > 0 then
-  redis.call('PEXPIRE', KEYS[5], ttl)
   redis.call('PEXPIRE', KEYS[6], ttl)
+  redis.call('PEXPIRE', KEYS[7], ttl)
 end
 
 if ARGV[9] ~= '' then
@@ -149,7 +165,7 @@ return {seq, epoch, renewed}
 )
 
 # Reads what follows a cursor in some groups, atomically, or reports it expired.
-# KEYS[5..]: per group, its stream then its meta. ARGV[6..7]: first stream id to
+# KEYS[6..]: per group, its stream then its meta. ARGV[6..7]: first stream id to
 # read ('{after+1}-0'), after. ARGV[8]: max age in ms (0: none). ARGV[9]: '1' when
 # Redis may evict these keys. ARGV[10]: last stream id to read ('+', or
 # '{upto}-0'). ARGV[11]: bytes in a page (0: read everything, unordered).
@@ -178,7 +194,7 @@ local function group_floor()
   end
   return floor
 end
-for i = 5, #KEYS, 2 do
+for i = 6, #KEYS, 2 do
   local meta = redis.call('HMGET', KEYS[i + 1], 'last', 'trim')
   local last, trim = tonumber(meta[1]), tonumber(meta[2])
   local newest = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
@@ -204,7 +220,7 @@ local last_id = ARGV[10]
 local budget = tonumber(ARGV[11])
 local out = {epoch, 0, 0, '0'}
 if budget == 0 then
-  for i = 5, #KEYS, 2 do
+  for i = 6, #KEYS, 2 do
     local entries = redis.call('XRANGE', KEYS[i], ARGV[6], last_id)
     for _, entry in ipairs(entries) do
       -- Expired by age but not trimmed yet (no append since): trimmed all the same.
@@ -235,7 +251,7 @@ local function advance(run)
   end
   run.seq = tonumber(string.match(run.entries[run.at][1], '^%d+'))
 end
-for i = 5, #KEYS, 2 do
+for i = 6, #KEYS, 2 do
   local run = {key = KEYS[i], at = 1}
   run.entries = redis.call('XRANGE', KEYS[i], ARGV[6], last_id, 'COUNT', batch)
   advance(run)
@@ -286,7 +302,9 @@ class RedisStore(HistoryStore):
     long a call waits for an unresponsive server.
 
     Args:
-        url_or_client: A `redis://host:port/db` URL, or a ready
+        url_or_client: A `redis://host:port/db` URL, a
+            `redis+sentinel://host:port[,host:port...]/service[/db]` URL (the
+            store follows the master through failovers), or a ready
             `redis.asyncio.Redis` client (which the store does not close). The
             client must not use `decode_responses=True`.
         prefix: Prefix of every key, so several apps (or tests) share one Redis.
@@ -349,7 +367,13 @@ class RedisStore(HistoryStore):
         # About 64 clock samples per time to live: a cursor at most 1/64 of it older
         # than the group's expiry may get a reset it did not need.
         self._interval_ms = max(10, self._ttl_ms // 64)
-        self._meta_keys = [f"{prefix}:epoch", f"{prefix}:seq", f"{prefix}:start", f"{prefix}:clock"]
+        self._meta_keys = [
+            f"{prefix}:epoch",
+            f"{prefix}:seq",
+            f"{prefix}:start",
+            f"{prefix}:clock",
+            f"{prefix}:server",
+        ]
         self._where = describe(self._client)
         self._append = self._client.register_script(_APPEND)
         self._read = self._client.register_script(_READ)
@@ -403,6 +427,7 @@ class RedisStore(HistoryStore):
         """
         try:
             with redis_errors(f"connecting to {self._where}"):
+                await check_not_cluster(self._client, self._where)
                 raw_head, raw_epoch, _ = await self._head(
                     keys=self._meta_keys, args=self._prelude_args()
                 )
@@ -412,7 +437,7 @@ class RedisStore(HistoryStore):
         except BaseException:
             if self._owned:
                 with anyio.move_on_after(1, shield=True):
-                    await self._client.aclose()
+                    await close_client(self._client)
             raise
 
     async def _check_eviction(self) -> None:
@@ -453,7 +478,7 @@ class RedisStore(HistoryStore):
         """Close the client if the store created it from a URL."""
         if self._owned:
             with anyio.move_on_after(1, shield=True):
-                await self._client.aclose()
+                await close_client(self._client)
 
     async def append(self, group: str, wire: bytes, deliver: Deliver) -> int:
         """Store one event in Redis, trim its group, and return its seq.
