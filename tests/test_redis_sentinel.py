@@ -100,6 +100,8 @@ async def test_sentinel_store_and_backend_publish_and_receive(
     try:
         await backend.connect(recorder.dispatch, recorder.on_failure)
         try:
+            # A process receives the groups its streams use: subscribe first.
+            await backend.subscribe(["g"])
             seqs = [await store.append("g", data(f"e{n}"), no_deliver) for n in range(3)]
             await recorder.wait_for("3 events", lambda: len(recorder.events) == 3)
             assert [seq for _, seq, _ in recorder.events] == seqs
@@ -124,6 +126,7 @@ async def test_sentinel_backend_resubscribes_to_the_new_master_after_a_failover(
     try:
         await backend.connect(recorder.dispatch, recorder.on_failure)
         try:
+            await backend.subscribe(["g"])
             await store.append("g", data("before"), no_deliver)
             await recorder.wait_for("the first event", lambda: len(recorder.events) == 1)
             old = await anyio.to_thread.run_sync(sentinel_group.kill_master)
@@ -146,7 +149,7 @@ async def test_sentinel_backend_resubscribes_to_the_new_master_after_a_failover(
             assert recorder.events[-1][1] == seq
             assert b"after" in recorder.events[-1][2]
             channels = new.execute("PUBSUB", "CHANNELS", f"{prefix}:*")
-            assert channels == [f"{prefix}:live"]
+            assert channels == [f"{prefix}:live:{{g}}"]  # the group's channel, resubscribed
         finally:
             await backend.disconnect()
     finally:
