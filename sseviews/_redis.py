@@ -188,6 +188,13 @@ def _sentinel_client(url: str) -> redis.asyncio.Redis:
     return client
 
 
+#: Most connections that a client made from a URL opens; more concurrent
+#: commands wait for one (`?max_connections=N` in the URL changes it).
+MAX_CONNECTIONS = 64
+#: Seconds a command waits for a free connection before it fails (BackendError).
+POOL_TIMEOUT = 10.0
+
+
 # Returns (client, owned): a client made from a URL is ours to close.
 def open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio.Redis, bool]:
     if isinstance(url_or_client, redis.asyncio.Redis):
@@ -210,7 +217,18 @@ def open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio
     # RESP3 redis-py 8 enables maintenance notifications and then stops checking
     # pooled connections, so the first command after a Redis restart would fail;
     # with RESP2 the pool replaces connections that the server closed.
-    client = redis.asyncio.Redis.from_url(url_or_client, retry=Retry(NoBackoff(), 0), protocol=2)
+    # A bounded pool that makes a command wait for a free connection: redis-py's
+    # default pool refuses the 101st concurrent command ("Too many connections"),
+    # so a burst of publishes would fail. `?max_connections=` in the URL overrides.
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url_or_client,
+        retry=Retry(NoBackoff(), 0),
+        protocol=2,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_TIMEOUT,
+    )
+    client = redis.asyncio.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
     return client, True
 
 

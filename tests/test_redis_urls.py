@@ -144,3 +144,34 @@ async def test_redis_url_of_a_cluster_node_is_refused_naming_redis_cluster(
         with pytest.raises(BackendError, match=r"redis\+cluster://"):
             await backend.connect(lambda group, seq, wire: None, lambda error: None)
         assert not backend.healthy
+
+
+async def test_redis_url_client_waits_for_a_free_connection_under_a_burst() -> None:
+    # redis-py's default pool refuses the 101st concurrent command; a burst of
+    # publishes must wait for a connection instead, within a bounded pool.
+    from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
+
+    prefix = unique_prefix()
+    broadcast = Broadcast(REDIS_URL, prefix=prefix)
+    try:
+        with anyio.fail_after(30):
+            async with broadcast:
+                ids: list[str] = []
+
+                async def publish(n: int) -> None:
+                    ids.append(await broadcast.publish("burst", {"n": n}))
+
+                async with anyio.create_task_group() as tg:
+                    for n in range(300):
+                        tg.start_soon(publish, n)
+                assert len(set(ids)) == 300
+                pool = broadcast.store._client.connection_pool  # type: ignore[attr-defined]
+                assert pool.max_connections == 64
+    finally:
+        await delete_prefix(prefix)
+
+
+def test_redis_url_max_connections_can_be_set_in_the_url() -> None:
+    client, owned = open_client("redis://127.0.0.1:6379/0?max_connections=200")
+    assert owned
+    assert client.connection_pool.max_connections == 200
