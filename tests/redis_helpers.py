@@ -50,9 +50,10 @@ async def redis_client(url: str = REDIS_URL) -> AsyncIterator[redis.asyncio.Redi
 class RedisServer:
     """A `redis-server` subprocess on 127.0.0.1, without persistence."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *args: str) -> None:
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
+        self.args = args  # more redis-server options
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -69,6 +70,7 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "no",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
