@@ -12,7 +12,7 @@ Routes:
   the view streams its group, with `Last-Event-ID` replay);
 - `POST /rooms/{room}` publishes the JSON body to that group and answers
   `{"id": ...}` with the id the broadcast assigned;
-- `GET /health` answers `{"pid": ..., "epoch": ...}` once the lifespan has
+- `GET /health` answers `{"pid": ...}` once the lifespan has
   connected the broadcast.
 """
 
@@ -60,7 +60,7 @@ async def publish(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    return JSONResponse({"pid": os.getpid(), "epoch": broadcast.epoch})
+    return JSONResponse({"pid": os.getpid()})
 
 
 @asynccontextmanager
