@@ -249,7 +249,10 @@ class RedisStore(HistoryStore):
         publish: bool = False,
     ) -> None:
         if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
-            raise ValueError(f"prefix must be a non-empty str without {{ or }}, got {prefix!r}")
+            raise ValueError(
+                f"prefix must be a non-empty str without {{ or }}, got {prefix!r}: each "
+                "group's keys carry their own hash tag, so a prefix needs none"
+            )
         if retention is not None and (
             isinstance(retention, bool) or not isinstance(retention, int) or retention < 1
         ):
