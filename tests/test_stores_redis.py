@@ -202,6 +202,30 @@ async def test_redis_store_counter_below_a_seen_seq_starts_a_new_epoch_and_warns
     assert await store.read("a", Position(old.epoch, 2)) is None
 
 
+async def test_redis_store_keys_of_the_previous_format_are_replaced_by_a_new_epoch(
+    store: RedisStore, prefix: str
+) -> None:
+    """Before per-group ids, a group's hash had no epoch and its stream held seqs of
+    the store-wide counter: the group starts a new epoch, and none of it is replayed."""
+    meta, stream = group_key(prefix, "m", "a"), group_key(prefix, "g", "a")
+    async with redis_client() as client:
+        await client.set(f"{prefix}:epoch", "0badcafe")
+        await client.set(f"{prefix}:seq", 42)
+        await client.xadd(stream, {"w": b"id: 0badcafe-42\ndata: old\n\n", "t": 0}, id="42-0")
+        await client.hset(meta, mapping={"last": 42, "trim": 40})
+    with anyio.fail_after(5):
+        assert await store.read("a", Position("0badcafe", 41)) is None
+        head = await store.head("a")
+        assert head.seq == 0
+        assert head.epoch != "0badcafe"
+        assert await store.append("a", data("new"), no_deliver) == Position(head.epoch, 1)
+        assert await read(store, "a", 0) == [(1, id_line(head.epoch, 1) + data("new"))]
+    async with redis_client() as client:
+        assert await client.hgetall(meta) == {b"epoch": head.epoch.encode(), b"last": b"1"}
+        # The store-wide keys are not read, and not touched.
+        assert await client.get(f"{prefix}:seq") == b"42"
+
+
 # -- reading after a cursor ----------------------------------------------------------
 
 
