@@ -297,6 +297,7 @@ class Broadcast:
                 f"history must be a URL str, a HistoryStore or None, got {type(history).__name__}"
             )
         self._hub: dict[str, set[Subscription]] = {}
+        self._epochs: dict[bytes, bytes] = {}  # each epoch seen live, as one object
         self._connected = False
         # Presence connection ids: this broadcast's random name, then a counter.
         self._member_ids = map(f"{secrets.token_hex(6)}-{{}}".format, itertools.count(1))
@@ -478,7 +479,17 @@ class Broadcast:
     def _dispatch(self, group: str, seq: int, wire: bytes) -> None:
         sinks = self._hub.get(group)
         if sinks:
-            delivery = Delivery(group, seq, wire)
+            epoch = b""
+            if seq != EPHEMERAL_SEQ:
+                # One object per epoch, so subscriptions compare epochs by identity.
+                raw = wire[4:12]
+                epochs = self._epochs
+                epoch = epochs.get(raw, raw)
+                if epoch is raw:
+                    if len(epochs) >= 4096:
+                        epochs.clear()
+                    epochs[raw] = raw
+            delivery = Delivery(group, seq, wire, epoch)
             for sink in sinks:
                 sink.offer(delivery)
 
@@ -638,12 +649,14 @@ class Delivery:
 
     __slots__ = ("_event", "epoch", "group", "seq", "wire")
 
-    def __init__(self, group: str, seq: int, wire: bytes) -> None:
+    def __init__(self, group: str, seq: int, wire: bytes, epoch: bytes | None = None) -> None:
         self.group = group
         self.seq = seq
         self.wire = wire
         # The epoch in the wire's `id: <epoch>-<seq>` line (none for an ephemeral event).
-        self.epoch = wire[4:12] if seq != EPHEMERAL_SEQ else b""
+        if epoch is None:
+            epoch = wire[4:12] if seq != EPHEMERAL_SEQ else b""
+        self.epoch = epoch
         self._event: Event | None = None
 
     def event(self) -> Event:
@@ -676,7 +689,9 @@ class Subscription:
         "_broadcast",
         "_by_group",
         "_bytes",
+        "_epoch",
         "_error",
+        "_floor",
         "_groups",
         "_lane",
         "_lanes",
@@ -708,6 +723,9 @@ class Subscription:
         self._lane: _Lane | None = None
         self._by_group: dict[str, _Lane] | None = None
         self._replay: list[_Lane] = []  # the lanes whose replay is still to read
+        # Live, one group: the epoch object of its last event, and its seq.
+        self._epoch: bytes | None = None
+        self._floor = 0
         self._error: BaseException | None = None
         self._waiter: Waiter | None = None
         self._broadcast: Broadcast | None = None
@@ -729,19 +747,13 @@ class Subscription:
         seq = delivery.seq
         # An ephemeral event (seq 0: join/leave) has no id and is never a duplicate.
         if seq != EPHEMERAL_SEQ:
-            lane = self._lane
-            if lane is not None:
-                if delivery.epoch == lane.epoch:
-                    if seq <= lane.floor:
-                        return
-                    if self._started:
-                        lane.floor = seq
-                elif self._started:
-                    # The group started a new epoch (its history was lost): go on in it.
-                    lane.epoch = delivery.epoch
-                    lane.floor = seq
-            elif self._by_group is not None:
-                self._offer_composite(delivery)
+            if delivery.epoch is self._epoch:
+                # One group, live, in the epoch of its last event (the broadcast hands
+                # every subscription the same epoch object): the hot path.
+                if seq <= self._floor:
+                    return
+                self._floor = seq
+            elif not self._offer_other(delivery):
                 return
         live = self._live
         live.append(delivery)
@@ -757,6 +769,28 @@ class Subscription:
                 waiter = self._waiter
                 if waiter is not None:
                     waiter.wake()
+
+    def _offer_other(self, delivery: Delivery) -> bool:
+        """The rest of `offer` for a stored event: True to queue it as it is."""
+        lane = self._lane
+        if lane is None:
+            if self._by_group is not None:
+                self._offer_composite(delivery)
+                return False
+            return True  # attaching: held until the lanes are known
+        epoch, seq = delivery.epoch, delivery.seq
+        if not self._started:
+            return epoch != lane.epoch or seq > lane.floor
+        if epoch == lane.epoch:
+            if seq <= self._floor:
+                self._epoch = epoch
+                return False
+        else:
+            # The group started a new epoch (its history was lost): go on in it.
+            lane.epoch = epoch
+        self._epoch = epoch
+        self._floor = seq
+        return True
 
     def _offer_composite(self, delivery: Delivery) -> None:
         """`offer` for a subscription of several groups: the event gets the stream's id."""
@@ -869,6 +903,11 @@ class Subscription:
         self._live = ready
         self._bytes = sum(len(delivery.wire) for delivery in ready)
         self._replay = []
+        lane = self._lane
+        if lane is not None:
+            # The next offer, checked against the lane, sets the epoch to compare with.
+            self._epoch = None
+            self._floor = lane.floor
         self._started = True
         return ready
 

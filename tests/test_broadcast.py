@@ -736,3 +736,26 @@ async def test_subscriber_count_follows_subscriptions(broadcast: Broadcast) -> N
         assert broadcast.subscriber_count == 3
     assert broadcast.subscriber_count == 0
     assert broadcast._hub == {}
+
+
+async def test_subscription_goes_on_in_a_new_epoch_of_its_group_live(broadcast: Broadcast) -> None:
+    """A group whose history was lost starts a new epoch from 1 while streams are
+    live: its events are new, never taken for duplicates of the old epoch's."""
+    async with broadcast.subscribe("a") as one, broadcast.subscribe("a", "b") as two:
+        old = await broadcast.publish("a", "old")
+        b = await broadcast.last_id("b")
+        assert [e.id for e in await take(one, 1)] == [old]
+        assert [e.id for e in await take(two, 1)] == [f"{old}.{b}"]
+        store = broadcast.store
+        assert isinstance(store, MemoryStore)
+        del store._groups["a"]  # as if the group expired
+        new = await broadcast.publish("a", "new")
+        again = await broadcast.publish("a", "again")
+        assert new[:8] != old[:8]
+        assert seq_of(new) == 1
+        assert [e.id for e in await take(one, 2)] == [new, again]
+        assert [e.id for e in await take(two, 2)] == [f"{new}.{b}", f"{again}.{b}"]
+        # A replayed copy of an event already sent is still a duplicate.
+        broadcast._dispatch("a", 1, f"id: {new}\ndata: copy\n\n".encode())
+        assert await nothing_more(one)
+        assert await nothing_more(two)
