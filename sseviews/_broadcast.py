@@ -722,7 +722,7 @@ class Subscription:
         self._lanes: list[_Lane] = []
         self._lane: _Lane | None = None
         self._by_group: dict[str, _Lane] | None = None
-        self._replay: list[_Lane] = []  # the lanes whose replay is still to read
+        self._replay: list[_Lane] = _NO_LANES  # the lanes whose replay is still to read
         # Live, one group: the epoch object of its last event, and its seq.
         self._epoch: bytes | None = None
         self._floor = 0
@@ -856,8 +856,9 @@ class Subscription:
             lane.floor = lane.upto
         if attachment.reset is not None:
             self._backlog = [attachment.reset.encode()]
-        self._replay = [lane for lane in lanes if lane.cursor < lane.upto]
-        if self._replay:
+        replay = [lane for lane in lanes if lane.cursor < lane.upto]
+        if replay:
+            self._replay = replay
             self._hold()
             self._ready()
             return
@@ -902,7 +903,7 @@ class Subscription:
             ready.append(delivery)
         self._live = ready
         self._bytes = sum(len(delivery.wire) for delivery in ready)
-        self._replay = []
+        self._replay = _NO_LANES
         lane = self._lane
         if lane is not None:
             # The next offer, checked against the lane, sets the epoch to compare with.
@@ -933,7 +934,7 @@ class Subscription:
         elif end > lane.cursor:
             lane.cursor = end
         else:
-            self._replay = []
+            self._replay = _NO_LANES
             self.fail(
                 BackendError(
                     f"the history store's page of {lane.group!r} after {lane.cursor} ends at {end}"
@@ -952,7 +953,7 @@ class Subscription:
         after = Position(lane.epoch.decode(), lane.cursor)
         page = await broadcast._read_page(self, lane.group, after, lane.upto)
         if self._error is not None or self._broadcast is None:
-            self._replay = []  # failed or closed meanwhile
+            self._replay = _NO_LANES  # failed or closed meanwhile
             return
         if page is not None:
             self._queue_page(lane, page)
@@ -960,7 +961,7 @@ class Subscription:
         # Events the replay had not reached yet were dropped meanwhile.
         heads = await broadcast._heads([lane.group for lane in self._lanes])
         if self._error is not None or self._broadcast is None:
-            self._replay = []
+            self._replay = _NO_LANES
             return
         index = self._lanes.index(lane)
         reason = "expired" if heads[index].epoch == after.epoch else "unknown_epoch"
@@ -995,12 +996,12 @@ class Subscription:
             return
         broadcast = self._broadcast
         if broadcast is None or self._error is not None:
-            self._replay = []  # closed or failed: nothing more to read
+            self._replay = _NO_LANES  # closed or failed: nothing more to read
             return
         try:
             await self._read_next(broadcast)
         except (BackendError, BroadcastNotConnected) as error:
-            self._replay = []
+            self._replay = _NO_LANES
             logger.warning("reading the replay from the history failed: %s", error)
             self.fail(error)
 
@@ -1066,6 +1067,7 @@ class Subscription:
 
 
 _EMPTY: list[bytes] = []  # shared by every subscription with no replay; never mutated
+_NO_LANES: list[_Lane] = []  # the same, for the lanes left to replay
 
 
 async def open_subscription(

@@ -176,6 +176,31 @@ async def test_view_duplicate_groups_are_joined_once() -> None:
             assert await nothing_more(stream)
 
 
+def test_view_max_groups_is_at_most_what_an_id_can_carry() -> None:
+    assert type("Most", (EventStreamView,), {"max_groups": 256}).max_groups == 256
+    with pytest.raises(ValueError, match="max_groups must be <= 256"):
+        type("TooMany", (EventStreamView,), {"max_groups": 257})
+
+
+async def test_view_of_the_most_groups_resumes_from_its_composite_id() -> None:
+    broadcast = Broadcast("memory://")
+    groups = [f"g{n:03}" for n in range(256)]
+    view = room_view(broadcast, groups=groups, max_groups=256)
+    app = app_for(broadcast, Route("/s", view))
+    async with EventStreamClient(app, timeout=TIMEOUT) as client:
+        async with client.stream("/s") as stream:
+            first = await broadcast.publish("g200", "first")
+            (event,) = await read(stream, 1)
+        assert event.id is not None
+        assert len(event.id) > 1024  # longer than Last-Event-ID could be before
+        second = await broadcast.publish("g200", "second")
+        async with client.stream("/s", headers={"Last-Event-ID": event.id}) as stream:
+            (replayed,) = await read(stream, 1)
+            assert replayed.data == "second"
+            assert replayed.id == event.id.replace(first, second)
+            assert await nothing_more(stream)
+
+
 async def test_view_more_groups_than_max_groups_gets_400() -> None:
     broadcast = Broadcast("memory://")
     view = room_view(broadcast, groups=lambda self: ["a", "b", "c"], max_groups=2)
