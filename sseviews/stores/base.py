@@ -241,9 +241,12 @@ class SeenPositions:
         self._seen: OrderedDict[str, Position] = OrderedDict()
 
     def get(self, group: str) -> Position | None:
+        """Return the highest position recorded for `group`, if it is remembered."""
         return self._seen.get(group)
 
     def saw(self, group: str, position: Position) -> None:
+        """Record that `position` of `group` was issued or seen (a new epoch replaces
+        the old one)."""
         seen = self._seen
         known = seen.get(group)
         if known is not None and known.epoch == position.epoch and known.seq >= position.seq:
@@ -253,9 +256,6 @@ class SeenPositions:
         seen.move_to_end(group)
         if len(seen) > self._size:
             seen.popitem(last=False)
-
-    def forget(self, group: str) -> None:
-        self._seen.pop(group, None)
 
 
 def check_idle_expiry(idle_expiry: float | None) -> None:
