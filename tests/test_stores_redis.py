@@ -166,14 +166,19 @@ async def test_redis_store_append_delivers_in_seq_order_when_concurrent(
 
 
 async def test_redis_store_lost_group_keys_start_a_new_epoch(
-    store: RedisStore, prefix: str
+    store: RedisStore, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with anyio.fail_after(5):
         old = await store.append("a", data("1"), no_deliver)
         async with redis_client() as client:
             await client.delete(group_key(prefix, "m", "a"))
         # A cursor of the old epoch cannot be resumed any more.
-        assert await store.read("a", old) is None
+        with caplog.at_level(logging.INFO, logger="sseviews.redis"):
+            assert await store.read("a", old) is None
+        # Seen a moment ago, its keys could not have expired: they were lost.
+        (record,) = caplog.records
+        assert record.levelno == logging.WARNING
+        assert "had no keys any more (lost" in record.getMessage()
         new = await store.head("a")
         assert new.epoch != old.epoch
         assert new.seq == 0
@@ -276,14 +281,21 @@ async def test_redis_store_count_retention_expires_older_cursors(prefix: str) ->
         await store.disconnect()
 
 
-async def test_redis_store_age_retention_expires_old_events(prefix: str) -> None:
+async def test_redis_store_age_retention_expires_old_events(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
     store = RedisStore(REDIS_URL, prefix=prefix, retention=None, max_age=0.3)
     with anyio.fail_after(5):
         await store.connect()
         old_a = await store.append("a", data("1"), no_deliver)
         old_b = await store.append("b", data("2"), no_deliver)
         await anyio.sleep(0.5)
-        new_b = await store.append("b", data("3"), no_deliver)
+        with caplog.at_level(logging.INFO, logger="sseviews.redis"):
+            new_b = await store.append("b", data("3"), no_deliver)
+        # Idle for longer than its time to live: expired, which is no warning.
+        assert [(r.levelno, "(expired)" in r.getMessage()) for r in caplog.records] == [
+            (logging.INFO, True)
+        ]
         # Idle for max_age, a and b expired as a whole (a TTL); b started a new epoch.
         async with redis_client() as client:
             assert await client.exists(group_key(prefix, "g", "a")) == 0

@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import secrets
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -238,21 +239,27 @@ class SeenPositions:
 
     def __init__(self, size: int = 65536) -> None:
         self._size = size
-        self._seen: OrderedDict[str, Position] = OrderedDict()
+        # group -> (the highest position, when the group was last seen: monotonic s)
+        self._seen: OrderedDict[str, tuple[Position, float]] = OrderedDict()
 
     def get(self, group: str) -> Position | None:
         """Return the highest position recorded for `group`, if it is remembered."""
-        return self._seen.get(group)
+        entry = self._seen.get(group)
+        return None if entry is None else entry[0]
+
+    def idle(self, group: str) -> float | None:
+        """Seconds since `group` was last seen, if it is remembered."""
+        entry = self._seen.get(group)
+        return None if entry is None else time.monotonic() - entry[1]
 
     def saw(self, group: str, position: Position) -> None:
         """Record that `position` of `group` was issued or seen (a new epoch replaces
         the old one)."""
         seen = self._seen
-        known = seen.get(group)
-        if known is not None and known.epoch == position.epoch and known.seq >= position.seq:
-            seen.move_to_end(group)
-            return
-        seen[group] = position
+        entry = seen.get(group)
+        if entry is not None and entry[0].epoch == position.epoch and entry[0].seq >= position.seq:
+            position = entry[0]
+        seen[group] = (position, time.monotonic())
         seen.move_to_end(group)
         if len(seen) > self._size:
             seen.popitem(last=False)

@@ -320,12 +320,16 @@ class RedisStore(HistoryStore):
                 position.epoch,
             )
         elif renewed == 2:
-            logger.info(
-                "%s (prefix %r): group %r had no keys any more (expired, evicted, or a "
-                "restart); started a new epoch %s for it",
+            # Its keys are gone. Seen more recently than they could expire: lost.
+            idle = self._seen.idle(group)
+            lost = not self._ttl_ms or (idle is not None and idle * 1000 < self._ttl_ms)
+            logger.log(
+                logging.WARNING if lost else logging.INFO,
+                "%s (prefix %r): group %r had no keys any more (%s); started a new epoch %s for it",
                 self._where,
                 self.prefix,
                 group,
+                "lost in a restart without persistence, or evicted" if lost else "expired",
                 position.epoch,
             )
         self._seen.saw(group, position)
