@@ -523,8 +523,7 @@ class Broadcast:
 
     async def _heads(self, groups: Sequence[str]) -> list[Position]:
         """Read the heads of `groups`, in order (making the epoch of a new group)."""
-        store = self.store
-        return [await store.head(group) for group in groups]
+        return await self.store.heads(groups)
 
     async def _attach(
         self, sink: Subscription, groups: Sequence[str], last_event_id: str | None

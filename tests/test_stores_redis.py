@@ -82,6 +82,18 @@ async def test_redis_store_head_of_a_new_group_makes_its_epoch_with_the_idle_exp
         await store.disconnect()
 
 
+async def test_redis_store_heads_of_several_groups_in_one_round_trip(store: RedisStore) -> None:
+    with anyio.fail_after(5):
+        a = [await store.append("a", data("x"), no_deliver) for _ in range(2)][-1]
+        b = await store.append("b", data("y"), no_deliver)
+        heads = await store.heads(["b", "new", "a"])
+        assert heads[0] == b
+        assert heads[2] == a
+        assert heads[1].seq == 0
+        assert await store.head("new") == heads[1]  # made once, by heads()
+        assert await store.heads(["a"]) == [a]
+
+
 async def test_redis_store_concurrent_appends_to_one_group_from_two_instances_are_consecutive(
     prefix: str,
 ) -> None:

@@ -162,6 +162,19 @@ async def test_store_head_counts_issued_seqs(database: Database) -> None:
             assert await store.head("a") == Position(empty.epoch, 3)
 
 
+async def test_store_heads_of_several_groups(database: Database) -> None:
+    async with connected(database.store()) as store:
+        await publish(store, "a", "x")
+        a = await publish_at(store, "a", "x")
+        b = await publish_at(store, "b", "y")
+        with anyio.fail_after(10):
+            heads = await store.heads(["b", "new", "a"])
+            assert heads[0] == b
+            assert heads[2] == a
+            assert heads[1].seq == 0
+            assert await store.head("new") == heads[1]  # made once, by heads()
+
+
 async def test_store_epochs_persist_across_reconnect(database: Database) -> None:
     async with connected(database.store()) as first:
         one = await publish_at(first, "a", "one")

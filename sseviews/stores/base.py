@@ -10,7 +10,7 @@ import secrets
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import anyio
@@ -193,6 +193,17 @@ class HistoryStore(ABC):
         Raises:
             BackendError: The store cannot be reached.
         """
+
+    async def heads(self, groups: Sequence[str]) -> list[Position]:
+        """Return the heads of `groups`, in order (see `head`).
+
+        The Redis and SQL stores read them in one round trip; this default reads
+        them one at a time.
+
+        Raises:
+            BackendError: The store cannot be reached.
+        """
+        return [await self.head(group) for group in groups]
 
     @abstractmethod
     async def read(self, group: str, after: Position) -> list[tuple[int, bytes]] | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -421,6 +422,26 @@ class RedisStore(HistoryStore):
                 keys=self._keys(group), args=self._prelude_args(group)
             )
         return self._observe(group, raw_epoch, int(raw_head), renewed)
+
+    async def heads(self, groups: Sequence[str]) -> list[Position]:
+        """Return the heads of `groups`, in order, in one round trip (a pipeline).
+
+        Raises:
+            BackendError: Redis cannot be reached.
+        """
+        if len(groups) == 1:
+            return [await self.head(groups[0])]
+        with redis_errors(f"reading the heads of groups from {self._where}"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for group in groups:
+                    await self._head(
+                        keys=self._keys(group), args=self._prelude_args(group), client=pipe
+                    )
+                replies = await pipe.execute()
+        return [
+            self._observe(group, raw_epoch, int(raw_head), renewed)
+            for group, (raw_epoch, raw_head, renewed) in zip(groups, replies, strict=True)
+        ]
 
     async def read(self, group: str, after: Position) -> list[tuple[int, bytes]] | None:
         """Return the retained events of `group` after `after`, or None if it cannot

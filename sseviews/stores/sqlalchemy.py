@@ -322,6 +322,32 @@ class SQLAlchemyStore(HistoryStore):
         self._seen.saw(group, position)
         return position
 
+    async def heads(self, groups: Sequence[str]) -> list[Position]:
+        """Return the heads of `groups`, in order: one query for the groups that exist.
+
+        Raises:
+            BackendError: The database cannot be reached.
+        """
+        self._check_connected()
+        table = self._groups
+        found: dict[str, Position] = {}
+        for start in range(0, len(groups), 500):
+            query = select(table.c.grp, table.c.epoch, table.c.seq).where(
+                table.c.grp.in_(groups[start : start + 500])
+            )
+            async with self._wrap("read the heads"), self._engine.connect() as conn:
+                for grp, epoch, seq in await conn.execute(query):
+                    found[grp] = Position(epoch, int(seq))
+        heads = []
+        for group in groups:
+            position = found.get(group)
+            if position is None:
+                position = await self.head(group)  # makes its epoch
+            else:
+                self._seen.saw(group, position)
+            heads.append(position)
+        return heads
+
     async def read(self, group: str, after: Position) -> list[tuple[int, bytes]] | None:
         """Return the retained events of `group` after `after` (see `HistoryStore.read`).
 
