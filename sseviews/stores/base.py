@@ -248,7 +248,7 @@ class SeenPositions:
     Bounded: the least recently used groups are forgotten past `size`.
     """
 
-    def __init__(self, size: int = 65536) -> None:
+    def __init__(self, size: int = 16384) -> None:
         self._size = size
         # group -> (the highest position, when the group was last seen: monotonic s)
         self._seen: OrderedDict[str, tuple[Position, float]] = OrderedDict()
