@@ -259,10 +259,22 @@ async def open_stream(
     return stream
 
 
+def _events_path(index: int) -> str:
+    return "/events"
+
+
 async def open_subscribers(
-    port: int, count: int, batch: int, target: int, completion: Completion
+    port: int,
+    count: int,
+    batch: int,
+    target: int,
+    completion: Completion | None,
+    path: Callable[[int], str] = _events_path,
 ) -> list[RecordingStream]:
-    """Open ``count`` ``/events`` streams, ``batch`` at a time (each batch up to its heads)."""
+    """Open ``count`` streams, ``batch`` at a time (each batch up to its heads).
+
+    Stream ``index`` (0 to count - 1) requests ``path(index)``, ``/events`` by default.
+    """
     streams: list[RecordingStream] = []
     try:
         async with asyncio.timeout(OPEN_TIMEOUT):
@@ -270,8 +282,8 @@ async def open_subscribers(
                 size = min(batch, count - first)
                 opened = await asyncio.gather(
                     *(
-                        open_stream(port, "/events", RecordingCounter(target, completion))
-                        for _ in range(size)
+                        open_stream(port, path(index), RecordingCounter(target, completion))
+                        for index in range(first, first + size)
                     ),
                     return_exceptions=True,
                 )
@@ -319,7 +331,7 @@ def run_queue_wait(pid: int) -> float:
         return float("nan")
 
 
-def _pid(server: UvicornServer) -> int:
+def server_pid(server: UvicornServer) -> int:
     if server.process is None:
         raise BenchError(f"{server.spec.label} server is not running")
     return server.process.pid
@@ -468,7 +480,7 @@ async def measure_fanout(
         for server in servers:
             await get_json(server.port, "/stats?reset=1")
         cpu_before = [server.cpu_seconds() for server in servers]
-        pids = [os.getpid()] + [_pid(server) for server in servers]
+        pids = [os.getpid()] + [server_pid(server) for server in servers]
         waits_before = [run_queue_wait(pid) for pid in pids]
         deadline = sizes.events * interval + DELIVERY_GRACE
         with client_gc_paused():
@@ -643,40 +655,52 @@ class CaseResults(harness.Outcome):
     errors: list[str] = field(default_factory=list)
 
 
-def _redis_client() -> Any:
+def redis_client(url: str = REDIS_URL) -> Any:
     import redis
 
-    return redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
 
-def _redis_unavailable() -> str | None:
+def redis_unavailable(url: str = REDIS_URL) -> str | None:
     try:
-        client = _redis_client()
+        client = redis_client(url)
         try:
             client.ping()
         finally:
             client.close()
     except Exception as exc:
-        return f"Redis at {REDIS_URL} unreachable: {exc!r}"
+        return f"Redis at {url} unreachable: {exc!r}"
     return None
 
 
-def delete_redis_keys(prefix: str) -> int:
-    """Delete every key under ``prefix`` (the benchmark's own); return how many."""
-    client = _redis_client()
+def delete_redis_keys(prefix: str, url: str = REDIS_URL) -> int:
+    """Delete every key holding ``prefix`` (the benchmark's own) on ``url``; return how many.
+
+    The pattern also matches keys in which the prefix follows a hash tag's
+    ``{``, and the keys are deleted one by one (pipelined), so the same call
+    empties a node of a Redis Cluster, where one DEL may not span hash slots.
+    """
+    client = redis_client(url)
     deleted = 0
     try:
         batch: list[bytes] = []
-        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        for key in client.scan_iter(match=f"*{prefix}*", count=1000):
             batch.append(key)
             if len(batch) >= 500:
-                deleted += int(client.delete(*batch))
+                deleted += _delete_each(client, batch)
                 batch.clear()
         if batch:
-            deleted += int(client.delete(*batch))
+            deleted += _delete_each(client, batch)
     finally:
         client.close()
     return deleted
+
+
+def _delete_each(client: Any, keys: list[bytes]) -> int:
+    pipeline = client.pipeline(transaction=False)
+    for key in keys:
+        pipeline.delete(key)
+    return sum(int(count) for count in pipeline.execute())
 
 
 class Runner:
@@ -761,7 +785,7 @@ def run_benchmark(
     do_redis = "redis" in cases and not skip(
         REDIS_SPEC.key,
         REDIS_SPEC.label,
-        harness.probe("import sseviews.backends.redis", env) or _redis_unavailable(),
+        harness.probe("import sseviews.backends.redis", env) or redis_unavailable(),
     )
     do_replay = "replay" in cases and not skip(
         REPLAY_SPEC.key, REPLAY_SPEC.label, harness.probe(f"import {REPLAY_SPEC.module}", env)
@@ -794,6 +818,8 @@ class Row:
     baseline: str = ""  # how the denominator is named in the ratio and target cells
     target_ratio: float | None = None
     higher_is_better: bool = False
+    # A row without a target that report.py still shows (e.g. the baseline of a ratio).
+    headline: bool = False
 
     @property
     def target_text(self) -> str:
@@ -903,14 +929,20 @@ def floor_note(results: dict[str, CaseResults]) -> str | None:
 
 
 def build_report(results: dict[str, CaseResults], sizes: Sizes) -> tuple[str, dict[str, Any]]:
-    """The markdown table and a JSON-able summary of the medians and ratios.
+    """The markdown table of this benchmark and its JSON-able summary (see `build_table`)."""
+    return build_table(results, _rows(sizes))
+
+
+def build_table(results: dict[str, CaseResults], rows: Sequence[Row]) -> tuple[str, dict[str, Any]]:
+    """The markdown table of ``rows`` and a JSON-able summary of the medians and ratios.
 
     The columns are those of :func:`harness.table_header`, as in the core
-    benchmark, so the rows of both tables can be pasted into one.
+    benchmark, so the rows of both tables can be pasted into one; ``report.py``
+    joins the rows of the summary whose ``info`` is false.
     """
     lines = harness.table_header()
     summary: dict[str, Any] = {}
-    for row in _rows(sizes):
+    for row in rows:
         medians = [_median(results, key, row.metric) for key in row.cells]
         ratio: float | None = None
         if row.ratio is not None:
@@ -937,7 +969,7 @@ def build_report(results: dict[str, CaseResults], sizes: Sizes) -> tuple[str, di
         lines.append(harness.table_row(cells))
         summary[row.label] = {
             "cells": cells,
-            "info": row.target_ratio is None,
+            "info": row.target_ratio is None and not row.headline,
             "metric": row.metric,
             "medians": {key: value for key, value in zip(row.cells, medians, strict=True) if key},
             "ratio": ratio,
@@ -950,13 +982,13 @@ def build_report(results: dict[str, CaseResults], sizes: Sizes) -> tuple[str, di
     return "\n".join(lines), summary
 
 
-def _versions() -> dict[str, str | None]:
+def environment_versions() -> dict[str, str | None]:
     versions = harness.package_versions(
         ("uvicorn", "starlette", "sse-starlette", "uvloop", "httptools", "anyio",
          "redis", "psutil", "sseviews")
     )  # fmt: skip
     try:
-        client = _redis_client()
+        client = redis_client()
         try:
             versions["redis-server"] = str(client.info("server").get("redis_version"))
         finally:
@@ -1015,7 +1047,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-fanout-") as log_dir:
             results = run_benchmark(specs, cases, sizes, explicit, Path(log_dir), redis_prefix)
     finally:
-        if "redis" in cases and _redis_unavailable() is None:
+        if "redis" in cases and redis_unavailable() is None:
             delete_redis_keys(redis_prefix)
     table, summary = build_report(results, sizes)
 
@@ -1027,7 +1059,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=time.monotonic() - t0,
         argv=argv,
         sizes=sizes,
-        environment=harness.environment_info(_versions, loadavg_at_end=True),
+        environment=harness.environment_info(environment_versions, loadavg_at_end=True),
         table=table,
         sections={
             "rows": summary,

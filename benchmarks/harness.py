@@ -2,6 +2,7 @@
 
 * :class:`UvicornServer` -- one uvicorn subprocess (uvloop + httptools, one
   worker) on a free 127.0.0.1 port, with its RSS and CPU time;
+* :func:`start_all` -- several servers started side by side;
 * :func:`child_env`, :func:`probe` -- the servers' environment, and a check
   that something imports in a child like them;
 * :class:`Outcome`, :func:`attempt`, :func:`mark_skipped`, :func:`rotated` --
@@ -33,6 +34,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -233,6 +236,15 @@ class UvicornServer:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def start_all(stack: ExitStack, servers: Sequence[UvicornServer]) -> None:
+    """Start ``servers`` side by side (their start-ups overlap); ``stack`` stops them all."""
+    for server in servers:
+        stack.callback(server.stop)
+    with ThreadPoolExecutor(max(len(servers), 1)) as pool:
+        for future in [pool.submit(server.start) for server in servers]:
+            future.result()
 
 
 def probe(

@@ -1,9 +1,11 @@
-"""One table from a core and a fan-out result: the README's Performance table.
+"""One table from a core, a fan-out and a scale-out result: the README's Performance table.
 
-``bench_core.py`` and ``bench_fanout.py`` print tables with the same columns
-(raw ASGI, Starlette floor, sse-starlette, sseviews, sseviews' ratio to the
-case's baseline, target, met); this script joins the rows of two of their JSON
-result files into one markdown table, the targeted rows only unless ``--all``.
+``bench_core.py``, ``bench_fanout.py`` and ``bench_scaleout.py`` print tables with
+the same columns (raw ASGI, Starlette floor, sse-starlette, sseviews, sseviews'
+ratio to the case's baseline, target, met); this script joins the rows of their
+JSON result files (a scale-out one only with ``--scaleout``) into one markdown
+table: the targeted rows and the baselines they are measured against, all rows
+with ``--all``.
 Under the table it lists the Starlette floor's ratio to raw ASGI for those rows
 (``floor/raw`` in a core result, ``floor_over_raw`` in a fan-out one): what
 Starlette's app, router and middleware ``send`` wrappers cost before any SSE
@@ -11,6 +13,7 @@ code runs. A fan-out result written before the fan-out floor existed has ``-``
 in its floor column and no such ratios.
 
     python benchmarks/report.py                    # newest core-*.json and fanout-*.json
+    python benchmarks/report.py --scaleout         # ... and the newest scaleout-*.json
     python benchmarks/report.py results/core-A.json results/fanout-B.json --all
 """
 
@@ -32,7 +35,8 @@ if _REPO not in sys.path:
 from benchmarks.harness import RESULTS_DIR  # noqa: E402
 
 # Where each benchmark keeps its rows in the result document.
-ROW_SECTIONS = {"core": "cases", "fanout": "rows"}
+ROW_SECTIONS = {"core": "cases", "fanout": "rows", "scaleout": "rows"}
+NEWEST = Path("newest")  # --scaleout without a path
 
 
 def newest(benchmark: str) -> Path:
@@ -46,7 +50,7 @@ def load(path: Path) -> dict[str, Any]:
     document: dict[str, Any] = json.loads(path.read_text())
     benchmark = document.get("benchmark")
     if benchmark not in ROW_SECTIONS:
-        raise SystemExit(f"{path}: not a bench_core or bench_fanout result")
+        raise SystemExit(f"{path}: not a bench_core, bench_fanout or bench_scaleout result")
     rows = document.get(ROW_SECTIONS[benchmark], {})
     if not all("cells" in row for row in rows.values()):
         raise SystemExit(f"{path}: written by an older benchmark script (no table cells)")
@@ -76,13 +80,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("core", nargs="?", type=Path, help="a core-*.json (default: newest)")
     parser.add_argument("fanout", nargs="?", type=Path, help="a fanout-*.json (default: newest)")
+    parser.add_argument(
+        "--scaleout",
+        nargs="?",
+        type=Path,
+        const=NEWEST,
+        help="also the rows of a scaleout-*.json (without a path: the newest)",
+    )
     parser.add_argument("--all", action="store_true", help="also the (info) rows")
     args = parser.parse_args(argv)
     paths = [args.core or newest("core"), args.fanout or newest("fanout")]
+    if args.scaleout is not None:
+        paths.append(newest("scaleout") if args.scaleout == NEWEST else args.scaleout)
     documents = [load(path) for path in paths]
     tables = [document["table_markdown"].splitlines() for document in documents]
-    if tables[0][:2] != tables[1][:2]:
-        raise SystemExit("the two tables have different columns")
+    if any(table[:2] != tables[0][:2] for table in tables[1:]):
+        raise SystemExit("the tables have different columns")
     lines = tables[0][:2]
     floor_lines = []
     for document in documents:

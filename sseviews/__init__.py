@@ -10,16 +10,20 @@ from ._events import Event as Event
 from ._exceptions import BackendError as BackendError
 from ._exceptions import BroadcastError as BroadcastError
 from ._exceptions import BroadcastNotConnected as BroadcastNotConnected
+from ._exceptions import EventShapeWarning as EventShapeWarning
+from ._exceptions import HookNameWarning as HookNameWarning
 from ._exceptions import InvalidLastEventId as InvalidLastEventId
 from ._exceptions import InvalidToken as InvalidToken
 from ._exceptions import SettingNameWarning as SettingNameWarning
 from ._exceptions import SlowConsumer as SlowConsumer
 from ._exceptions import SSEViewsError as SSEViewsError
 from ._exceptions import StreamEnded as StreamEnded
+from ._lifecycle import ERROR_EVENT as ERROR_EVENT
 from ._lifecycle import EXPIRED_EVENT as EXPIRED_EVENT
 from ._lifecycle import DisconnectReason as DisconnectReason
 from ._lifecycle import ShutdownMiddleware as ShutdownMiddleware
 from ._lifecycle import ShutdownSignal as ShutdownSignal
+from ._logging import install_fallback as _install_fallback
 from ._metrics import Metrics as Metrics
 from ._presence import JOIN_EVENT as JOIN_EVENT
 from ._presence import LEAVE_EVENT as LEAVE_EVENT
@@ -30,7 +34,11 @@ from ._views import EventStreamView as EventStreamView
 
 __version__ = "0.1.0"
 
+# Warnings and errors show with their level even when the app configures no logging.
+_install_fallback()
+
 __all__ = [
+    "ERROR_EVENT",
     "EXPIRED_EVENT",
     "JOIN_EVENT",
     "LEAVE_EVENT",
@@ -41,7 +49,9 @@ __all__ = [
     "BroadcastNotConnected",
     "DisconnectReason",
     "Event",
+    "EventShapeWarning",
     "EventStreamView",
+    "HookNameWarning",
     "InvalidLastEventId",
     "InvalidToken",
     "Metrics",

@@ -1,9 +1,9 @@
 """`Broadcast`: groups, event ids, replay, and fan-out to this process's subscribers.
 
-A broadcast pairs a live backend (memory or Redis), which carries each published
-event to every process, with a history store (memory, Redis or SQL), which
-assigns ids per group (the group's epoch and its next seq) and keeps recent
-events per group.
+A broadcast pairs a live backend (memory, Redis or PostgreSQL), which carries each
+published event to every process that serves its group, with a history store
+(memory, Redis or SQL), which assigns ids per group (the group's epoch and its
+next seq) and keeps recent events per group.
 
 Each process keeps a hub: group name -> the subscriptions of that group in this
 process (one per open stream that joined it). A publish received by this process
@@ -11,7 +11,12 @@ becomes one `Delivery`, offered synchronously to each subscription: the
 subscription keeps a reference to the shared bytes and wakes its stream. It never
 writes to a stream; the stream's own task does that.
 
-Resuming is gap-free, per group: a sink is registered (live events are held back)
+A process receives only the events of the groups in its hub: the live backend
+subscribes to a group when a subscription first uses it (`LiveBackend.subscribe`)
+and lets it go when the last one leaves (`LiveBackend.unsubscribe`).
+
+Resuming is gap-free, per group: a sink is registered (live events are held back),
+and the backend has confirmed that its groups' live events reach this process,
 before the groups' heads are read; the replay covers each group's history from
 its position up to its head, group after group, and the live events above the
 heads wait until the replay is sent. The replay is read a page at a time, as the
@@ -134,6 +139,10 @@ class Attachment:
         self.reset = reset
 
 
+#: The URL schemes that select PostgreSQL as the live layer (and, by default, history).
+_POSTGRES_SCHEMES = ("postgresql", "postgresql+asyncpg", "postgres", "postgres+asyncpg")
+
+
 def _backend_for(url: str, prefix: str) -> LiveBackend:
     scheme = urlsplit(url).scheme
     if scheme == "memory":
@@ -144,8 +153,14 @@ def _backend_for(url: str, prefix: str) -> LiveBackend:
         from .backends.redis import RedisBackend
 
         return RedisBackend(url, prefix=prefix)
+    if scheme.split("+")[0] in ("postgresql", "postgres"):
+        # It says what it expects of a URL with another driver (+psycopg).
+        from .backends.postgres import PostgresBackend
+
+        return PostgresBackend(url, prefix=prefix)
     raise ValueError(
-        f"unsupported broadcast URL {url!r}: expected memory:// or redis://host:port/db"
+        f"unsupported broadcast URL {url!r}: expected memory://, redis://host:port/db "
+        "or postgresql+asyncpg://user@host:port/db"
     )
 
 
@@ -212,8 +227,11 @@ class Broadcast:
 
     Args:
         url: The live layer: `"memory://"` (one process, no setup),
-            `"redis://host:port/db"` (any number of processes and machines), or a
-            `LiveBackend` instance.
+            `"redis://host:port/db"` (any number of processes and machines),
+            `"postgresql+asyncpg://user@host/db"` (LISTEN/NOTIFY, with the history
+            in the same database by default: PostgreSQL only; a `listen_url=`
+            query parameter names a direct connection when the URL is a pooler),
+            or a `LiveBackend` instance.
         history: Where the replay log lives. By default `memory://` keeps a bounded
             log in memory and `redis://` keeps it in Redis Streams. Give
             `"sqlite+aiosqlite:///events.db"`, `"postgresql+asyncpg://..."` or a
@@ -271,7 +289,13 @@ class Broadcast:
         # Redis live + Redis history publish in one atomic script (ids in live order).
         self._fused = False
         if history is None:
-            fused = urlsplit(url_text).scheme in ("redis", "rediss", "unix")
+            scheme = urlsplit(url_text).scheme
+            fused = scheme in ("redis", "rediss", "unix")
+            if scheme in _POSTGRES_SCHEMES:
+                from .backends.postgres import history_url
+
+                # The history in the same database, without the live layer's options.
+                url_text = history_url(url_text)
             self.store = _store_for(
                 url_text,
                 prefix=prefix,
@@ -329,7 +353,7 @@ class Broadcast:
                 logger.warning(
                     "Broadcast('memory://') under %d worker processes: each worker has its "
                     "own groups and history, so events published in one worker never reach "
-                    "clients of the others. Use redis://host:port/db",
+                    "clients of the others. Use redis://host:port/db or postgresql+asyncpg://...",
                     workers,
                 )
 
@@ -514,12 +538,17 @@ class Broadcast:
 
     def _unregister(self, sink: Subscription, groups: Sequence[str]) -> None:
         hub = self._hub
+        unused = []
         for group in groups:
             members = hub.get(group)
             if members is not None:
                 members.discard(sink)
                 if not members:
                     del hub[group]
+                    unused.append(group)
+        if unused:
+            # No stream of this process is in these groups any more.
+            self.live.unsubscribe(unused)
 
     async def _heads(self, groups: Sequence[str]) -> list[Position]:
         """Read the heads of `groups`, in order (making the epoch of a new group)."""
@@ -543,6 +572,10 @@ class Broadcast:
         cursor = parse_cursor(last_event_id) if last_event_id is not None else None
         self._register(sink, groups)
         try:
+            # The live events of the groups reach this process before their heads
+            # are read: the replay and the live events meet without a gap. Returns
+            # at once for groups that other streams of this process use already.
+            await self.live.subscribe(groups)
             if cursor is None and len(groups) == 1:
                 # Live only: the ids are the store's, nothing to read.
                 return Attachment([_Lane(groups[0], b"", 0)])

@@ -20,6 +20,7 @@ import argparse
 import importlib
 import keyword
 import re
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from importlib.resources import files
@@ -51,7 +52,6 @@ _RESERVED = frozenset(
 _TEMPLATE_SUFFIX = ".jinja"
 _PACKAGE_PLACEHOLDER = "package"
 _SKIPPED = frozenset({"__pycache__", ".DS_Store"})
-_INSTALL_HINT = "install it with: python -m pip install 'sseviews[cli]'"
 # The first command a new project's README and next steps give.
 PROJECT_INSTALL = "python -m pip install -e '.[test]'"
 # Modules that an sseviews extra installs: a missing one is named with its extra.
@@ -67,6 +67,32 @@ _EXTRA_OF_MODULE = {
 
 class CommandError(Exception):
     """Raised when a command cannot do what was asked; main() prints it and exits 1."""
+
+
+def _checkout() -> Path | None:
+    """The sseviews checkout this package runs from (an editable install), else None."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        pyproject = (root / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return root if re.search(r'^name = "sseviews"$', pyproject, re.M) else None
+
+
+def install_extra(extra: str) -> str:
+    """The command that installs sseviews' `extra` where this sseviews comes from.
+
+    From a checkout (sseviews is not on a package index yet) that is the checkout
+    itself, in editable mode; otherwise the package index.
+    """
+    checkout = _checkout()
+    if checkout is None:
+        return f"python -m pip install {shlex.quote(f'sseviews[{extra}]')}"
+    return f"python -m pip install -e {shlex.quote(f'{checkout}[{extra}]')}"
+
+
+def _install_hint() -> str:
+    return f"install it with: {install_extra('cli')}"
 
 
 # -- sseviews new ----------------------------------------------------------------------
@@ -123,7 +149,7 @@ def render_project(name: str) -> dict[PurePosixPath, bytes]:
     try:
         import jinja2
     except ImportError:
-        raise CommandError(f"sseviews new needs Jinja2; {_INSTALL_HINT}") from None
+        raise CommandError(f"sseviews new needs Jinja2; {_install_hint()}") from None
     environment = jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
     )
@@ -171,11 +197,23 @@ def _cmd_new(args: argparse.Namespace) -> int:
     shown = target if directory.is_absolute() else Path(args.directory, args.name)
     print(f"Created the project {args.name!r} in {shown}")
     print("Next:")
-    print(f"  cd {shown}")
-    print(f"  {PROJECT_INSTALL}   # the project, its dependencies and pytest")
-    print("  sseviews run .                          # then open http://127.0.0.1:8000/")
-    print("  python -m pytest                        # its tests")
+    for line in next_steps(shown):
+        print(f"  {line}")
     return 0
+
+
+def next_steps(folder: Path) -> list[str]:
+    """What to run after `sseviews new`, in order, with the comments in one column."""
+    steps = [
+        (f"cd {shlex.quote(str(folder))}", ""),
+        (PROJECT_INSTALL, "the project, its dependencies and pytest"),
+        ("sseviews run .", "then open http://127.0.0.1:8000/"),
+        ("python -m pytest", "its tests"),
+    ]
+    width = max(len(command) for command, comment in steps if comment)
+    return [
+        f"{command:<{width}}   # {comment}" if comment else command for command, comment in steps
+    ]
 
 
 # -- sseviews run ----------------------------------------------------------------------
@@ -253,7 +291,7 @@ def _install_command(missing: str, folder: Path) -> str:
         return f"python -m pip install -e '{shown}'"
     extra = _EXTRA_OF_MODULE.get(missing)
     if extra is not None:
-        return f"python -m pip install 'sseviews[{extra}]'"
+        return install_extra(extra)
     return f"python -m pip install {missing}  (the distribution may have another name)"
 
 
@@ -281,7 +319,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
     except ImportError:
-        raise CommandError(f"sseviews run needs uvicorn; {_INSTALL_HINT}") from None
+        raise CommandError(f"sseviews run needs uvicorn; {_install_hint()}") from None
     module, attribute, folder = resolve_target(args.target)
     _check_importable(module, attribute, folder)
     uvicorn.run(
@@ -312,6 +350,23 @@ def _cmd_asyncapi(args: argparse.Namespace) -> int:
     except TypeError as exc:
         raise CommandError(f"{module}:{attribute}: {exc}") from None
     print(json.dumps(document, indent=2, ensure_ascii=False))
+    return 0
+
+
+# -- sseviews typescript ----------------------------------------------------------------
+
+
+def _cmd_typescript(args: argparse.Namespace) -> int:
+    from ._typescript import typescript
+
+    module, attribute, folder = resolve_target(args.target)
+    _check_importable(module, attribute, folder)
+    app = getattr(importlib.import_module(module), attribute)
+    try:
+        source = typescript(app, target=args.target)
+    except TypeError as exc:
+        raise CommandError(f"{module}:{attribute}: {exc}") from None
+    sys.stdout.write(source)
     return 0
 
 
@@ -364,6 +419,18 @@ def _parser() -> argparse.ArgumentParser:
     spec.add_argument("--title", default=None, help="the document's title")
     spec.add_argument("--api-version", default=None, metavar="VERSION", help="the API's version")
     spec.set_defaults(handler=_cmd_asyncapi)
+
+    typed = commands.add_parser(
+        "typescript",
+        help="print TypeScript types of an app's streams and a typed sseviews.js wrapper",
+        description="Print one TypeScript module (ES module) holding the types of every "
+        "event of every stream of TARGET's `app`, from the views' event_types, and "
+        "connect(), which opens a stream with sseviews.js and gives each on(name, handler) "
+        "its payload type. TARGET is a module name or path, optionally followed by "
+        ":ATTRIBUTE, as for `run`.",
+    )
+    typed.add_argument("target", metavar="PATH_OR_MODULE")
+    typed.set_defaults(handler=_cmd_typescript)
     return parser
 
 

@@ -39,13 +39,13 @@ import anyio
 import anyio.lowlevel
 from starlette.types import Message, Receive, Send
 
+from ._events import Event, encode_comment
 from ._lifecycle import DisconnectReason
 from ._tasks import CancelRegion, StreamTasks
 from ._wait import Waiter, running_loop
 
 if TYPE_CHECKING:
     from ._broadcast import Subscription
-    from ._events import Event
     from ._lifecycle import ShutdownSignal
     from ._metrics import ViewCounters
 
@@ -78,7 +78,7 @@ class StreamOwner(Protocol):
 
     def describe(self) -> str: ...
 
-    def ping_message(self) -> Event: ...
+    def ping_message(self) -> Event | str: ...
 
 
 class Connection:
@@ -101,6 +101,7 @@ class Connection:
         "buffered",
         "counters",
         "events_scope",
+        "farewell",
         "last_write",
         "max_pending",
         "ping_interval",
@@ -138,6 +139,9 @@ class Connection:
         #: its subscription lowers it, so group events stay bounded by its settings).
         self.max_pending = 1 << 30
         self.reason: DisconnectReason | None = None
+        #: Complete messages written last, with the terminal chunk, when the stream
+        #: ends for a reason end_at() did not plan (the view's `sseviews.error`).
+        self.farewell = b""
         self.shutting_down = False
         self.last_write = 0.0
         # The scope that stops events(); made by open_events_scope().
@@ -367,9 +371,13 @@ class Connection:
                     elif source is not None and (data := source.take(HIGH_WATER)):
                         count = source.taken
                     elif self._finishing or reason is not None:
-                        last = ending[2] if ending is not None and reason is ending[1] else b""
+                        if ending is not None and reason is ending[1]:
+                            last = ending[2]
+                        else:
+                            last = self.farewell
                         end: Message = {"type": "http.response.body", "body": last}
-                        await self._send(end)
+                        if await self._send(end):
+                            self._count(0, len(last))
                         break
                     elif source is not None and source.pending_history:
                         await source.fill()  # the replay's next page, read in this task
@@ -378,7 +386,11 @@ class Connection:
                         ping_interval is not None
                         and self.clock() - self.last_write >= ping_interval - 0.001
                     ):
-                        count, data = 0, self.view.ping_message().encode()
+                        ping = self.view.ping_message()
+                        # A str is a comment line with no blank line after it, which no
+                        # client takes for an event; an Event is sent as an event.
+                        data = ping.encode() if isinstance(ping, Event) else encode_comment(ping)
+                        count = 0
                         counters = self.counters
                         if counters is not None:
                             counters.pings += 1

@@ -16,7 +16,7 @@ import json
 import uuid
 from typing import Any
 
-__all__ = ["Event", "encode_data", "event_from_wire"]
+__all__ = ["Event", "encode_comment", "encode_data", "event_from_wire"]
 
 _SEPARATORS = (",", ":")
 
@@ -105,6 +105,26 @@ def encode_data(data: Any) -> bytes:
     if isinstance(data, str) and "\n" not in data and "\r" not in data:
         return _encode_utf8("data: " + data + "\n\n")
     return _encode_utf8(_data_field(_data_text(data)) + "\n")
+
+
+def encode_comment(text: str) -> bytes:
+    """Encode `text` as comment lines (`: text\n`), with no blank line after them.
+
+    A comment line alone is not an event boundary: the WHATWG parser ignores it and
+    dispatches nothing, and so do clients that wrongly dispatch an empty event at
+    every blank line. The next event's own field lines follow it unchanged.
+
+    Raises:
+        TypeError: `text` is not a str.
+        ValueError: `text` is not encodable as UTF-8.
+    """
+    if not isinstance(text, str):
+        raise TypeError(
+            f"a keep-alive comment must be a str (or send an Event), got {type(text).__name__}"
+        )
+    if "\n" not in text and "\r" not in text:
+        return _encode_utf8(": " + text + "\n")
+    return _encode_utf8("".join([": " + line + "\n" for line in _split_lines(text)]))
 
 
 def _check_line(name: str, value: str | None, *, allow_nul: bool = True) -> None:

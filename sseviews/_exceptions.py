@@ -7,6 +7,8 @@ Every exception the library raises on purpose derives from `SSEViewsError`:
     ├── InvalidLastEventId     a Last-Event-ID this broadcast layer did not issue
     ├── InvalidToken           a stream token that is missing, forged, malformed or expired
     ├── SettingNameWarning     a view attribute that looks like a misspelt setting
+    ├── HookNameWarning        a view method that looks like a misspelt hook
+    ├── EventShapeWarning      a yielded value shaped like another SSE library's event
     └── BroadcastError         the broadcast layer cannot do its job
         ├── BroadcastNotConnected
         ├── SlowConsumer       a subscriber fell too far behind its groups
@@ -73,4 +75,25 @@ class SettingNameWarning(SSEViewsError, UserWarning):
     For example `ping_intervall = 5`: the view would silently keep the default
     `ping_interval`. Rename the attribute, or, if the name is meant, silence the
     warning with `warnings.filterwarnings("ignore", category=SettingNameWarning)`.
+    """
+
+
+class HookNameWarning(SSEViewsError, UserWarning):
+    """Warned when a view subclass defines a method that looks like a misspelt hook.
+
+    For example `async def event(self)` or `async def on_disconect(self, reason)`:
+    sseviews would never call it, and the view would keep the default hook. Rename
+    the method, or, if the name is meant, silence the warning with
+    `warnings.filterwarnings("ignore", category=HookNameWarning)`.
+    """
+
+
+class EventShapeWarning(SSEViewsError, UserWarning):
+    """Warned when `events()` yields a value shaped like another SSE library's event.
+
+    A `("tick", data)` tuple, or a dict such as `{"event": "tick", "data": ...}`
+    (sse-starlette's form), is sent by sseviews as the JSON data of an unnamed
+    event; `Event(data, event="tick")` sends an event named `tick`. sseviews looks
+    at the first value each stream yields that is not an `Event`, and warns once
+    per view class.
     """

@@ -81,6 +81,11 @@ class DisconnectReason(enum.StrEnum):
 #: expired: the client fetches a new token before it reconnects.
 EXPIRED_EVENT = "sseviews.expired"
 
+#: The name of the event a stream sends last when its `events()` raised: its data
+#: is `{"reason": "error"}`, never the exception, and it carries a `retry:` field
+#: (the view's `error_retry`) so that clients come back later, not at once.
+ERROR_EVENT = "sseviews.error"
+
 
 class _Stoppable(Protocol):
     def begin_shutdown(self) -> None: ...

@@ -1,4 +1,5 @@
-"""What the Redis backend and the Redis store share: the client, its errors, its name.
+"""What the Redis backend and the Redis store share: the client, its errors, its name,
+and the names of a group's keys and channel.
 
 Imported only by `sseviews.backends.redis` and `sseviews.stores.redis`, which need
 the `redis` extra.
@@ -18,13 +19,25 @@ from redis.exceptions import RedisError
 
 from ._exceptions import BackendError
 
-__all__ = ["REDIS_ERRORS", "describe", "open_client", "redis_errors"]
+__all__ = ["REDIS_ERRORS", "describe", "group_key", "open_client", "redis_errors"]
 
 logger = logging.getLogger("sseviews.redis")
 
 #: What a lost or failing Redis raises; builtin ConnectionError is an OSError.
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 _URL_SCHEMES = ("redis", "rediss", "unix")
+_ESCAPE = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
+
+
+def group_key(prefix: str, kind: str, group: str) -> str:
+    """Return the name of one of `group`'s Redis keys or channels:
+    `{prefix}:{kind}:{<escaped group>}`.
+
+    The escaped group holds no `:`, `{` or `}`, so the name's last `:` ends the
+    prefix and no two (prefix, group) pairs share a name. The braces are a hash
+    tag: on Redis Cluster every key and the channel of a group share its slot.
+    """
+    return f"{prefix}:{kind}:{{{group.translate(_ESCAPE)}}}"
 
 
 # Returns (client, owned): a client made from a URL is ours to close.

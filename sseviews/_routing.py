@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 from starlette.routing import Route, Router
 
+from ._checks import nothing_to_stream
 from ._views import EventStreamView
 
 __all__ = ["StreamRouter"]
@@ -34,10 +35,14 @@ class StreamRouter(Router):
             name: The route name for `url_path_for`; the class name when omitted.
 
         Raises:
-            TypeError: `view` is not an `EventStreamView` subclass.
+            TypeError: `view` is not an `EventStreamView` subclass, or it has
+                nothing to stream (no `events()`, no `broadcast`, no `groups`).
         """
         if not (isinstance(view, type) and issubclass(view, EventStreamView)):
             raise TypeError(f"add_stream() expects an EventStreamView subclass, got {view!r}")
+        problem = nothing_to_stream(view, EventStreamView)
+        if problem is not None:
+            raise TypeError(problem)
         self.routes.append(Route(path, view, methods=["GET", "HEAD"], name=name))
 
     def stream(self, path: str, name: str | None = None) -> Callable[[V], V]:

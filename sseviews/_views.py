@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import random
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,6 +19,15 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ._broadcast import Broadcast, Subscription, check_group, open_subscription
+from ._checks import (
+    check_hook_names,
+    check_hooks,
+    lookalike_problem,
+    on_connect_result_problem,
+    resembled,
+    warn_lookalike,
+    wiring_problem,
+)
 from ._connection import Connection
 from ._ending import check_token, check_token_group, schedule_end
 from ._events import Event, encode_data
@@ -29,7 +39,7 @@ from ._exceptions import (
     SettingNameWarning,
     SlowConsumer,
 )
-from ._lifecycle import DisconnectReason, find_shutdown_signal
+from ._lifecycle import ERROR_EVENT, DisconnectReason, find_shutdown_signal
 from ._metrics import Metrics
 from ._presence import encode_entry
 from .stores.base import MAX_CURSOR_GROUPS
@@ -51,7 +61,6 @@ _DEFAULT_HEADERS: dict[str, str] = {
     "x-accel-buffering": "no",
 }
 _DEFAULT_RAW_HEADERS = [(k.encode(), v.encode()) for k, v in _DEFAULT_HEADERS.items()]
-_PING = Event(comment="ping")
 _UNSET: Any = object()
 
 
@@ -77,12 +86,15 @@ def _check_settings(cls: type[EventStreamView]) -> None:
         raise TypeError(f"{cls.__name__}.tokens must be a StreamTokens, got {cls.tokens!r}")
     if cls.token_cookie is not None and not isinstance(cls.token_cookie, str):
         raise TypeError(f"{cls.__name__}.token_cookie must be a str, got {cls.token_cookie!r}")
-    retry = cls.retry
-    if retry is not None:
-        if not isinstance(retry, int) or isinstance(retry, bool):
-            raise TypeError(f"{cls.__name__}.retry must be None or an int of ms, got {retry!r}")
-        if retry < 0:
-            raise ValueError(f"{cls.__name__}.retry must be >= 0 (ms), got {retry!r}")
+    for name in ("retry", "error_retry"):
+        retry = getattr(cls, name)
+        if retry is not None:
+            if not isinstance(retry, int) or isinstance(retry, bool):
+                raise TypeError(
+                    f"{cls.__name__}.{name} must be None or an int of ms, got {retry!r}"
+                )
+            if retry < 0:
+                raise ValueError(f"{cls.__name__}.{name} must be >= 0 (ms), got {retry!r}")
     headers = cls.headers
     if not isinstance(headers, Mapping) or not all(
         isinstance(key, str) and isinstance(value, str) for key, value in headers.items()
@@ -112,7 +124,7 @@ def _check_settings(cls: type[EventStreamView]) -> None:
     groups = cls.__dict__.get("groups")
     if isinstance(groups, str):
         raise TypeError(f"{cls.__name__}.groups must be a list of names or a method, not a str")
-    if groups is not None and not callable(groups):
+    if groups is not None and not callable(groups) and not isinstance(groups, property):
         for group in groups:
             check_group(group)
 
@@ -137,34 +149,9 @@ def _check_events(cls: type[EventStreamView]) -> None:
     )
 
 
-def _edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance, counting a swap of two neighbours as one edit."""
-    previous2: list[int] = []
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, 1):
-        current = [i]
-        for j, char_b in enumerate(b, 1):
-            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
-            if i > 1 and j > 1 and char_a == b[j - 2] and a[i - 2] == char_b:
-                cost = min(cost, previous2[j - 2] + 1)
-            current.append(cost)
-        previous2, previous = previous, current
-    return previous[-1]
-
-
 def _resembled_setting(name: str) -> str | None:
     """The setting `name` looks like a misspelling of, if any."""
-    lowered = name.lower()
-    best: tuple[int, str] | None = None
-    for setting in _SETTING_NAMES:
-        # One edit, two in a long name: `retry` is not `entry`, `metrics` not `retries`.
-        allowed = 1 if len(setting) < 10 else 2
-        if abs(len(lowered) - len(setting)) > allowed:
-            continue
-        distance = _edit_distance(lowered, setting)
-        if distance <= allowed and (best is None or distance < best[0]):
-            best = (distance, setting)
-    return best[1] if best is not None else None
+    return resembled(name, _SETTING_NAMES)
 
 
 def _check_setting_names(cls: type[EventStreamView]) -> None:
@@ -272,6 +259,11 @@ class EventStreamView:
     retry: ClassVar[int | None] = None
     """Reconnection delay (milliseconds) sent to the browser before any event; None
     sends none, and the browser keeps its default (about 3 s)."""
+    error_retry: ClassVar[int | None] = 10_000
+    """Reconnection delay (milliseconds) sent with the `sseviews.error` event that ends
+    a stream whose `events()` raised, so that clients of a failing stream come back
+    later instead of at once: a random value from half to 1.5 times this, so that
+    they do not all come back together. None sends the event without `retry:`."""
     headers: ClassVar[Mapping[str, str]] = {}
     """Extra response headers; they may override the defaults (`cache-control`, ...)."""
     shutdown_grace_period: ClassVar[float] = 0.0
@@ -332,14 +324,20 @@ class EventStreamView:
     # Streams (and requests being answered) of this class open in this process: the
     # limit protects this process, so it counts here (see __init_subclass__).
     _open_streams: ClassVar[int] = 0
+    # Whether this class has warned about a yielded value shaped like another SSE
+    # library's event (see _checks.lookalike_problem): once per class.
+    _lookalike_warned: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _check_setting_names(cls)  # first: a misspelt name explains a check below
         _check_settings(cls)
         _check_events(cls)
+        check_hooks(cls)
+        check_hook_names(cls, EventStreamView)
         cls._event_types = compile_event_types(cls)
         cls._open_streams = 0  # each view class counts its own streams
+        cls._lookalike_warned = False
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -387,9 +385,15 @@ class EventStreamView:
         """Return the stream's presence info, sync or async (None: the stream is not listed)."""
         return None
 
-    def ping_message(self) -> Event:
-        """Return the keep-alive message sent after `ping_interval` of silence."""
-        return _PING
+    def ping_message(self) -> Event | str:
+        """Return the keep-alive sent after `ping_interval` of silence.
+
+        Returns:
+            A `str`, sent as a comment line (`: ping\n` by default) with no blank
+            line after it, which no client dispatches as an event; or an `Event`,
+            sent as an event (the page sees it, for example `Event("", event="ping")`).
+        """
+        return "ping"
 
     # -- context --------------------------------------------------------------
 
@@ -551,11 +555,29 @@ class EventStreamView:
         except HTTPException as exc:
             refusal = _refusal(exc)
         if refusal is not None:
+            if not isinstance(refusal, Response):
+                await self._refuse(
+                    PlainTextResponse("Internal Server Error", status_code=500),
+                    level=logging.ERROR,
+                    detail=on_connect_result_problem(type(self).__name__, refusal),
+                )
+                return None
             await self._refuse(refusal)
             return None
         groups: list[str] = []
         broadcast = self.broadcast
-        if broadcast is not None:
+        if broadcast is None:
+            # After on_connect(): a view that only ever refuses (a 204 that tells old
+            # clients to stop, say) needs nothing to stream.
+            problem = wiring_problem(type(self), EventStreamView)
+            if problem is not None:
+                await self._refuse(
+                    PlainTextResponse("Internal Server Error", status_code=500),
+                    level=logging.ERROR,
+                    detail=problem,
+                )
+                return None
+        else:
             try:
                 groups = await self._resolve_groups()
             except HTTPException as exc:
@@ -751,7 +773,7 @@ class EventStreamView:
         if counters is not None:
             counters.refuse(200)
         await self.send(self._response_start())
-        body = b"retry: %d\n\n" % self.retry if self.retry is not None else b""
+        body = b"retry: %d\n" % self.retry if self.retry is not None else b""
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _response_start(self) -> Message:
@@ -767,7 +789,9 @@ class EventStreamView:
         return {"type": "http.response.start", "status": 200, "headers": headers}
 
     def _first_chunk(self) -> bytes:
-        return b"retry: %d\n\n" % self.retry if self.retry is not None else b""
+        # No blank line after it: a `retry:` line takes effect as it is parsed, and a
+        # blank line would make httpx-sse and fetch-event-source dispatch an empty event.
+        return b"retry: %d\n" % self.retry if self.retry is not None else b""
 
     async def _produce(self) -> None:
         """Iterate `events()` in this task, encoding each item into the connection's buffer."""
@@ -781,11 +805,13 @@ class EventStreamView:
                 "%s: events() must be an async generator (an async def with yield)",
                 self.describe(),
             )
-            connection.stop(DisconnectReason.ERROR)
+            self._fail(connection)
             return
         event_types = self._event_types
         if event_types is not None:  # views without a declaration pay nothing per event
             agen = event_types.checked(self, agen)
+        # Only the first value that is not an Event is looked at, once per class.
+        look = not type(self)._lookalike_warned
         try:
             with connection.open_events_scope():
                 async for item in agen:
@@ -794,6 +820,9 @@ class EventStreamView:
                     elif isinstance(item, Event):
                         data = item.encode()
                     else:
+                        if look:
+                            look = False
+                            self._look_at(item)
                         data = encode_data(item)
                     if connection.push(data):
                         await connection.wait_for_space()
@@ -806,7 +835,7 @@ class EventStreamView:
         except Exception:
             if connection.reason is None:
                 logger.exception("%s: events() raised; ending the stream", self.describe())
-                connection.stop(DisconnectReason.ERROR)
+                self._fail(connection)
             else:
                 logger.exception("%s: events() raised while closing", self.describe())
         finally:
@@ -814,6 +843,26 @@ class EventStreamView:
             # already finished: only one left at a yield has finally blocks to run.
             if getattr(agen, "ag_frame", True) is not None:
                 await self._close_events(agen)
+
+    def _fail(self, connection: Connection) -> None:
+        """End the stream with `ERROR`: the `sseviews.error` event last, no details.
+
+        Its `retry:` (`error_retry`, jittered) makes clients back off instead of
+        reconnecting to a failing stream at once; the traceback goes to the log only.
+        """
+        retry = self.error_retry
+        if retry is not None:
+            retry = round(retry * random.uniform(0.5, 1.5))
+        connection.farewell = Event({"reason": "error"}, event=ERROR_EVENT, retry=retry).encode()
+        connection.stop(DisconnectReason.ERROR)
+
+    def _look_at(self, item: object) -> None:
+        """Warn (once per class) when `item` is shaped like another SSE library's event."""
+        problem = lookalike_problem(item)
+        if problem is not None:
+            view = type(self)
+            view._lookalike_warned = True
+            warn_lookalike(view, view.events, problem)
 
     async def _close_events(self, agen: Any) -> None:
         """Close `events()` left at a yield: shielded, and bounded by disconnect_timeout."""

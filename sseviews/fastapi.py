@@ -46,6 +46,7 @@ from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 
 from . import _routing
+from ._checks import nothing_to_stream
 from ._eventtypes import UNNAMED
 from ._schema import content_type, event_schemas
 from ._views import EventStreamView
@@ -334,11 +335,15 @@ class StreamRouter(APIRouter, _routing.StreamRouter):
             include_in_schema: False leaves the stream out of `/openapi.json`.
 
         Raises:
-            TypeError: `view` is not an `EventStreamView` subclass, or one of its
-                annotated attributes cannot be resolved by FastAPI.
+            TypeError: `view` is not an `EventStreamView` subclass, it has nothing
+                to stream (no `events()`, no `broadcast`, no `groups`), or one of
+                its annotated attributes cannot be resolved by FastAPI.
         """
         if not (isinstance(view, type) and issubclass(view, EventStreamView)):
             raise TypeError(f"add_stream() expects an EventStreamView subclass, got {view!r}")
+        problem = nothing_to_stream(view, EventStreamView)
+        if problem is not None:
+            raise TypeError(problem)
         endpoint = _endpoint(view, path)
         documented: dict[int | str, dict[str, Any]] = {
             200: {

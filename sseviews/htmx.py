@@ -1,9 +1,12 @@
 """HTML fragment events for htmx's SSE extension, rendered from Jinja2 templates.
 
-htmx's SSE extension swaps the data of an event into the page (`sse-swap="chat"`
-swaps every `chat` event), so it wants HTML, not JSON. `Fragments` renders a
-template into an `Event` whose data is that HTML; multi-line HTML is sent as
-several `data:` lines, which the browser joins back with newlines.
+htmx's SSE support swaps the data of an event into the page, so it wants HTML,
+not JSON. htmx 2's extension swaps the events an element names (`sse-swap="chat"`
+swaps every `chat` event, `sse-swap="message"` the unnamed ones); htmx 4's
+`hx-sse:connect` swaps only unnamed events. Unnamed fragments work with both.
+
+`Fragments` renders a template into an `Event` whose data is that HTML; multi-line
+HTML is sent as several `data:` lines, which both join back with newlines.
 
 Autoescaping is always on: values from users cannot inject markup.
 
@@ -80,7 +83,9 @@ class Fragments:
         every subscriber.
 
         Args:
-            name: The event name; None sends an unnamed (`message`) event.
+            name: The event name; None sends an unnamed (`message`) event,
+                the only kind htmx 4 swaps (it dispatches named events as DOM
+                events).
             template: The template's name in the environment.
             id: The event id (leave it out for `publish()`, which assigns ids).
             **context: The template's variables.

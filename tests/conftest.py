@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -38,3 +39,22 @@ async def prefix() -> AsyncIterator[str]:
     prefix = unique_prefix()
     yield prefix
     await delete_prefix(prefix)
+
+
+@pytest.fixture
+async def pg_prefix() -> AsyncIterator[str]:
+    """A PostgreSQL table and channel prefix of this test's own (the `test` database on
+    127.0.0.1); every table under it is dropped afterwards."""
+    import asyncpg
+
+    value = f"t{uuid.uuid4().hex[:12]}"
+    yield value
+    conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE tablename LIKE $1", f"{value}%"
+        )
+        for row in tables:
+            await conn.execute(f'DROP TABLE IF EXISTS "{row["tablename"]}"')
+    finally:
+        await conn.close()

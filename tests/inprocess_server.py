@@ -201,3 +201,28 @@ class RawEventStream:
 
     def close(self) -> None:
         self.sock.close()
+
+
+async def raw_head(port: int, target: str) -> tuple[int, socket.socket]:
+    """Send `HEAD target` on a new keep-alive connection; the status and the open socket.
+
+    The caller closes the socket: until then the connection stays open and idle, as a
+    browser keeps one in its pool.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (HOST, port))
+        request = f"HEAD {target} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode("latin-1"))
+        raw = bytearray()
+        while raw.find(b"\r\n\r\n") < 0:
+            data = await loop.sock_recv(sock, 65536)
+            if not data:
+                raise EOFError("the server closed the connection before the response head")
+            raw += data
+        return int(raw.split(b" ", 2)[1]), sock
+    except BaseException:
+        sock.close()
+        raise

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import jsonschema
 import pytest
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Header, Query, Security
+from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
@@ -118,14 +120,18 @@ def test_asyncapi_messages_per_event_name_with_payload_schemas() -> None:
     assert schemas["Chat"]["required"] == ["text"]
 
     room = document["channels"]["room"]["messages"]
-    assert set(room) == {"message", "typing_started", "sseviews_reset"}
+    assert set(room) == {"message", "typing_started", "sseviews_reset", "sseviews_error"}
     assert room["typing_started"]["name"] == "typing/started"
     assert room["message"]["headers"]["properties"]["event"]["enum"] == ["message"]
     assert room["sseviews_reset"]["name"] == sseviews.RESET_EVENT
 
     legacy = document["channels"]["LegacyView"]["messages"]
-    assert list(legacy) == ["message"]
+    assert list(legacy) == ["message", "sseviews_error"]
     assert "declares no event_types" in legacy["message"]["summary"]
+    # Any stream ends with sseviews.error when its events() raises.
+    error = clock["sseviews_error"]
+    assert error["name"] == sseviews.ERROR_EVENT
+    assert error["payload"]["properties"]["reason"] == {"type": "string", "const": "error"}
 
 
 def test_asyncapi_send_operation_with_last_event_id_resume() -> None:
@@ -222,3 +228,111 @@ def test_asyncapi_cli_reports_a_bad_target(
     error = capsys.readouterr().err
     assert "sseviews asyncapi: error:" in error
     assert "expects a Starlette or FastAPI app" in error
+
+
+async def require_token(token: Annotated[str, Query(description="The access token.")]) -> str:
+    return token
+
+
+class Shade(enum.Enum):
+    light = "light"
+    dark = "dark"
+
+
+class ShadedClock(ClockView):
+    shade: Annotated[Shade, Query()] = Shade.light
+    x_trace: Annotated[str | None, Header()] = None
+
+
+def test_asyncapi_fastapi_dependency_parameters_are_documented_as_in_openapi() -> None:
+    from sseviews.fastapi import StreamRouter as APIStreamRouter
+
+    router = APIStreamRouter()
+    router.add_stream("/clock/{room}", ShadedClock, name="clock")
+    app = FastAPI()
+    app.include_router(router, prefix="/events", dependencies=[Depends(require_token)])
+    document = sseviews.asyncapi(app)
+    assert_valid(document)
+    operation = document["operations"]["clock"]
+    openapi = app.openapi()
+    # Every parameter /openapi.json lists, as it lists them (the include's token too).
+    assert (
+        operation["x-parameters"] == openapi["paths"]["/events/clock/{room}"]["get"]["parameters"]
+    )
+    query = operation["bindings"]["http"]["query"]
+    assert set(query["properties"]) == {"lastEventId", "token", "shade"}
+    assert query["required"] == ["token"]
+    assert query["properties"]["token"]["description"] == "The access token."
+    assert query["properties"]["shade"]["$ref"] == "#/components/schemas/Shade"
+    assert document["components"]["schemas"]["Shade"] == openapi["components"]["schemas"]["Shade"]
+    header = next(each for each in operation["x-parameters"] if each["in"] == "header")
+    assert header["name"] == "x-trace"
+    assert document["channels"]["clock"]["parameters"] == {
+        "room": {"description": "The `room` path parameter."}
+    }
+
+
+class Speeds:
+    class Tick(enum.Enum):  # not the payload's Tick model, but named the same
+        fast = "fast"
+
+
+def test_asyncapi_fastapi_parameter_schema_named_like_a_payload_is_renamed() -> None:
+    from sseviews.fastapi import StreamRouter as APIStreamRouter
+
+    class Ticking(ClockView):
+        speed: Annotated[Speeds.Tick, Query()] = Speeds.Tick.fast
+
+    router = APIStreamRouter()
+    router.add_stream("/clock", Ticking)
+    app = FastAPI()
+    app.include_router(router)
+    document = sseviews.asyncapi(app)
+    assert_valid(document)
+    schemas = document["components"]["schemas"]
+    assert schemas["Tick"]["properties"] == {"n": {"title": "N", "type": "integer"}}
+    assert schemas["Tick2"]["enum"] == ["fast"]
+    speed = document["operations"]["Ticking"]["bindings"]["http"]["query"]["properties"]["speed"]
+    assert speed["$ref"] == "#/components/schemas/Tick2"
+
+
+def test_asyncapi_starlette_streams_have_no_dependency_parameters() -> None:
+    document = sseviews.asyncapi(starlette_app())
+    for operation in document["operations"].values():
+        assert "x-parameters" not in operation
+        assert list(operation["bindings"]["http"]["query"]["properties"]) == ["lastEventId"]
+
+
+bearer = HTTPBearer(description="A session token.")
+api_key = APIKeyQuery(name="key", auto_error=False)
+
+
+async def authorized(
+    credentials: Annotated[HTTPAuthorizationCredentials, Security(bearer)],
+) -> str:
+    return credentials.credentials
+
+
+def test_asyncapi_fastapi_security_dependencies_become_security_schemes() -> None:
+    from sseviews.fastapi import StreamRouter as APIStreamRouter
+
+    class Guarded(ClockView):
+        user: Annotated[str, Depends(authorized)]
+        key: Annotated[str | None, Security(api_key)]
+
+    router = APIStreamRouter()
+    router.add_stream("/guarded", Guarded)
+    router.add_stream("/open", ClockView)
+    app = FastAPI()
+    app.include_router(router)
+    document = sseviews.asyncapi(app)
+    assert_valid(document)
+    assert document["operations"]["Guarded"]["security"] == [
+        {"$ref": "#/components/securitySchemes/HTTPBearer"},
+        {"$ref": "#/components/securitySchemes/APIKeyQuery"},
+    ]
+    assert "security" not in document["operations"]["ClockView"]
+    assert document["components"]["securitySchemes"] == {
+        "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "A session token."},
+        "APIKeyQuery": {"type": "httpApiKey", "name": "key", "in": "query"},
+    }

@@ -85,6 +85,7 @@ async def test_redis_backend_receives_concurrent_publishes_in_id_order(prefix: s
             await store.connect()
         for backend, recorder in zip(backends, recorders, strict=True):
             await backend.connect(recorder.dispatch, recorder.on_failure)
+            await backend.subscribe(["room:0", "room:1", "room:2"])
         async with anyio.create_task_group() as tg:
             for i in range(200):
                 tg.start_soon(publish, stores[i % 2], f"room:{i % 3}", str(i))
@@ -114,6 +115,8 @@ async def test_redis_backend_deliver_reaches_every_backend(prefix: str) -> None:
     with anyio.fail_after(5):
         await sender.connect(sent.dispatch, sent.on_failure)
         await receiver.connect(received.dispatch, received.on_failure)
+        for backend in (sender, receiver):
+            await backend.subscribe(["orders:42", "orders:43"])
         await sender.deliver("orders:42", 7, wire)
         await sender.deliver("orders:43", 8, wire)
         await received.wait_events(2)
@@ -129,6 +132,7 @@ async def test_redis_backend_ignores_other_prefixes(prefix: str) -> None:
     recorder = Recorder()
     with anyio.fail_after(5):
         await mine.connect(recorder.dispatch, recorder.on_failure)
+        await mine.subscribe(["a"])
         await other.deliver("a", 1, data("other"))
         await mine.deliver("a", 2, data("mine"))
         await recorder.wait_events(1)
@@ -144,9 +148,10 @@ async def test_redis_backend_skips_malformed_messages(
     recorder = Recorder()
     with anyio.fail_after(5), caplog.at_level(logging.WARNING, logger="sseviews.redis"):
         await backend.connect(recorder.dispatch, recorder.on_failure)
+        await backend.subscribe(["a"])
         async with redis_client() as client:
-            await client.publish(f"{prefix}:live", b"no separators")
-            await client.publish(f"{prefix}:live", b"a\x00not-a-number\x00data: x\n\n")
+            await client.publish(f"{prefix}:live:{{a}}", b"no separators")
+            await client.publish(f"{prefix}:live:{{a}}", b"not-a-number\x00data: x\n\n")
         await backend.deliver("a", 1, data("ok"))
         await recorder.wait_events(1)
         await backend.disconnect()
@@ -168,6 +173,7 @@ async def test_redis_backend_survives_a_failing_dispatch(
 
     with anyio.fail_after(5), caplog.at_level(logging.ERROR, logger="sseviews.redis"):
         await backend.connect(dispatch, recorder.on_failure)
+        await backend.subscribe(["a"])
         await backend.deliver("a", 1, data("1"))
         await backend.deliver("a", 2, data("2"))
         await recorder.wait_events(2)
@@ -199,14 +205,15 @@ async def test_redis_backend_disconnect_stops_delivery_within_a_second(prefix: s
     recorder = Recorder()
     with anyio.fail_after(5):
         await backend.connect(recorder.dispatch, recorder.on_failure)
+        await backend.subscribe(["a"])
     with anyio.fail_after(1):
         await backend.disconnect()
     async with redis_client() as client:
         with anyio.fail_after(5):
-            subscribers = await client.pubsub_numsub(f"{prefix}:live")
-            await client.publish(f"{prefix}:live", b"a\x001\x00data: late\n\n")
+            subscribers = await client.pubsub_numsub(f"{prefix}:live:{{a}}")
+            await client.publish(f"{prefix}:live:{{a}}", b"1\x00data: late\n\n")
             await anyio.sleep(0.1)
-    assert subscribers == [(f"{prefix}:live".encode(), 0)]
+    assert subscribers == [(f"{prefix}:live:{{a}}".encode(), 0)]
     assert recorder.events == []
     assert recorder.failures == []
 
@@ -217,6 +224,7 @@ async def test_redis_backend_accepts_a_client_and_leaves_it_open(prefix: str) ->
         backend = RedisBackend(client, prefix=prefix)
         with anyio.fail_after(5):
             await backend.connect(recorder.dispatch, recorder.on_failure)
+            await backend.subscribe(["a"])
             await backend.deliver("a", 1, data("1"))
             await recorder.wait_events(1)
             await backend.disconnect()
@@ -262,6 +270,7 @@ async def test_redis_backend_fails_then_recovers_when_the_server_restarts(
         store = RedisStore(server.url, prefix=prefix, publish=True)
         with anyio.fail_after(5):
             await backend.connect(recorder.dispatch, recorder.on_failure)
+            await backend.subscribe(["a"])
             await store.connect()
 
         async def publish_forever(store: RedisStore) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
@@ -23,7 +23,7 @@ from sseviews import (
 )
 from sseviews._broadcast import MAX_GROUP_LENGTH, check_group
 from sseviews.backends.memory import MemoryBackend
-from sseviews.stores.base import MAX_CURSOR_GROUPS, format_id, parse_cursor
+from sseviews.stores.base import MAX_CURSOR_GROUPS, Position, format_id, parse_cursor
 from sseviews.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.anyio
@@ -759,3 +759,65 @@ async def test_subscription_goes_on_in_a_new_epoch_of_its_group_live(broadcast: 
         broadcast._dispatch("a", 1, f"id: {new}\ndata: copy\n\n".encode())
         assert await nothing_more(one)
         assert await nothing_more(two)
+
+
+# -- the backend's subscribe/unsubscribe seam ----------------------------------------------
+
+
+class SubscribingBackend(MemoryBackend):
+    """Records the seam's calls; `subscribe` takes a turn, as a round trip would."""
+
+    def __init__(self, log: list[tuple[str, list[str]]], fail: bool = False) -> None:
+        super().__init__()
+        self.log = log
+        self.fail = fail
+
+    async def subscribe(self, groups: Sequence[str]) -> None:
+        self.log.append(("subscribe", list(groups)))
+        await anyio.lowlevel.checkpoint()
+        if self.fail:
+            raise BackendError("refused")
+        self.log.append(("confirmed", list(groups)))
+
+    def unsubscribe(self, groups: Sequence[str]) -> None:
+        self.log.append(("unsubscribe", list(groups)))
+
+
+class LoggingStore(MemoryStore):
+    def __init__(self, log: list[tuple[str, list[str]]]) -> None:
+        super().__init__()
+        self.log = log
+
+    async def heads(self, groups: Sequence[str]) -> list[Position]:
+        self.log.append(("heads", list(groups)))
+        return await super().heads(groups)
+
+
+async def test_broadcast_subscribes_before_reading_history_and_unsubscribes_unused_groups() -> None:
+    log: list[tuple[str, list[str]]] = []
+    broadcast = Broadcast(SubscribingBackend(log), history=LoggingStore(log))
+    async with broadcast:
+        first = await broadcast.publish("a", "one")
+        async with broadcast.subscribe("a", "b", last_event_id=first):
+            # The backend confirmed the groups before the history's heads were read.
+            assert log == [
+                ("subscribe", ["a", "b"]),
+                ("confirmed", ["a", "b"]),
+                ("heads", ["a", "b"]),
+            ]
+            async with broadcast.subscribe("a"):
+                pass
+            # Group a still has a subscription: nothing is unsubscribed yet.
+            assert ("unsubscribe", ["a"]) not in log
+        assert log[-1] == ("unsubscribe", ["a", "b"])
+
+
+async def test_broadcast_subscribe_failure_raises_backend_error_and_lets_the_groups_go() -> None:
+    log: list[tuple[str, list[str]]] = []
+    broadcast = Broadcast(SubscribingBackend(log, fail=True))
+    async with broadcast:
+        with pytest.raises(BackendError, match="refused"):
+            async with broadcast.subscribe("a", "b"):
+                pass
+        assert broadcast._hub == {}
+    assert log == [("subscribe", ["a", "b"]), ("unsubscribe", ["a", "b"])]

@@ -17,7 +17,7 @@ import pytest
 from process_helpers import clean_env, free_port, stop_process, wait_until_serving
 
 from sseviews import __version__
-from sseviews._cli import CommandError, main, render_project, resolve_target
+from sseviews._cli import CommandError, install_extra, main, render_project, resolve_target
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -69,10 +69,23 @@ def test_new_says_what_to_do_next(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert steps[1].startswith("python -m pip install -e '.[test]'")
     assert steps[2].startswith("sseviews run .")
     assert steps[3].startswith("python -m pytest")
+    # The comments start in one column.
+    columns = {line.index("#") for line in out.splitlines()[3:]}
+    assert len(columns) == 1, out
+
+
+def test_new_next_steps_quote_a_folder_with_a_space(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "my projects"
+    assert main(["new", "my_chat", "--directory", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"  cd '{folder / 'my_chat'}'\n" in out
 
 
 def test_new_project_readme_starts_with_its_install_command(project: Path) -> None:
     readme = (project / "README.md").read_text()
+    assert "pypi.org" not in readme  # sseviews is not on a package index yet
     commands = [line[2:] for line in readme.splitlines() if line.startswith("$ ")]
     assert commands[:3] == [
         "python -m pip install -e '.[test]'",
@@ -353,12 +366,12 @@ def test_run_missing_dependency_of_a_project_says_install_the_project(
 
 
 @pytest.mark.parametrize(
-    ("module", "command"),
+    ("module", "extra"),
     [
-        ("sqlalchemy", "python -m pip install 'sseviews[sqlalchemy]'"),
-        ("aiosqlite", "python -m pip install 'sseviews[sqlite]'"),
-        ("asyncpg", "python -m pip install 'sseviews[postgres]'"),
-        ("redis", "python -m pip install 'sseviews[redis]'"),
+        ("sqlalchemy", "sqlalchemy"),
+        ("aiosqlite", "sqlite"),
+        ("asyncpg", "postgres"),
+        ("redis", "redis"),
     ],
 )
 def test_run_missing_extra_is_named_with_its_extra(
@@ -366,8 +379,11 @@ def test_run_missing_extra_is_named_with_its_extra(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     module: str,
-    command: str,
+    extra: str,
 ) -> None:
+    # These tests run sseviews from its checkout, which is not on a package index:
+    # the command installs the extra from the checkout.
+    command = f"python -m pip install -e '{REPO}[{extra}]'"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setitem(sys.modules, module, None)  # importing it raises ModuleNotFoundError
@@ -391,6 +407,18 @@ def test_run_missing_dependency_from_the_console_has_no_traceback(tmp_path: Path
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("sseviews run: error: 'broken_app' imports")
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_install_extra_from_a_checkout_or_an_index(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert install_extra("redis") == f"python -m pip install -e '{REPO}[redis]'"
+    # An installed wheel has no pyproject.toml beside the package: the index then.
+    monkeypatch.setattr("sseviews._cli.__file__", str(tmp_path / "sseviews" / "_cli.py"))
+    assert install_extra("redis") == "python -m pip install 'sseviews[redis]'"
+    # Another project's pyproject.toml above the package is not sseviews' checkout.
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "other"\n')
+    assert install_extra("cli") == "python -m pip install 'sseviews[cli]'"
 
 
 # -- sseviews run: serving -----------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import doctest
+import inspect
 import re
 import subprocess
 import sys
@@ -35,6 +36,9 @@ from typing import Any
 
 import pytest
 from process_helpers import clean_env
+
+import sseviews
+import sseviews.testing
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -214,3 +218,108 @@ def test_docs_snippets_every_page_with_code_has_a_complete_example() -> None:
         runnable = [snippet for snippet in python if snippet.kind in (None, "continues", "file")]
         if python:
             assert runnable, f"{page.relative_to(REPO)}: no snippet runs, every one is marked"
+
+
+def _documented_parameters(line: str) -> tuple[str, list[tuple[str, str, object]]]:
+    """The name and `(name, kind, default)` parameters of a `signature` snippet's line."""
+    if line.startswith(("def ", "async def ")):
+        function = ast.parse(f"{line}: ...").body[0]
+    else:
+        name, _, rest = line.partition("(")
+        function = ast.parse(f"def {name}({rest}: ...").body[0]
+    assert isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+    arguments = function.args
+    positional = arguments.posonlyargs + arguments.args
+    defaults: list[ast.expr | None] = [None] * (len(positional) - len(arguments.defaults))
+    defaults += arguments.defaults
+    found = [
+        (argument.arg, "positional", default)
+        for argument, default in zip(positional, defaults, strict=True)
+    ]
+    found += [
+        (argument.arg, "keyword", default)
+        for argument, default in zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True)
+    ]
+    empty = inspect.Parameter.empty
+    return function.name, [
+        (name, kind, empty if default is None else ast.literal_eval(default))
+        for name, kind, default in found
+    ]
+
+
+def _actual_parameters(target: Any) -> list[tuple[str, str, object]]:
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return [
+        (name, "keyword" if parameter.kind is keyword else "positional", parameter.default)
+        for name, parameter in inspect.signature(target).parameters.items()
+    ]
+
+
+def test_docs_signatures_match_the_code() -> None:
+    """A `signature` snippet of a public class or a view hook lists the code's parameters."""
+    checked = 0
+    for page in PAGES:
+        for snippet in snippets(page):
+            if snippet.kind != "signature":
+                continue
+            for line in snippet.code.strip().splitlines():
+                name, documented = _documented_parameters(line)
+                if line.startswith(("def ", "async def ")):
+                    target = getattr(sseviews.EventStreamView, name, None)
+                    documented = documented[1:]  # self: the signature of the bound method
+                    target = None if target is None else target.__get__(object())
+                else:
+                    target = getattr(sseviews, name, None) or getattr(sseviews.testing, name, None)
+                if target is None:
+                    continue
+                actual = _actual_parameters(target)
+                assert documented == actual, f"{snippet.where}: {line}\n  the code: {actual}"
+                checked += 1
+    assert checked >= 5
+
+
+def test_docs_fragments_say_so_in_their_first_line() -> None:
+    """Readers never see the `<!-- fragment -->` marker: the snippet itself must say it."""
+    for page in PAGES:
+        for snippet in snippets(page):
+            if snippet.kind == "fragment":
+                first = snippet.code.splitlines()[0]
+                assert first.startswith("# Fragment: "), (
+                    f"{snippet.where}: a fragment must start with a visible "
+                    f"'# Fragment: ...' line saying what it needs, not {first!r}"
+                )
+
+
+_INSTALL = re.compile(r"pip install[^\n`]*")
+
+
+def test_docs_install_sseviews_from_a_checkout() -> None:
+    """sseviews is not on a package index yet: `pip install "sseviews[x]"` would fail."""
+    readmes = [REPO / "example_project" / "README.md"]
+    templates = sorted((REPO / "sseviews" / "templates" / "project").rglob("*.jinja"))
+    for page in [*PAGES, *readmes, *templates]:
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            for command in _INSTALL.findall(line):
+                if "sseviews[" in command or re.search(r"install\s+['\"]?sseviews\b", command):
+                    assert " -e " in command, (
+                        f"{page.relative_to(REPO)}:{number}: {command!r} installs sseviews "
+                        "from a package index; install it from the checkout (-e)"
+                    )
+
+
+_ENVIRON = re.compile(r"""os\.environ\[["'](?P<name>\w+)["']\]""")
+
+
+def test_docs_environment_variables_a_snippet_needs_are_set_on_its_page() -> None:
+    """A complete example that reads `os.environ["X"]` fails as pasted unless told to set X."""
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for snippet in snippets(page):
+            if snippet.kind not in (None, "continues", "file"):
+                continue
+            for match in _ENVIRON.finditer(snippet.code):
+                name = match["name"]
+                assert f"export {name}=" in text, (
+                    f"{snippet.where}: reads ${name}; the page must show how to set it "
+                    f"(a console line `export {name}=...`)"
+                )

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sseviews import Event
-from sseviews._events import encode_data
+from sseviews._events import encode_comment, encode_data
 from sseviews.testing import EventParser
 
 
@@ -189,6 +189,24 @@ def test_event_multi_line_comment_split(comment: str) -> None:
     assert wire == f": {first}\n: {second}\n: {third}\n\n".encode()
 
 
+def test_encode_comment_is_one_line_without_a_blank_line() -> None:
+    assert encode_comment("ping") == b": ping\n"
+    assert encode_comment("") == b": \n"
+    assert encode_comment("a\r\nb\rc") == b": a\n: b\n: c\n"
+
+
+def test_encode_comment_dispatches_nothing() -> None:
+    parser = EventParser()
+    assert parser.feed(encode_comment("ping") * 3) == []
+    assert parser.comments == ["ping"] * 3
+
+
+@pytest.mark.parametrize("text", [None, b"ping", 1])
+def test_encode_comment_wrong_type_raises_type_error(text: Any) -> None:
+    with pytest.raises(TypeError, match="must be a str"):
+        encode_comment(text)
+
+
 def test_event_all_fields_framing() -> None:
     wire = Event("a\nb", event="e", id="1", retry=10, comment="c").encode()
     assert wire == b": c\nevent: e\nid: 1\nretry: 10\ndata: a\ndata: b\n\n"
@@ -288,6 +306,30 @@ def test_event_round_trips_through_whatwg_parser(
     else:
         assert parser.comments == comment.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     assert parser.last_event_id == (id or "")
+
+
+@given(
+    st.lists(st.tuples(st.text(), st.none() | _line_text), min_size=1, max_size=5),
+    st.lists(st.text(), max_size=6),
+    st.integers(min_value=1, max_value=7),
+)
+def test_encode_comment_between_events_never_merges_into_them(
+    events: list[tuple[str, str | None]], comments: list[str], step: int
+) -> None:
+    # Comment lines (keep-alive pings) before, between and after events, in any
+    # chunking: the events parse exactly as they do without them.
+    encoded = [Event(data, event=name, id=str(i)).encode() for i, (data, name) in enumerate(events)]
+    pieces = [encode_comment(comment) for comment in comments]
+    wire = b"".join(
+        (pieces[i] if i < len(pieces) else b"") + event for i, event in enumerate(encoded)
+    ) + b"".join(pieces[len(encoded) :])
+    parser = EventParser()
+    parsed = []
+    for start in range(0, len(wire), step):
+        parsed.extend(parser.feed(wire[start : start + step]))
+    alone = EventParser().feed(b"".join(encoded))
+    assert [(e.data, e.event, e.id) for e in parsed] == [(e.data, e.event, e.id) for e in alone]
+    assert len(parsed) == len(events)
 
 
 @given(st.lists(st.text(), min_size=1, max_size=5), st.integers(min_value=1, max_value=7))

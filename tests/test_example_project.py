@@ -5,6 +5,7 @@ The same features are checked in a real browser by `tests/browser/`.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -393,18 +394,135 @@ async def test_dashboard_counts_open_group_streams(client: EventStreamClient) ->
     assert metrics["streams"] == 2
 
 
+# -- the htmx page ---------------------------------------------------------------------
+
+HTMX_SCRIPTS = ("htmx.org/dist/htmx.min.js", "htmx-ext-sse/sse.js")
+HTMX4_SCRIPTS = ("htmx4/dist/htmx.min.js", "htmx4/dist/ext/hx-sse.js")
+INSTALL = "npm install --no-save --no-package-lock htmx.org@2 htmx-ext-sse@2 htmx4@npm:htmx.org@4"
+
+
+def fake_node_modules(folder: Path, scripts: tuple[str, ...] = HTMX_SCRIPTS) -> Path:
+    """A node_modules holding the files a page loads (their content is not run here)."""
+    for script in scripts:
+        path = folder / "node_modules" / script
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"/* {script} */\n")
+    return folder / "node_modules"
+
+
+async def test_htmx_page_without_htmx_says_what_to_run(tmp_path: Path) -> None:
+    missing = tmp_path / "no_npm_here" / "node_modules"
+    settings = make_settings(tmp_path, node_modules=str(missing))
+    async with EventStreamClient(create_app(settings)) as client:
+        page = await client.get("/htmx")
+        script = await client.get("/vendor/htmx.org/dist/htmx.min.js")
+    assert page.status_code == 200
+    command = f"cd {missing.parent} &amp;&amp; npm install --no-save --no-package-lock"
+    assert command in page.text
+    assert "htmx.org@2 htmx-ext-sse@2" in page.text
+    assert "/vendor/" not in page.text  # no script the browser would fail to load
+    # Nothing can be typed into a form that has nowhere to go.
+    assert '<input name="text" placeholder="message" maxlength="500" required disabled>' in (
+        page.text
+    )
+    assert "<button disabled>Send</button>" in page.text
+    # Not StaticFiles' 500 for a missing folder: a 404 that says the same.
+    assert script.status_code == 404
+    assert "htmx is not installed; run: cd " in script.text
+
+
+async def test_htmx_page_with_htmx_loads_it_from_vendor(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, node_modules=str(fake_node_modules(tmp_path)))
+    async with EventStreamClient(create_app(settings)) as client:
+        page = await client.get("/htmx")
+        scripts = [await client.get(f"/vendor/{script}") for script in HTMX_SCRIPTS]
+    assert page.status_code == 200
+    assert "npm install" not in page.text
+    assert " disabled" not in page.text
+    for script, response in zip(HTMX_SCRIPTS, scripts, strict=True):
+        assert f'<script src="/vendor/{script}"></script>' in page.text
+        assert response.status_code == 200
+        assert response.text == f"/* {script} */\n"
+
+
+async def test_htmx_page_works_once_htmx_is_installed_while_serving(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, node_modules=str(tmp_path / "node_modules"))
+    async with EventStreamClient(create_app(settings)) as client:
+        assert "npm install" in (await client.get("/htmx")).text
+        assert (await client.get(f"/vendor/{HTMX_SCRIPTS[0]}")).status_code == 404
+        fake_node_modules(tmp_path)  # `npm install`, the server still running
+        assert "npm install" not in (await client.get("/htmx")).text
+        assert (await client.get(f"/vendor/{HTMX_SCRIPTS[0]}")).status_code == 200
+
+
+async def test_htmx_post_from_htmx_answers_204_and_publishes_a_fragment(
+    client: EventStreamClient,
+) -> None:
+    async with client.stream("/htmx/events") as stream:
+        response = await client.post(
+            "/htmx/messages",
+            data={"author": "ada", "text": "<b>hi</b>"},
+            headers={"HX-Request": "true"},
+        )
+        event = await stream.next_event(timeout=2)
+    assert response.status_code == 204
+    assert event.event is None  # unnamed: both htmx 2 (sse-swap="message") and 4 swap it
+    assert "&lt;b&gt;hi&lt;/b&gt;" in event.data
+    assert "ada" in event.data
+
+
+async def test_htmx_form_posted_without_htmx_is_published_and_comes_back(
+    client: EventStreamClient,
+) -> None:
+    # htmx failed to load: the browser posts the form itself. The message must not be lost.
+    async with client.stream("/htmx/events") as stream:
+        response = await client.post("/htmx/messages", data={"author": "", "text": "by form"})
+        event = await stream.next_event(timeout=2)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/htmx"
+    assert "by form" in event.data
+    assert "anonymous" in event.data
+
+
+async def test_htmx4_form_posted_without_htmx_is_published_and_comes_back_to_htmx4(
+    client: EventStreamClient,
+) -> None:
+    async with client.stream("/htmx/events") as stream:
+        response = await client.post(
+            "/htmx/messages", data={"page": "htmx4", "author": "", "text": "by form"}
+        )
+        event = await stream.next_event(timeout=2)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/htmx4"
+    assert "by form" in event.data
+
+
+async def test_htmx_post_refuses_an_empty_message(client: EventStreamClient) -> None:
+    response = await client.post("/htmx/messages", data={"text": "  "})
+    assert response.status_code == 422
+
+
+async def test_index_lists_the_htmx_page(client: EventStreamClient) -> None:
+    page = await client.get("/")
+    assert '<a href="/htmx">htmx feed</a>:' in page.text
+    assert '<a href="/htmx4">htmx 4 feed</a>:' in page.text
+    assert "npm" in page.text
+
+
 # -- pages and settings -----------------------------------------------------------------
 
+PAGES = ["/", "/rooms/lobby", "/dashboard", "/jobs", "/private", "/htmx", "/htmx4"]
 
-@pytest.mark.parametrize("path", ["/", "/rooms/lobby", "/dashboard", "/jobs", "/private"])
+
+@pytest.mark.parametrize("path", PAGES)
 async def test_pages_render(client: EventStreamClient, path: str) -> None:
     response = await client.get(path)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    assert "EventSource" in response.text or path == "/"
+    assert "EventSource" in response.text or path in ("/", "/htmx", "/htmx4")
 
 
-@pytest.mark.parametrize("path", ["/", "/rooms/lobby", "/dashboard", "/jobs", "/private"])
+@pytest.mark.parametrize("path", PAGES)
 async def test_pages_link_an_inline_icon(client: EventStreamClient, path: str) -> None:
     # Without a <link rel="icon">, every page load makes the browser ask for
     # /favicon.ico, which the app does not serve: a 404 in the log each time.
@@ -428,6 +546,7 @@ def test_settings_from_env() -> None:
             "HISTORY_URL": "",
             "JOB_STEPS": "3",
             "JOB_STEP_SECONDS": "0.25",
+            "NODE_MODULES": "/srv/npm/node_modules",
             "UNRELATED": "x",
         }
     )
@@ -435,6 +554,118 @@ def test_settings_from_env() -> None:
     assert settings.broadcast_url == "redis://127.0.0.1:6379/0"
     assert settings.history_url is None
     assert (settings.job_steps, settings.job_step_seconds) == (3, 0.25)
+    assert settings.node_modules == "/srv/npm/node_modules"
     assert Settings.from_env({}) == Settings()
     with pytest.raises(ValueError, match="JOB_STEPS must be a number"):
         Settings.from_env({"JOB_STEPS": "many"})
+
+
+# -- typed events (event_types) and the AsyncAPI document -------------------------------
+
+ASYNCAPI_SCHEMA = Path(__file__).parent / "schemas" / "asyncapi-3.0.0.json"
+
+
+def test_asyncapi_of_the_example_lists_typed_channels(capsys: pytest.CaptureFixture[str]) -> None:
+    import jsonschema
+
+    from sseviews._cli import main
+
+    assert main(["asyncapi", "example_project.app:app"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    validator = jsonschema.Draft7Validator(json.loads(ASYNCAPI_SCHEMA.read_text()))
+    assert [error.message for error in validator.iter_errors(document)] == []
+
+    def messages(channel: str) -> dict[str, tuple[str, Any]]:
+        found = document["channels"][channel]["messages"].values()
+        return {each["name"]: (each["contentType"], each["payload"]) for each in found}
+
+    def ref(name: str) -> tuple[str, dict[str, str]]:
+        return ("application/json", {"$ref": f"#/components/schemas/{name}"})
+
+    reset = messages("room_events")["sseviews.reset"]
+    # Any stream can end with sseviews.error (its events() raised).
+    error = {"sseviews.error": messages("room_events")["sseviews.error"]}
+    presence = {"sseviews.join": ref("Presence"), "sseviews.leave": ref("Presence")}
+    room = {"message": ref("ChatMessage"), **presence, "sseviews.reset": reset, **error}
+    assert messages("room_events") == room
+    assert messages("private_events") == room
+    assert messages("dashboard_events") == {"metrics": ref("Metrics"), **error}
+    assert messages("job_events") == {
+        "progress": ref("Progress"),
+        "done": ref("Outcome"),
+        "sseviews.reset": reset,
+        **error,
+    }
+    feed = ("text/plain", {"type": "string"})
+    assert messages("htmx_events") == {"message": feed, "sseviews.reset": reset, **error}
+    schemas = document["components"]["schemas"]
+    assert schemas["Outcome"]["properties"]["status"] == {"enum": ["done", "interrupted"]}
+    assert set(schemas["Metrics"]["required"]) == {
+        "pid",
+        "rss_bytes",
+        "cpu_percent",
+        "open_files",
+        "threads",
+        "streams",
+        "uptime_seconds",
+    }
+
+
+async def test_typed_room_presence_events_match_their_declaration(
+    client: EventStreamClient,
+) -> None:
+    # The test client checks every relayed event against RoomFeed.event_types.
+    async with client.stream("/rooms/lobby/events") as watcher:
+        async with client.stream("/rooms/lobby/events?name=ada"):
+            joined = await watcher.next_event(timeout=2)
+        left = await watcher.next_event(timeout=2)
+    assert [joined.event, left.event] == ["sseviews.join", "sseviews.leave"]
+    assert joined.json()["info"] == {"name": "ada"}
+
+
+async def test_typed_htmx_feed_sends_html_text(client: EventStreamClient) -> None:
+    async with client.stream("/htmx/events") as stream:
+        response = await client.post(
+            "/htmx/messages",
+            content=b"author=ada&text=hi",
+            headers={"content-type": "application/x-www-form-urlencoded", "hx-request": "true"},
+        )
+        assert response.status_code == 204
+        event = await stream.next_event(timeout=2)
+    assert event.event is None  # unnamed: the only kind htmx 4 swaps
+    assert "hi" in event.data and "<li" in event.data
+
+
+async def test_typed_room_event_that_breaks_its_declaration_fails_the_test(
+    settings: Settings,
+) -> None:
+    app = create_app(settings)
+    async with EventStreamClient(app) as client:
+        with pytest.raises(AssertionError, match=r"RoomFeed sent event 'message'.*text"):
+            async with client.stream("/rooms/lobby/events") as stream:
+                await app.state.broadcast.publish("room:lobby", {"id": 1, "text": 2})
+                await stream.next_event(timeout=2)
+
+
+@pytest.mark.parametrize("installed", ["nothing", "htmx2", "both"])
+async def test_htmx4_page_loads_htmx4_or_says_what_to_run(tmp_path: Path, installed: str) -> None:
+    node_modules = tmp_path / "node_modules"
+    if installed != "nothing":
+        fake_node_modules(tmp_path)
+    if installed == "both":
+        fake_node_modules(tmp_path, HTMX4_SCRIPTS)
+    settings = make_settings(tmp_path, node_modules=str(node_modules))
+    async with EventStreamClient(create_app(settings)) as client:
+        response = await client.get("/htmx4")
+        scripts = [await client.get(f"/vendor/{script}") for script in HTMX4_SCRIPTS]
+    page = response.text
+    has_htmx4 = installed == "both"
+    assert response.status_code == 200  # never a 500, whatever is missing
+    assert 'hx-sse:connect="/htmx/events"' in page
+    for script, answer in zip(HTMX4_SCRIPTS, scripts, strict=True):
+        assert (f'<script src="/vendor/{script}"></script>' in page) is has_htmx4
+        assert answer.status_code == (200 if has_htmx4 else 404)
+    assert ("/vendor/" in page) is has_htmx4  # no script the browser would fail to load
+    # The one command for both pages: `npm install --no-save` removes what it is not given.
+    assert (f"cd {tmp_path} &amp;&amp; {INSTALL}" in page) is not has_htmx4
+    assert ("disabled" in page) is not has_htmx4  # nothing typed into a dead form is lost

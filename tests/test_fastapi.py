@@ -3,6 +3,8 @@ dependencies and OpenAPI docs."""
 
 from __future__ import annotations
 
+import datetime
+import enum
 import http.client
 import json
 import subprocess
@@ -81,6 +83,16 @@ def test_fastapi_add_stream_rejects_what_is_not_a_view() -> None:
     router = StreamRouter()
     with pytest.raises(TypeError, match="EventStreamView subclass"):
         router.add_stream("/x", object)  # type: ignore[arg-type]
+
+
+def test_fastapi_add_stream_rejects_view_with_nothing_to_stream() -> None:
+    class Base(EventStreamView):
+        pass
+
+    router = StreamRouter()
+    with pytest.raises(TypeError, match=r"Base has nothing to stream: override `async def events"):
+        router.add_stream("/x", Base)
+    assert router.routes == []
 
 
 async def test_fastapi_include_router_with_prefix_serves_the_stream() -> None:
@@ -559,6 +571,101 @@ def test_fastapi_openapi_single_declared_event_has_no_one_of() -> None:
     assert item["title"] == "tick"
     schema = item["properties"]["data"]["contentSchema"]
     assert schema == {"type": "object", "additionalProperties": {"type": "integer"}}
+
+
+class Shade(enum.Enum):
+    light = "light"
+    dark = "dark"
+
+
+class Note(BaseModel):
+    """A payload with what pydantic documents differently per mode: defaults, enums,
+    nested models, optional dates."""
+
+    text: str
+    author: Author
+    shade: Shade = Shade.light
+    at: datetime.datetime | None = None
+    tags: list[str] = []
+
+
+def _resolved(schema: Any, components: Mapping[str, Any]) -> Any:
+    """`schema` with FastAPI's `#/components/schemas/...` references inlined."""
+    if isinstance(schema, list):
+        return [_resolved(item, components) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get("$ref")
+    rest = {key: _resolved(value, components) for key, value in schema.items() if key != "$ref"}
+    if isinstance(ref, str):
+        return {
+            **_resolved(components[ref.removeprefix("#/components/schemas/")], components),
+            **rest,
+        }
+    return rest
+
+
+def _fastapi_item_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The itemSchema FastAPI's own SSE support documents for a stream of `model`."""
+    sse = pytest.importorskip("fastapi.sse", reason="FastAPI's own SSE support needs 0.135+")
+    app = FastAPI()
+
+    async def native() -> AsyncIterator[Any]:
+        yield None
+
+    # The item type FastAPI reads from the return annotation, as an object (this
+    # module's annotations are strings).
+    native.__annotations__["return"] = AsyncIterator[model]  # type: ignore[valid-type]
+    app.add_api_route("/native", native, response_class=sse.EventSourceResponse)
+    document = app.openapi()
+    content = document["paths"]["/native"]["get"]["responses"]["200"]["content"]
+    item: dict[str, Any] = content["text/event-stream"]["itemSchema"]
+    return _resolved(item, document.get("components", {}).get("schemas", {}))
+
+
+def test_fastapi_item_schema_of_one_event_matches_fastapis_own_sse() -> None:
+    native = _fastapi_item_schema(Note)
+    assert native["properties"]["data"]["contentMediaType"] == "application/json"
+
+    class Notes(Tick):
+        event_types: ClassVar[Mapping[str, Any]] = {"message": Note}
+
+    router = StreamRouter()
+    router.add_stream("/notes", Notes)
+    app = FastAPI()
+    app.include_router(router)
+    operation = app.openapi()["paths"]["/notes"]["get"]
+    item = operation["responses"]["200"]["content"]["text/event-stream"]["itemSchema"]
+    # The same item schema, with the event name added (and a title naming it).
+    assert item.pop("title") == "message"
+    assert item["properties"].pop("event") == {"type": "string", "const": "message"}
+    assert native["properties"].pop("event") == {"type": "string"}
+    assert item == native
+
+
+def test_fastapi_item_schema_of_each_named_event_matches_fastapis_own_sse() -> None:
+    native = _fastapi_item_schema(Note)
+    native_author = _fastapi_item_schema(Author)
+
+    class Notes(Tick):
+        event_types: ClassVar[Mapping[str, Any]] = {"note": Note, "author": Author}
+
+    router = StreamRouter()
+    router.add_stream("/notes", Notes)
+    app = FastAPI()
+    app.include_router(router, prefix="/events")
+    operation = app.openapi()["paths"]["/events/notes"]["get"]
+    item = operation["responses"]["200"]["content"]["text/event-stream"]["itemSchema"]
+    branches = {branch.pop("title"): branch for branch in item["oneOf"]}
+    assert list(branches) == ["note", "author"]
+    for name, expected in (("note", native), ("author", native_author)):
+        branch = branches[name]
+        assert branch["properties"].pop("event") == {"type": "string", "const": name}
+        assert branch["required"] == ["event", "data"]  # a named event always has its name
+        assert branch["properties"] == {
+            key: value for key, value in expected["properties"].items() if key != "event"
+        }
+        assert branch["type"] == expected["type"] == "object"
 
 
 # -- a real server ------------------------------------------------------------------

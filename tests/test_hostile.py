@@ -461,7 +461,7 @@ async def test_hostile_last_event_id_of_another_epoch_gets_a_reset_event(server:
     """Well-formed but from another history: not an error, a reset (then live)."""
     reply = await exchange(server, get("/rooms/lobby", (b"Last-Event-ID", b"deadbeef-5")), events=1)
     assert reply.status == 200
-    assert reply.body.startswith(b"retry: 100\n\n")
+    assert reply.body.startswith(b"retry: 100\nevent: ")
     events = EventParser().feed(reply.body)
     assert [event.event for event in events] == [RESET_EVENT]
     assert events[0].json()["reason"] == "unknown_epoch"
@@ -500,7 +500,7 @@ async def test_hostile_odd_group_name_gets_400(server: Server, case: str) -> Non
 async def test_hostile_group_names_at_the_limits_are_served(server: Server, path: str) -> None:
     reply = await exchange(server, get(path))
     assert reply.status == 200, reply
-    assert reply.body == b"retry: 100\n\n"
+    assert reply.body == b"retry: 100\n"
 
 
 def _groups_query(count: int) -> str:
@@ -673,9 +673,14 @@ async def test_hostile_view_building_injected_event_ends_with_error_and_nothing_
                 body += chunk
         finally:
             conn.close()
-    # Exactly the good event, then a clean end: not one byte of the bad one.
-    assert body == Event("before", event="good", id="0").encode()
+    # Exactly the good event, then the error event and a clean end: not one byte of
+    # the bad one, and nothing of the exception.
+    good = Event("before", event="good", id="0").encode()
+    assert body.startswith(good)
+    [final] = EventParser().feed(body[len(good) :])
+    assert (final.event, final.data) == ("sseviews.error", '{"reason":"error"}')
     assert b"injected" not in conn.raw
+    assert b"must not contain" not in conn.raw
     assert b"after" not in conn.raw
     records = (await debug(http, server, tag))["records"]
     assert [(r["kind"], r.get("reason")) for r in records] == [

@@ -92,7 +92,13 @@ async def test_lifetime_ends_idle_stream_cleanly(
     assert await ended.wait() is DisconnectReason.LIFETIME
     assert 0.25 <= elapsed < 1.5
     assert [event.event for event in events] == ["tick"]
-    assert stream.raw.endswith(b"\n\n")
+    # It ends on an event boundary: after the last event, only whole ping lines (a
+    # ping is one comment line, with no blank line after it).
+    last_event, _, after = stream.raw.rpartition(b"\n\n")
+    assert last_event == b"event: tick\nid: 0\ndata: 0"
+    assert after == b": ping\n" * after.count(b"\n")
+    if ping_interval is not None:
+        assert after  # idle for 0.3 s with pings every 0.2 s: one ping at least
     assert no_jitter == [(0.9, 1.1)]
 
 

@@ -93,7 +93,8 @@ async def test_metrics_generator_view_counts_exactly() -> None:
         received.append(stream.raw)
         async with client.stream("/?n=4&end=error") as stream:
             await stream.wait_ended()
-            assert len([e async for e in stream]) == 4
+            names = [e.event async for e in stream]
+            assert names == ["tick"] * 4 + ["sseviews.error"]  # not counted as an event
         received.append(stream.raw)
         async with client.stream("/?n=1&end=wait") as stream:
             await read(stream, 1)
@@ -111,8 +112,13 @@ async def test_metrics_generator_view_counts_exactly() -> None:
             "refused": {},
         }
     }
-    # The body held only events: nothing else was written.
-    assert all(raw.count(b"\n\n") == raw.count(b"event: tick\n") for raw in received)
+    # The body held only events (and the error's sseviews.error): nothing else was written.
+    errors = [raw.count(b"event: sseviews.error\n") for raw in received]
+    assert errors == [0, 0, 1, 0]
+    assert all(
+        raw.count(b"\n\n") == raw.count(b"event: tick\n") + error
+        for raw, error in zip(received, errors, strict=True)
+    )
     assert json.loads(json.dumps(snapshot)) == snapshot
 
 
@@ -233,7 +239,7 @@ async def test_metrics_bytes_include_the_retry_line() -> None:
     async with EventStreamClient(Retrying, timeout=TIMEOUT) as client:
         async with client.stream("/") as stream:
             await stream.wait_ended()
-    assert stream.raw == b"retry: 2500\n\ndata: hello\n\n"
+    assert stream.raw == b"retry: 2500\ndata: hello\n\n"
     assert metrics.snapshot()["Retrying"]["bytes"] == len(stream.raw)
 
 

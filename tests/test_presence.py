@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from inprocess_server import RawEventStream, raw_head, serve_in_process
 from starlette.applications import Starlette
 from starlette.routing import Route
 
@@ -32,6 +33,10 @@ from sseviews.testing import EventStream, EventStreamClient
 pytestmark = pytest.mark.anyio
 
 TIMEOUT = 3.0
+# The longest a stream stays listed once its client has closed the connection
+# (docs/presence.md): the server hears the close, the stream leaves its groups'
+# presence, and its `sseviews.leave` reaches the others.
+LEAVE_BOUND = 1.0
 
 
 def app_for(broadcast: Broadcast, view: type[EventStreamView]) -> Starlette:
@@ -65,6 +70,17 @@ def member_view(broadcast: Broadcast, **settings: Any) -> type[EventStreamView]:
 
 async def users(broadcast: Broadcast, group: str = "room:a") -> list[str]:
     return [entry.info["user"] for entry in await broadcast.presence(group)]
+
+
+async def next_raw_named(stream: RawEventStream, name: str, seen: int) -> tuple[Event, int]:
+    """The next event named `name` after the first `seen` of a raw stream, and its count."""
+    while True:
+        events = await stream.read_events(seen + 1)
+        if len(events) <= seen:
+            raise EOFError(f"the stream ended before a {name!r} event")
+        seen += 1
+        if events[seen - 1].event == name:
+            return events[seen - 1], seen
 
 
 async def next_named(stream: EventStream, name: str) -> Event:
@@ -374,3 +390,52 @@ def test_presence_entry_equality_and_dict() -> None:
     assert entry.as_dict() == {"id": "a-1", "info": {"user": "u"}, "joined_at": 1.5}
     assert "a-1" in repr(entry)
     assert {"JOIN_EVENT", "LEAVE_EVENT", "PresenceEntry"} <= set(sseviews.__all__)
+
+
+@pytest.mark.slow
+async def test_presence_leaves_within_the_bound_once_the_client_closes_under_uvicorn() -> None:
+    broadcast = Broadcast()
+    view = member_view(broadcast, announce_presence=True)
+    async with serve_in_process(app_for(broadcast, view)) as server:
+        with anyio.fail_after(TIMEOUT):
+            watcher = await RawEventStream.open(server.port, "/room/a")
+        seen = 0
+        try:
+            for number in range(20):  # every close, not one lucky one
+                user = f"user{number}"
+                with anyio.fail_after(TIMEOUT):
+                    member = await RawEventStream.open(server.port, f"/room/a?user={user}")
+                    await next_raw_named(member, JOIN_EVENT, 0)  # read all it was sent
+                    joined, seen = await next_raw_named(watcher, JOIN_EVENT, seen)
+                assert await users(broadcast) == [user]
+                member.close()  # a FIN, as a browser closing the stream sends
+                with anyio.fail_after(LEAVE_BOUND):
+                    left, seen = await next_raw_named(watcher, LEAVE_EVENT, seen)
+                assert left.data == joined.data
+                assert await broadcast.presence_count("room:a") == 0
+        finally:
+            watcher.close()
+
+
+@pytest.mark.slow
+async def test_presence_never_lists_a_head_request_under_uvicorn() -> None:
+    # HEAD answers with the stream's status and opens no stream: a page asks it why its
+    # stream failed without being listed, even while the connection stays open.
+    broadcast = Broadcast()
+    view = member_view(broadcast, announce_presence=True)
+    async with serve_in_process(app_for(broadcast, view)) as server:
+        with anyio.fail_after(TIMEOUT):
+            watcher = await RawEventStream.open(server.port, "/room/a")
+            status, sock = await raw_head(server.port, "/room/a?user=zed")
+        try:
+            assert status == 200
+            assert await broadcast.presence_count("room:a") == 0
+            marker = await broadcast.publish("room:a", "after the HEAD")
+            with anyio.fail_after(TIMEOUT):
+                events = await watcher.read_events(1)
+            # No join came before the group's next event.
+            assert [(event.event, event.id) for event in events] == [(None, marker)]
+            assert await broadcast.presence_count("room:a") == 0
+        finally:
+            sock.close()
+            watcher.close()

@@ -7,6 +7,7 @@ import pytest
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.endpoints import HTTPEndpoint
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route, Router
@@ -104,6 +105,37 @@ def test_router_stream_decorator_rejects_non_view() -> None:
         @router.stream("/x")  # type: ignore[type-var]
         class NotAView(HTTPEndpoint):
             pass
+
+
+def test_router_add_stream_rejects_view_with_nothing_to_stream() -> None:
+    class Base(EventStreamView):
+        ping_interval = 5
+
+    router = StreamRouter()
+    with pytest.raises(TypeError, match=r"Base has nothing to stream: override `async def events"):
+        router.add_stream("/x", Base)
+    with pytest.raises(TypeError, match="or set `broadcast` and `groups`"):
+        router.stream("/x")(Base)
+    assert router.routes == []
+
+
+def test_router_add_stream_accepts_view_that_only_refuses() -> None:
+    class Gone(EventStreamView):
+        async def on_connect(self) -> None:
+            raise HTTPException(status_code=204)  # tells old clients to stop for good
+
+    router = StreamRouter()
+    router.add_stream("/old", Gone)
+    assert [route.path for route in router.routes] == ["/old"]  # type: ignore[attr-defined]
+
+
+def test_router_add_stream_accepts_groups_whose_broadcast_comes_later() -> None:
+    class Room(EventStreamView):
+        groups = ("room",)
+
+    router = StreamRouter()
+    router.add_stream("/room", Room)  # the broadcast may be set before the first request
+    assert [route.path for route in router.routes] == ["/room"]  # type: ignore[attr-defined]
 
 
 def test_router_add_stream_rejects_plain_function() -> None:

@@ -356,6 +356,15 @@ class SSEReader:
         message, _, self.pending = self.pending.partition(b"\n\n")
         return message.decode("utf-8")
 
+    async def next_line(self) -> str:
+        """The next line (a keep-alive comment is one line, with no blank line after it)."""
+        while b"\n" not in self.pending:
+            chunk = await self.client.read_chunk()
+            assert chunk, f"the body ends mid-line: {self.pending!r}"
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return line.decode("utf-8")
+
 
 def _fields(message: str | None) -> dict[str, str]:
     """The fields of one SSE message (each given once in these tests)."""
@@ -628,7 +637,7 @@ async def test_server_idle_stream_gets_pings(shared_server: ServerProcess) -> No
             opened = time.monotonic()
             reader = SSEReader(client)
             for _ in range(4):
-                assert await reader.next_message() == ": ping"
+                assert await reader.next_line() == ": ping"
                 arrivals.append(time.monotonic())
     finally:
         client.close()

@@ -27,7 +27,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sseviews import DisconnectReason, Event, EventStreamView, StreamEnded
+from sseviews import (
+    ERROR_EVENT,
+    DisconnectReason,
+    Event,
+    EventShapeWarning,
+    EventStreamView,
+    StreamEnded,
+)
+from sseviews._events import encode_data
 from sseviews.testing import EventStreamClient
 
 pytestmark = pytest.mark.anyio
@@ -375,10 +383,14 @@ async def test_view_error_reason_logged_and_stream_ends_cleanly(
     async with EventStreamClient(app) as client, client.stream("/") as stream:
         assert (await stream.next_event(timeout=2)).data == "before"
         assert (await stream.next_event(timeout=2)).data == '{"n":1}'
+        # The last event says the stream failed, and nothing of why.
+        final = await stream.next_event(timeout=2)
+        assert (final.event, final.json()) == (ERROR_EVENT, {"reason": "error"})
         await stream.wait_ended()
         with pytest.raises(StreamEnded):
             await stream.next_event(timeout=1)
-        assert stream.raw == b'data: before\n\ndata: {"n":1}\n\n'
+        assert stream.raw.startswith(b'data: before\n\ndata: {"n":1}\n\n')
+        assert b"database" not in stream.raw and b"LookupError" not in stream.raw
     assert trace.reasons == [DisconnectReason.ERROR]
     assert app.final_chunk_sent
     errors = [r for r in caplog.records if r.name == "sseviews" and r.levelno >= logging.ERROR]
@@ -401,28 +413,41 @@ async def test_view_unencodable_value_is_error_without_half_event(
     async with EventStreamClient(traced_view(trace, events)) as client:
         async with client.stream("/") as stream:
             await stream.wait_ended()
-            assert stream.raw == b"data: first\n\n"
+            # Not a byte of the half-encoded event: the first one, then the error event.
+            first, final = stream.raw.split(b"\n\n", 1)
+            assert first == b"data: first"
+            assert final.startswith(b"event: sseviews.error\n")
+            assert b"fine" not in final
     assert trace.reasons == [DisconnectReason.ERROR]
     assert any(r.name == "sseviews" and r.levelno >= logging.ERROR for r in caplog.records)
 
 
-async def test_view_without_events_override_ends_with_error(
+async def test_view_without_events_override_is_refused_with_500(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # A view with nothing to stream (a base class routed by mistake, say) gets a 500,
+    # which stops EventSource, instead of a 200 that ends at once and loops.
     trace = Trace()
 
     class Empty(EventStreamView):
+        async def on_connect(self) -> None:
+            trace.steps.append("on_connect")
+
         async def on_disconnect(self, reason: DisconnectReason) -> None:
             trace.disconnect(reason)
 
     async with EventStreamClient(Empty) as client, client.stream("/") as stream:
-        assert stream.status_code == 200
+        assert stream.status_code == 500
         await stream.wait_ended()
-        assert stream.raw == b""
-    assert trace.reasons == [DisconnectReason.ERROR]
+        assert stream.raw == b"Internal Server Error"
+    # on_connect() could have refused on purpose; it accepted, and no stream started.
+    assert trace.steps == ["on_connect"]
+    assert trace.reasons == []
     logged = [r for r in caplog.records if r.name == "sseviews" and r.levelno >= logging.ERROR]
     assert len(logged) == 1
-    assert "Empty" in logged[0].getMessage()
+    message = logged[0].getMessage()
+    assert "Empty has nothing to stream: override `async def events(self)`" in message
+    assert "or set `broadcast` and `groups`" in message
 
 
 @pytest.mark.parametrize("kind", ["coroutine", "sync_generator"])
@@ -450,14 +475,186 @@ async def test_view_events_not_an_async_generator_ends_with_error(
         warnings.simplefilter("always")
         async with EventStreamClient(view) as client:
             async with client.stream("/") as stream:
+                assert (await stream.next_event(timeout=2)).event == ERROR_EVENT
                 await stream.wait_ended()
-                assert stream.raw == b""
+                with pytest.raises(StreamEnded):
+                    await stream.next_event(timeout=1)
         gc.collect()
     assert trace.reasons == [DisconnectReason.ERROR]
     logged = [r for r in caplog.records if r.name == "sseviews" and r.levelno >= logging.ERROR]
     assert any("async generator" in r.getMessage() for r in logged)
     # The view must close what events() returned, not leave a coroutine never awaited.
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+
+
+async def test_view_error_event_retry_is_error_retry_with_jitter() -> None:
+    async def events(self: EventStreamView) -> AsyncIterator[Any]:
+        raise LookupError("the database is gone")
+        yield  # pragma: no cover
+
+    view = traced_view(Trace(), events, error_retry=1000)
+    retries = set()
+    async with EventStreamClient(view) as client:
+        for _ in range(8):
+            async with client.stream("/") as stream:
+                final = await stream.next_event(timeout=2)
+                assert final.event == ERROR_EVENT
+                await stream.wait_ended()
+                assert stream.retry is not None
+                retries.add(stream.retry)
+    assert all(500 <= retry <= 1500 for retry in retries), retries
+    assert len(retries) > 1  # jittered: clients of a failing stream spread out
+
+
+async def test_view_error_event_without_retry_when_error_retry_is_none() -> None:
+    async def events(self: EventStreamView) -> AsyncIterator[Any]:
+        yield "first"
+        raise LookupError("the database is gone")
+
+    view = traced_view(Trace(), events, error_retry=None)
+    async with EventStreamClient(view) as client, client.stream("/") as stream:
+        await stream.wait_ended()
+        assert stream.raw == b'data: first\n\nevent: sseviews.error\ndata: {"reason":"error"}\n\n'
+        assert stream.retry is None
+
+
+async def test_view_error_event_follows_the_view_retry_setting() -> None:
+    # `retry` at the start, then the error's own retry: the last one wins in a browser.
+    async def events(self: EventStreamView) -> AsyncIterator[Any]:
+        raise LookupError("the database is gone")
+        yield  # pragma: no cover
+
+    view = traced_view(Trace(), events, retry=200, error_retry=60_000)
+    async with EventStreamClient(view) as client, client.stream("/") as stream:
+        await stream.wait_ended()
+        assert stream.raw.startswith(b"retry: 200\nevent: sseviews.error\nretry: ")
+        assert stream.retry is not None and 30_000 <= stream.retry <= 90_000
+
+
+@pytest.mark.parametrize(
+    ("returned", "hint"),
+    [
+        (401, "`raise HTTPException(status_code=401)` or `return Response(status_code=401)`"),
+        (True, "to accept the stream, return None"),
+        ("no", "refuse it by raising HTTPException or returning a starlette Response"),
+    ],
+    ids=["int", "bool", "str"],
+)
+async def test_view_on_connect_returning_neither_none_nor_response_is_500(
+    caplog: pytest.LogCaptureFixture, returned: object, hint: str
+) -> None:
+    trace = Trace()
+
+    class Odd(EventStreamView):
+        async def on_connect(self) -> Any:
+            return returned
+
+        async def events(self) -> AsyncIterator[Any]:
+            trace.step("events")
+            yield "never sent"
+
+    async with EventStreamClient(Odd) as client, client.stream("/") as stream:
+        assert stream.status_code == 500
+        await stream.wait_ended()
+        assert stream.raw == b"Internal Server Error"
+    assert trace.steps == []
+    logged = [r for r in caplog.records if r.name == "sseviews" and r.levelno >= logging.ERROR]
+    assert len(logged) == 1
+    message = logged[0].getMessage()
+    assert f"Odd.on_connect() returned {returned!r}" in message
+    assert hint in message
+
+
+async def test_view_groups_without_broadcast_is_refused_with_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Class creation accepts it (`Room.broadcast = broadcast` may follow the class
+    # statement); the request finds it still unset.
+    class Room(EventStreamView):
+        groups = ("room",)
+
+        async def events(self) -> AsyncIterator[Any]:
+            yield "never sent"
+
+    async with EventStreamClient(Room) as client, client.stream("/") as stream:
+        assert stream.status_code == 500
+        await stream.wait_ended()
+    logged = [r for r in caplog.records if r.name == "sseviews" and r.levelno >= logging.ERROR]
+    assert len(logged) == 1
+    assert "Room sets groups but no broadcast" in logged[0].getMessage()
+    assert "set `broadcast = Broadcast(...)` on the view" in logged[0].getMessage()
+
+
+# -- values shaped like another SSE library's events ----------------------------------------
+
+
+async def stream_once(view: type[EventStreamView]) -> bytes:
+    async with EventStreamClient(view) as client, client.stream("/") as stream:
+        await stream.wait_ended()
+        return stream.raw
+
+
+async def test_view_sse_starlette_tuple_warns_once_per_class() -> None:
+    class Ticks(EventStreamView):
+        async def events(self) -> AsyncIterator[Any]:
+            yield ("tick", {"n": 1})
+            yield ("tick", {"n": 2})
+
+    with pytest.warns(EventShapeWarning) as caught:
+        raw = await stream_once(Ticks)
+    # Still sent as sseviews always sent it: the warning says how to name the event.
+    assert raw == b'data: ["tick",{"n":1}]\n\ndata: ["tick",{"n":2}]\n\n'
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "Ticks.events() yielded a ('tick', data) tuple" in message
+    assert "yield Event(data, event='tick')" in message
+    assert caught[0].filename == __file__  # at the view's events()
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        await stream_once(Ticks)  # once per class: the second stream is quiet
+    assert [w for w in again if issubclass(w.category, EventShapeWarning)] == []
+
+
+@pytest.mark.parametrize(
+    ("item", "advice"),
+    [
+        ({"event": "tick", "data": {"n": 1}}, "Event(data, event=...)"),
+        ({"data": "hello", "id": "7"}, "Event(data, id=...)"),
+        ({"event": "tick", "data": 1, "retry": 5000}, "Event(data, event=..., retry=...)"),
+    ],
+)
+async def test_view_sse_starlette_dict_warns(item: dict[str, Any], advice: str) -> None:
+    async def events(self: EventStreamView) -> AsyncIterator[Any]:
+        yield Event("an Event first is not looked at")
+        yield item
+
+    with pytest.warns(EventShapeWarning, match="sse-starlette") as caught:
+        await stream_once(traced_view(Trace(), events))
+    assert advice in str(caught[0].message)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"n": 1},
+        {"data": [1, 2]},  # a JSON envelope of its own
+        {"event": "signup", "user": "ann"},
+        ["tick", {"n": 1}],  # a list is meant as a JSON array
+        (1, 2),
+        ("a", "b", "c"),
+        "tick",
+    ],
+    ids=repr,
+)
+async def test_view_ordinary_values_do_not_warn(item: Any) -> None:
+    async def events(self: EventStreamView) -> AsyncIterator[Any]:
+        yield item
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        raw = await stream_once(traced_view(Trace(), events))
+    assert [w for w in caught if issubclass(w.category, EventShapeWarning)] == []
+    assert raw == encode_data(item)
 
 
 async def test_view_on_disconnect_exception_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -823,7 +1020,8 @@ async def test_view_ping_sent_when_idle() -> None:
         with anyio.fail_after(2):
             assert await stream.next_comment() == "ping"
             assert await stream.next_comment() == "ping"
-        assert stream.raw.startswith(b"data: hello\n\n: ping\n\n")
+        # A comment line alone, no blank line: no client takes it for an event.
+        assert stream.raw.startswith(b"data: hello\n\n: ping\n: ping\n")
         with pytest.raises(TimeoutError):
             await stream.next_event(timeout=0.05)
 
@@ -879,6 +1077,46 @@ async def test_view_ping_message_override() -> None:
     async with EventStreamClient(Custom) as client, client.stream("/") as stream:
         ping = await stream.next_event(timeout=2)
         assert (ping.event, ping.json()) == ("heartbeat", {"alive": True})
+
+
+async def test_view_ping_message_str_sent_as_comment_line() -> None:
+    class Custom(EventStreamView):
+        ping_interval = 0.05
+
+        def ping_message(self) -> str:
+            return "keep-alive"
+
+        async def events(self) -> AsyncIterator[Any]:
+            yield Event("x", id="1")
+            await anyio.sleep_forever()
+
+    async with EventStreamClient(Custom) as client, client.stream("/") as stream:
+        assert (await stream.next_event(timeout=2)).data == "x"
+        with anyio.fail_after(2):
+            assert await stream.next_comment() == "keep-alive"
+            assert await stream.next_comment() == "keep-alive"
+        assert stream.raw.startswith(b"id: 1\ndata: x\n\n: keep-alive\n: keep-alive\n")
+        with pytest.raises(TimeoutError):
+            await stream.next_event(timeout=0.05)
+
+
+async def test_view_ping_message_wrong_type_ends_stream_with_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Wrong(EventStreamView):
+        ping_interval = 0.05
+
+        def ping_message(self) -> Any:
+            return 42
+
+        async def events(self) -> AsyncIterator[Any]:
+            await anyio.sleep_forever()
+            yield  # pragma: no cover
+
+    async with EventStreamClient(Wrong) as client, client.stream("/") as stream:
+        with anyio.fail_after(5):
+            assert [event async for event in stream] == []
+    assert "keep-alive comment must be a str" in caplog.text
 
 
 async def test_view_retry_sent_before_any_event() -> None:

@@ -13,7 +13,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from sseviews import Broadcast, EventStreamView, SettingNameWarning
+from sseviews import Broadcast, EventStreamView, HookNameWarning, SettingNameWarning
 from sseviews.testing import EventStreamClient
 
 pytestmark = pytest.mark.anyio
@@ -36,6 +36,7 @@ SETTINGS = [
     "max_connections",
     "retry_after",
     "metrics",
+    "error_retry",
 ]
 
 
@@ -260,3 +261,202 @@ async def test_settings_closed_broadcast_still_ends_at_once_with_200() -> None:
         response = await client.get("/")
     assert response.status_code == 200
     assert response.content == b""
+
+
+# -- hooks of the wrong kind --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hook", "fix"),
+    [
+        ("on_connect", "make it `async def on_connect(self)`"),
+        ("on_disconnect", "make it `async def on_disconnect(self, reason)`"),
+    ],
+)
+def test_settings_sync_hook_is_a_type_error_naming_the_fix(hook: str, fix: str) -> None:
+    def sync(self: Any, *args: Any) -> None:
+        return None
+
+    with pytest.raises(TypeError, match=r"Plain\.") as raised:
+        type("Plain", (EventStreamView,), {hook: sync})
+    assert f"Plain.{hook}() must be an `async def`" in str(raised.value)
+    assert fix in str(raised.value)
+
+
+def test_settings_on_connect_async_generator_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"on_connect\(\) must be an `async def` without `yield`"):
+
+        class Yields(EventStreamView):
+            async def on_connect(self) -> AsyncIterator[None]:
+                yield None
+
+
+def test_settings_async_ping_message_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"make it `def ping_message\(self\)`"):
+
+        class Pinging(EventStreamView):
+            async def ping_message(self) -> Any:
+                return None
+
+
+@pytest.mark.parametrize("hook", ["groups", "authorize_group", "presence_info"])
+def test_settings_async_generator_value_hook_is_a_type_error(hook: str) -> None:
+    async def yields(self: Any, *args: Any) -> AsyncIterator[str]:
+        yield "room"
+
+    with pytest.raises(TypeError, match=rf"{hook}\(\) must return its value"):
+        type("Yielding", (EventStreamView,), {hook: yields})
+
+
+def test_settings_hooks_of_the_right_kinds_are_accepted() -> None:
+    def traced(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)  # the coroutine, awaited by sseviews
+
+        return wrapper
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+
+        class Fine(EventStreamView):
+            broadcast = Broadcast("memory://")
+
+            @traced
+            async def on_connect(self) -> None:
+                return None
+
+            async def on_disconnect(self, reason: Any) -> None:
+                return None
+
+            def groups(self) -> list[str]:  # sync or async: both are documented
+                return ["room"]
+
+            async def authorize_group(self, group: str) -> bool:
+                return True
+
+            def presence_info(self) -> dict[str, Any] | None:
+                return None
+
+            def ping_message(self) -> Any:
+                return EventStreamView.ping_message(self)
+
+    assert Fine.groups is not EventStreamView.groups
+
+
+def test_settings_groups_property_is_accepted() -> None:
+    class Room(EventStreamView):
+        @property
+        def groups(self) -> list[str]:  # type: ignore[override]
+            return ["room"]
+
+    Room.broadcast = Broadcast("memory://")
+    assert isinstance(vars(Room)["groups"], property)
+
+
+# -- misspelt hooks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "hook"),
+    [
+        ("event", "events"),
+        ("evnets", "events"),
+        ("Events", "events"),
+        ("on_disconect", "on_disconnect"),
+        ("ondisconnect", "on_disconnect"),
+        ("on_disconnected", "on_disconnect"),
+        ("onconnect", "on_connect"),
+        ("onConnect", "on_connect"),
+        ("authorise_group", "authorize_group"),
+        ("ping_messages", "ping_message"),
+        ("presence_infos", "presence_info"),
+    ],
+)
+def test_settings_misspelt_hook_warns_naming_the_hook(method: str, hook: str) -> None:
+    async def misspelt(self: Any, *args: Any) -> None:
+        return None
+
+    with pytest.warns(HookNameWarning) as caught:
+        type("Misspelt", (EventStreamView,), {method: misspelt})
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert f"Misspelt.{method}() looks like a misspelling of the hook {hook}()" in message
+    assert f"rename it to {hook}" in message
+
+
+def test_settings_misspelt_hook_warning_points_at_the_class_statement() -> None:
+    with pytest.warns(HookNameWarning, match=r"event\(\) looks like .* events\(\)") as caught:
+
+        class Clock(EventStreamView):
+            async def event(self) -> AsyncIterator[str]:
+                yield "tick"
+
+    assert caught[0].filename == __file__
+    assert Clock.events is EventStreamView.events  # the hook kept its default: hence the warning
+
+
+def test_settings_methods_of_their_own_do_not_warn_as_hooks() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+
+        class Own(EventStreamView):
+            event_name = "tick"  # not a method
+
+            def event(self, n: int) -> dict[str, int]:  # a helper beside events()
+                return {"n": n}
+
+            def connect(self) -> None: ...
+            def on_message(self) -> None: ...
+            def send_event(self) -> None: ...
+            def my_events(self) -> None: ...
+            def get_events(self) -> None: ...
+            def presence(self) -> None: ...
+            def authorize(self) -> None: ...
+            def _events(self) -> None: ...
+
+            @property
+            def events_seen(self) -> int:
+                return 0
+
+            async def events(self) -> AsyncIterator[dict[str, int]]:
+                yield self.event(1)
+
+        class Child(Own):  # inherits the helper; warned about (or not) once, in Own
+            pass
+
+    assert Child.event is Own.event
+
+
+def test_settings_misspelt_hook_warning_can_be_silenced() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=HookNameWarning)
+
+        async def onconnect(self: Any) -> None:
+            return None
+
+        type("Meant", (EventStreamView,), {"onconnect": onconnect})
+
+
+# -- views that stream nothing -------------------------------------------------------------
+
+
+def test_settings_base_view_without_events_is_accepted_at_class_creation() -> None:
+    # A base class of other views streams nothing of its own: not an error.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+
+        class Authenticated(EventStreamView):
+            async def on_connect(self) -> None:
+                return None
+
+        class Clock(Authenticated):
+            async def events(self) -> AsyncIterator[str]:
+                yield "tick"
+
+        class Room(Authenticated):
+            groups = ("room",)  # its broadcast is set after the class statement
+
+    Room.broadcast = Broadcast("memory://")
+    assert Clock.on_connect is Authenticated.on_connect

@@ -5,9 +5,7 @@ Run it with `python -m example_project` (or `sseviews run example_project`).
 
 from __future__ import annotations
 
-from .app import create_app
+from .app import app, create_app
 from .settings import Settings
-
-app = create_app()
 
 __all__ = ["Settings", "app", "create_app"]

@@ -40,7 +40,7 @@ from .chat import (
     resume_cursor,
     room_group,
 )
-from .htmx_feed import htmx_routes
+from .htmx_feed import VENDOR, htmx_routes
 from .jobs import JobRunner
 from .models import Base, Message
 from .settings import Settings
@@ -306,10 +306,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/jobs", jobs_page, name="jobs"),
         Route("/jobs", start_job, methods=["POST"]),
         *streams.routes,
-        *htmx_routes(broadcast, templates.TemplateResponse),
+        *htmx_routes(
+            broadcast,
+            templates.TemplateResponse,
+            Path(settings.node_modules) if settings.node_modules else VENDOR,
+        ),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.broadcast = broadcast
     return app
+
+
+# `python -m example_project` serves this one (`example_project:app`, or `example_project.app:app`).
+app = create_app()

@@ -34,6 +34,9 @@ class Settings:
     job_step_seconds: float = 0.5
     # METRICS_INTERVAL: seconds between two dashboard updates.
     metrics_interval: float = 1.0
+    # NODE_MODULES: the folder npm installed htmx and its SSE extension into, for the
+    # /htmx page; empty means example_project/node_modules in the checkout.
+    node_modules: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -8,13 +8,14 @@ this app's broadcast and database, so two apps (say, two tests) live side by sid
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 from sseviews import RESET_EVENT, Event, EventStreamView
 from starlette.exceptions import HTTPException
 
 from .chat import PRIVATE_GROUP, check_room, check_token, member_name, room_group
+from .events import ChatMessage, Metrics, Outcome, Presence, Progress
 from .jobs import job_group
 from .metrics import ProcessSampler
 from .models import Job
@@ -41,6 +42,11 @@ class RoomFeed(EventStreamView):
     events (ephemeral: never replayed, and they do not move `Last-Event-ID`).
     """
 
+    event_types: ClassVar = {
+        "message": ChatMessage,
+        "sseviews.join": Presence,
+        "sseviews.leave": Presence,
+    }
     # Browsers reconnect half a second after losing the stream.
     retry = 500
     announce_presence = True
@@ -74,6 +80,7 @@ class PrivateRoomFeed(RoomFeed):
 class DashboardFeed(EventStreamView):
     """The server's own metrics, as a `metrics` event every `METRICS_INTERVAL` seconds."""
 
+    event_types: ClassVar = {"metrics": Metrics}
     retry = 500
 
     async def events(self) -> AsyncIterator[Event]:
@@ -96,6 +103,7 @@ class JobFeed(EventStreamView):
     missed between reading the row and following the group.
     """
 
+    event_types: ClassVar = {"progress": Progress, "done": Outcome}
     retry = 500
 
     async def on_connect(self) -> None:

@@ -21,13 +21,16 @@ class LiveBackend(ABC):
     """Carries events that were already given an id to the subscribers of every process.
 
     Events for one broadcast must reach `dispatch` in the order of their `seq`.
+
+    A backend may deliver only the groups this process serves: the broadcast calls
+    `subscribe()` before a subscription reads its groups' history, and
+    `unsubscribe()` when the last subscription of a group leaves this process.
     """
 
     @abstractmethod
     async def connect(self, dispatch: Dispatch, on_failure: OnFailure) -> None:
-        """Connect, and from now on call `dispatch` for every event of any process.
-
-        When this returns, an event delivered by any process reaches `dispatch`.
+        """Connect, and from now on call `dispatch` for the events of the groups
+        this process subscribed to (`subscribe()`), delivered by any process.
         """
 
     @abstractmethod
@@ -40,6 +43,34 @@ class LiveBackend(ABC):
 
         Raises:
             BackendError: The backend cannot be reached.
+        """
+
+    async def subscribe(self, groups: Sequence[str]) -> None:  # noqa: B027 (optional)
+        """Receive the events of `groups` in this process, from now on.
+
+        Returns once the backend has confirmed it: an event delivered to one of
+        `groups` after this returns, by any process, reaches `dispatch`. The
+        groups stay subscribed until `unsubscribe()`, across reconnections.
+
+        The broadcast calls it for each subscription it attaches, with all of its
+        groups, before it reads their history (so the replay and the live events
+        meet without a gap). It returns at once for groups already confirmed, and
+        concurrent calls for a group being subscribed all wait for its one
+        confirmation. The default does nothing: it suits a backend that delivers
+        every event to every process.
+
+        Raises:
+            BackendError: The backend is not connected, or lost its connection
+                before it confirmed (the groups stay wanted, and are subscribed
+                again once the connection is back).
+        """
+
+    def unsubscribe(self, groups: Sequence[str]) -> None:  # noqa: B027 (optional)
+        """Stop wanting the events of `groups`; no subscription of this process uses them.
+
+        It returns at once. The backend may go on delivering their events for a
+        while (a backend that unsubscribes lazily, to absorb reconnections): the
+        broadcast drops events of groups it has no subscription for.
         """
 
     @property

@@ -1,13 +1,21 @@
-"""A live backend on Redis pub/sub: every process subscribes to `{prefix}:live`.
+"""A live backend on Redis pub/sub: a process subscribes to the channels of its groups.
 
-Each message is `group \\0 seq \\0 wire`. A `RedisStore` created with
-`publish=True` publishes it from the script that assigns the seq, so every
-process receives events in id order; `deliver` publishes it for stores that
-assign ids elsewhere (SQL).
+Each group has a channel of its own, `{prefix}:live:{<escaped group>}` (named as
+the group's keys are, so on Redis Cluster it shares their slot), and each message
+on it is `seq \\0 wire`. A `RedisStore` created with `publish=True` publishes it
+from the script that assigns the seq, so a process receives events in id order;
+`deliver` publishes it for stores that assign ids elsewhere (SQL), and for
+ephemeral events.
 
-A backend holds one pub/sub connection of its own and one reader task, which
-parses each message and calls `dispatch` in order. When the connection is lost it
-calls `on_failure`, then reconnects with backoff and subscribes again.
+A backend holds one pub/sub connection of its own. It is subscribed to a group's
+channel while a subscription of this process uses the group (`subscribe`), and
+for `unsubscribe_linger` seconds after the last one left, so a browser that
+reconnects at once costs no round trip. One writer task sends what was asked
+while its previous command was in flight as one `UNSUBSCRIBE` and one `SUBSCRIBE`
+with many channels each. One reader task parses each message, calls `dispatch`
+in order, and wakes the callers waiting for a confirmation. When the connection
+is lost the backend calls `on_failure`, then reconnects with backoff and
+subscribes again to the groups still in use.
 
 Presence (see `_PRESENCE_SCRIPT`) lives in three kinds of keys:
 
@@ -18,7 +26,8 @@ Presence (see `_PRESENCE_SCRIPT`) lives in three kinds of keys:
 
 Each process refreshes its own deadline with one heartbeat task; any process
 that finds another's deadline passed removes that process's members (announcing
-their leave), so the members of a killed process vanish within `presence_timeout`.
+their leave, on each group's channel), so the members of a killed process vanish
+within `presence_timeout`.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import asyncio
 import logging
 import math
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,21 +47,50 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .._exceptions import BackendError
-from .._redis import REDIS_ERRORS, describe, open_client, redis_errors
+from .._redis import REDIS_ERRORS, describe, group_key, open_client, redis_errors
 from .base import Dispatch, LiveBackend, OnFailure
 
 __all__ = ["RedisBackend"]
 
 logger = logging.getLogger("sseviews.redis")
 
+# Channels per SUBSCRIBE or UNSUBSCRIBE command: a batch larger than this (a
+# reconnection with many groups in use) is sent as several commands in one write,
+# so Redis serves other clients between them.
+_CHANNELS_PER_COMMAND = 1000
+
+
+class _Link:
+    """One pub/sub connection, and the channels it is subscribed to."""
+
+    __slots__ = ("confirmed", "conn", "groups", "outstanding", "recovering", "sent", "settled")
+
+    def __init__(self, conn: AbstractConnection, *, recovering: bool = False) -> None:
+        self.conn = conn
+        # A new connection after a loss: the backend is healthy again once the
+        # groups in use are subscribed on it.
+        self.recovering = recovering
+        # group -> channel, for every group SUBSCRIBEd and not UNSUBSCRIBEd since.
+        self.sent: dict[str, bytes] = {}
+        # Those of them that Redis confirmed.
+        self.confirmed: set[str] = set()
+        # channel -> group, for every channel whose messages may still arrive.
+        self.groups: dict[bytes, str] = {}
+        # Confirmations still to come for the commands sent; `settled` is set at 0.
+        self.outstanding = 0
+        self.settled = asyncio.Event()
+        self.settled.set()
+
 
 class RedisBackend(LiveBackend):
-    """Carries events between processes with Redis pub/sub.
+    """Carries events between processes with Redis pub/sub, one channel per group.
 
     Args:
         url_or_client: A `redis://host:port/db` URL, or a ready
             `redis.asyncio.Redis` client (which the backend does not close).
-        prefix: Prefix of the pub/sub channel; use the prefix of the `RedisStore`.
+        prefix: Prefix of the pub/sub channels; use the prefix of the `RedisStore`.
+        presence_timeout: Bound, in seconds, on how long the members of a process
+            that died without cleaning up stay listed.
 
     Raises:
         ValueError: A bad URL or prefix.
@@ -62,8 +101,13 @@ class RedisBackend(LiveBackend):
     first_retry_delay = 0.1
     #: Longest pause between two reconnection attempts, in seconds.
     max_retry_delay = 2.0
-    #: Bound on one reconnection attempt (connect and subscribe), in seconds.
+    #: Bound on one reconnection attempt, and on Redis confirming one batch of
+    #: subscribes, in seconds.
     attempt_timeout = 5.0
+    #: Seconds this process stays subscribed to a group's channel after its last
+    #: stream in the group ended. A stream that joins the group again meanwhile (a
+    #: browser reconnecting) costs no round trip to Redis.
+    unsubscribe_linger = 1.5
 
     def __init__(
         self,
@@ -93,11 +137,23 @@ class RedisBackend(LiveBackend):
         self._unleft: list[tuple[str, tuple[str, ...], bool]] = []
         self._client, self._owned = open_client(url_or_client)
         self.prefix = prefix
-        self._channel = f"{prefix}:live".encode()
         self._where = describe(self._client)
         self._task: asyncio.Task[None] | None = None
-        self._conn: AbstractConnection | None = None
+        self._link: _Link | None = None  # None while disconnected or reconnecting
         self._healthy = False
+        # The groups some subscription of this process uses.
+        self._wanted: set[str] = set()
+        # Groups no longer used but still subscribed: group -> when to unsubscribe
+        # (time.monotonic()). Every entry gets the same linger, so the dict's order
+        # is the deadlines' order.
+        self._lingering: dict[str, float] = {}
+        # Groups whose subscription may differ from what they need: the writer's work.
+        self._dirty: set[str] = set()
+        # Set when the writer has work; made by connect(), in the serving event loop.
+        self._wake: asyncio.Event | None = None
+        # Callers waiting for a group's confirmation wait on its event, set when the
+        # group is confirmed, dropped, or the connection is lost.
+        self._confirming: dict[str, asyncio.Event] = {}
 
     @property
     def healthy(self) -> bool:
@@ -105,7 +161,8 @@ class RedisBackend(LiveBackend):
         return self._healthy
 
     async def connect(self, dispatch: Dispatch, on_failure: OnFailure) -> None:
-        """Subscribe, and start calling `dispatch` for every event published.
+        """Open the pub/sub connection, and start calling `dispatch` for the events of
+        the groups subscribed to.
 
         Raises:
             BackendError: Redis cannot be reached.
@@ -115,17 +172,18 @@ class RedisBackend(LiveBackend):
             raise RuntimeError("this RedisBackend is already connected")
         try:
             with redis_errors(f"subscribing to {self._where}"):
-                conn = await self._subscribe()
+                conn = await self._open()
         except BaseException:
             if self._owned:
                 with anyio.move_on_after(1, shield=True):
                     await self._client.aclose()
             raise
-        self._conn = conn
+        self._wake = asyncio.Event()
+        link = self._link = _Link(conn)
         self._healthy = True
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(
-            self._run(conn, dispatch, on_failure), name=f"sseviews redis reader {self.prefix}"
+            self._run(link, dispatch, on_failure), name=f"sseviews redis reader {self.prefix}"
         )
         self._heartbeat = loop.create_task(
             self._beat(), name=f"sseviews redis presence heartbeat {self.prefix}"
@@ -149,23 +207,104 @@ class RedisBackend(LiveBackend):
             if task is not None:
                 task.cancel()
                 await asyncio.wait({task})
+        link, self._link = self._link, None
+        self._forget()
+        self._wanted.clear()
         # Closed even when a step above ran out of time: nothing may stay open.
         with anyio.move_on_after(1, shield=True):
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                await conn.disconnect(nowait=True)
+            if link is not None:
+                await link.conn.disconnect(nowait=True)
             if self._owned:
                 await self._client.aclose()
 
     async def deliver(self, group: str, seq: int, wire: bytes) -> None:
-        """Publish one stored event to every process.
+        """Publish one stored event to the processes that serve `group`.
 
         Raises:
             BackendError: Redis cannot be reached.
         """
-        payload = b"%s\0%d\0%s" % (group.encode(), seq, wire)
         with redis_errors(f"publishing to {self._where}"):
-            await self._client.publish(self._channel, payload)
+            await self._client.publish(
+                group_key(self.prefix, "live", group), b"%d\0%s" % (seq, wire)
+            )
+
+    # -- which groups this process receives ------------------------------------------
+
+    async def subscribe(self, groups: Sequence[str]) -> None:
+        """Subscribe to the channels of `groups`; return once Redis confirmed them.
+
+        Groups already subscribed (or lingering, see `unsubscribe_linger`) cost
+        no round trip. Requests made while the previous command is in flight go
+        to Redis together, as one `SUBSCRIBE`.
+
+        Raises:
+            BackendError: The backend is not connected, or lost its connection
+                before Redis confirmed (the groups stay wanted, and are
+                subscribed again once it reconnects).
+        """
+        link = self._link
+        wanted = self._wanted
+        if link is not None:
+            confirmed = link.confirmed
+            for group in groups:
+                if group not in confirmed or group not in wanted:
+                    break
+            else:
+                return  # the common case: every group in use already
+        wake = self._wake
+        if self._task is None or wake is None:
+            raise BackendError(f"the backend is not connected to {self._where}")
+        waiting = []
+        for group in groups:
+            if group not in wanted:
+                wanted.add(group)
+                lingered = self._lingering.pop(group, None) is not None
+                if not (lingered and link is not None and group in link.sent):
+                    self._dirty.add(group)
+                    wake.set()
+            if link is None or group not in link.confirmed:
+                waiting.append(group)
+        for group in waiting:
+            await self._confirmation(group)
+
+    def unsubscribe(self, groups: Sequence[str]) -> None:
+        """Unsubscribe from the channels of `groups` after `unsubscribe_linger` seconds,
+        unless they are subscribed to again meanwhile."""
+        link = self._link
+        wake = self._wake
+        deadline = time.monotonic() + self.unsubscribe_linger
+        for group in groups:
+            if group not in self._wanted:
+                continue
+            self._wanted.discard(group)
+            if link is not None and group in link.sent:
+                self._lingering[group] = deadline
+            else:
+                self._dirty.add(group)  # not sent yet: the writer drops it
+            if wake is not None:
+                wake.set()
+
+    async def _confirmation(self, group: str) -> None:
+        while True:
+            link = self._link
+            if link is None:
+                raise BackendError(f"lost the connection to {self._where}")
+            if group in link.confirmed:
+                return
+            if group not in self._wanted and group not in link.sent:
+                raise BackendError(f"group {group!r} was unsubscribed before Redis confirmed it")
+            event = self._confirming.get(group)
+            if event is None:
+                event = self._confirming[group] = asyncio.Event()
+            await event.wait()
+
+    def _forget(self) -> None:
+        """Drop what belonged to the lost connection, and wake everyone waiting on it."""
+        self._lingering.clear()
+        self._dirty.clear()
+        confirming, self._confirming = self._confirming, {}
+        for event in confirming.values():
+            event.set()
 
     # -- the pub/sub connection ------------------------------------------------------
 
@@ -187,37 +326,24 @@ class RedisBackend(LiveBackend):
         conn: AbstractConnection = pool.connection_class(**kwargs)
         return conn
 
-    # Returns a new connection once Redis has confirmed the subscription, so
-    # that any event published from then on reaches it.
-    async def _subscribe(self) -> AbstractConnection:
+    async def _open(self) -> AbstractConnection:
         conn = self._new_connection()
         try:
             await conn.connect()  # type: ignore[no-untyped-call]
-            await conn.send_command("SUBSCRIBE", self._channel, check_health=False)
-            while True:
-                reply = await conn.read_response(disable_decoding=True, push_request=True)
-                if isinstance(reply, list) and reply[:2] == [b"subscribe", self._channel]:
-                    return conn
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await conn.disconnect(nowait=True)
             raise
+        return conn
 
-    async def _run(
-        self, conn: AbstractConnection, dispatch: Dispatch, on_failure: OnFailure
-    ) -> None:
+    async def _run(self, link: _Link, dispatch: Dispatch, on_failure: OnFailure) -> None:
         try:
             while True:
-                try:
-                    await self._read(conn, dispatch)
-                except REDIS_ERRORS as exc:
-                    error: Exception = exc
-                except Exception as exc:
-                    logger.exception("unexpected error reading from %s", self._where)
-                    error = exc
+                error = await self._serve(link, dispatch)
                 self._healthy = False
-                self._conn = None
-                await conn.disconnect(nowait=True)
+                self._link = None
+                self._forget()
+                await link.conn.disconnect(nowait=True)
                 logger.warning(
                     "lost the subscription to %s (%s); ending live subscribers and reconnecting",
                     self._where,
@@ -229,38 +355,159 @@ class RedisBackend(LiveBackend):
                     on_failure(failure)
                 except Exception:
                     logger.exception("on_failure callback failed")
-                conn = await self._reconnect()
-                self._conn = conn
-                self._healthy = True
-                logger.info("subscribed again to %s", self._where)
+                link = self._link = _Link(await self._reconnect(), recovering=True)
+                # The writer subscribes to every group still in use, then sets healthy.
+                self._dirty = set(self._wanted)
         finally:
             with anyio.CancelScope(shield=True):
-                await conn.disconnect(nowait=True)
+                await link.conn.disconnect(nowait=True)
 
-    async def _read(self, conn: AbstractConnection, dispatch: Dispatch) -> None:
-        channel = self._channel
+    async def _serve(self, link: _Link, dispatch: Dispatch) -> Exception:
+        """Read and write on `link` until it fails; return why."""
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(self._read(link, dispatch), name="sseviews redis pubsub reader")
+        writer = loop.create_task(self._write(link), name="sseviews redis pubsub writer")
+        tasks = {reader, writer}
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        for task in (reader, writer):
+            error = None if task.cancelled() else task.exception()
+            if isinstance(error, REDIS_ERRORS):
+                return error
+            if isinstance(error, Exception):
+                logger.error("unexpected error reading from %s", self._where, exc_info=error)
+                return error
+        return ConnectionError("the subscription ended")  # unreachable: both loop forever
+
+    async def _read(self, link: _Link, dispatch: Dispatch) -> None:
+        conn = link.conn
+        groups = link.groups
         while True:
             # math.inf: block without the client's socket_timeout, as PubSub does.
             reply = await conn.read_response(
                 disable_decoding=True, timeout=math.inf, push_request=True
             )
-            if (
-                isinstance(reply, list)
-                and len(reply) == 3
-                and reply[0] == b"message"
-                and reply[1] == channel
-            ):
+            if not isinstance(reply, list) or len(reply) != 3:
+                continue
+            kind, channel, body = reply
+            if kind == b"message":
+                group = groups.get(channel)
+                if group is None:
+                    continue
+                seq, _, wire = body.partition(b"\0")
                 try:
-                    group, seq, wire = reply[2].split(b"\0", 2)
-                    group_name = group.decode()
                     seq_number = int(seq)
                 except ValueError:
                     logger.warning("ignoring a malformed message on %r", channel.decode())
                     continue
                 try:
-                    dispatch(group_name, seq_number, wire)
+                    dispatch(group, seq_number, wire)
                 except Exception:
-                    logger.exception("dispatching event %d of %r failed", seq_number, group_name)
+                    logger.exception("dispatching event %d of %r failed", seq_number, group)
+            elif kind == b"subscribe" or kind == b"unsubscribe":
+                self._confirmed(link, kind, channel)
+
+    def _confirmed(self, link: _Link, kind: bytes, channel: bytes) -> None:
+        group = link.groups.get(channel)
+        if group is not None:
+            if kind == b"subscribe":
+                if group in link.sent:
+                    link.confirmed.add(group)
+                event = self._confirming.pop(group, None)
+                if event is not None:
+                    event.set()
+            elif group not in link.sent:
+                del link.groups[channel]
+        link.outstanding -= 1
+        if link.outstanding <= 0:
+            link.outstanding = 0
+            link.settled.set()
+
+    async def _write(self, link: _Link) -> None:
+        wake = self._wake
+        assert wake is not None
+        while True:
+            wake.clear()
+            delay = self._expire()
+            if self._dirty:
+                await self._send(link)
+                continue
+            if link.recovering:
+                # Every group in use is subscribed again after a reconnection.
+                link.recovering = False
+                self._healthy = True
+                logger.info("subscribed again to %s", self._where)
+            if delay is None:
+                await wake.wait()
+                continue
+            try:
+                async with asyncio.timeout(delay):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+
+    def _expire(self) -> float | None:
+        """Mark the lingering groups whose time is up; return the seconds until the
+        next one's, or None."""
+        lingering = self._lingering
+        if not lingering:
+            return None
+        now = time.monotonic()
+        expired = []
+        for group, deadline in lingering.items():
+            if deadline > now:
+                break
+            expired.append(group)
+        for group in expired:
+            del lingering[group]
+            self._dirty.add(group)
+        if not lingering:
+            return None
+        return next(iter(lingering.values())) - now
+
+    async def _send(self, link: _Link) -> None:
+        """Send what the dirty groups need as one write, and wait for Redis to confirm."""
+        dirty, self._dirty = self._dirty, set()
+        wanted, lingering = self._wanted, self._lingering
+        subscribe: list[bytes] = []
+        unsubscribe: list[bytes] = []
+        for group in dirty:
+            if group in wanted or group in lingering:
+                if group not in link.sent:
+                    channel = group_key(self.prefix, "live", group).encode()
+                    link.sent[group] = channel
+                    link.groups[channel] = group
+                    subscribe.append(channel)
+            elif group in link.sent:
+                unsubscribe.append(link.sent.pop(group))
+                link.confirmed.discard(group)
+            else:
+                # Given up before it was sent: wake whoever still waits for it.
+                event = self._confirming.pop(group, None)
+                if event is not None:
+                    event.set()
+        if not subscribe and not unsubscribe:
+            return
+        step = _CHANNELS_PER_COMMAND
+        commands: list[list[bytes | str]] = [
+            [name, *channels[i : i + step]]
+            for name, channels in (("UNSUBSCRIBE", unsubscribe), ("SUBSCRIBE", subscribe))
+            for i in range(0, len(channels), step)
+        ]
+        conn = link.conn
+        if not conn.is_connected:
+            # send_packed_command would open a new socket that nobody reads.
+            raise ConnectionError(f"the connection to {self._where} was closed")
+        link.outstanding += len(subscribe) + len(unsubscribe)
+        link.settled.clear()
+        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        # One batch in flight at a time: what is asked meanwhile goes in the next one.
+        async with asyncio.timeout(self.attempt_timeout):
+            await link.settled.wait()
 
     async def _reconnect(self) -> AbstractConnection:
         delay = self.first_retry_delay
@@ -268,7 +515,7 @@ class RedisBackend(LiveBackend):
             await anyio.sleep(delay)
             try:
                 with anyio.fail_after(self.attempt_timeout):
-                    return await self._subscribe()
+                    return await self._open()
             except REDIS_ERRORS as exc:
                 logger.debug("reconnecting to %s failed: %s", self._where, exc)
             except Exception:
@@ -287,7 +534,7 @@ class RedisBackend(LiveBackend):
             f"{prefix}:presence:",
             f"{prefix}:presence-procs",
             f"{prefix}:presence-proc:",
-            self._channel,
+            f"{prefix}:live:",
             self._process,
             # The process's deadline is refreshed every timeout/6 and lies timeout*2/3
             # ahead: once it passes, the next heartbeat of any process (at most
@@ -367,15 +614,23 @@ class RedisBackend(LiveBackend):
 
 # Every presence operation, in one script so that each is atomic and costs one
 # round trip. ARGV: op, group key base, processes key, process key base, live
-# channel, this process, registration lifetime (s), then the op's own arguments.
+# channel base (`{prefix}:live:`), this process, registration lifetime (s), then
+# the op's own arguments.
 # A member's value in its process hash is `announce \0 group \0 group ...`.
 # Group names never hold NUL or whitespace (check_group), entries never hold NUL.
 _PRESENCE_SCRIPT = r"""
-local op, gbase, procs, pbase, channel, proc = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local op, gbase, procs, pbase, cbase, proc = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local lifetime = tonumber(ARGV[7])
 
 local function gkey(group)
   return gbase .. (string.gsub(group, '[%%:]', {['%'] = '%25', [':'] = '%3A'}))
+end
+
+-- A group's live channel, as group_key(prefix, 'live', group) names it.
+local function channel(group)
+  local escaped = string.gsub(group, '[%%:{}]',
+    {['%'] = '%25', [':'] = '%3A', ['{'] = '%7B', ['}'] = '%7D'})
+  return cbase .. '{' .. escaped .. '}'
 end
 
 local function now()
@@ -397,8 +652,8 @@ local function split(s)
 end
 
 local function announce(group, event, entry)
-  redis.call('PUBLISH', channel,
-    group .. '\0' .. '0\0' .. 'event: ' .. event .. '\ndata: ' .. entry .. '\n\n')
+  redis.call('PUBLISH', channel(group),
+    '0\0' .. 'event: ' .. event .. '\ndata: ' .. entry .. '\n\n')
 end
 
 -- Remove a member from its groups (announcing its leave if asked).

@@ -10,6 +10,9 @@
  *   exponential backoff and jitter, fetching a fresh token first.
  * - When the stream ends with "sseviews.expired" it fetches a fresh token and
  *   reconnects at once.
+ * - When the stream ends with "sseviews.error" (the server's events() raised) it
+ *   reconnects after a backoff with jitter that doubles with each error in a row,
+ *   from minDelay up to maxDelay, instead of the browser's fixed retry delay.
  * - "sseviews.reset" (the history cannot resume from your last id) calls onreset.
  */
 (function (root) {
@@ -22,7 +25,9 @@
     var listeners = {};
     var source = null;
     var timer = null;
-    var failures = 0;
+    var failures = 0; // refusals in a row (the browser gave up)
+    var errors = 0; // streams in a row that ended with sseviews.error
+    var openedAt = 0;
     var closed = false;
     var stream = {
       lastEventId: options.lastEventId || "",
@@ -87,6 +92,7 @@
       }));
       es.onopen = function (event) {
         failures = 0;
+        openedAt = Date.now();
         if (stream.onopen) stream.onopen(event);
       };
       es.onmessage = dispatch;
@@ -94,10 +100,16 @@
         if (stream.onerror) stream.onerror(event);
         // CONNECTING: the browser reconnects by itself, with its Last-Event-ID.
         // CLOSED: it gave up (a status other than 200, e.g. 401): we take over.
-        if (es.readyState === 2 && source === es) restart(true);
+        if (es.readyState === 2 && source === es) restart(backoff(failures++));
       };
       es.addEventListener("sseviews.expired", function () {
-        if (source === es) restart(false);
+        if (source === es) restart(0);
+      });
+      es.addEventListener("sseviews.error", function () {
+        if (source !== es) return;
+        // A stream that ran for a while before it failed starts the count again.
+        if (Date.now() - openedAt > maxDelay) errors = 0;
+        restart(backoff(errors++));
       });
       for (var name in listeners) {
         if (name !== "message") es.addEventListener(name, dispatch);
@@ -105,19 +117,19 @@
       if (!listeners["sseviews.reset"]) es.addEventListener("sseviews.reset", dispatch);
     }
 
-    function restart(backoff) {
+    function backoff(count) {
+      var delay = Math.min(maxDelay, minDelay * Math.pow(2, count));
+      return delay / 2 + Math.random() * delay; // jitter: 0.5x to 1.5x
+    }
+
+    function restart(delay) {
       if (source) source.close();
       source = null;
       if (closed || timer) return;
-      var delay = 0;
-      if (backoff) {
-        delay = Math.min(maxDelay, minDelay * Math.pow(2, failures++));
-        delay = delay / 2 + Math.random() * delay; // jitter: 0.5x to 1.5x
-      }
       timer = setTimeout(function () {
         refresh().then(open, function () {
           timer = null;
-          restart(true);
+          restart(backoff(failures++));
         });
       }, delay);
     }
@@ -126,7 +138,7 @@
       timer = -1;
       refresh().then(open, function () {
         timer = null;
-        restart(true);
+        restart(backoff(failures++));
       });
     } else {
       open();

@@ -23,8 +23,9 @@ failover to a lagging replica): the store remembers that per group, for the most
 recent groups.
 
 `append` runs one Lua script that takes the seq, stores the event, trims the group
-and (with `publish=True`) publishes it on the live channel, so events reach every
-process's `RedisBackend` in id order.
+and (with `publish=True`) publishes it on the group's channel,
+`{prefix}:live:{<escaped group>}` (in the slot of the group's keys), so events reach
+the `RedisBackend` of every process that serves the group, in id order.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import anyio
 import redis.asyncio
 
 from .._exceptions import BackendError
-from .._redis import describe, open_client, redis_errors
+from .._redis import describe, group_key, open_client, redis_errors
 from .base import Deliver, HistoryStore, Page, Position, SeenPositions, check_idle_expiry, new_epoch
 
 __all__ = ["RedisStore", "group_key"]
@@ -47,17 +48,6 @@ __all__ = ["RedisStore", "group_key"]
 logger = logging.getLogger("sseviews.redis")
 
 _EPOCH = re.compile(rb"[0-9a-f]{8}")
-_ESCAPE = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
-
-
-def group_key(prefix: str, kind: str, group: str) -> str:
-    """Return the key of one of `group`'s Redis keys: `{prefix}:{kind}:{<escaped group>}`.
-
-    The escaped group holds no `:`, `{` or `}`, so the key's last `:` ends the
-    prefix and no two (prefix, group) pairs share a key; and it is the key's hash
-    tag, so all of a group's keys share one Redis Cluster slot.
-    """
-    return f"{prefix}:{kind}:{{{group.translate(_ESCAPE)}}}"
 
 
 # Every script starts with this. KEYS[1..2]: the group's hash and stream.
@@ -86,8 +76,9 @@ end
 """
 
 # Takes the group's next seq, stores the event and trims the group, atomically.
-# ARGV[5..9]: wire (without id line), retention (0: none), max age in ms (0: none),
-# live channel ('': don't publish), group.
+# ARGV[5..8]: wire (without id line), retention (0: none), max age in ms (0: none),
+# the group's live channel ('': don't publish; it shares the group's hash tag, so
+# the group's slot). The message is `seq\0wire` (the wire with its id line).
 _APPEND = (
     _PRELUDE
     + """
@@ -143,7 +134,7 @@ if ttl > 0 then
 end
 
 if ARGV[8] ~= '' then
-  redis.call('PUBLISH', ARGV[8], ARGV[9] .. '\\0' .. seq .. '\\0' .. wire)
+  redis.call('PUBLISH', ARGV[8], seq .. '\\0' .. wire)
 end
 return {seq, epoch, renewed}
 """
@@ -228,11 +219,11 @@ class RedisStore(HistoryStore):
             clock), or None for no age limit.
         idle_expiry: Without `max_age`, how long a group's keys live after its
             last event, in seconds (default one day); None keeps them forever.
-        publish: Also publish each event on `{prefix}:live` from the same atomic
-            script, for a `RedisBackend` with the same prefix: events then reach
-            every process in id order, and `deliver` has nothing left to do.
-            Without it, appends are serialised until `deliver` returns within
-            this process only.
+        publish: Also publish each event on its group's channel from the same
+            atomic script, for a `RedisBackend` with the same prefix: events then
+            reach every process that serves the group in id order, and `deliver`
+            has nothing left to do. Without it, appends are serialised until
+            `deliver` returns within this process only.
 
     Raises:
         ValueError: A bad URL, prefix, retention, max_age or idle_expiry.
@@ -282,7 +273,6 @@ class RedisStore(HistoryStore):
         self._max_age_ms = max(1, round(max_age * 1000)) if max_age is not None else 0
         ttl = max_age if max_age is not None else idle_expiry
         self._ttl_ms = max(1, round(ttl * 1000)) if ttl is not None else 0
-        self._channel = f"{prefix}:live" if publish else ""
         self._where = describe(self._client)
         self._append = self._client.register_script(_APPEND)
         self._read = self._client.register_script(_READ)
@@ -403,8 +393,7 @@ class RedisStore(HistoryStore):
                     wire,
                     self._retention_arg,
                     self._max_age_ms,
-                    self._channel,
-                    group,
+                    group_key(self.prefix, "live", group) if self.publish else "",
                 ],
             )
         position = self._observe(group, raw_epoch, int(raw_seq), renewed)

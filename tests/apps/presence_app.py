@@ -1,4 +1,5 @@
-"""The app `tests/test_presence_redis.py` runs in several uvicorn processes sharing Redis.
+"""The app `tests/test_presence_redis.py` runs in several uvicorn processes sharing Redis
+(and `tests/test_presence_postgres.py`, with a PostgreSQL URL in the same variable).
 
 Like `multiprocess_app.py`, every process builds its `Broadcast` from the
 environment (`SSEVIEWS_TEST_REDIS_URL`, `SSEVIEWS_TEST_REDIS_PREFIX`), and
@@ -26,13 +27,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sseviews import Broadcast, EventStreamView
+from sseviews.backends.postgres import PostgresBackend
 from sseviews.backends.redis import RedisBackend
 
 broadcast = Broadcast(
     os.environ.get("SSEVIEWS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
     prefix=os.environ["SSEVIEWS_TEST_REDIS_PREFIX"],
 )
-assert isinstance(broadcast.live, RedisBackend)
+assert isinstance(broadcast.live, RedisBackend | PostgresBackend)
 broadcast.live.presence_timeout = float(os.environ.get("SSEVIEWS_TEST_PRESENCE_TIMEOUT", "30"))
 
 

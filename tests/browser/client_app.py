@@ -3,13 +3,15 @@
 Settings come from the environment: `TOKEN_TTL` (seconds), `HISTORY_URL` (empty:
 history in memory, so a restart starts a new epoch), `MAX_LIFETIME` (seconds).
 `python client_app.py publish A B` publishes items A..B-1 into the history
-while the server is down.
+while the server is down. `/failing-page` streams `/failing`, whose `events()`
+raises on its first `FAILURES` connections (4 by default).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -67,6 +69,45 @@ class Feed(EventStreamView):
 Feed.broadcast = broadcast
 
 
+FAILING_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>sseviews.js backoff</title>
+<script src="/sseviews.js"></script></head>
+<body><p id="state">connecting</p>
+<script>
+  window.errors = 0; window.oks = 0;
+  const stream = sseviews.connect("/failing", {minDelay: 200, maxDelay: 1600});
+  stream.on("sseviews.error", () => { window.errors += 1; });
+  stream.on("ok", () => {
+    window.oks += 1;
+    document.getElementById("state").textContent = "streaming after " + window.errors + " errors";
+  });
+</script></body></html>
+"""
+failing_connects: list[float] = []
+
+
+class Failing(EventStreamView):
+    """Fails its first FAILURES streams; its `retry:` would hold a browser back 30-90 s."""
+
+    error_retry = 60_000
+
+    async def events(self) -> AsyncIterator[Event]:
+        failing_connects.append(time.monotonic())
+        yield Event("hello", event="greeting")
+        if len(failing_connects) <= int(os.environ.get("FAILURES", "4")):
+            raise LookupError("the database is gone")
+        yield Event("fine", event="ok")
+        await anyio.sleep_forever()
+
+
+async def failing_page(request: Request) -> HTMLResponse:
+    return HTMLResponse(FAILING_PAGE)
+
+
+async def failing_stats(request: Request) -> JSONResponse:
+    return JSONResponse({"connects": failing_connects})
+
+
 async def page(request: Request) -> HTMLResponse:
     return HTMLResponse(PAGE)
 
@@ -104,6 +145,9 @@ app = Starlette(
         Route("/stats", stats),
         js_route("/sseviews.js"),
         Route("/stream", Feed),
+        Route("/failing-page", failing_page),
+        Route("/failing-stats", failing_stats),
+        Route("/failing", Failing),
     ],
     lifespan=lifespan,
 )

@@ -6,6 +6,7 @@ The app is `client_app.py`; every check reads what the page's callbacks recorded
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -177,3 +178,24 @@ def test_client_js_reset_calls_onreset(
     assert page.evaluate("window.resets") == ["unknown_epoch"]
     server.publish(2, 3)
     assert wait_received(page, 3) == [0, 1, 2]
+
+
+def test_client_js_backs_off_with_jitter_after_sseviews_error(
+    make_server: Callable[..., ClientAppServer], open_page: OpenPage
+) -> None:
+    # /failing raises in events() on its first 4 streams, each sending sseviews.error
+    # with `retry:` of 30-90 s; sseviews.js reconnects itself after 0.5x to 1.5x of
+    # 200, 400, 800, 1600 ms, then streams.
+    server = make_server(FAILURES="4")
+    page = open_page(server.base + "/failing-page")
+    page.wait_for_function("window.oks >= 1", timeout=20_000)
+    assert page.evaluate("window.errors") == 4
+    with urllib.request.urlopen(server.base + "/failing-stats", timeout=5) as response:
+        connects = json.loads(response.read())["connects"]
+    assert len(connects) == 5
+    gaps = [later - earlier for earlier, later in itertools.pairwise(connects)]
+    for count, gap in enumerate(gaps):
+        delay = min(1.6, 0.2 * 2**count)
+        # At least half the doubled delay; far below the browser's own retry (30 s+).
+        assert 0.5 * delay - 0.05 <= gap <= 1.5 * delay + 1.0, (count, gaps)
+    assert gaps[3] > gaps[0]

@@ -201,3 +201,34 @@ def test_dashboard_tile_updates_live(server: ExampleServer, open_page: OpenPage)
     expect(page.locator('[data-metric="cpu"]')).to_have_text(re.compile(r"^\d+\.\d %$"))
     pid = page.locator('[data-metric="pid"]').inner_text()
     assert pid.isdigit()
+
+
+# The width each input's placeholder needs, against the width it has (its content box).
+PLACEHOLDER_FIT = """() => {
+  const canvas = document.createElement("canvas").getContext("2d");
+  return [...document.querySelectorAll("input[placeholder]")].map((input) => {
+    const style = getComputedStyle(input);
+    canvas.font = style.font;
+    const padding = parseFloat(style.paddingLeft) + parseFloat(style.paddingRight);
+    return {
+      name: input.name,
+      needs: canvas.measureText(input.placeholder).width,
+      has: input.clientWidth - padding,
+    };
+  });
+}"""
+
+
+@pytest.mark.parametrize("width", [900, 400])
+@pytest.mark.parametrize("path", ["/", "/rooms/lobby", "/private", "/htmx", "/htmx4"])
+def test_pages_show_whole_placeholders_and_never_overflow(
+    server: ExampleServer, open_page: OpenPage, path: str, width: int
+) -> None:
+    page = open_page(server.url(path))
+    page.set_viewport_size({"width": width, "height": 700})
+    fits = page.evaluate(PLACEHOLDER_FIT)
+    assert fits, f"{path}: no input with a placeholder"
+    for fit in fits:
+        assert fit["needs"] <= fit["has"], f"{path} at {width}px: {fit['name']} is clipped: {fit}"
+    # Nothing wider than the window: no sideways scrolling on a phone.
+    assert page.evaluate("document.documentElement.scrollWidth") <= width

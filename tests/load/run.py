@@ -469,8 +469,10 @@ class StreamClient(asyncio.Protocol):
             size = size_of(data[pos:eol].split(b";", 1)[0], 16)
             start = eol + 2
             if size == 0:
-                if self._pending:
+                # Only ping lines (comments) may follow the last message.
+                if any(not line.startswith(b":") for line in self._pending.split(b"\n") if line):
                     raise ProtocolError(f"the body ends mid-message: {self._pending[:80]!r}")
+                self.comments += sum(1 for line in self._pending.split(b"\n") if line)
                 self._ended(clean=True)
                 return
             stop = start + size
@@ -490,12 +492,17 @@ class StreamClient(asyncio.Protocol):
         self._pending = messages.pop()
         prefix = self._prefix
         for message in messages:
+            # A ping is one comment line with no blank line after it: it comes at
+            # the start of the next message (or alone, at the end of a stream).
+            while message.startswith(b":"):
+                self.comments += 1
+                end = message.find(b"\n")
+                message = message[end + 1 :] if end >= 0 else b""
+            if not message:
+                continue
             if message.startswith(b"id: "):
                 end = message.find(b"\n")
                 value = message[4:end] if end >= 0 else message[4:]
-            elif message.startswith(b":"):
-                self.comments += 1  # a ping
-                continue
             else:
                 value = b""
                 for line in message.split(b"\n"):

@@ -1,0 +1,301 @@
+"""Mistakes in a view, caught as early as each can be, with an error that names the fix.
+
+- **When the class is created** (`check_hooks`, `check_hook_names`): a hook of the
+  wrong kind (a plain `def on_connect`, an `async def ping_message`), and a method
+  whose name is a near miss of a hook's (`event`, `on_disconect`), which would
+  otherwise never be called.
+- **When the class is registered** (`StreamRouter.add_stream`, `nothing_to_stream`)
+  **and on each request that `on_connect()` accepts** (`wiring_problem`): a view
+  with nothing to stream, and `groups` without a `broadcast` (per request only).
+  Not at class creation: a base class of other views streams nothing, and
+  `View.broadcast = broadcast` after the class statement (inside an app factory,
+  say) is a legitimate way to set it.
+- **When `on_connect()` returns** (`on_connect_result_problem`): anything but
+  None or a `Response`.
+- **On the first value a stream yields** (`lookalike_problem`): a `(name, data)`
+  tuple or an sse-starlette style dict, which sseviews would send as JSON data.
+
+The checks take the base view class as an argument, so this module never
+imports `_views`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from ._exceptions import EventShapeWarning, HookNameWarning
+
+__all__ = [
+    "check_hook_names",
+    "check_hooks",
+    "edit_distance",
+    "lookalike_problem",
+    "nothing_to_stream",
+    "on_connect_result_problem",
+    "resembled",
+    "warn_lookalike",
+    "wiring_problem",
+]
+
+# The hooks a view overrides, and the kind each must be.
+_ASYNC_HOOKS = ("on_connect", "on_disconnect")
+_SYNC_HOOKS = ("ping_message",)  # the writer calls it without awaiting
+_EITHER_HOOKS = ("groups", "authorize_group", "presence_info")  # sync or async, no yield
+# The names a misspelt method most likely meant (`groups` is a setting: the
+# settings check names it).
+HOOKS = (
+    "events",
+    "on_connect",
+    "on_disconnect",
+    "authorize_group",
+    "presence_info",
+    "ping_message",
+)
+# The fields of an sse-starlette event given as a dict.
+_SSE_KEYS = frozenset({"event", "data", "id", "retry", "comment"})
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance, counting a swap of two neighbours as one edit."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
+            if i > 1 and j > 1 and char_a == b[j - 2] and a[i - 2] == char_b:
+                cost = min(cost, previous2[j - 2] + 1)
+            current.append(cost)
+        previous2, previous = previous, current
+    return previous[-1]
+
+
+def resembled(name: str, candidates: Any) -> str | None:
+    """The candidate that `name` looks like a misspelling of, if any.
+
+    One edit is allowed, two in a name of 10 or more characters: `retry` is not
+    `entry`, `metrics` not `retries`, `connect` not `on_connect`.
+    """
+    lowered = name.lower()
+    best: tuple[int, str] | None = None
+    for candidate in candidates:
+        allowed = 1 if len(candidate) < 10 else 2
+        if abs(len(lowered) - len(candidate)) > allowed:
+            continue
+        distance = edit_distance(lowered, candidate)
+        if distance <= allowed and (best is None or distance < best[0]):
+            best = (distance, candidate)
+    return best[1] if best is not None else None
+
+
+def _function(value: Any) -> Callable[..., Any] | None:
+    """The function defined in a class body (None for other attributes)."""
+    if isinstance(value, staticmethod | classmethod):
+        value = value.__func__
+    return value if inspect.isfunction(value) else None
+
+
+def _is_coroutine_function(function: Callable[..., Any]) -> bool:
+    # A decorator that keeps __wrapped__ (functools.wraps) around an async def counts.
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        inspect.unwrap(function)
+    )
+
+
+def _is_async_generator_function(function: Callable[..., Any]) -> bool:
+    return inspect.isasyncgenfunction(function) or inspect.isasyncgenfunction(
+        inspect.unwrap(function)
+    )
+
+
+def check_hooks(cls: type) -> None:
+    """Refuse a hook of the wrong kind, defined in `cls`'s own body.
+
+    Raises:
+        TypeError: `on_connect` or `on_disconnect` is not an `async def` (or is an
+            async generator), `ping_message` is an `async def`, or `groups`,
+            `authorize_group` or `presence_info` is an async generator.
+    """
+    own = vars(cls)
+    view = cls.__name__
+    for name in _ASYNC_HOOKS:
+        function = _function(own.get(name))
+        if function is None:
+            continue
+        if _is_async_generator_function(function):
+            raise TypeError(
+                f"{view}.{name}() must be an `async def` without `yield`; it is an async "
+                f"generator: remove the `yield`"
+            )
+        if not _is_coroutine_function(function):
+            arguments = "self, reason" if name == "on_disconnect" else "self"
+            raise TypeError(
+                f"{view}.{name}() must be an `async def` (sseviews awaits it); it is a plain "
+                f"def: make it `async def {name}({arguments})`"
+            )
+    for name in _SYNC_HOOKS:
+        function = _function(own.get(name))
+        if function is None:
+            continue
+        if _is_coroutine_function(function) or _is_async_generator_function(function):
+            raise TypeError(
+                f"{view}.{name}() must be a plain `def` that returns the message (the "
+                f"writer calls it without awaiting): make it `def {name}(self)`"
+            )
+    for name in _EITHER_HOOKS:
+        function = _function(own.get(name))
+        if function is not None and _is_async_generator_function(function):
+            raise TypeError(
+                f"{view}.{name}() must return its value (a plain `def` or an `async def` "
+                f"with `return`), not yield it: it is an async generator"
+            )
+
+
+def check_hook_names(cls: type, base: type) -> None:
+    """Warn about a method of `cls` whose name is a near miss of a hook's.
+
+    A method named like a hook the view already overrides (an `event()` helper
+    beside `events()`) is a helper of the view's own, and is not warned about.
+
+    Warns:
+        HookNameWarning: naming the hook the method most likely meant.
+    """
+    for name, value in vars(cls).items():
+        if name.startswith("_") or name in HOOKS or _function(value) is None:
+            continue
+        if hasattr(base, name):
+            continue  # an overridden helper or property of the base (describe, ...)
+        if any(name in vars(parent) for parent in cls.__mro__[1:]):
+            continue  # inherited: warned about where it was first defined
+        hook = resembled(name, HOOKS)
+        if hook is None or getattr(cls, hook) is not getattr(base, hook):
+            continue
+        warnings.warn(
+            f"{cls.__name__}.{name}() looks like a misspelling of the hook {hook}(), which "
+            f"the view does not override, so sseviews never calls {name}(); rename it to {hook}",
+            HookNameWarning,
+            stacklevel=3,  # this, __init_subclass__, then the class statement
+        )
+
+
+def _sets_groups(cls: type, base: type) -> bool:
+    groups = getattr(cls, "groups", ())
+    if groups is getattr(base, "groups", ()):
+        return False
+    return callable(groups) or isinstance(groups, property) or bool(groups)
+
+
+def nothing_to_stream(cls: type, base: type) -> str | None:
+    """Say so when the view can never answer but with an error.
+
+    That is a view that neither overrides `events()` nor sets `broadcast` or
+    `groups`, nor `on_connect()` (which may refuse every request on purpose).
+    Registering it (`StreamRouter.add_stream`) refuses it.
+    """
+    if getattr(cls, "on_connect", None) is not getattr(base, "on_connect", None):
+        return None
+    return _streams_nothing(cls, base)
+
+
+def _streams_nothing(cls: type, base: type) -> str | None:
+    if getattr(cls, "broadcast", None) is not None or _sets_groups(cls, base):
+        return None
+    if getattr(cls, "events", None) is not getattr(base, "events", None):
+        return None
+    return (
+        f"{cls.__name__} has nothing to stream: override `async def events(self)` (an async "
+        f"generator that yields the events), or set `broadcast` and `groups` to stream "
+        f"group events"
+    )
+
+
+def wiring_problem(cls: type, base: type) -> str | None:
+    """What the view lacks to stream anything, or None when it can stream.
+
+    Cheap (a few attribute reads): it runs on each request of a view without a
+    `broadcast`. A view with a broadcast may still get its groups in `on_connect()`
+    (an empty list is then refused with 400, per request).
+    """
+    if getattr(cls, "broadcast", None) is not None:
+        return None
+    groups = getattr(cls, "groups", ())
+    if groups is getattr(base, "groups", ()) and getattr(cls, "events", None) is not getattr(
+        base, "events", None
+    ):
+        return None  # the usual view: its own events(), no groups
+    if _sets_groups(cls, base):
+        view = cls.__name__
+        return (
+            f"{view} sets groups but no broadcast, so it has nothing to stream the groups "
+            f"from: set `broadcast = Broadcast(...)` on the view (or `{view}.broadcast = "
+            f"broadcast` before it serves a request)"
+        )
+    return _streams_nothing(cls, base)
+
+
+def on_connect_result_problem(view: str, result: object) -> str:
+    """Say why `result`, returned by `on_connect()`, is neither None nor a `Response`."""
+    hint = ""
+    if isinstance(result, int) and not isinstance(result, bool):
+        hint = (
+            f"; to refuse with {result}, `raise HTTPException(status_code={result})` or "
+            f"`return Response(status_code={result})`"
+        )
+    elif isinstance(result, bool):
+        hint = "; to accept the stream, return None (or nothing)"
+    return (
+        f"{view}.on_connect() returned {result!r} ({type(result).__name__}): it must return "
+        f"None to accept the stream, or refuse it by raising HTTPException or returning a "
+        f"starlette Response{hint}"
+    )
+
+
+def lookalike_problem(item: object) -> str | None:
+    """What a yielded value written for another SSE library would be mistaken for.
+
+    Only tuples and dicts are looked at; sseviews would send both as JSON data.
+    """
+    kind = type(item)
+    if kind is tuple:
+        assert isinstance(item, tuple)
+        if len(item) == 2 and isinstance(item[0], str) and item[0]:
+            name = item[0]
+            return (
+                f"a ({name!r}, data) tuple, which sseviews sends as one JSON array of data "
+                f"in an unnamed event; to send an event named {name!r}, yield "
+                f"Event(data, event={name!r}) (from sseviews import Event); to send the "
+                f"array, yield a list"
+            )
+        return None
+    if kind is dict:
+        assert isinstance(item, dict)
+        keys = set(item)
+        if len(keys) >= 2 and keys <= _SSE_KEYS and ("data" in keys or "event" in keys):
+            fields = ", ".join(
+                f"{key}=..." for key in ("event", "id", "retry", "comment") if key in keys
+            )
+            args = "data" + (", " + fields if fields else "")
+            return (
+                f"a dict with the keys of an sse-starlette event ({', '.join(sorted(keys))}), "
+                f"which sseviews sends as the JSON data of an unnamed event; yield "
+                f"Event({args}) instead (from sseviews import Event)"
+            )
+    return None
+
+
+def warn_lookalike(cls: type, events: Callable[..., Any], problem: str) -> None:
+    """Warn once (the caller keeps count) about a lookalike value, at `events()`'s def."""
+    function = inspect.unwrap(events)
+    code = getattr(function, "__code__", None)
+    filename = code.co_filename if code is not None else "<unknown>"
+    lineno = code.co_firstlineno if code is not None else 0
+    warnings.warn_explicit(
+        f"{cls.__name__}.events() yielded {problem} (warned once per view class)",
+        EventShapeWarning,
+        filename,
+        lineno,
+        module=cls.__module__,
+    )
