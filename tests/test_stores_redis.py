@@ -375,6 +375,39 @@ async def test_redis_store_keys_all_carry_the_prefix_and_the_group_hash_tag(pref
     ]
 
 
+async def test_redis_store_publishes_each_event_on_its_group_channel_with_its_id(
+    prefix: str,
+) -> None:
+    """With `publish=True` the append script publishes `seq\\0wire` (the wire with its
+    `id:` line, as `RedisBackend` and `Broadcast._dispatch` read it) on the group's
+    own channel, whose hash tag is the one of the group's keys."""
+    store = RedisStore(REDIS_URL, prefix=prefix, publish=True)
+    channels = [group_key(prefix, "live", group) for group in ("room:1", "room:2")]
+    assert channels[0] == f"{prefix}:live:{{room%3A1}}"
+    assert channels[0].split(":", 2)[2] == group_key(prefix, "m", "room:1").split(":", 2)[2]
+    received: list[tuple[bytes, bytes]] = []
+    async with redis_client() as client:
+        pubsub = client.pubsub()
+        with anyio.fail_after(10):
+            await pubsub.subscribe(*channels)
+            await store.connect()
+            one = await store.append("room:1", data("one"), no_deliver)
+            two = await store.append("room:2", data("two"), no_deliver)
+            again = await store.append("room:1", data("again"), no_deliver)
+            while len(received) < 3:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None:
+                    received.append((message["channel"], message["data"]))
+            await store.disconnect()
+            await pubsub.aclose()
+    first, second = (channel.encode() for channel in channels)
+    assert received == [
+        (first, b"1\x00" + id_line(one.epoch, 1) + data("one")),
+        (second, b"1\x00" + id_line(two.epoch, 1) + data("two")),
+        (first, b"2\x00" + id_line(again.epoch, 2) + data("again")),
+    ]
+
+
 @pytest.mark.slow
 async def test_redis_store_runs_on_a_cluster_node_where_scripts_touch_one_slot(
     tmp_path: Path,
