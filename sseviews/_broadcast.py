@@ -141,6 +141,8 @@ class Attachment:
 
 #: The URL schemes that select PostgreSQL as the live layer (and, by default, history).
 _POSTGRES_SCHEMES = ("postgresql", "postgresql+asyncpg", "postgres", "postgres+asyncpg")
+# URL schemes of the Redis backend and store (plain, TLS, unix socket, Sentinel).
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
 
 def _backend_for(url: str, prefix: str) -> LiveBackend:
@@ -149,7 +151,7 @@ def _backend_for(url: str, prefix: str) -> LiveBackend:
         from .backends.memory import MemoryBackend
 
         return MemoryBackend()
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in _REDIS_SCHEMES:
         from .backends.redis import RedisBackend
 
         return RedisBackend(url, prefix=prefix)
@@ -160,7 +162,8 @@ def _backend_for(url: str, prefix: str) -> LiveBackend:
         return PostgresBackend(url, prefix=prefix)
     raise ValueError(
         f"unsupported broadcast URL {url!r}: expected memory://, redis://host:port/db "
-        "or postgresql+asyncpg://user@host:port/db"
+        "or postgresql+asyncpg://user@host:port/db, "
+        "or redis+sentinel://host:port[,host:port...]/service[/db]"
     )
 
 
@@ -178,7 +181,7 @@ def _store_for(
         from .stores.memory import MemoryStore
 
         return MemoryStore(retention=retention, max_age=max_age, idle_expiry=idle_expiry)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in _REDIS_SCHEMES:
         from .stores.redis import RedisStore
 
         return RedisStore(
@@ -231,7 +234,8 @@ class Broadcast:
             `"postgresql+asyncpg://user@host/db"` (LISTEN/NOTIFY, with the history
             in the same database by default: PostgreSQL only; a `listen_url=`
             query parameter names a direct connection when the URL is a pooler),
-            or a `LiveBackend` instance.
+            `"redis+sentinel://host:port[,host:port...]/service[/db]"` (Redis
+            with Sentinel, following its failovers), or a `LiveBackend` instance.
         history: Where the replay log lives. By default `memory://` keeps a bounded
             log in memory and `redis://` keeps it in Redis Streams. Give
             `"sqlite+aiosqlite:///events.db"`, `"postgresql+asyncpg://..."` or a
@@ -290,7 +294,7 @@ class Broadcast:
         self._fused = False
         if history is None:
             scheme = urlsplit(url_text).scheme
-            fused = scheme in ("redis", "rediss", "unix")
+            fused = scheme in _REDIS_SCHEMES
             if scheme in _POSTGRES_SCHEMES:
                 from .backends.postgres import history_url
 

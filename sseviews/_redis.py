@@ -10,16 +10,31 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from ._exceptions import BackendError
 
-__all__ = ["REDIS_ERRORS", "describe", "group_key", "open_client", "redis_errors"]
+__all__ = [
+    "REDIS_ERRORS",
+    "REDIS_SCHEMES",
+    "SentinelURL",
+    "check_not_cluster",
+    "close_client",
+    "cluster_node_error",
+    "describe",
+    "group_key",
+    "open_client",
+    "parse_sentinel_url",
+    "redis_errors",
+]
 
 logger = logging.getLogger("sseviews.redis")
 
@@ -40,6 +55,139 @@ def group_key(prefix: str, kind: str, group: str) -> str:
     return f"{prefix}:{kind}:{{{group.translate(_ESCAPE)}}}"
 
 
+_SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+#: Every URL scheme `open_client` accepts.
+REDIS_SCHEMES = (*_URL_SCHEMES, *_SENTINEL_SCHEMES)
+_SENTINEL_EXAMPLE = "'redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster/0'"
+_SENTINEL_PORT = 26379
+# Query parameters of a Sentinel URL: name -> how to read the value.
+_FLOAT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
+_STR_OPTIONS = ("sentinel_username", "sentinel_password", "ssl_ca_certs", "ssl_cert_reqs")
+
+
+@dataclass
+class SentinelURL:
+    """A parsed `redis+sentinel://` URL."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int = 0
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Parse `redis[s]+sentinel://[user:password@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB]`.
+
+    The user and password are the Redis servers'; give the sentinels' as the
+    `sentinel_username` and `sentinel_password` query parameters. A port left out
+    is 26379. Other query parameters: `socket_timeout`, `socket_connect_timeout`
+    (seconds), and with `rediss+sentinel://` `ssl_ca_certs` and `ssl_cert_reqs`.
+
+    Raises:
+        ValueError: The URL is malformed; the message says which part.
+    """
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme not in _SENTINEL_SCHEMES:
+        raise ValueError(f"expected a Sentinel URL such as {_SENTINEL_EXAMPLE}")
+    userinfo, at, _ = rest.split("/", 1)[0].rpartition("@")
+    shown = url.replace(userinfo + at, "***@", 1) if at else url
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{what} in Sentinel URL {shown!r}: expected {_SENTINEL_EXAMPLE}")
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unbalanced [ or ]
+        raise bad(f"a malformed IPv6 address ({exc})") from None
+    hostlist = parts.netloc.rpartition("@")[2]
+
+    sentinels = [_sentinel_address(host, bad) for host in hostlist.split(",")]
+    path = [unquote(segment) for segment in parts.path.split("/")[1:]]
+    if path and path[-1] == "":
+        path.pop()  # a trailing slash
+    if not path or not path[0]:
+        raise bad("no service name")
+    if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise bad("a path other than /SERVICE_NAME or /SERVICE_NAME/DB")
+    if parts.fragment:
+        raise bad("a #fragment")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in _FLOAT_OPTIONS:
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = 0.0
+            if not seconds > 0:
+                raise bad(f"{name}={value!r} (not a number of seconds > 0)")
+            options[name] = seconds
+        elif name in _STR_OPTIONS:
+            options[name] = value
+        else:
+            known = ", ".join((*_FLOAT_OPTIONS, *_STR_OPTIONS))
+            raise bad(f"an unknown query parameter {name!r} (known: {known})")
+    tls = scheme == "rediss+sentinel"
+    if not tls and ("ssl_ca_certs" in options or "ssl_cert_reqs" in options):
+        raise bad("ssl_ca_certs or ssl_cert_reqs without rediss+sentinel://")
+    if options.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
+        raise bad("ssl_cert_reqs other than none, optional or required")
+    db = int(path[1]) if len(path) == 2 else 0
+    return SentinelURL(sentinels, path[0], db, tls, username, password, options)
+
+
+def _sentinel_address(host: str, bad: Any) -> tuple[str, int]:
+    if host.startswith("["):
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise bad(f"a malformed IPv6 address {host!r}")
+        port_text = rest[1:]
+    else:
+        name, _, port_text = host.partition(":")
+    if not name:
+        raise bad("an empty sentinel host")
+    if not port_text:
+        return name, _SENTINEL_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise bad(f"a bad port in {host!r}")
+    return name, int(port_text)
+
+
+def _sentinel_client(url: str) -> redis.asyncio.Redis:
+    parsed = parse_sentinel_url(url)
+    options = dict(parsed.options)
+    sentinel_auth = {
+        "username": options.pop("sentinel_username", None),
+        "password": options.pop("sentinel_password", None),
+    }
+    common: dict[str, Any] = {**options, "protocol": 2}
+    if parsed.tls:
+        common["ssl"] = True
+    sentinel = Sentinel(
+        parsed.sentinels,
+        sentinel_kwargs={**common, **sentinel_auth, "retry": Retry(NoBackoff(), 0)},
+    )
+    # The master's pool asks the sentinels for the master's address on every
+    # new connection, so connections made after a failover reach the new master.
+    client: redis.asyncio.Redis = sentinel.master_for(
+        parsed.service,
+        db=parsed.db,
+        username=parsed.username,
+        password=parsed.password,
+        retry=Retry(NoBackoff(), 0),
+        **common,
+    )
+    return client
+
+
 # Returns (client, owned): a client made from a URL is ours to close.
 def open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio.Redis, bool]:
     if isinstance(url_or_client, redis.asyncio.Redis):
@@ -49,9 +197,13 @@ def open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio
             "expected a redis:// URL or a redis.asyncio.Redis client, "
             f"got {type(url_or_client).__name__}"
         )
+    scheme = url_or_client.partition("://")[0].lower()
+    if scheme in _SENTINEL_SCHEMES:
+        return _sentinel_client(url_or_client), True
     if urlsplit(url_or_client).scheme not in _URL_SCHEMES:
         raise ValueError(
-            f"expected a Redis URL such as 'redis://127.0.0.1:6379/0', got {url_or_client!r}"
+            "expected a Redis URL such as 'redis://127.0.0.1:6379/0' or "
+            f"{_SENTINEL_EXAMPLE}, got {url_or_client!r}"
         )
     # No automatic retries: a retried script could append an event twice, and
     # an unreachable Redis must fail fast with BackendError. RESP2, because with
@@ -62,9 +214,47 @@ def open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio
     return client, True
 
 
+async def close_client(client: redis.asyncio.Redis) -> None:
+    """Close a client made by `open_client`, and its sentinels' clients if it has any."""
+    await client.aclose()
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        await pool.sentinel_manager.aclose()
+
+
+async def check_not_cluster(client: redis.asyncio.Redis, where: str) -> None:
+    """Refuse a Redis Cluster node: a plain client reaches only the keys of its own slots.
+
+    Raises:
+        BackendError: `client` is connected to a node with cluster mode enabled.
+    """
+    try:
+        info = await client.info("cluster")
+    except ResponseError:  # INFO refused (a restricted managed Redis): nothing to tell
+        return
+    if str(info.get("cluster_enabled", "0")) == "1":
+        raise cluster_node_error(where)
+
+
+def cluster_node_error(where: str) -> BackendError:
+    """The error for a plain Redis URL or client that reaches a Redis Cluster node."""
+    return BackendError(
+        f"{where} is a Redis Cluster node: connect to the cluster with a "
+        "redis+cluster://host:port[,host:port...]/ URL (rediss+cluster:// for TLS), "
+        "not redis://"
+    )
+
+
 # Where the client connects, for messages: never the URL, which may hold a password.
 def describe(client: redis.asyncio.Redis) -> str:
-    kwargs = client.connection_pool.connection_kwargs
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        hosts = ",".join(
+            "{host}:{port}".format(**sentinel.connection_pool.connection_kwargs)
+            for sentinel in pool.sentinel_manager.sentinels
+        )
+        return f"Redis Sentinel service {pool.service_name!r} (sentinels {hosts})"
+    kwargs = pool.connection_kwargs
     if "path" in kwargs:
         return f"Redis at {kwargs['path']}"
     return f"Redis at {kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"

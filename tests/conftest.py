@@ -6,6 +6,9 @@ from collections.abc import AsyncIterator
 import pytest
 from redis_helpers import delete_prefix, unique_prefix
 
+# The real Redis topologies (Sentinel, Cluster) and their fixtures.
+pytest_plugins = ["support.redis_topology"]
+
 # The core's tests run on both backends anyio supports: a stream must run the same
 # way on each. Other modules (servers, databases, browsers) run on asyncio.
 BOTH_BACKENDS = {

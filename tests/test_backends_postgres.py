@@ -557,12 +557,13 @@ async def test_postgres_broadcast_behind_pgbouncer_with_listen_url_publishes_and
 
 @pytest.mark.slow
 async def test_postgres_two_processes_resuming_clients_get_every_event_once_in_order(
-    pg_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pg_prefix: str, tmp_path: Path
 ) -> None:
     import test_multiprocess as mp
 
-    monkeypatch.setattr(mp, "REDIS_URL", PG_URL)
-    a, b = await anyio.to_thread.run_sync(mp._start_servers, tmp_path, pg_prefix, ("A", "B"))
+    a, b = await anyio.to_thread.run_sync(
+        mp._start_servers, tmp_path, pg_prefix, ("A", "B"), PG_URL
+    )
     try:
         room = "pg"
         total = 120

@@ -79,11 +79,11 @@ class Server:
             self.proc.wait(timeout=TIMEOUT)
 
 
-def _spawn(name: str, tmp: Path, prefix: str) -> Server:
+def _spawn(name: str, tmp: Path, prefix: str, url: str = REDIS_URL) -> Server:
     port = free_port()
     log_path = tmp / f"uvicorn-{name}-{port}.log"
     env = dict(os.environ)
-    env["SSEVIEWS_TEST_REDIS_URL"] = REDIS_URL
+    env["SSEVIEWS_TEST_REDIS_URL"] = url
     env["SSEVIEWS_TEST_REDIS_PREFIX"] = prefix
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
@@ -115,13 +115,16 @@ def _is_ready(server: Server) -> bool:
     return data.startswith(b"HTTP/1.1 200 ")
 
 
-def _start_servers(tmp: Path, prefix: str, names: tuple[str, ...]) -> list[Server]:
-    """Start one uvicorn per name, all at once; wait (bounded) until each is ready."""
+def _start_servers(
+    tmp: Path, prefix: str, names: tuple[str, ...], url: str = REDIS_URL
+) -> list[Server]:
+    """Start one uvicorn per name, all at once, on the Redis at `url`; wait (bounded)
+    until each is ready."""
     servers: list[Server] = []
     try:
         pending = {name: 3 for name in names}  # attempts left, for a port taken meanwhile
         ready: dict[str, Server] = {}
-        starting = {name: _spawn(name, tmp, prefix) for name in names}
+        starting = {name: _spawn(name, tmp, prefix, url) for name in names}
         servers.extend(starting.values())
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while starting:
@@ -136,7 +139,7 @@ def _start_servers(tmp: Path, prefix: str, names: tuple[str, ...]) -> list[Serve
                     log = server.log()
                     if "address already in use" not in log.lower() or not pending[name]:
                         raise AssertionError(f"uvicorn {name} exited at startup:\n{log}")
-                    starting[name] = _spawn(name, tmp, prefix)
+                    starting[name] = _spawn(name, tmp, prefix, url)
                     servers.append(starting[name])
             time.sleep(0.05)
         return [ready[name] for name in names]

@@ -76,7 +76,12 @@ async def test_redis_store_head_of_a_new_group_makes_its_epoch_with_the_idle_exp
         assert await store.head("new") == head
         async with redis_client() as client:
             meta = group_key(prefix, "m", "new")
-            assert await client.hgetall(meta) == {b"epoch": head.epoch.encode(), b"last": b"0"}
+            replid = (await client.info("replication"))["master_replid"].encode()
+            assert await client.hgetall(meta) == {
+                b"epoch": head.epoch.encode(),
+                b"last": b"0",
+                b"srv": replid,  # the replication id of the master that wrote it
+            }
             assert 0 < await client.pttl(meta) <= 60_000
         assert await store.append("new", data("x"), no_deliver) == Position(head.epoch, 1)
         await store.disconnect()
@@ -238,7 +243,12 @@ async def test_redis_store_keys_of_the_previous_format_are_replaced_by_a_new_epo
         assert await store.append("a", data("new"), no_deliver) == Position(head.epoch, 1)
         assert await read(store, "a", 0) == [(1, id_line(head.epoch, 1) + data("new"))]
     async with redis_client() as client:
-        assert await client.hgetall(meta) == {b"epoch": head.epoch.encode(), b"last": b"1"}
+        replid = (await client.info("replication"))["master_replid"].encode()
+        assert await client.hgetall(meta) == {
+            b"epoch": head.epoch.encode(),
+            b"last": b"1",
+            b"srv": replid,
+        }
         # The store-wide keys are not read, and not touched.
         assert await client.get(f"{prefix}:seq") == b"42"
 
@@ -314,7 +324,8 @@ async def test_redis_store_age_retention_expires_old_events(
             assert await client.exists(group_key(prefix, "m", "a")) == 0
             assert await client.xlen(group_key(prefix, "g", "b")) == 1
             meta = await client.hgetall(group_key(prefix, "m", "b"))
-            assert meta == {b"epoch": new_b.epoch.encode(), b"last": b"1"}
+            replid = (await client.info("replication"))["master_replid"].encode()
+            assert meta == {b"epoch": new_b.epoch.encode(), b"last": b"1", b"srv": replid}
         assert new_b == Position(new_b.epoch, 1)
         assert new_b.epoch != old_b.epoch
         assert await store.read("a", Position(old_a.epoch, 0)) is None
@@ -413,7 +424,11 @@ async def test_redis_store_runs_on_a_cluster_node_where_scripts_touch_one_slot(
     tmp_path: Path,
 ) -> None:
     """On a node with `--cluster-enabled yes`, a script whose keys span two hash slots
-    is refused: every script of the store touches one group's slot only."""
+    is refused: every script of the store touches one group's slot only.
+
+    `connect()` refuses a plain `redis://` URL on a cluster node (a plain client
+    reaches only that node's slots), so the scripts run here without it: this
+    node holds every slot."""
     port = free_port()
     server = RedisServer(
         port,
@@ -436,9 +451,11 @@ async def test_redis_store_runs_on_a_cluster_node_where_scripts_touch_one_slot(
             # The check itself: two keys of two slots in one script are refused.
             with pytest.raises(redis.exceptions.ResponseError, match="same slot"):
                 await client.eval("return 1", 2, "{a}x", "{b}x")
+        refused = RedisStore(server.url, prefix="c")
+        with anyio.fail_after(10), pytest.raises(BackendError, match=r"redis\+cluster://"):
+            await refused.connect()
         store = RedisStore(server.url, prefix="c", retention=2, max_age=60, publish=True)
         with anyio.fail_after(10):
-            await store.connect()
             positions = [await store.append(group, data(group), no_deliver) for group in "abcab"]
             assert [p.seq for p in positions] == [1, 1, 1, 2, 2]
             head = await store.head("a")

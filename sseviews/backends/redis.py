@@ -45,9 +45,18 @@ import redis.asyncio
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from .._exceptions import BackendError
-from .._redis import REDIS_ERRORS, describe, group_key, open_client, redis_errors
+from .._redis import (
+    REDIS_ERRORS,
+    close_client,
+    cluster_node_error,
+    describe,
+    group_key,
+    open_client,
+    redis_errors,
+)
 from .base import Dispatch, LiveBackend, OnFailure
 
 __all__ = ["RedisBackend"]
@@ -86,7 +95,9 @@ class RedisBackend(LiveBackend):
     """Carries events between processes with Redis pub/sub, one channel per group.
 
     Args:
-        url_or_client: A `redis://host:port/db` URL, or a ready
+        url_or_client: A `redis://host:port/db` URL, a
+            `redis+sentinel://host:port[,host:port...]/service[/db]` URL (the
+            backend follows the master through failovers), or a ready
             `redis.asyncio.Redis` client (which the backend does not close).
         prefix: Prefix of the pub/sub channels; use the prefix of the `RedisStore`.
         presence_timeout: Bound, in seconds, on how long the members of a process
@@ -165,18 +176,19 @@ class RedisBackend(LiveBackend):
         the groups subscribed to.
 
         Raises:
-            BackendError: Redis cannot be reached.
+            BackendError: Redis cannot be reached, or is a Redis Cluster node.
             RuntimeError: The backend is already connected.
         """
         if self._task is not None:
             raise RuntimeError("this RedisBackend is already connected")
         try:
             with redis_errors(f"subscribing to {self._where}"):
+                await self._check_not_cluster()
                 conn = await self._open()
         except BaseException:
             if self._owned:
                 with anyio.move_on_after(1, shield=True):
-                    await self._client.aclose()
+                    await close_client(self._client)
             raise
         self._wake = asyncio.Event()
         link = self._link = _Link(conn)
@@ -215,7 +227,7 @@ class RedisBackend(LiveBackend):
             if link is not None:
                 await link.conn.disconnect(nowait=True)
             if self._owned:
-                await self._client.aclose()
+                await close_client(self._client)
 
     async def deliver(self, group: str, seq: int, wire: bytes) -> None:
         """Publish one stored event to the processes that serve `group`.
@@ -325,6 +337,22 @@ class RedisBackend(LiveBackend):
             kwargs["socket_keepalive"] = True
         conn: AbstractConnection = pool.connection_class(**kwargs)
         return conn
+
+    # A plain client on a Redis Cluster node reaches only that node's slots. Asked
+    # on a connection of its own, so connect() leaves the client's pool untouched.
+    async def _check_not_cluster(self) -> None:
+        conn = self._new_connection()
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+            await conn.send_command("INFO", "cluster", check_health=False)
+            reply = await conn.read_response()
+        except ResponseError:  # INFO refused (a restricted managed Redis): nothing to tell
+            return
+        finally:
+            with anyio.CancelScope(shield=True):
+                await conn.disconnect(nowait=True)
+        if isinstance(reply, bytes) and b"cluster_enabled:1" in reply:
+            raise cluster_node_error(self._where)
 
     async def _open(self) -> AbstractConnection:
         conn = self._new_connection()

@@ -5,7 +5,10 @@ Keys, all under a configurable prefix (default `"sseviews"`), two per group:
 - `{prefix}:m:{<group>}`: a hash: `epoch` (the group's epoch, made when the group
   is first used), `last` (the group's last seq: its events are numbered 1, 2, 3...)
   and `trim` (the highest seq trimmed from it), so a cursor older than the retained
-  history, or a stream that was evicted, is detected.
+  history, or a stream that was evicted, is detected; and `srv`, the replication id
+  of the Redis master that last ran a script for the group: on a replica promoted
+  by a failover it is the new master's previous id, which starts a new epoch for
+  the group (its newest events may not have been replicated).
 - `{prefix}:g:{<group>}`: the group's stream; entry id `{seq}-0`, fields `w` (the
   wire bytes, `id:` line included) and `t` (Redis time in ms, for age retention).
 
@@ -40,7 +43,7 @@ import anyio
 import redis.asyncio
 
 from .._exceptions import BackendError
-from .._redis import describe, group_key, open_client, redis_errors
+from .._redis import check_not_cluster, close_client, describe, group_key, open_client, redis_errors
 from .base import Deliver, HistoryStore, Page, Position, SeenPositions, check_idle_expiry, new_epoch
 
 __all__ = ["RedisStore", "group_key"]
@@ -53,25 +56,55 @@ _EPOCH = re.compile(rb"[0-9a-f]{8}")
 # Every script starts with this. KEYS[1..2]: the group's hash and stream.
 # ARGV[1..4]: the group's epoch this process knows ('' for none), the highest seq it
 # issued or saw in it, an epoch to start if needed, the group's time to live in ms
-# (0: none). It starts a new epoch when the group has none (new, expired, evicted
-# or lost) or when its last seq is below one this process saw (a restored snapshot
-# or a failover): otherwise ids would be issued again. `renewed` is 1 in the
-# second case, 2 when the group was known to this process but its keys are gone.
+# (0: none). It starts a new epoch for the group when the group has none (new,
+# expired, evicted or lost), when its last seq is below one this process saw (a
+# restored snapshot), or when this server is a replica promoted since the group's
+# last script ran on its master (a failover): the hash's `srv` field keeps the
+# replication id of the master that last ran a script for the group, and a
+# promoted replica has a new id, with that one as its previous id (replid2). A
+# group last written on a master before that one (several failovers, the group
+# untouched in between) has neither id: on a promoted server it starts a new epoch
+# too. Asynchronous replication may have lost the master's newest events of the
+# group, which other processes or browsers saw, and no process can tell which, so
+# their ids must never be issued again with other data. A master restarted from its
+# AOF gets a new replication id but no previous one (it was not promoted), so its
+# groups keep their epochs. `renewed` is 1 when
+# the group had an epoch, 2 when it was known to this process but its keys are gone.
+# `renew()` also serves the scripts that follow.
 _PRELUDE = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local head = tonumber(redis.call('HGET', KEYS[1], 'last') or '0')
+local owner = redis.call('HGET', KEYS[1], 'srv')
+local info = redis.pcall('INFO', 'replication')
+local server, previous = nil, nil
+if type(info) == 'string' then
+  server = string.match(info, 'master_replid:(%x+)')
+  previous = string.match(info, 'master_replid2:(%x+)')
+end
 local renewed = 0
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local ttl = tonumber(ARGV[4])
-if not epoch or (epoch == ARGV[1] and head < tonumber(ARGV[2])) then
-  if epoch then renewed = 1 elseif ARGV[1] ~= '' then renewed = 2 end
+local function renew()
   -- What is left of the old epoch can never be resumed.
   redis.call('DEL', KEYS[1], KEYS[2])
   epoch = ARGV[3]
   head = 0
+  owner = nil
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'last', '0')
   if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+end
+-- A promoted replica keeps the replication id of its master as its previous one;
+-- a server that was never promoted since its start has none (all zeros).
+local promoted = previous and not string.match(previous, '^0+$')
+if not epoch or (epoch == ARGV[1] and head < tonumber(ARGV[2]))
+    or (server and owner and owner ~= server and (owner == previous or promoted)) then
+  if epoch then renewed = 1 elseif ARGV[1] ~= '' then renewed = 2 end
+  renew()
+end
+if server and owner ~= server then
+  redis.call('HSET', KEYS[1], 'srv', server)
+  owner = server
 end
 """
 
@@ -85,10 +118,9 @@ _APPEND = (
 local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if #newest > 0 and tonumber(string.match(newest[1][1], '^%d+')) > head then
   -- The stream is ahead of its counter (its hash went back alone): a new epoch.
-  redis.call('DEL', KEYS[1], KEYS[2])
-  epoch = ARGV[3]
   renewed = 1
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'last', '0')
+  renew()
+  if server then redis.call('HSET', KEYS[1], 'srv', server) end
 end
 local seq = string.format('%d', redis.call('HINCRBY', KEYS[1], 'last', 1))
 local wire = 'id: ' .. epoch .. '-' .. seq .. '\\n' .. ARGV[5]
@@ -209,7 +241,9 @@ class RedisStore(HistoryStore):
     long a call waits for an unresponsive server.
 
     Args:
-        url_or_client: A `redis://host:port/db` URL, or a ready
+        url_or_client: A `redis://host:port/db` URL, a
+            `redis+sentinel://host:port[,host:port...]/service[/db]` URL (the
+            store follows the master through failovers), or a ready
             `redis.asyncio.Redis` client (which the store does not close). The
             client must not use `decode_responses=True`.
         prefix: Prefix of every key, so several apps (or tests) share one Redis.
@@ -303,8 +337,9 @@ class RedisStore(HistoryStore):
         renewed = int(renewed)
         if renewed == 1:
             logger.warning(
-                "%s (prefix %r): the history of group %r went back (a restored snapshot or "
-                "a failover); started a new epoch %s for it so that no event id is issued twice",
+                "%s (prefix %r): the history of group %r went back or may have (a restored "
+                "snapshot, or a failover to a promoted replica); started a new epoch %s for it "
+                "so that no event id is issued twice",
                 self._where,
                 self.prefix,
                 group,
@@ -332,16 +367,17 @@ class RedisStore(HistoryStore):
         Logs a WARNING when the policy lets Redis evict this store's keys.
 
         Raises:
-            BackendError: Redis cannot be reached.
+            BackendError: Redis cannot be reached, or is a Redis Cluster node.
         """
         try:
             with redis_errors(f"connecting to {self._where}"):
                 await self._client.ping()
+                await check_not_cluster(self._client, self._where)
             await self._check_eviction()
         except BaseException:
             if self._owned:
                 with anyio.move_on_after(1, shield=True):
-                    await self._client.aclose()
+                    await close_client(self._client)
             raise
 
     async def _check_eviction(self) -> None:
@@ -371,7 +407,7 @@ class RedisStore(HistoryStore):
         """Close the client if the store created it from a URL."""
         if self._owned:
             with anyio.move_on_after(1, shield=True):
-                await self._client.aclose()
+                await close_client(self._client)
 
     async def append(self, group: str, wire: bytes, deliver: Deliver) -> Position:
         """Store one event in Redis, trim its group, and return its position.

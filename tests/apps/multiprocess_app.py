@@ -12,7 +12,8 @@ Routes:
   the view streams its group, with `Last-Event-ID` replay); `GET /rooms/x+y`
   streams the groups `room:x` and `room:y`;
 - `POST /rooms/{room}` publishes the JSON body to that group and answers
-  `{"id": ...}` with the id the broadcast assigned;
+  `{"id": ...}` with the id the broadcast assigned, or 503 `{"error": ...}` when
+  Redis cannot take it (a failover in progress);
 - `GET /health` answers `{"pid": ...}` once the lifespan has
   connected the broadcast.
 """
@@ -28,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from sseviews import Broadcast, EventStreamView
+from sseviews import BackendError, Broadcast, EventStreamView
 
 URL_ENV = "SSEVIEWS_TEST_REDIS_URL"
 PREFIX_ENV = "SSEVIEWS_TEST_REDIS_PREFIX"
@@ -56,7 +57,10 @@ class RoomView(EventStreamView):
 
 async def publish(request: Request) -> JSONResponse:
     data = await request.json()
-    event_id = await broadcast.publish(room_group(request.path_params["room"]), data)
+    try:
+        event_id = await broadcast.publish(room_group(request.path_params["room"]), data)
+    except BackendError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=503)
     return JSONResponse({"id": event_id})
 
 
