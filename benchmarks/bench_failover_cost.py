@@ -4,7 +4,8 @@ Two figures, side by side in one run:
 
 A. Redis server time per append script (``INFO commandstats``, ``usec_per_call``
    of ``evalsha``), with the server check of this release (the script reads the
-   server's run id with ``INFO server`` so that a failover starts a new epoch) and
+   server's replication ids with ``INFO replication`` and compares them with the
+   one kept in the group's hash, so that a failover starts a new epoch) and
    without it (the same script with those lines taken out). Measured on a
    ``redis-server`` of its own on a spare loopback port, so nothing else runs there.
 B. Round-trip time of one ``RedisStore.append`` from Python (median of

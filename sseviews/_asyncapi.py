@@ -29,11 +29,10 @@ _RESUME = (
 _RESET_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "reason": {"type": "string", "enum": ["expired", "unknown_epoch"]},
-        "epoch": {"type": "string"},
+        "reason": {"type": "string", "enum": ["expired", "unknown_epoch", "ahead"]},
         "head": {"type": "string"},
     },
-    "required": ["reason", "epoch", "head"],
+    "required": ["reason", "head"],
 }
 
 

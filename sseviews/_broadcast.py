@@ -1,9 +1,9 @@
 """`Broadcast`: groups, event ids, replay, and fan-out to this process's subscribers.
 
-A broadcast pairs a live backend (memory or Redis), which carries each published
-event to every process that serves its group, with a history store (memory,
-Redis or SQL), which assigns ids from one monotonic cursor and keeps recent
-events per group.
+A broadcast pairs a live backend (memory, Redis or PostgreSQL), which carries each
+published event to every process that serves its group, with a history store
+(memory, Redis or SQL), which assigns ids per group (the group's epoch and its
+next seq) and keeps recent events per group.
 
 Each process keeps a hub: group name -> the subscriptions of that group in this
 process (one per open stream that joined it). A publish received by this process
@@ -15,12 +15,17 @@ A process receives only the events of the groups in its hub: the live backend
 subscribes to a group when a subscription first uses it (`LiveBackend.subscribe`)
 and lets it go when the last one leaves (`LiveBackend.unsubscribe`).
 
-Resuming is gap-free: a sink is registered (live events are held back), and the
-backend has confirmed that its groups' live events reach this process, before
-the head is read; the replay covers the history from its cursor up to that head,
-and the live events above the head wait until the replay is sent. The replay is
-read a page at a time, as the stream's writer sends it, so a resume holds one
-page of history at most.
+Resuming is gap-free, per group: a sink is registered (live events are held back),
+and the backend has confirmed that its groups' live events reach this process,
+before the groups' heads are read; the replay covers each group's history from
+its position up to its head, group after group, and the live events above the
+heads wait until the replay is sent. The replay is read a page at a time, as the
+stream's writer sends it, so a resume holds one page of history at most.
+
+A stream of one group sends the ids the store gave, in the shared wire bytes. A
+stream of several groups sends composite ids, every group's position in the
+order of the group names (`<e1>-<s1>.<e2>-<s2>...`): its subscription rewrites
+each event's `id:` line.
 """
 
 from __future__ import annotations
@@ -48,7 +53,16 @@ from ._exceptions import (
 from ._presence import DEFAULT_PRESENCE_LIMIT, PresenceEntry, entry_from_json
 from ._wait import Waiter
 from .backends.base import EPHEMERAL_SEQ, LiveBackend
-from .stores.base import HistoryStore, Page, check_idle_expiry, format_id, parse_id
+from .stores.base import (
+    MAX_CURSOR_GROUPS,
+    HistoryStore,
+    Page,
+    Position,
+    check_idle_expiry,
+    format_cursor,
+    format_id,
+    parse_cursor,
+)
 
 __all__ = [
     "RESET_EVENT",
@@ -92,30 +106,37 @@ def check_group(group: object) -> str:
     return group
 
 
-class Attachment:
-    """What a sink must send first after subscribing: a replay or a reset event.
+class _Lane:
+    """One group of a subscription: its position in the stream, and its replay."""
 
-    `backlog` is the replay's first page; it read the history up to `cursor`, and
-    the rest of the replay, up to `upto`, is read page by page (`Subscription.fill`).
-    """
+    __slots__ = ("cursor", "epoch", "floor", "group", "seq", "upto")
 
-    __slots__ = ("backlog", "cursor", "epoch", "floor", "reset", "upto")
-
-    def __init__(
-        self,
-        backlog: list[bytes],
-        floor: int,
-        reset: Event | None,
-        cursor: int = 0,
-        upto: int = 0,
-        epoch: str = "",
-    ) -> None:
-        self.backlog = backlog
-        self.floor = floor
-        self.reset = reset
-        self.cursor = cursor
-        self.upto = upto
+    def __init__(self, group: str, epoch: bytes, seq: int) -> None:
+        self.group = group
+        #: The group's epoch, as in the `id:` lines (b"" until known).
         self.epoch = epoch
+        #: The seq of the group's last event queued to the stream (its position).
+        self.seq = seq
+        #: A live event of `epoch` at or below it is a duplicate.
+        self.floor = seq
+        #: The replay has read up to `cursor` and goes on to `upto` (the head).
+        self.cursor = seq
+        self.upto = seq
+
+    def move_to(self, head: Position) -> None:
+        self.epoch = head.epoch.encode()
+        self.seq = self.floor = self.cursor = self.upto = head.seq
+
+
+class Attachment:
+    """What a sink starts from: its groups' lanes (sorted by name), and the reset
+    event it must send first, if its cursor cannot be resumed."""
+
+    __slots__ = ("lanes", "reset")
+
+    def __init__(self, lanes: list[_Lane], reset: Event | None = None) -> None:
+        self.lanes = lanes
+        self.reset = reset
 
 
 #: The URL schemes that select PostgreSQL as the live layer (and, by default, history).
@@ -304,6 +325,7 @@ class Broadcast:
                 f"history must be a URL str, a HistoryStore or None, got {type(history).__name__}"
             )
         self._hub: dict[str, set[Subscription]] = {}
+        self._epochs: dict[bytes, bytes] = {}  # each epoch seen live, as one object
         self._connected = False
         # Presence connection ids: this broadcast's random name, then a counter.
         self._member_ids = map(f"{secrets.token_hex(6)}-{{}}".format, itertools.count(1))
@@ -362,11 +384,6 @@ class Broadcast:
         await self.disconnect()
 
     @property
-    def epoch(self) -> str:
-        """The history's epoch, the first part of every id; it changes when history resets."""
-        return self.store.epoch
-
-    @property
     def subscriber_count(self) -> int:
         """Open subscriptions (streams included) in this process, counted per group."""
         return sum(len(sinks) for sinks in self._hub.values())
@@ -403,10 +420,27 @@ class Broadcast:
             if not self._fused:
                 await live.deliver(group, seq, wire)
 
-        seq = await self.store.append(group, event._wire, deliver)
+        position = await self.store.append(group, event._wire, deliver)
         # Let the writers run between publishes: a burst must not starve them.
         await anyio.lowlevel.checkpoint()
-        return format_id(self.store.epoch, seq)
+        return format_id(*position)
+
+    async def last_id(self, *groups: str) -> str:
+        """Return the id of the latest event of `groups`: for one group its last
+        event's id (`<epoch>-0` before its first event), for several the composite id
+        of their positions. A stream resuming from it replays nothing.
+
+        Raises:
+            ValueError: No group, or an invalid group name.
+            BroadcastNotConnected: The broadcast is not connected.
+            BackendError: The history store cannot be reached.
+        """
+        if not groups:
+            raise ValueError("last_id() needs at least one group")
+        for group in groups:
+            check_group(group)
+        self._check_connected()
+        return format_cursor(await self._heads(sorted(dict.fromkeys(groups))))
 
     async def publish_ephemeral(self, group: str, event: Any) -> None:
         """Send an event (or data) to the streams of `group` now, without storing it.
@@ -473,7 +507,17 @@ class Broadcast:
     def _dispatch(self, group: str, seq: int, wire: bytes) -> None:
         sinks = self._hub.get(group)
         if sinks:
-            delivery = Delivery(seq, wire)
+            epoch = b""
+            if seq != EPHEMERAL_SEQ:
+                # One object per epoch, so subscriptions compare epochs by identity.
+                raw = wire[4:12]
+                epochs = self._epochs
+                epoch = epochs.get(raw, raw)
+                if epoch is raw:
+                    if len(epochs) >= 4096:
+                        epochs.clear()
+                    epochs[raw] = raw
+            delivery = Delivery(group, seq, wire, epoch)
             for sink in sinks:
                 sink.offer(delivery)
 
@@ -510,61 +554,71 @@ class Broadcast:
             # No stream of this process is in these groups any more.
             self.live.unsubscribe(unused)
 
+    async def _heads(self, groups: Sequence[str]) -> list[Position]:
+        """Read the heads of `groups`, in order (making the epoch of a new group)."""
+        return await self.store.heads(groups)
+
     async def _attach(
         self, sink: Subscription, groups: Sequence[str], last_event_id: str | None
     ) -> Attachment:
-        """Register `sink` for `groups` and work out what it must be sent first.
+        """Register `sink` for `groups` (sorted by name) and work out where it starts.
 
         The sink must hold back the live events it is offered until it has sent
-        the attachment's backlog, and drop those with seq <= `floor`.
+        its replay (or the reset event), and drop those its lanes cover.
 
         Raises:
             InvalidLastEventId: A malformed id.
             BackendError: The backend is down.
         """
         self._check_connected()
-        groups = list(dict.fromkeys(groups))
         if not self.live.healthy:
             raise BackendError("the broadcast backend is reconnecting")
-        cursor: tuple[str, int] | None = None
-        if last_event_id is not None:
-            cursor = parse_id(last_event_id)
+        cursor = parse_cursor(last_event_id) if last_event_id is not None else None
         self._register(sink, groups)
         try:
-            # The live events of the groups reach this process before their history
-            # is read: the replay and the live events meet without a gap. Returns
+            # The live events of the groups reach this process before their heads
+            # are read: the replay and the live events meet without a gap. Returns
             # at once for groups that other streams of this process use already.
             await self.live.subscribe(groups)
+            if cursor is None and len(groups) == 1:
+                # Live only: the ids are the store's, nothing to read.
+                return Attachment([_Lane(groups[0], b"", 0)])
+            heads = await self._heads(groups)
+            lanes = [
+                _Lane(group, head.epoch.encode(), head.seq)
+                for group, head in zip(groups, heads, strict=True)
+            ]
             if cursor is None:
-                return Attachment([], 0, None)
-            epoch, after = cursor
-            store = self.store
-            # head() first: a store that lost its history (a Redis restart without
-            # persistence) learns its new epoch there.
-            head = await store.head()
-            if epoch != store.epoch:
-                return Attachment([], head, self._reset_event("unknown_epoch", head))
-            if after > head:
-                # An id of this epoch that was never issued here: the history lost
-                # events (a restored snapshot, a failover). A 400 would stop
-                # EventSource for good; the reset lets it reload and go on.
-                return Attachment([], head, self._reset_event("ahead", head))
-            # The replay covers (after, head]; live events above head wait for it.
-            page = await self._read_page(sink, groups, after, head)
-            if page is None:
-                reason = "expired" if store.epoch == epoch else "unknown_epoch"
-                head = await store.head()
-                return Attachment([], head, self._reset_event(reason, head))
-            backlog = [wire for _, wire in page.events]
-            return Attachment(backlog, head, None, page.end, head, epoch)
+                return Attachment(lanes)
+            reason = None
+            if len(cursor) != len(groups):
+                # Not an id of a stream of these groups (or of the previous format).
+                reason = "unknown_epoch"
+            else:
+                for lane, head, position in zip(lanes, heads, cursor, strict=True):
+                    if position.epoch != head.epoch:
+                        reason = "unknown_epoch"
+                        break
+                    if position.seq > head.seq:
+                        # An id of this epoch that was never issued here: the history
+                        # lost events (a restored snapshot, a failover). A 400 would
+                        # stop EventSource for good; the reset lets it reload and go on.
+                        reason = "ahead"
+                        break
+                    lane.seq = lane.cursor = position.seq
+            if reason is not None:
+                for lane, head in zip(lanes, heads, strict=True):
+                    lane.move_to(head)
+                return Attachment(lanes, self._reset_event(reason, heads))
+            return Attachment(lanes)
         except BaseException:
             self._unregister(sink, groups)
             raise
 
     async def _read_page(
-        self, borrower: object, groups: Sequence[str], after: int, upto: int
+        self, borrower: object, group: str, after: Position, upto: int
     ) -> Page | None:
-        """Read one page of a replay, in a slot of this broadcast's replay limiter.
+        """Read one page of a group's replay, in a slot of this broadcast's replay limiter.
 
         Raises:
             BackendError: The store cannot be reached.
@@ -575,18 +629,13 @@ class Broadcast:
             raise BroadcastNotConnected("the broadcast is not connected")
         await limiter.acquire_on_behalf_of(borrower)
         try:
-            return await self.store.read_page(groups, after, upto, self.replay_page_bytes)
+            return await self.store.read_page(group, after, upto, self.replay_page_bytes)
         finally:
             limiter.release_on_behalf_of(borrower)
 
-    def _reset_event(self, reason: str, head: int) -> Event:
-        epoch = self.store.epoch
-        head_id = format_id(epoch, head)
-        return Event(
-            {"reason": reason, "epoch": epoch, "head": head_id},
-            event=RESET_EVENT,
-            id=head_id,
-        )
+    def _reset_event(self, reason: str, heads: Sequence[Position]) -> Event:
+        head_id = format_cursor(heads)
+        return Event({"reason": reason, "head": head_id}, event=RESET_EVENT, id=head_id)
 
     # -- subscribing ---------------------------------------------------------------
 
@@ -610,6 +659,7 @@ class Broadcast:
         Raises:
             InvalidLastEventId: `last_event_id` is not in the id format of this
                 broadcast.
+            ValueError: No group, more than 256, or an invalid group name.
             BackendError: The backend is down.
         """
         if not groups:
@@ -628,15 +678,21 @@ class Broadcast:
 class Delivery:
     """One published event as this process received it, shared by all its subscribers.
 
-    The wire bytes go to every stream as they are; the `Event` is parsed from them
-    at most once per publish, by the first subscription iterated for it.
+    The wire bytes go to every stream of one group as they are; the `Event` is
+    parsed from them at most once per publish, by the first subscription iterated
+    for it.
     """
 
-    __slots__ = ("_event", "seq", "wire")
+    __slots__ = ("_event", "epoch", "group", "seq", "wire")
 
-    def __init__(self, seq: int, wire: bytes) -> None:
+    def __init__(self, group: str, seq: int, wire: bytes, epoch: bytes | None = None) -> None:
+        self.group = group
         self.seq = seq
         self.wire = wire
+        # The epoch in the wire's `id: <epoch>-<seq>` line (none for an ephemeral event).
+        if epoch is None:
+            epoch = wire[4:12] if seq != EPHEMERAL_SEQ else b""
+        self.epoch = epoch
         self._event: Event | None = None
 
     def event(self) -> Event:
@@ -650,9 +706,11 @@ class Subscription:
     """The events of some groups: the replay first, then live. Iterate with `async for`.
 
     It is the one subscriber of the broadcast layer: it holds back live events
-    while the replay is read, drops the duplicates the replay already covered,
-    and bounds what may wait to be sent. A view that streams its groups sends
-    straight from it; a view that iterates `self.subscription` reads events from it.
+    while the replay is read, drops the duplicates the replay already covered (per
+    group), and bounds what may wait to be sent. A view that streams its groups
+    sends straight from it; a view that iterates `self.subscription` reads events
+    from it. With several groups it rewrites each event's id into the stream's
+    composite id.
 
     The replay is held one page at a time: once a page is taken, `pending_history`
     is true and `fill()` reads the next one, in the reader's own task.
@@ -665,15 +723,17 @@ class Subscription:
     __slots__ = (
         "_backlog",
         "_broadcast",
+        "_by_group",
         "_bytes",
-        "_cursor",
         "_epoch",
         "_error",
         "_floor",
         "_groups",
+        "_lane",
+        "_lanes",
         "_live",
+        "_replay",
         "_started",
-        "_upto",
         "_waiter",
         "max_bytes",
         "max_events",
@@ -691,13 +751,17 @@ class Subscription:
         self._backlog: list[bytes] = _EMPTY
         self._live: list[Delivery] = []
         self._bytes = 0  # bytes of live events waiting
-        self._floor = 0  # highest seq taken; an offer at or below it is a duplicate
         self._started = False  # False while the replay is read: live events are held
-        # While the replay is paged: it has been read up to _cursor, and goes on to
-        # _upto (the head when it attached); live events above _upto are held.
-        self._cursor = 0
-        self._upto = 0
-        self._epoch = ""  # the epoch of the cursor being replayed
+        # The groups' lanes, sorted by name; `_lane` is the one of a one-group
+        # subscription, `_by_group` maps the groups of a several-group one. Until
+        # they are set (the subscription is attaching), every offer is held.
+        self._lanes: list[_Lane] = []
+        self._lane: _Lane | None = None
+        self._by_group: dict[str, _Lane] | None = None
+        self._replay: list[_Lane] = _NO_LANES  # the lanes whose replay is still to read
+        # Live, one group: the epoch object of its last event, and its seq.
+        self._epoch: bytes | None = None
+        self._floor = 0
         self._error: BaseException | None = None
         self._waiter: Waiter | None = None
         self._broadcast: Broadcast | None = None
@@ -714,24 +778,24 @@ class Subscription:
 
     def offer(self, delivery: Delivery) -> None:
         """Take one live event: keep a reference to its bytes and wake the reader."""
+        if self._error is not None:
+            return
         seq = delivery.seq
         # An ephemeral event (seq 0: join/leave) has no id and is never a duplicate.
-        if self._error is not None or (seq <= self._floor and seq != EPHEMERAL_SEQ):
-            return
-        if self._started and seq != EPHEMERAL_SEQ:
-            self._floor = seq
+        if seq != EPHEMERAL_SEQ:
+            if delivery.epoch is self._epoch:
+                # One group, live, in the epoch of its last event (the broadcast hands
+                # every subscription the same epoch object): the hot path.
+                if seq <= self._floor:
+                    return
+                self._floor = seq
+            elif not self._offer_other(delivery):
+                return
         live = self._live
         live.append(delivery)
         size = self._bytes = self._bytes + len(delivery.wire)
         if len(live) > self.max_events or size > self.max_bytes:
-            self._live = []
-            self._bytes = 0
-            self.fail(
-                SlowConsumer(
-                    f"slow consumer: a subscriber fell more than {self.max_events} events or "
-                    f"{self.max_bytes} bytes behind (it resumes from its Last-Event-ID)"
-                )
-            )
+            self._overflow()
             return
         if self._started:
             on_ready = self.on_ready
@@ -741,6 +805,62 @@ class Subscription:
                 waiter = self._waiter
                 if waiter is not None:
                     waiter.wake()
+
+    def _offer_other(self, delivery: Delivery) -> bool:
+        """The rest of `offer` for a stored event: True to queue it as it is."""
+        lane = self._lane
+        if lane is None:
+            if self._by_group is not None:
+                self._offer_composite(delivery)
+                return False
+            return True  # attaching: held until the lanes are known
+        epoch, seq = delivery.epoch, delivery.seq
+        if not self._started:
+            return epoch != lane.epoch or seq > lane.floor
+        if epoch == lane.epoch:
+            if seq <= self._floor:
+                self._epoch = epoch
+                return False
+        else:
+            # The group started a new epoch (its history was lost): go on in it.
+            lane.epoch = epoch
+        self._epoch = epoch
+        self._floor = seq
+        return True
+
+    def _offer_composite(self, delivery: Delivery) -> None:
+        """`offer` for a subscription of several groups: the event gets the stream's id."""
+        by_group = self._by_group
+        lane = by_group.get(delivery.group) if by_group is not None else None
+        if lane is None:
+            return
+        if delivery.epoch == lane.epoch and delivery.seq <= lane.floor:
+            return
+        if self._started:
+            lane.epoch = delivery.epoch
+            lane.seq = lane.floor = delivery.seq
+            delivery = self._composite(delivery.group, delivery.seq, delivery.wire)
+        self._live.append(delivery)
+        self._bytes += len(delivery.wire)
+        if len(self._live) > self.max_events or self._bytes > self.max_bytes:
+            self._overflow()
+        elif self._started:
+            self._ready()
+
+    def _composite(self, group: str, seq: int, wire: bytes) -> Delivery:
+        """A copy of a stored event (at its lane's position) with the stream's id."""
+        cursor = b".".join([b"%s-%d" % (lane.epoch, lane.seq) for lane in self._lanes])
+        return Delivery(group, seq, b"id: " + cursor + wire[wire.index(b"\n") :])
+
+    def _overflow(self) -> None:
+        self._live = []
+        self._bytes = 0
+        self.fail(
+            SlowConsumer(
+                f"slow consumer: a subscriber fell more than {self.max_events} events or "
+                f"{self.max_bytes} bytes behind (it resumes from its Last-Event-ID)"
+            )
+        )
 
     def fail(self, error: BaseException) -> None:
         """End the subscription with `error` (raised to its reader; `on_error` is called)."""
@@ -760,37 +880,132 @@ class Subscription:
             waiter.wake()
 
     def _start(self, attachment: Attachment) -> None:
-        """Queue the replay's first page (or reset), and keep only the held events newer
-        than the replay."""
-        backlog = [attachment.reset.encode()] if attachment.reset is not None else []
-        backlog.extend(attachment.backlog)
-        if backlog:
-            self._backlog = backlog
-        if attachment.cursor < attachment.upto:
-            # More pages to read: live events stay held, those the replay covers dropped.
-            self._cursor = attachment.cursor
-            self._upto = attachment.upto
-            self._epoch = attachment.epoch
-            self._hold(attachment.floor)
-            self._floor = attachment.floor
+        """Take the lanes, queue the reset event if any, and go live unless a replay
+        is to be read."""
+        lanes = self._lanes = attachment.lanes
+        if len(lanes) == 1:
+            self._lane = lanes[0]
+        else:
+            self._by_group = {lane.group: lane for lane in lanes}
+        for lane in lanes:
+            # Held live events the replay covers are duplicates.
+            lane.floor = lane.upto
+        if attachment.reset is not None:
+            self._backlog = [attachment.reset.encode()]
+        replay = [lane for lane in lanes if lane.cursor < lane.upto]
+        if replay:
+            self._replay = replay
+            self._hold()
             self._ready()
             return
-        if self._go_live(attachment.floor) or backlog:
+        if self._go_live() or self._backlog:
             self._ready()
 
-    def _hold(self, floor: int) -> list[Delivery]:
-        held = [d for d in self._live if d.seq > floor or d.seq == EPHEMERAL_SEQ]
+    def _lane_of(self, delivery: Delivery) -> _Lane | None:
+        if self._lane is not None:
+            return self._lane
+        return self._by_group.get(delivery.group) if self._by_group is not None else None
+
+    def _hold(self) -> None:
+        """Drop the held live events that the replay covers."""
+        held = []
+        for delivery in self._live:
+            lane = self._lane_of(delivery)
+            if (
+                delivery.seq == EPHEMERAL_SEQ
+                or lane is None
+                or delivery.epoch != lane.epoch
+                or delivery.seq > lane.floor
+            ):
+                held.append(delivery)
         self._live = held
         self._bytes = sum(len(delivery.wire) for delivery in held)
-        return held
 
-    def _go_live(self, floor: int) -> list[Delivery]:
-        """End the replay: the held live events newer than `floor` are ready."""
-        held = self._hold(floor)
-        self._floor = max([floor, *(delivery.seq for delivery in held)])
-        self._cursor = self._upto = 0
+    def _go_live(self) -> list[Delivery]:
+        """End the replay: the held live events newer than it are ready."""
+        ready: list[Delivery] = []
+        composite = self._by_group is not None
+        for delivery in self._live:
+            if delivery.seq != EPHEMERAL_SEQ:
+                lane = self._lane_of(delivery)
+                if lane is None:
+                    continue
+                if delivery.epoch == lane.epoch and delivery.seq <= lane.floor:
+                    continue
+                lane.epoch = delivery.epoch
+                lane.seq = lane.floor = delivery.seq
+                if composite:
+                    delivery = self._composite(delivery.group, delivery.seq, delivery.wire)
+            ready.append(delivery)
+        self._live = ready
+        self._bytes = sum(len(delivery.wire) for delivery in ready)
+        self._replay = _NO_LANES
+        lane = self._lane
+        if lane is not None:
+            # The next offer, checked against the lane, sets the epoch to compare with.
+            self._epoch = None
+            self._floor = lane.floor
         self._started = True
-        return held
+        return ready
+
+    def _queue_page(self, lane: _Lane, page: Page) -> None:
+        """Queue one page of `lane`'s replay, and go live after the last one."""
+        events, end = page
+        if events:
+            if self._by_group is not None:
+                backlog = []
+                for seq, wire in events:
+                    lane.seq = seq
+                    backlog.append(self._composite(lane.group, seq, wire).wire)
+                self._backlog = backlog
+            else:
+                self._backlog = [wire for _, wire in events]
+                lane.seq = events[-1][0]
+        if end >= lane.upto:
+            lane.cursor = lane.seq = lane.upto
+            self._replay.remove(lane)
+            if not self._replay:
+                self._go_live()
+                self._ready()
+        elif end > lane.cursor:
+            lane.cursor = end
+        else:
+            self._replay = _NO_LANES
+            self.fail(
+                BackendError(
+                    f"the history store's page of {lane.group!r} after {lane.cursor} ends at {end}"
+                )
+            )
+
+    async def _read_next(self, broadcast: Broadcast) -> None:
+        """Read the replay's next page; a cursor that cannot be resumed any more gets
+        the reset event, then live.
+
+        Raises:
+            BackendError: The store cannot be reached.
+            BroadcastNotConnected: The broadcast is not connected.
+        """
+        lane = self._replay[0]
+        after = Position(lane.epoch.decode(), lane.cursor)
+        page = await broadcast._read_page(self, lane.group, after, lane.upto)
+        if self._error is not None or self._broadcast is None:
+            self._replay = _NO_LANES  # failed or closed meanwhile
+            return
+        if page is not None:
+            self._queue_page(lane, page)
+            return
+        # Events the replay had not reached yet were dropped meanwhile.
+        heads = await broadcast._heads([lane.group for lane in self._lanes])
+        if self._error is not None or self._broadcast is None:
+            self._replay = _NO_LANES
+            return
+        index = self._lanes.index(lane)
+        reason = "expired" if heads[index].epoch == after.epoch else "unknown_epoch"
+        self._backlog = [broadcast._reset_event(reason, heads).encode()]
+        for each, head in zip(self._lanes, heads, strict=True):
+            each.move_to(head)
+        self._go_live()
+        self._ready()
 
     # -- read by the stream (in the stream's own task) ----------------------------
 
@@ -803,7 +1018,7 @@ class Subscription:
     def pending_history(self) -> bool:
         """True when the replay's current page is used up and more history is to be
         read: await `fill()`."""
-        return self._cursor < self._upto and not self._backlog
+        return bool(self._replay) and not self._backlog
 
     async def fill(self) -> None:
         """Read the replay's next page (when `pending_history`), in the reader's own task.
@@ -816,38 +1031,15 @@ class Subscription:
         if not self.pending_history:
             return
         broadcast = self._broadcast
-        cursor, upto = self._cursor, self._upto
         if broadcast is None or self._error is not None:
-            self._cursor = self._upto = 0  # closed or failed: nothing more to read
+            self._replay = _NO_LANES  # closed or failed: nothing more to read
             return
-        store = broadcast.store
         try:
-            page = await broadcast._read_page(self, self._groups, cursor, upto)
-            head = await store.head() if page is None else 0
+            await self._read_next(broadcast)
         except (BackendError, BroadcastNotConnected) as error:
-            self._cursor = self._upto = 0
+            self._replay = _NO_LANES
             logger.warning("reading the replay from the history failed: %s", error)
             self.fail(error)
-            return
-        if self._error is not None or self._broadcast is None:
-            self._cursor = self._upto = 0  # failed or closed meanwhile
-            return
-        if page is None:
-            # Events the replay had not reached yet were dropped meanwhile.
-            reason = "expired" if store.epoch == self._epoch else "unknown_epoch"
-            self._backlog = [broadcast._reset_event(reason, head).encode()]
-            self._go_live(head)
-            return
-        events, end = page
-        if events:
-            self._backlog = [wire for _, wire in events]
-        if end >= upto:
-            self._go_live(upto)
-        elif end > cursor:
-            self._cursor = end
-        else:
-            self._cursor = self._upto = 0
-            self.fail(BackendError(f"the history store's page after {cursor} ends at {end}"))
 
     def take(self, limit: int) -> bytes:
         """Take the ready events' bytes (empty when none): replay slices of about
@@ -901,7 +1093,7 @@ class Subscription:
                 return delivery.event()
             if self._error is not None:
                 raise self._error
-            if self._cursor < self._upto:
+            if self._replay:
                 await self.fill()
                 continue
             waiter = self._waiter
@@ -911,6 +1103,7 @@ class Subscription:
 
 
 _EMPTY: list[bytes] = []  # shared by every subscription with no replay; never mutated
+_NO_LANES: list[_Lane] = []  # the same, for the lanes left to replay
 
 
 async def open_subscription(
@@ -919,16 +1112,30 @@ async def open_subscription(
     last_event_id: str | None,
     subscription: Subscription,
 ) -> Subscription:
-    """Join `groups` with `subscription` and queue its replay; `close()` leaves them.
+    """Join `groups` with `subscription` and queue its replay's first page (or the reset
+    event); `close()` leaves them.
 
     Raises:
         InvalidLastEventId: A malformed id.
+        ValueError: More than 256 groups.
         BackendError: The backend is down.
         BroadcastNotConnected: The broadcast is not connected.
     """
-    groups = list(dict.fromkeys(groups))  # a group named twice is joined once
+    # A group named twice is joined once; the order of a composite id is by name.
+    groups = sorted(dict.fromkeys(groups))
+    if len(groups) > MAX_CURSOR_GROUPS:
+        raise ValueError(
+            f"a stream may join at most {MAX_CURSOR_GROUPS} groups (its id carries a "
+            f"position per group), got {len(groups)}"
+        )
     attachment = await broadcast._attach(subscription, groups, last_event_id)
     subscription._broadcast = broadcast
     subscription._groups = groups
     subscription._start(attachment)
+    if subscription.pending_history:
+        try:
+            await subscription._read_next(broadcast)
+        except BaseException:
+            subscription.close()
+            raise
     return subscription

@@ -98,8 +98,8 @@ export interface ConnectOptions {
 
 /** The data of `sseviews.reset`: the history cannot resume after your last id. */
 export interface ResetData {
-  reason: "expired" | "unknown_epoch";
-  epoch: string;
+  reason: "expired" | "unknown_epoch" | "ahead";
+  /** The id the stream goes on from (a composite id for several groups). */
   head: string;
 }
 

@@ -42,6 +42,7 @@ from ._exceptions import (
 from ._lifecycle import ERROR_EVENT, DisconnectReason, find_shutdown_signal
 from ._metrics import Metrics
 from ._presence import encode_entry
+from .stores.base import MAX_CURSOR_GROUPS
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -50,7 +51,9 @@ __all__ = ["EventStreamView"]
 
 logger = logging.getLogger("sseviews")
 
-MAX_LAST_EVENT_ID_BYTES = 1024
+# A composite id of a stream of the most groups (256 positions of at most 29 bytes)
+# fits in it.
+MAX_LAST_EVENT_ID_BYTES = 8192
 
 _DEFAULT_HEADERS: dict[str, str] = {
     "content-type": "text/event-stream; charset=utf-8",
@@ -113,6 +116,11 @@ def _check_settings(cls: type[EventStreamView]) -> None:
             raise TypeError(f"{cls.__name__}.{name} must be an int, got {value!r}")
         if value < 1:
             raise ValueError(f"{cls.__name__}.{name} must be >= 1, got {value!r}")
+    if cls.max_groups > MAX_CURSOR_GROUPS:
+        raise ValueError(
+            f"{cls.__name__}.max_groups must be <= {MAX_CURSOR_GROUPS} (a stream's id "
+            f"carries a position per group), got {cls.max_groups!r}"
+        )
     groups = cls.__dict__.get("groups")
     if isinstance(groups, str):
         raise TypeError(f"{cls.__name__}.groups must be a list of names or a method, not a str")
@@ -279,7 +287,8 @@ class EventStreamView:
     """Bytes of live group events a connection may hold (whichever bound, this or
     `max_buffer_events`, is reached first)."""
     max_groups: ClassVar[int] = 64
-    """Most groups one connection may join; more gets 400."""
+    """Most groups one connection may join (at most 256: the stream's id carries a
+    position per group); more gets 400."""
     max_connections: ClassVar[int | None] = None
     """Most streams of this view open at once in this process; more get 503 with
     `Retry-After`. None: no limit."""
@@ -401,7 +410,7 @@ class EventStreamView:
         """The `Last-Event-ID` header, else the `lastEventId` query parameter, else None.
 
         Raises:
-            HTTPException: 400 when the value is longer than 1024 UTF-8 bytes,
+            HTTPException: 400 when the value is longer than 8192 UTF-8 bytes,
                 contains NUL, or is not valid UTF-8.
         """
         if self._last_event_id is _UNSET:

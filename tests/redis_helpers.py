@@ -113,9 +113,10 @@ async def monitor(marker: str, url: str = REDIS_URL) -> AsyncIterator[CommandLog
 class RedisServer:
     """A `redis-server` subprocess on 127.0.0.1, without persistence."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *args: str) -> None:
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
+        self.args = args  # more redis-server options
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -132,6 +133,7 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "no",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

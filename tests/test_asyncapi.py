@@ -142,11 +142,11 @@ def test_asyncapi_send_operation_with_last_event_id_resume() -> None:
     assert {"$ref": "#/channels/room/messages/typing_started"} in operation["messages"]
     http = operation["bindings"]["http"]
     assert http["method"] == "GET"
-    assert http["query"]["properties"]["lastEventId"]["maxLength"] == 1024
+    assert http["query"]["properties"]["lastEventId"]["maxLength"] == 8192
     assert operation["x-last-event-id"] == {
         "header": "Last-Event-ID",
         "query": "lastEventId",
-        "maxBytes": 1024,
+        "maxBytes": 8192,
     }
     assert "Last-Event-ID" in operation["description"]
 

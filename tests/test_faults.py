@@ -552,7 +552,7 @@ async def _stored_ids(prefix: str, group: str, after: int) -> list[int]:
     db = await asyncpg.connect(PG_DSN, timeout=TIMEOUT)
     try:
         rows = await db.fetch(
-            f'SELECT seq FROM "{prefix}_events" WHERE grp = $1 AND seq > $2 ORDER BY seq',
+            f'SELECT seq FROM "{prefix}_v2_events" WHERE grp = $1 AND seq > $2 ORDER BY seq',
             group,
             after,
             timeout=TIMEOUT,
@@ -565,7 +565,7 @@ async def _stored_ids(prefix: str, group: str, after: int) -> list[int]:
 async def _drop_tables(prefix: str) -> None:
     db = await asyncpg.connect(PG_DSN, timeout=TIMEOUT)
     try:
-        for table in ("events", "meta", "trim"):
+        for table in ("v2_events", "v2_groups"):
             await db.execute(f'DROP TABLE IF EXISTS "{prefix}_{table}"', timeout=TIMEOUT)
     finally:
         await db.close()

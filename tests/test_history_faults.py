@@ -24,7 +24,7 @@ from process_helpers import free_port
 from redis_helpers import REDIS_URL, delete_prefix, keys_under, unique_prefix
 
 from sseviews import RESET_EVENT, BackendError, Broadcast, Event, Subscription
-from sseviews.stores.base import id_line
+from sseviews.stores.base import Position, id_line
 from sseviews.stores.memory import MemoryStore
 from sseviews.stores.redis import RedisStore, group_key
 
@@ -126,7 +126,7 @@ async def test_history_redis_restored_snapshot_starts_a_new_epoch(
             async with redis.asyncio.Redis.from_url(server.url) as client:
                 await client.save()  # the snapshot a restart will load
             issued += [await broadcast.publish("room", n) for n in range(50, 70)]
-            old_epoch = broadcast.epoch
+            old_epoch = issued[0][:8]
             assert issued[-1] == f"{old_epoch}-70"
 
             server.kill()
@@ -138,8 +138,10 @@ async def test_history_redis_restored_snapshot_starts_a_new_epoch(
                         break
                     except BackendError:
                         await anyio.sleep(0.1)
-            assert broadcast.epoch != old_epoch
-            assert after.split("-")[0] == broadcast.epoch
+            # The group's counter went back below 70: a new epoch for it, from 1.
+            new_epoch = after[:8]
+            assert new_epoch != old_epoch
+            assert after == f"{new_epoch}-1"
             assert after not in issued
             assert any("started a new epoch" in r.getMessage() for r in caplog.records)
             more = [await broadcast.publish("room", n) for n in range(20)]
@@ -155,28 +157,35 @@ async def test_history_redis_restored_snapshot_starts_a_new_epoch(
                 async with broadcast.subscribe("room", last_event_id=old) as sub:
                     (reset,) = await take(sub, 1)
                     assert reset.event == RESET_EVENT
-                    assert reset.json()["epoch"] == broadcast.epoch
+                    assert reset.json() == {"reason": "unknown_epoch", "head": more[-1]}
     print(f"\nFIGURE snapshot restore: last id before {issued[-1]}, first after {after}")
 
 
-async def test_history_redis_cursor_below_what_this_process_saw_renews_the_epoch() -> None:
+async def test_history_redis_cursor_below_what_this_process_saw_renews_the_epoch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     prefix = unique_prefix()
     try:
         store = RedisStore(REDIS_URL, prefix=prefix)
         with anyio.fail_after(TIMEOUT):
             await store.connect()
             for _ in range(5):
-                await store.append("a", b"data: x\n\n", _no_deliver)
-            epoch = store.epoch
+                old = await store.append("a", b"data: x\n\n", _no_deliver)
+            other = await store.append("b", b"data: b\n\n", _no_deliver)
             async with redis.asyncio.Redis.from_url(REDIS_URL) as client:
-                await client.set(f"{prefix}:seq", 2)  # a failover to a lagging replica
-            # The new epoch starts above the highest seq this process saw.
-            assert await store.head() == 5
-            assert store.epoch != epoch
+                # A failover to a lagging replica: a's counter is back at 2.
+                await client.hset(group_key(prefix, "m", "a"), "last", 2)
+            with caplog.at_level(logging.WARNING, logger="sseviews.redis"):
+                new = await store.head("a")
+            assert any("started a new epoch" in r.getMessage() for r in caplog.records)
+            assert new.epoch != old.epoch
+            assert new.seq == 0
             # The events kept are the old epoch's: none is replayed under the new one.
-            assert await store.read(["a"], 0) is None
-            assert await store.append("a", b"data: y\n\n", _no_deliver) == 6
-            assert await store.read(["a"], 5) == [(6, id_line(store.epoch, 6) + b"data: y\n\n")]
+            assert await store.read("a", Position(old.epoch, 2)) is None
+            assert await store.append("a", b"data: y\n\n", _no_deliver) == Position(new.epoch, 1)
+            assert await store.read("a", new) == [(1, id_line(new.epoch, 1) + b"data: y\n\n")]
+            # Another group is untouched.
+            assert await store.head("b") == other
             await store.disconnect()
     finally:
         await delete_prefix(prefix)
@@ -253,19 +262,21 @@ async def test_history_memory_idle_groups_expire() -> None:
             for n in range(1, 20_000):
                 await broadcast.publish(f"g{n}", "x")
             full = tracemalloc.get_traced_memory()[1]  # the peak
-            assert await store.head() == 20_000
+            assert first.endswith("-1")
 
             async def empty() -> bool:
-                return not store._logs and not store._trimmed
+                return not store._groups
 
             with anyio.fail_after(5):
                 await eventually(empty)
             gc.collect()
             after = tracemalloc.get_traced_memory()[0]
-            # A client resuming into an expired group gets the reset event.
+            # A client resuming into an expired group gets the reset event: the group
+            # went with its epoch, and starts a new one.
             async with broadcast.subscribe("g0", last_event_id=first) as sub:
                 (reset,) = await take(sub, 1)
-            assert (reset.event, reset.json()["reason"]) == (RESET_EVENT, "expired")
+            assert (reset.event, reset.json()["reason"]) == (RESET_EVENT, "unknown_epoch")
+            assert reset.id == f"{reset.id[:8]}-0" != f"{first[:8]}-0"
     finally:
         tracemalloc.stop()
     assert after - before < (full - before) / 100
@@ -280,15 +291,16 @@ async def test_history_memory_idle_expiry_applies_without_max_age() -> None:
     store = MemoryStore(idle_expiry=0.2)
     await store.connect()
     try:
-        await store.append("a", b"data: x\n\n", _no_deliver)
+        old = await store.append("a", b"data: x\n\n", _no_deliver)
 
         async def empty() -> bool:
-            return not store._logs
+            return not store._groups
 
         with anyio.fail_after(5):
             await eventually(empty)
-        assert await store.read(["a"], 0) is None
-        assert await store.read(["a"], 1) == []
+        assert await store.read("a", Position(old.epoch, 0)) is None
+        assert await store.read("a", old) is None
+        assert (await store.head("a")).epoch != old.epoch
     finally:
         await store.disconnect()
     assert store._sweeper is None
@@ -310,24 +322,25 @@ async def test_history_redis_idle_groups_expire() -> None:
                     for start in range(1, 51):
                         group.start_soon(publish_range, start)
                 published = len(await keys_under(prefix))
-                assert await broadcast.store.head() == 20_000
+                # Two keys per group (fewer once some expired), and nothing else.
+                assert 0 < published <= 40_000
+                assert (await broadcast.store.head("g19999")).seq == 1
 
                 async def expired() -> bool:
-                    return len(await keys_under(prefix)) <= 4
+                    return len(await keys_under(prefix)) <= 1
 
                 await eventually(expired, every=0.2)
                 left = await keys_under(prefix)
                 async with broadcast.subscribe("g0", last_event_id=first) as sub:
                     (reset,) = await take(sub, 1)
-            assert (reset.event, reset.json()["reason"]) == (RESET_EVENT, "expired")
-            assert left == [
-                f"{prefix}:{name}".encode() for name in ("epoch", "seq", "server", "start")
-            ]
+            assert (reset.event, reset.json()["reason"]) == (RESET_EVENT, "unknown_epoch")
+            # What is left: at most the hash of g19999, made by the head read above.
+            assert left in ([], [group_key(prefix, "m", "g19999").encode()])
     finally:
         await delete_prefix(prefix)
     print(
         f"\nFIGURE Redis, 20,000 groups published once, max_age=1: {published} keys "
-        "when the last was published, 4 after expiry"
+        "when the last was published, none after expiry"
     )
 
 
@@ -335,8 +348,7 @@ async def test_history_redis_idle_groups_expire() -> None:
 
 
 def _all_keys(prefix: str, group: str) -> list[str]:
-    fixed = [f"{prefix}:{name}" for name in ("epoch", "seq", "start", "clock", "server")]
-    return [*fixed, group_key(prefix, "g", group), group_key(prefix, "m", group)]
+    return [group_key(prefix, "g", group), group_key(prefix, "m", group)]
 
 
 def test_history_redis_keys_are_unique_for_every_prefix_and_group() -> None:
@@ -364,10 +376,10 @@ async def test_history_redis_nested_prefixes_do_not_share_events() -> None:
             secret = await first.append("t:g:secret", b"data: outer secret\n\n", _no_deliver)
             mine = await second.append("secret", b"data: inner\n\n", _no_deliver)
             # The inner app's client asks for everything in its "secret" group.
-            replay = await second.read(["secret"], 0)
-            assert replay == [(mine, id_line(second.epoch, mine) + b"data: inner\n\n")]
-            assert await first.read(["t:g:secret"], 0) == [
-                (secret, id_line(first.epoch, secret) + b"data: outer secret\n\n")
+            replay = await second.read("secret", Position(mine.epoch, 0))
+            assert replay == [(1, id_line(mine.epoch, 1) + b"data: inner\n\n")]
+            assert await first.read("t:g:secret", Position(secret.epoch, 0)) == [
+                (1, id_line(secret.epoch, 1) + b"data: outer secret\n\n")
             ]
             outer_key = group_key(outer, "g", "t:g:secret")
             inner_key = group_key(inner, "g", "secret")

@@ -350,13 +350,13 @@ def assert_no_traceback(server: Server, since: int) -> None:
 
 # name -> (request, expected body of the 400)
 BAD_LAST_EVENT_IDS: dict[str, tuple[bytes, str]] = {
-    "header-1025-bytes": (
-        get("/echo", (b"Last-Event-ID", b"a" * 1025)),
-        "Last-Event-ID is longer than 1024 bytes",
+    "header-8193-bytes": (
+        get("/echo", (b"Last-Event-ID", b"a" * 8193)),
+        "Last-Event-ID is longer than 8192 bytes",
     ),
     "header-100-kib": (
         get("/echo", (b"Last-Event-ID", b"a" * 100 * 1024)),
-        "Last-Event-ID is longer than 1024 bytes",
+        "Last-Event-ID is longer than 8192 bytes",
     ),
     "header-non-utf8": (
         get("/echo", (b"Last-Event-ID", b"a\xff\xfeb")),
@@ -366,14 +366,14 @@ BAD_LAST_EVENT_IDS: dict[str, tuple[bytes, str]] = {
         get("/echo", (b"Last-Event-ID", b"\xc0\xaf")),
         "Last-Event-ID is not valid UTF-8",
     ),
-    "query-1025-bytes": (
-        get("/echo?lastEventId=" + "a" * 1025),
-        "lastEventId is longer than 1024 bytes",
+    "query-8193-bytes": (
+        get("/echo?lastEventId=" + "a" * 8193),
+        "lastEventId is longer than 8192 bytes",
     ),
-    # 513 characters, but 1026 UTF-8 bytes: the limit counts bytes.
-    "query-1026-utf8-bytes": (
-        get("/echo?lastEventId=" + "%C3%A9" * 513),
-        "lastEventId is longer than 1024 bytes",
+    # 4097 characters, but 8194 UTF-8 bytes: the limit counts bytes.
+    "query-8194-utf8-bytes": (
+        get("/echo?lastEventId=" + "%C3%A9" * 4097),
+        "lastEventId is longer than 8192 bytes",
     ),
     "query-nul": (get("/echo?lastEventId=a%00b"), "lastEventId contains NUL"),
     "query-percent-ff": (get("/echo?lastEventId=%ff"), "the query string is not valid UTF-8"),
@@ -412,14 +412,14 @@ async def test_hostile_nul_in_last_event_id_header_is_refused_by_the_parser(
 @pytest.mark.parametrize(
     ("request_bytes", "expected"),
     [
-        (get("/echo", (b"Last-Event-ID", b"a" * 1024)), "a" * 1024),
-        (get("/echo?lastEventId=" + "b" * 1024), "b" * 1024),
-        (get("/echo?lastEventId=" + "%C3%A9" * 512), "\u00e9" * 512),
+        (get("/echo", (b"Last-Event-ID", b"a" * 8192)), "a" * 8192),
+        (get("/echo?lastEventId=" + "b" * 8192), "b" * 8192),
+        (get("/echo?lastEventId=" + "%C3%A9" * 4096), "\u00e9" * 4096),
         (get("/echo", (b"Last-Event-ID", "id-\u00e9-\U0001f600".encode())), "id-\u00e9-\U0001f600"),
     ],
-    ids=["header-1024-bytes", "query-1024-bytes", "query-1024-utf8-bytes", "header-utf8"],
+    ids=["header-8192-bytes", "query-8192-bytes", "query-8192-utf8-bytes", "header-utf8"],
 )
-async def test_hostile_last_event_id_up_to_1024_bytes_reaches_the_view(
+async def test_hostile_last_event_id_up_to_8192_bytes_reaches_the_view(
     server: Server, request_bytes: bytes, expected: str
 ) -> None:
     reply = await exchange(server, request_bytes)

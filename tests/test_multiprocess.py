@@ -31,10 +31,12 @@ import anyio.to_thread
 import httpx
 import pytest
 import redis
+from broadcast_helpers import steps
 from process_helpers import free_port
 from redis_helpers import REDIS_URL, keys_under, unique_prefix
 
 from sseviews import Event
+from sseviews.stores.base import format_id
 from sseviews.testing import EventParser
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
@@ -490,6 +492,56 @@ async def test_resume_on_b_while_publishing_goes_on_through_both(
 
     assert summary(before) == published[:10]
     assert summary(after) == published[10:]
+    assert_clean_log(a)
+    assert_clean_log(b)
+
+
+async def test_stream_of_two_groups_moving_from_a_to_b_resumes_each_group_exactly(
+    servers: tuple[Server, Server], http: httpx.AsyncClient
+) -> None:
+    """A composite id resumes each group after its own position on the other process,
+    while both processes keep publishing to both groups."""
+    a, b = servers
+    rooms = ("mx", "my")  # groups room:mx and room:my, in that order
+    total = 80
+    published: dict[str, list[str]] = {room: [] for room in rooms}
+    count = 0
+    progress = anyio.Event()
+
+    async def publisher() -> None:
+        nonlocal progress, count
+        for n in range(total):
+            via, room = (a, b)[n % 2], rooms[(n // 2) % 2]
+            published[room].append(await publish(http, via, room, {"n": n}))
+            count += 1
+            progress.set()
+            progress = anyio.Event()
+            await anyio.sleep(0.003)
+
+    async def published_at_least(wanted: int) -> None:
+        with anyio.fail_after(TIMEOUT):
+            while count < wanted:
+                await progress.wait()
+
+    async with anyio.create_task_group() as tg:
+        async with SSEClient.connect(a, "mx+my") as on_a:
+            tg.start_soon(publisher)
+            before = await on_a.next_events(10)
+        await published_at_least(30)
+        # Reconnect while the publisher is still going: replay and live overlap.
+        async with SSEClient.connect(b, "mx+my", last_event_id=before[-1].id) as on_b:
+            await published_at_least(total)
+            final = ".".join(published[room][-1] for room in rooms)
+            after = await on_b.events_until(final)
+            await on_b.expect_quiet()
+
+    # The stream started at both groups' heads, before their first event.
+    start = ".".join(f"{published[room][0][:8]}-0" for room in rooms)
+    moved = steps(start, [event.id or "" for event in before + after])
+    got = {
+        room: [format_id(*p) for i, p in moved if i == index] for index, room in enumerate(rooms)
+    }
+    assert got == published
     assert_clean_log(a)
     assert_clean_log(b)
 

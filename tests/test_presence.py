@@ -25,8 +25,9 @@ from sseviews import (
     EventStreamView,
     PresenceEntry,
 )
-from sseviews._broadcast import Attachment, Delivery, Subscription
+from sseviews._broadcast import Attachment, Delivery, Subscription, _Lane
 from sseviews.backends.base import EPHEMERAL_SEQ, Dispatch, LiveBackend, OnFailure
+from sseviews.stores.base import Page, id_line
 from sseviews.testing import EventStream, EventStreamClient
 
 pytestmark = pytest.mark.anyio
@@ -358,20 +359,28 @@ def _wire(data: str) -> bytes:
     return Event(data).encode()
 
 
+def _stored(seq: int, data: str) -> bytes:
+    return id_line("0badcafe", seq) + _wire(data)
+
+
 def test_subscription_keeps_ephemeral_events_held_during_replay() -> None:
     subscription = Subscription()
-    stored = Event("five", id="e-5").encode()
-    subscription.offer(Delivery(4, _wire("four")))  # covered by the replay
-    subscription.offer(Delivery(EPHEMERAL_SEQ, _wire("joined")))
-    subscription.offer(Delivery(6, _wire("six")))
-    subscription._start(Attachment([stored], 5, None))
-    assert subscription.take(1 << 20) == stored
-    assert subscription.take(1 << 20) == _wire("joined") + _wire("six")
+    subscription.offer(Delivery("g", 4, _stored(4, "four")))  # covered by the replay
+    subscription.offer(Delivery("g", EPHEMERAL_SEQ, _wire("joined")))
+    subscription.offer(Delivery("g", 6, _stored(6, "six")))
+    lane = _Lane("g", b"0badcafe", 5)  # the head when it attached
+    lane.seq = lane.cursor = 3  # the client's position: 4 and 5 are replayed
+    subscription._start(Attachment([lane]))
+    assert subscription.pending_history
+    subscription._queue_page(lane, Page([(4, _stored(4, "four")), (5, _stored(5, "five"))], 5))
+    assert not subscription.pending_history
+    assert subscription.take(1 << 20) == _stored(4, "four") + _stored(5, "five")
+    assert subscription.take(1 << 20) == _wire("joined") + _stored(6, "six")
     # An ephemeral event after live ones is neither a duplicate nor a new floor.
-    subscription.offer(Delivery(EPHEMERAL_SEQ, _wire("left")))
-    subscription.offer(Delivery(6, _wire("six again")))
-    subscription.offer(Delivery(7, _wire("seven")))
-    assert subscription.take(1 << 20) == _wire("left") + _wire("seven")
+    subscription.offer(Delivery("g", EPHEMERAL_SEQ, _wire("left")))
+    subscription.offer(Delivery("g", 6, _stored(6, "six again")))
+    subscription.offer(Delivery("g", 7, _stored(7, "seven")))
+    assert subscription.take(1 << 20) == _wire("left") + _stored(7, "seven")
 
 
 def test_presence_entry_equality_and_dict() -> None:

@@ -2,8 +2,8 @@
 
 Runs against a real `SentinelGroup` (a master, a replica and 3 sentinels, see
 `tests/support/redis_topology.py`), and against plain `redis-server` pairs for the
-epoch rule (a promoted replica starts a new epoch, a restarted master keeps its
-own). The failover tests run the app of
+epoch rule, per group (a promoted replica starts a new epoch for each group the
+old master wrote; a restarted master keeps its groups' epochs). The failover tests run the app of
 `tests/apps/multiprocess_app.py` in two uvicorn processes with subscribers on
 both, SIGKILL the master while events are being published, and check the
 guarantee: every event whose publish() returned an id reaches each subscriber
@@ -32,6 +32,7 @@ from test_multiprocess import Server, _start_servers
 
 from sseviews import Event
 from sseviews.backends.redis import RedisBackend
+from sseviews.stores.base import Position
 from sseviews.stores.redis import RedisStore
 from sseviews.testing import EventParser
 
@@ -104,7 +105,10 @@ async def test_sentinel_store_and_backend_publish_and_receive(
             await backend.subscribe(["g"])
             seqs = [await store.append("g", data(f"e{n}"), no_deliver) for n in range(3)]
             await recorder.wait_for("3 events", lambda: len(recorder.events) == 3)
-            assert [seq for _, seq, _ in recorder.events] == seqs
+            assert [seq for _, seq, _ in recorder.events] == [p.seq for p in seqs]
+            assert [wire.split(b"\n", 1)[0] for _, _, wire in recorder.events] == [
+                f"id: {p.epoch}-{p.seq}".encode() for p in seqs
+            ]
             # The events are on the master the sentinels name.
             master = sentinel_group.master()
             assert master.execute("XLEN", f"{prefix}:g:{{g}}") == 3
@@ -127,7 +131,7 @@ async def test_sentinel_backend_resubscribes_to_the_new_master_after_a_failover(
         await backend.connect(recorder.dispatch, recorder.on_failure)
         try:
             await backend.subscribe(["g"])
-            await store.append("g", data("before"), no_deliver)
+            before = await store.append("g", data("before"), no_deliver)
             await recorder.wait_for("the first event", lambda: len(recorder.events) == 1)
             old = await anyio.to_thread.run_sync(sentinel_group.kill_master)
             # The subscription ends: subscribers are told, and resume later.
@@ -146,7 +150,10 @@ async def test_sentinel_backend_resubscribes_to_the_new_master_after_a_failover(
                     except Exception:
                         await anyio.sleep(0.1)
             await recorder.wait_for("the event after", lambda: len(recorder.events) == 2)
-            assert recorder.events[-1][1] == seq
+            # The new master is a promoted replica: the group's new epoch, from 1.
+            assert seq.epoch != before.epoch
+            assert recorder.events[-1][1] == seq.seq == 1
+            assert recorder.events[-1][2].startswith(f"id: {seq.epoch}-1\n".encode())
             assert b"after" in recorder.events[-1][2]
             channels = new.execute("PUBSUB", "CHANNELS", f"{prefix}:*")
             assert channels == [f"{prefix}:live:{{g}}"]  # the group's channel, resubscribed
@@ -159,7 +166,9 @@ async def test_sentinel_backend_resubscribes_to_the_new_master_after_a_failover(
 # -- the epoch: a promoted replica starts a new one, a restarted master keeps it -----------
 
 
-async def test_redis_store_on_a_promoted_replica_starts_a_new_epoch(tmp_path: Path) -> None:
+async def test_redis_store_on_a_promoted_replica_starts_a_new_epoch_per_group(
+    tmp_path: Path,
+) -> None:
     master_port, replica_port = spare_ports(2)
     master = RedisNode(tmp_path, "master", master_port, [])
     replica = RedisNode(tmp_path, "replica", replica_port, [])
@@ -170,43 +179,107 @@ async def test_redis_store_on_a_promoted_replica_starts_a_new_epoch(tmp_path: Pa
         first = RedisStore(f"redis://127.0.0.1:{master_port}/0", prefix=prefix)
         with anyio.fail_after(TIMEOUT):
             await first.connect()
-            seqs = [await first.append("g", data(f"e{n}"), no_deliver) for n in range(3)]
+            old = {
+                g: [await first.append(g, data(f"e{n}"), no_deliver) for n in range(3)]
+                for g in "gh"
+            }
             await first.disconnect()
+        assert old["g"][-1].epoch != old["h"][-1].epoch  # each group its own epoch
+        # The replication id is kept in each group's own hash: no key is shared.
+        replid = master.info("replication")["master_replid"]
+        assert master.execute("HGET", f"{prefix}:m:{{g}}", "srv") == replid
+        assert sorted(master.execute("KEYS", f"{prefix}:*")) == sorted(
+            f"{prefix}:{kind}:{{{g}}}" for kind in "gm" for g in "gh"
+        )
         assert master.wait_replicated() == 1
         # A failover as Sentinel runs it: the replica, fully in sync, becomes a master.
         replica.execute("REPLICAOF", "NO", "ONE")
+        assert replica.info("replication")["master_replid2"] == replid
         # A process that never saw the old master (no seq of its own) appends there.
         second = RedisStore(f"redis://127.0.0.1:{replica_port}/0", prefix=prefix)
         with anyio.fail_after(TIMEOUT):
             await second.connect()
-            seq = await second.append("g", data("after"), no_deliver)
+            after_g = await second.append("g", data("after"), no_deliver)
+            # h's head, read on the new master, is a new epoch too: it was the old
+            # master's, whose newest events may not have been replicated.
+            after_h = await second.head("h")
+            # A group first used on the new master starts an epoch of its own, from 1.
+            fresh = await second.append("k", data("new"), no_deliver)
             await second.disconnect()
-        assert second.epoch != first.epoch
-        assert seq == seqs[-1] + 1  # above every seq issued, under a new epoch
-        # A restart keeps it: the same server, no promotion.
+        assert after_g.epoch not in (old["g"][-1].epoch, old["h"][-1].epoch)
+        assert after_g.seq == 1  # the group's new epoch, from 1: no id is issued again
+        assert after_h.epoch != old["h"][-1].epoch and after_h.seq == 0
+        assert fresh.seq == 1
+        new_replid = replica.info("replication")["master_replid"]
+        for g in "ghk":
+            assert replica.execute("HGET", f"{prefix}:m:{{{g}}}", "srv") == new_replid
+        # A later process on the same server keeps every group's epoch: no promotion since.
         third = RedisStore(f"redis://127.0.0.1:{replica_port}/0", prefix=prefix)
         with anyio.fail_after(TIMEOUT):
             await third.connect()
-            await third.append("g", data("again"), no_deliver)
+            again = {g: await third.append(g, data("again"), no_deliver) for g in "ghk"}
             await third.disconnect()
-        assert third.epoch == second.epoch
+        assert again["g"] == Position(after_g.epoch, 2)
+        assert again["h"] == Position(after_h.epoch, 1)
+        assert again["k"] == Position(fresh.epoch, 2)
     finally:
         replica.kill()
         master.kill()
 
 
-async def test_redis_store_on_a_restarted_master_keeps_its_epoch(tmp_path: Path) -> None:
+async def test_redis_store_after_two_failovers_renews_a_group_untouched_in_between(
+    tmp_path: Path,
+) -> None:
+    a_port, b_port = spare_ports(2)
+    a = RedisNode(tmp_path, "a", a_port, [])
+    b = RedisNode(tmp_path, "b", b_port, [])
+    a.start()
+    try:
+        b.start("--replicaof", "127.0.0.1", str(a_port))
+        prefix = unique_prefix()
+        store = RedisStore(f"redis://127.0.0.1:{a_port}/0", prefix=prefix)
+        with anyio.fail_after(TIMEOUT):
+            await store.connect()
+            before = await store.append("h", data("on a"), no_deliver)
+            await store.disconnect()
+        assert a.wait_replicated() == 1
+        # b is promoted, and a follows it; h is not used on b.
+        b.execute("REPLICAOF", "NO", "ONE")
+        a.execute("REPLICAOF", "127.0.0.1", str(b_port))
+
+        def a_in_sync() -> bool:
+            return a.info("replication").get("master_link_status") == "up"
+
+        await poll_until(a_in_sync)
+        assert b.wait_replicated() == 1
+        # a is promoted back: its previous id is b's, and h's `srv` is a's first id.
+        a.execute("REPLICAOF", "NO", "ONE")
+        store = RedisStore(f"redis://127.0.0.1:{a_port}/0", prefix=prefix)
+        with anyio.fail_after(TIMEOUT):
+            await store.connect()
+            after = await store.append("h", data("on a again"), no_deliver)
+            await store.disconnect()
+        assert after.epoch != before.epoch
+        assert after.seq == 1
+    finally:
+        b.kill()
+        a.kill()
+
+
+async def test_redis_store_on_a_restarted_master_keeps_its_groups_epochs(
+    tmp_path: Path,
+) -> None:
     (port,) = spare_ports(1)
     node = RedisNode(tmp_path, "durable", port, ["appendonly yes", "appendfsync always"])
     node.start()
     try:
         prefix = unique_prefix()
         url = f"redis://127.0.0.1:{port}/0"
-        before = RedisStore(url, prefix=prefix)
+        before_store = RedisStore(url, prefix=prefix)
         with anyio.fail_after(TIMEOUT):
-            await before.connect()
-            seq = await before.append("g", data("before"), no_deliver)
-            await before.disconnect()
+            await before_store.connect()
+            before = {g: await before_store.append(g, data("before"), no_deliver) for g in "gh"}
+            await before_store.disconnect()
         replid = node.info("replication")["master_replid"]
         with suppress(redis.ConnectionError):
             node.execute("SHUTDOWN")
@@ -214,12 +287,13 @@ async def test_redis_store_on_a_restarted_master_keeps_its_epoch(tmp_path: Path)
         node.start()
         # A new replication id, but no promotion: nothing was lost, ids go on.
         assert node.info("replication")["master_replid"] != replid
-        after = RedisStore(url, prefix=prefix)
+        after_store = RedisStore(url, prefix=prefix)
         with anyio.fail_after(TIMEOUT):
-            await after.connect()
-            assert await after.append("g", data("after"), no_deliver) == seq + 1
-            await after.disconnect()
-        assert after.epoch == before.epoch
+            await after_store.connect()
+            after = {g: await after_store.append(g, data("after"), no_deliver) for g in "gh"}
+            await after_store.disconnect()
+        for g in "gh":
+            assert after[g] == Position(before[g].epoch, before[g].seq + 1)
     finally:
         node.kill()
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ import anyio.lowlevel
 import httpx
 import psutil
 import pytest
+from broadcast_helpers import steps
 from process_helpers import clean_env, free_port, stop_process, wait_until_serving
 from redis_helpers import REDIS_URL, delete_prefix
 from sqlalchemy import text
@@ -39,7 +40,7 @@ from sseviews import (
     Event,
     EventStreamView,
 )
-from sseviews.stores.base import Page, parse_id
+from sseviews.stores.base import Page, Position, parse_cursor, parse_id
 from sseviews.stores.memory import MemoryStore
 from sseviews.testing import EventStreamClient
 
@@ -86,7 +87,7 @@ async def drop_tables(prefix: str) -> None:
     try:
         with anyio.fail_after(10):
             async with engine.begin() as conn:
-                for table in ("events", "trim", "meta"):
+                for table in ("v2_events", "v2_groups"):
                     await conn.execute(text(f'DROP TABLE IF EXISTS "{prefix}_{table}"'))
     finally:
         await engine.dispose()
@@ -117,20 +118,22 @@ async def test_read_page_pages_cover_the_range_in_seq_order_within_the_bound(
     async with connected(history.broadcast()) as broadcast:
         store = broadcast.store
         with anyio.fail_after(TIMEOUT):
-            for number in range(60):
+            for number in range(150):
                 # Three groups interleaved, events of different sizes.
                 await broadcast.publish("abc"[number % 3], "x" * (10 + 7 * (number % 11)))
-            head = await store.head()
-            everything = await store.read(["a", "b"], 0)
+            head = await store.head("a")
+            assert head.seq == 50
+            everything = await store.read("a", Position(head.epoch, 0))
             assert everything is not None
-            after, upto = everything[3][0], head - 4
+            assert [seq for seq, _ in everything] == list(range(1, 51))
+            after, upto = everything[3][0], head.seq - 4
             expected = [(seq, wire) for seq, wire in everything if after < seq <= upto]
             largest = max(len(wire) for _, wire in expected)
             limit = 400
             pages: list[Page] = []
             cursor = after
             while cursor < upto:
-                page = await store.read_page(["a", "b"], cursor, upto, limit)
+                page = await store.read_page("a", Position(head.epoch, cursor), upto, limit)
                 assert page is not None
                 assert page.events, "a page before the end of the range holds an event"
                 assert page.end > cursor
@@ -154,19 +157,24 @@ async def test_read_page_of_an_empty_range_or_unknown_group_is_empty(history: Hi
         store = broadcast.store
         with anyio.fail_after(TIMEOUT):
             await broadcast.publish("a", "one")
-            head = await store.head()
-            assert await store.read_page(["a"], head, head, 100) == Page([], head)
-            assert await store.read_page(["nope"], 0, head, 100) == Page([], head)
+            head = await store.head("a")
+            assert await store.read_page("a", head, head.seq, 100) == Page([], head.seq)
+            nope = await store.head("nope")
+            assert nope.seq == 0
+            assert await store.read_page("nope", nope, 0, 100) == Page([], 0)
 
 
-async def test_read_page_of_an_expired_cursor_is_none(history: History) -> None:
+async def test_read_page_of_an_expired_cursor_or_another_epoch_is_none(history: History) -> None:
     async with connected(history.broadcast(retention=5)) as broadcast:
         store = broadcast.store
         with anyio.fail_after(TIMEOUT):
             ids = [await broadcast.publish("a", f"n{number}") for number in range(10)]
-            head = await store.head()
-            assert await store.read_page(["a"], 0, head, 10_000) is None
-            page = await store.read_page(["a"], seq_of(ids[4]), head, 10_000)
+            head = await store.head("a")
+            assert await store.read_page("a", Position(head.epoch, 0), head.seq, 10_000) is None
+            foreign = "00000000" if head.epoch != "00000000" else "11111111"
+            after = Position(foreign, seq_of(ids[4]))
+            assert await store.read_page("a", after, head.seq, 10_000) is None
+            page = await store.read_page("a", Position(*parse_id(ids[4])), head.seq, 10_000)
         assert page is not None
         assert [seq for seq, _ in page.events] == [seq_of(i) for i in ids[5:]]
 
@@ -180,27 +188,28 @@ async def test_paged_resume_is_gap_free_and_duplicate_free_while_publishing(
     page_bytes = 600
     async with connected(history.broadcast(replay_page_bytes=page_bytes)) as broadcast:
         with anyio.fail_after(TIMEOUT):
-            published = [
-                (group, await broadcast.publish(group, f"{number:04d}" + "y" * 60))
-                for number in range(240)
-                for group in ["ab"[number % 2] if number % 5 else "c"]
-            ]
-            cursor = published[9][1]
-            wanted = [seq_of(i) for group, i in published if group != "c"]
-            wanted = [seq for seq in wanted if seq > seq_of(cursor)]
-            got: list[int] = []
+            published = {"a": 0, "b": 0, "c": 0}
+
+            async def publish(number: int, group: str, data: str) -> None:
+                await broadcast.publish(group, data)
+                published[group] += 1
+
+            cursor = ""
+            for number in range(240):
+                group = "ab"[number % 2] if number % 5 else "c"
+                await publish(number, group, f"{number:04d}" + "y" * 60)
+                if number == 9:
+                    cursor = await broadcast.last_id("a", "b")
+            ids: list[str] = []
             largest_backlog = 0
             saw_pending = False
 
             async def keep_publishing() -> None:
                 for number in range(150):
-                    group = "abc"[number % 3]
-                    event_id = await broadcast.publish(group, f"live {number}")
-                    if group != "c":
-                        wanted.append(seq_of(event_id))
+                    await publish(number, "abc"[number % 3], f"live {number}")
                     if number % 4 == 0:
                         await anyio.sleep(0.001)
-                wanted.append(seq_of(await broadcast.publish("b", "end")))
+                await publish(0, "b", "end")
 
             async with (
                 broadcast.subscribe("a", "b", last_event_id=cursor) as subscription,
@@ -213,9 +222,15 @@ async def test_paged_resume_is_gap_free_and_duplicate_free_while_publishing(
                     largest_backlog = max(largest_backlog, held)
                     saw_pending = saw_pending or subscription.pending_history
                     event = await subscription.__anext__()
-                    got.append(seq_of(event.id))
-        assert got == wanted  # in order, nothing missing, nothing twice
-        assert len(got) > 250
+                    assert event.id is not None
+                    ids.append(event.id)
+        # Per group: in order, nothing missing, nothing twice.
+        moved = steps(cursor, ids)
+        start = parse_cursor(cursor)
+        for index, group in enumerate("ab"):
+            seqs = [p.seq for i, p in moved if i == index]
+            assert seqs == list(range(start[index].seq + 1, published[group] + 1))
+        assert len(ids) > 250
         assert saw_pending, "the replay was read in more than one page"
         # The subscription never held more than one page (plus the event that filled it).
         assert largest_backlog < page_bytes + 200
@@ -237,14 +252,22 @@ async def test_paged_resume_of_a_view_is_gap_free_while_publishing(history: Hist
     app = Starlette(routes=[Route("/room", view)], lifespan=lifespan)
     async with EventStreamClient(app, timeout=TIMEOUT) as client:
         with anyio.fail_after(TIMEOUT):
-            ids = [await broadcast.publish("ab"[n % 2], "z" * 50) for n in range(200)]
-            wanted = [seq_of(i) for i in ids[3:]]
-            async with client.stream("/room", headers={"Last-Event-ID": ids[2]}) as stream:
+            for n in range(3):
+                await broadcast.publish("ab"[n % 2], "z" * 50)
+            cursor = await broadcast.last_id("a", "b")
+            for n in range(3, 200):
+                await broadcast.publish("ab"[n % 2], "z" * 50)
+            async with client.stream("/room", headers={"Last-Event-ID": cursor}) as stream:
                 for number in range(60):
-                    wanted.append(seq_of(await broadcast.publish("ab"[number % 2], "live")))
+                    await broadcast.publish("ab"[number % 2], "live")
                     await broadcast.publish("c", "elsewhere")
-                got = [seq_of((await stream.next_event()).id) for _ in wanted]
-        assert got == wanted
+                got = [(await stream.next_event()).id or "" for _ in range(197 + 60)]
+            end = await broadcast.last_id("a", "b")
+    moved = steps(cursor, got)
+    assert got[-1] == end
+    # a had 2 events before the cursor, b 1; then 129 and 128 more.
+    assert [p.seq for i, p in moved if i == 0] == list(range(3, 131))
+    assert [p.seq for i, p in moved if i == 1] == list(range(2, 131))
 
 
 async def test_paged_replay_overtaken_by_retention_gets_reset_then_live() -> None:
@@ -279,12 +302,12 @@ class FailingStore(MemoryStore):
         self.good = good
 
     async def read_page(
-        self, groups: Sequence[str], after: int, upto: int, limit_bytes: int
+        self, group: str, after: Position, upto: int, limit_bytes: int
     ) -> Page | None:
         if self.good == 0:
             raise BackendError("the history went away")
         self.good -= 1
-        return await super().read_page(groups, after, upto, limit_bytes)
+        return await super().read_page(group, after, upto, limit_bytes)
 
 
 async def test_paged_replay_backend_error_ends_the_subscription() -> None:
@@ -344,14 +367,14 @@ class CountingStore(MemoryStore):
         self.reads = 0
 
     async def read_page(
-        self, groups: Sequence[str], after: int, upto: int, limit_bytes: int
+        self, group: str, after: Position, upto: int, limit_bytes: int
     ) -> Page | None:
         self.running += 1
         self.reads += 1
         self.most = max(self.most, self.running)
         try:
             await anyio.sleep(0.01)
-            return await super().read_page(groups, after, upto, limit_bytes)
+            return await super().read_page(group, after, upto, limit_bytes)
         finally:
             self.running -= 1
 

@@ -20,13 +20,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sseviews import BackendError, BroadcastNotConnected
-from sseviews.stores.base import id_line
+from sseviews.stores.base import Position, id_line
 from sseviews.stores.sqlalchemy import SQLAlchemyStore
 
 pytestmark = pytest.mark.anyio
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-TABLES = ("events", "trim", "meta")
+TABLES = ("v2_events", "v2_groups")
 
 
 @dataclass
@@ -102,12 +102,22 @@ class Recorder:
 
 
 async def publish(store: SQLAlchemyStore, group: str, data: str) -> int:
+    return (await publish_at(store, group, data)).seq
+
+
+async def publish_at(store: SQLAlchemyStore, group: str, data: str) -> Position:
     with anyio.fail_after(10):
         return await store.append(group, f"data: {data}\n\n".encode(), Recorder())
 
 
-def wire(store: SQLAlchemyStore, seq: int, data: str) -> bytes:
-    return id_line(store.epoch, seq) + f"data: {data}\n\n".encode()
+def wire(epoch: str, seq: int, data: str) -> bytes:
+    return id_line(epoch, seq) + f"data: {data}\n\n".encode()
+
+
+async def read(store: SQLAlchemyStore, group: str, after: int) -> list[tuple[int, bytes]] | None:
+    """Read `group` after `after` in its current epoch."""
+    with anyio.fail_after(10):
+        return await store.read(group, Position((await store.head(group)).epoch, after))
 
 
 def closed_port() -> int:
@@ -124,156 +134,178 @@ async def pg_tables() -> AsyncIterator[list[str]]:
     await drop_tables(prefixes)
 
 
-async def test_store_ids_monotonic_across_groups(database: Database) -> None:
+async def test_store_each_group_has_its_own_epoch_and_sequence(database: Database) -> None:
     async with connected(database.store()) as store:
         deliver = Recorder()
-        seqs = []
+        positions = []
         for group in ["a", "b", "a", "c", "b"]:
             with anyio.fail_after(10):
-                seqs.append(await store.append(group, b"data: x\n\n", deliver))
-        assert seqs == [1, 2, 3, 4, 5]
-        assert deliver.calls == [(seq, wire(store, seq, "x")) for seq in seqs]
-        assert deliver.calls[0][1].startswith(f"id: {store.epoch}-1\n".encode())
+                positions.append(await store.append(group, b"data: x\n\n", deliver))
+        assert [p.seq for p in positions] == [1, 1, 2, 1, 2]
+        epochs = {group: (await store.head(group)).epoch for group in "abc"}
+        assert len(set(epochs.values())) == 3
+        assert positions[0].epoch == positions[2].epoch == epochs["a"]
+        assert deliver.calls == [(p.seq, wire(p.epoch, p.seq, "x")) for p in positions]
+        assert deliver.calls[0][1].startswith(f"id: {epochs['a']}-1\n".encode())
 
 
 async def test_store_head_counts_issued_seqs(database: Database) -> None:
     async with connected(database.store(retention=1)) as store:
         with anyio.fail_after(10):
-            assert await store.head() == 0
+            empty = await store.head("a")
+            assert empty.seq == 0
+            assert await store.head("a") == empty  # made once
         for _ in range(3):
             await publish(store, "a", "x")
         with anyio.fail_after(10):
             # Trimming keeps one row, the head still counts every seq issued.
-            assert await store.head() == 3
+            assert await store.head("a") == Position(empty.epoch, 3)
 
 
-async def test_store_epoch_persists_across_reconnect(database: Database) -> None:
-    async with connected(database.store()) as first:
-        epoch = first.epoch
-        assert await publish(first, "a", "one") == 1
-    async with connected(database.store()) as second:
-        assert second.epoch == epoch
-        with anyio.fail_after(10):
-            assert await second.head() == 1
-            assert await second.read(["a"], 0) == [(1, wire(second, 1, "one"))]
-        assert await publish(second, "a", "two") == 2
-    async with connected(database.other().store()) as fresh:
-        assert fresh.epoch != epoch
-        with anyio.fail_after(10):
-            assert await fresh.head() == 0
-
-
-async def test_store_read_returns_later_events_of_the_groups(database: Database) -> None:
+async def test_store_heads_of_several_groups(database: Database) -> None:
     async with connected(database.store()) as store:
-        published = []
+        await publish(store, "a", "x")
+        a = await publish_at(store, "a", "x")
+        b = await publish_at(store, "b", "y")
+        with anyio.fail_after(10):
+            heads = await store.heads(["b", "new", "a"])
+            assert heads[0] == b
+            assert heads[2] == a
+            assert heads[1].seq == 0
+            assert await store.head("new") == heads[1]  # made once, by heads()
+
+
+async def test_store_epochs_persist_across_reconnect(database: Database) -> None:
+    async with connected(database.store()) as first:
+        one = await publish_at(first, "a", "one")
+        assert one.seq == 1
+    async with connected(database.store()) as second:
+        with anyio.fail_after(10):
+            assert await second.head("a") == one
+            assert await second.read("a", Position(one.epoch, 0)) == [
+                (1, wire(one.epoch, 1, "one"))
+            ]
+        assert await publish_at(second, "a", "two") == Position(one.epoch, 2)
+    async with connected(database.other().store()) as fresh:
+        with anyio.fail_after(10):
+            head = await fresh.head("a")
+        assert head.epoch != one.epoch
+        assert head.seq == 0
+
+
+async def test_store_read_returns_later_events_of_its_group(database: Database) -> None:
+    async with connected(database.store()) as store:
+        published: dict[str, list[tuple[Position, str]]] = {"a": [], "b": [], "c": []}
         for i in range(12):
             group = "abc"[i % 3]
-            published.append((await publish(store, group, f"{group}{i}"), group, f"{group}{i}"))
+            published[group].append((await publish_at(store, group, f"{group}{i}"), f"{group}{i}"))
+        epoch = published["c"][0][0].epoch
         with anyio.fail_after(10):
-            got = await store.read(["c", "a"], 4)
-            everything = await store.read(["a", "b", "c"], 0)
-            nothing = await store.read(["a"], 12)
-            unknown = await store.read(["nope"], 0)
-            none = await store.read([], 0)
-        expected = [(s, wire(store, s, d)) for s, g, d in published if g in "ac" and s > 4]
-        assert got == expected
-        assert [seq for seq, _ in expected] == [6, 7, 9, 10, 12]
-        assert everything == [(s, wire(store, s, d)) for s, _, d in published]
+            got = await store.read("c", Position(epoch, 1))
+            nothing = await store.read("c", Position(epoch, 4))
+            ahead = await store.read("c", Position(epoch, 5))
+            foreign = "00000000" if epoch != "00000000" else "11111111"
+            other_epoch = await store.read("c", Position(foreign, 0))
+            unknown = await read(store, "nope", 0)
+        assert got == [(p.seq, wire(p.epoch, p.seq, d)) for p, d in published["c"][1:]]
+        assert [seq for seq, _ in got or []] == [2, 3, 4]
         assert nothing == []
+        assert ahead is None
+        assert other_epoch is None
         assert unknown == []
-        assert none == []
 
 
 async def test_store_keeps_wire_bytes_exactly(database: Database) -> None:
     payload = bytes(range(256)) * 40 + b"\x00\n\r"
     async with connected(database.store()) as store:
         with anyio.fail_after(10):
-            seq = await store.append("bin", payload, Recorder())
-            assert await store.read(["bin"], 0) == [(seq, id_line(store.epoch, seq) + payload)]
+            position = await store.append("bin", payload, Recorder())
+            assert await store.read("bin", Position(position.epoch, 0)) == [
+                (1, id_line(position.epoch, 1) + payload)
+            ]
 
 
 async def test_store_count_retention_trims_each_group(database: Database) -> None:
     async with connected(database.store(retention=3)) as store:
-        a = [await publish(store, "a", f"a{i}") for i in range(5)]
-        b = [await publish(store, "b", f"b{i}") for i in range(2)]
+        a = [await publish_at(store, "a", f"a{i}") for i in range(5)]
+        b = [await publish_at(store, "b", f"b{i}") for i in range(2)]
         with anyio.fail_after(10):
-            # a[0] and a[1] were trimmed: a cursor before either is expired.
-            assert await store.read(["a"], 0) is None
-            assert await store.read(["a"], a[0]) is None
-            assert await store.read(["a"], a[1]) == [
-                (s, wire(store, s, f"a{i}")) for i, s in enumerate(a) if i >= 2
+            # a 1 and a 2 were trimmed: a cursor before either is expired.
+            assert await read(store, "a", 0) is None
+            assert await read(store, "a", 1) is None
+            assert await read(store, "a", 2) == [
+                (p.seq, wire(p.epoch, p.seq, f"a{i}")) for i, p in enumerate(a) if i >= 2
             ]
-            # b was never trimmed, so it still replays from the start...
-            assert await store.read(["b"], 0) == [
-                (s, wire(store, s, f"b{i}")) for i, s in enumerate(b)
-            ]
-            # ...but recovery is all or nothing across the requested groups.
-            assert await store.read(["a", "b"], 0) is None
-            assert await store.read(["a", "b"], a[1]) == [
-                (s, wire(store, s, d))
-                for s, d in [(a[2], "a2"), (a[3], "a3"), (a[4], "a4"), (b[0], "b0"), (b[1], "b1")]
+            # b was never trimmed, so it still replays from the start.
+            assert await read(store, "b", 0) == [
+                (p.seq, wire(p.epoch, p.seq, f"b{i}")) for i, p in enumerate(b)
             ]
 
 
 async def test_store_count_retention_survives_reconnect(database: Database) -> None:
     async with connected(database.store(retention=2)) as store:
         for i in range(4):
-            await publish(store, "a", f"a{i}")
+            last = await publish_at(store, "a", f"a{i}")
     async with connected(database.store(retention=2)) as store:
         with anyio.fail_after(10):
-            assert await store.read(["a"], 1) is None
-            assert await store.read(["a"], 2) == [
-                (3, wire(store, 3, "a2")),
-                (4, wire(store, 4, "a3")),
+            assert await read(store, "a", 1) is None
+            assert await read(store, "a", 2) == [
+                (3, wire(last.epoch, 3, "a2")),
+                (4, wire(last.epoch, 4, "a3")),
             ]
 
 
 async def test_store_age_retention_expires_old_events(database: Database) -> None:
     async with connected(database.store(retention=None, max_age=0.5)) as store:
-        old_a = await publish(store, "a", "old-a")
-        old_b = await publish(store, "b", "old-b")
+        old_a = await publish_at(store, "a", "old-a")
+        first_b = await publish_at(store, "b", "first-b")
+        await anyio.sleep(0.3)
+        second_b = await publish_at(store, "b", "second-b")
+        await anyio.sleep(0.3)
         with anyio.fail_after(10):
-            assert await store.read(["a", "b"], 0) == [
-                (old_a, wire(store, old_a, "old-a")),
-                (old_b, wire(store, old_b, "old-b")),
+            # Expired but not deleted yet: nothing was appended to a since.
+            assert await store.read("a", Position(old_a.epoch, 0)) is None
+            assert await store.read("b", Position(first_b.epoch, 0)) is None
+            assert await store.read("b", first_b) == [(2, wire(second_b.epoch, 2, "second-b"))]
+        third_b = await publish_at(store, "b", "third-b")
+        with anyio.fail_after(10):
+            # That append deleted b's expired row and marked it trimmed.
+            assert await store.read("b", Position(first_b.epoch, 0)) is None
+            assert await store.read("b", first_b) == [
+                (2, wire(second_b.epoch, 2, "second-b")),
+                (3, wire(third_b.epoch, 3, "third-b")),
             ]
-        await anyio.sleep(0.7)
-        with anyio.fail_after(10):
-            # Expired but not deleted yet: nothing was appended since.
-            assert await store.read(["a"], 0) is None
-        new_b = await publish(store, "b", "new-b")
-        with anyio.fail_after(10):
-            # The sweep (or that append) deleted the old rows of every group and
-            # marked them trimmed: a, gone as a whole, is covered by the store's floor.
-            assert await store.read(["a"], 0) is None
-            assert await store.read(["a"], old_b) == []
-            assert await store.read(["b"], 0) is None
-            assert await store.read(["b"], old_b) == [(new_b, wire(store, new_b, "new-b"))]
 
 
 async def test_store_deliver_in_seq_order_under_concurrency(database: Database) -> None:
     # PostgreSQL: two stores (as two processes would) share one history.
     count = 2 if database.kind == "postgresql" else 1
     stores = [database.store() for _ in range(count)]
-    delivered: list[int] = []
-    returned: list[int] = []
+    delivered: dict[str, list[int]] = {"g0": [], "g1": [], "g2": []}
+    returned: list[Position] = []
 
-    async def deliver(seq: int, wire: bytes) -> None:
-        await anyio.sleep(random.random() / 200)
-        delivered.append(seq)
+    def deliver_to(group: str) -> Any:
+        async def deliver(seq: int, wire: bytes) -> None:
+            await anyio.sleep(random.random() / 200)
+            delivered[group].append(seq)
+
+        return deliver
 
     async def one(store: SQLAlchemyStore, i: int) -> None:
-        returned.append(await store.append(f"g{i % 3}", b"data: x\n\n", deliver))
+        group = f"g{i % 3}"
+        returned.append(await store.append(group, b"data: x\n\n", deliver_to(group)))
 
     async with AsyncExitStack() as stack:
         for store in stores:
             await stack.enter_async_context(connected(store))
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
-                for i in range(50):
+                for i in range(60):
                     tg.start_soon(one, stores[i % count], i)
-    assert sorted(returned) == list(range(1, 51))
-    assert delivered == list(range(1, 51))
+    # Per group: consecutive seqs, delivered in seq order, one epoch.
+    assert delivered == {group: list(range(1, 21)) for group in delivered}
+    assert sorted(p.seq for p in returned) == sorted(list(range(1, 21)) * 3)
+    assert len({p.epoch for p in returned}) == 3
 
 
 async def test_store_append_holds_the_lock_until_deliver_returns(pg_tables: list[str]) -> None:
@@ -306,13 +338,22 @@ async def test_store_append_holds_the_lock_until_deliver_returns(pg_tables: list
 
 
 async def connect_together(stores: list[SQLAlchemyStore]) -> None:
-    """Connect every store at once; they must agree on one epoch. All are disconnected."""
+    """Connect every store at once; they must agree on every group's epoch. All are
+    disconnected."""
     try:
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
                 for store in stores:
                     tg.start_soon(store.connect)
-        assert len({store.epoch for store in stores}) == 1
+            heads: list[Position] = []
+
+            async def head(store: SQLAlchemyStore) -> None:
+                heads.append(await store.head("a"))
+
+            async with anyio.create_task_group() as tg:
+                for store in stores:
+                    tg.start_soon(head, store)
+        assert len(set(heads)) == 1
     finally:
         with anyio.fail_after(10):
             for store in stores:
@@ -329,6 +370,29 @@ async def test_store_sqlite_new_file_many_stores_connect_together(tmp_path: Path
     for round_ in range(30):
         url = f"sqlite+aiosqlite:///{tmp_path}/new{round_}.db"
         await connect_together([SQLAlchemyStore(url, retention=10) for _ in range(8)])
+
+
+async def test_store_postgres_appends_to_two_groups_do_not_wait_for_each_other(
+    pg_tables: list[str],
+) -> None:
+    db = Database("postgresql", Path())
+    pg_tables.append(db.prefix)
+    first, second = db.store(), db.store()
+    started, release = anyio.Event(), anyio.Event()
+
+    async def hold(seq: int, wire: bytes) -> None:
+        started.set()
+        await release.wait()
+
+    async with connected(first), connected(second):
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first.append, "a", b"data: 1\n\n", hold)
+                await started.wait()
+                # a's lock (its advisory lock and row) is held: b goes on regardless.
+                assert (await second.append("b", b"data: 2\n\n", Recorder())).seq == 1
+                assert (await first.append("b", b"data: 3\n\n", Recorder())).seq == 2
+                release.set()
 
 
 async def test_store_unreachable_postgres_raises_backend_error(
@@ -362,7 +426,8 @@ async def test_store_postgres_reconnects_after_connection_loss(pg_tables: list[s
     db = Database("postgresql", Path())
     pg_tables.append(db.prefix)
     async with connected(db.store()) as store:
-        assert await publish(store, "a", "before") == 1
+        before = await publish_at(store, "a", "before")
+        assert before.seq == 1
         # Appends run one at a time, so the pool holds exactly the one connection used.
         assert store.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
         async with store.engine.connect() as conn:
@@ -374,10 +439,11 @@ async def test_store_postgres_reconnects_after_connection_loss(pg_tables: list[s
             except BackendError:
                 pass
             after = await store.append("a", b"data: after\n\n", Recorder())
-            rows = await store.read(["a"], 0)
+            rows = await store.read("a", Position(before.epoch, 0))
+        assert after.epoch == before.epoch
         assert rows is not None
-        assert rows[-1] == (after, id_line(store.epoch, after) + b"data: after\n\n")
-        assert [seq for seq, _ in rows] == list(range(1, after + 1))
+        assert rows[-1] == (after.seq, id_line(after.epoch, after.seq) + b"data: after\n\n")
+        assert [seq for seq, _ in rows] == list(range(1, after.seq + 1))
 
 
 async def test_store_postgres_connection_lost_while_delivering(
@@ -388,7 +454,7 @@ async def test_store_postgres_connection_lost_while_delivering(
     holders: list[list[int]] = []
 
     async def kill_own_session(seq: int, wire: bytes) -> None:
-        pids = await advisory_holders(store._lock_key)
+        pids = await advisory_holders(store._group_lock_key("a"))
         holders.append(pids)
         for pid in pids:
             await terminate(pid)
@@ -397,9 +463,9 @@ async def test_store_postgres_connection_lost_while_delivering(
         with anyio.fail_after(20):
             # The event was committed before deliver ran, so the append succeeds; the
             # dead session can't be unlocked, but its end freed the lock.
-            assert await store.append("a", b"data: 1\n\n", kill_own_session) == 1
+            assert (await store.append("a", b"data: 1\n\n", kill_own_session)).seq == 1
             assert await publish(store, "a", "2") == 2
-            assert await advisory_holders(store._lock_key) == []
+            assert await advisory_holders(store._group_lock_key("a")) == []
     assert len(holders) == 1
     assert len(holders[0]) == 1
     assert any("broken connection" in r.getMessage() for r in caplog.records)
@@ -412,7 +478,7 @@ async def test_store_cancelled_deliver_releases_the_lock(database: Database) -> 
         assert scope.cancelled_caught
         assert await publish(store, "a", "2") == 2
         with anyio.fail_after(10):
-            assert [seq for seq, _ in await store.read(["a"], 0) or []] == [1, 2]
+            assert [seq for seq, _ in await read(store, "a", 0) or []] == [1, 2]
 
 
 async def test_store_cancelled_while_waiting_for_the_lock(pg_tables: list[str]) -> None:
@@ -437,8 +503,8 @@ async def test_store_cancelled_while_waiting_for_the_lock(pg_tables: list[str]) 
                 release.set()
             assert await publish(second, "a", "2") == 2
             assert await publish(first, "a", "3") == 3
-            assert await advisory_holders(first._lock_key) == []
-            rows = await first.read(["a"], 0)
+            assert await advisory_holders(first._group_lock_key("a")) == []
+            rows = await read(first, "a", 0)
         assert [seq for seq, _ in rows or []] == [1, 2, 3]
 
 
@@ -504,7 +570,7 @@ async def test_store_accepts_an_engine_and_leaves_it_open(database: Database) ->
         assert engine.pool.checkedin() >= 1  # type: ignore[attr-defined]
         with anyio.fail_after(10):
             async with engine.connect() as conn:
-                table = f"{database.prefix}_events"
+                table = f"{database.prefix}_v2_events"
                 count = (await conn.execute(text(f'SELECT count(*) FROM "{table}"'))).scalar_one()
         assert count == 1
     finally:
@@ -516,9 +582,9 @@ async def test_store_used_before_connect_raises(tmp_path: Path) -> None:
     with pytest.raises(BroadcastNotConnected):
         await store.append("a", b"data: x\n\n", Recorder())
     with pytest.raises(BroadcastNotConnected):
-        await store.read(["a"], 0)
+        await store.read("a", Position("00000000", 0))
     with pytest.raises(BroadcastNotConnected):
-        await store.head()
+        await store.head("a")
 
 
 @pytest.mark.parametrize(
@@ -575,9 +641,9 @@ def test_store_engine_property_type(tmp_path: Path) -> None:
 # -- idle groups and a history that went back -------------------------------------------------
 
 
-async def test_store_idle_groups_are_swept_with_their_marks(database: Database) -> None:
+async def test_store_idle_groups_are_swept_with_their_epochs(database: Database) -> None:
     async with connected(database.store(retention=1, max_age=0.3)) as store:
-        first = await publish(store, "g0", "x")
+        first = await publish_at(store, "g0", "x")
         for n in range(1, 300):
             await publish(store, f"g{n}", "x")
         await publish(store, "g0", "y")  # trims g0: it has a mark
@@ -585,32 +651,48 @@ async def test_store_idle_groups_are_swept_with_their_marks(database: Database) 
             while True:
                 async with store.engine.connect() as conn:
                     rows = (
-                        await conn.execute(text(f"SELECT count(*) FROM {database.prefix}_events"))
+                        await conn.execute(
+                            text(f"SELECT count(*) FROM {database.prefix}_v2_events")
+                        )
                     ).scalar()
-                    marks = (
-                        (await conn.execute(text(f"SELECT grp FROM {database.prefix}_trim")))
-                        .scalars()
-                        .all()
-                    )
-                if rows == 0 and marks == [""]:
+                    groups = (
+                        await conn.execute(
+                            text(f"SELECT count(*) FROM {database.prefix}_v2_groups")
+                        )
+                    ).scalar()
+                if rows == 0 and groups == 0:
                     break
                 await anyio.sleep(0.1)
             # A client resuming into an expired group gets the reset (None), never [].
-            assert await store.read(["g0"], first) is None
-            assert await store.read(["g7"], first) is None
+            assert await store.read("g0", first) is None
+            assert await store.read("g0", Position(first.epoch, 0)) is None
+            # Its next use starts a new epoch.
+            assert (await store.head("g0")).epoch != first.epoch
 
 
-async def test_store_that_went_back_starts_a_new_epoch(database: Database) -> None:
+async def test_store_that_went_back_starts_a_new_epoch(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     async with connected(database.store()) as store:
-        issued = {(store.epoch, await publish(store, "a", str(n))) for n in range(5)}
-        epoch = store.epoch
+        issued = {await publish_at(store, "a", str(n)) for n in range(5)}
+        other = await publish_at(store, "b", "b")
+        (epoch,) = {p.epoch for p in issued}
         async with store.engine.begin() as conn:
-            # A restored backup: the head is back at 2.
-            await conn.execute(text(f"UPDATE {database.prefix}_meta SET head = 2"))
-        seq = await publish(store, "a", "after")
-        assert store.epoch != epoch
-        assert (store.epoch, seq) not in issued
+            # A restored backup: a's counter is back at 2.
+            await conn.execute(
+                text(f"UPDATE {database.prefix}_v2_groups SET seq = 2 WHERE grp = 'a'")
+            )
+        with caplog.at_level(logging.WARNING, logger="sseviews.sqlalchemy"):
+            after = await publish_at(store, "a", "after")
+        assert after.epoch != epoch
+        assert after == Position(after.epoch, 1)
+        assert after not in issued
+        assert any("started a new epoch" in r.getMessage() for r in caplog.records)
         with anyio.fail_after(10):
             # The old epoch's events are not replayed under the new one.
-            assert await store.read(["a"], seq - 1) == [(seq, wire(store, seq, "after"))]
-            assert await store.read(["a"], 0) is None
+            assert await store.read("a", Position(after.epoch, 0)) == [
+                (1, wire(after.epoch, 1, "after"))
+            ]
+            assert await store.read("a", Position(epoch, 2)) is None
+            # Another group is untouched.
+            assert await store.head("b") == other

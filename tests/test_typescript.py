@@ -285,7 +285,7 @@ room
   .on("typing/started", (anything) => console.log(anything));
 room.onreset = (reset) => console.log(reset.reason, reset.head);
 connect("/legacy").on("whatever", (data) => console.log(data));
-connect("/events/grouped").on("sseviews.reset", (reset) => console.log(reset.epoch));
+connect("/events/grouped").on("sseviews.reset", (reset) => console.log(reset.reason === "ahead"));
 room.on("sseviews.error", (error) => console.log(error.reason === "error"));
 console.log(streamUrl("/events/rooms/{room}", { room: "a b" }), room.lastEventId);
 """
@@ -300,6 +300,7 @@ USE_WRONG = [
     'connect("/events/grouped").on("chat", (chat) => chat.text.toFixed());',  # a string
     'connect("/events/rooms/{room}", { params: { room: 1 } }).on("count", (n) => n.trim());',
     'const s: "open" = connect("/events/grouped").lastEventId;',
+    'connect("/events/grouped").on("sseviews.reset", (reset) => reset.epoch);',  # no epoch
 ]
 
 

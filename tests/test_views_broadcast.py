@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import anyio
 import anyio.lowlevel
 import pytest
-from broadcast_helpers import YieldingStore
+from broadcast_helpers import YieldingStore, steps
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
@@ -146,7 +146,11 @@ async def test_view_groups_async_method_uses_path_params() -> None:
             await broadcast.publish("job:8", "other job")
             mine = await broadcast.publish("job:7", "mine")
             everyone = await broadcast.publish("jobs:all", "everyone")
-            assert [e.id for e in await read(stream, 2)] == [mine, everyone]
+            # Two groups: composite ids, by group name.
+            assert [e.id for e in await read(stream, 2)] == [
+                f"{mine}.{everyone[:8]}-0",
+                f"{mine}.{everyone}",
+            ]
             assert await nothing_more(stream)
 
 
@@ -155,13 +159,45 @@ async def test_view_duplicate_groups_are_joined_once() -> None:
     view = room_view(broadcast, groups=["a", "b", "a", "b", "a"])
     app = app_for(broadcast, Route("/s", view))
     async with EventStreamClient(app, timeout=TIMEOUT) as client:
-        cursor = await broadcast.publish("a", "seen before")
-        missed = [await broadcast.publish(group, group) for group in ["a", "b", "a"]]
+        await broadcast.publish("a", "seen before")
+        cursor = await broadcast.last_id("a", "b")
+        a1, b1, a2 = [await broadcast.publish(group, group) for group in ["a", "b", "a"]]
         async with client.stream("/s", headers={"Last-Event-ID": cursor}) as stream:
             assert broadcast.subscriber_count == 2
-            assert [e.id for e in await read(stream, 3)] == missed
+            replayed = await read(stream, 3)
+            assert [e.data for e in replayed] == ["a", "a", "b"]
+            assert [e.id for e in replayed] == [
+                f"{a1}.{b1[:8]}-0",
+                f"{a2}.{b1[:8]}-0",
+                f"{a2}.{b1}",
+            ]
             live = await broadcast.publish("a", "live")
-            assert [e.id for e in await read(stream, 1)] == [live]
+            assert [e.id for e in await read(stream, 1)] == [f"{live}.{b1}"]
+            assert await nothing_more(stream)
+
+
+def test_view_max_groups_is_at_most_what_an_id_can_carry() -> None:
+    assert type("Most", (EventStreamView,), {"max_groups": 256}).max_groups == 256
+    with pytest.raises(ValueError, match="max_groups must be <= 256"):
+        type("TooMany", (EventStreamView,), {"max_groups": 257})
+
+
+async def test_view_of_the_most_groups_resumes_from_its_composite_id() -> None:
+    broadcast = Broadcast("memory://")
+    groups = [f"g{n:03}" for n in range(256)]
+    view = room_view(broadcast, groups=groups, max_groups=256)
+    app = app_for(broadcast, Route("/s", view))
+    async with EventStreamClient(app, timeout=TIMEOUT) as client:
+        async with client.stream("/s") as stream:
+            first = await broadcast.publish("g200", "first")
+            (event,) = await read(stream, 1)
+        assert event.id is not None
+        assert len(event.id) > 1024  # longer than Last-Event-ID could be before
+        second = await broadcast.publish("g200", "second")
+        async with client.stream("/s", headers={"Last-Event-ID": event.id}) as stream:
+            (replayed,) = await read(stream, 1)
+            assert replayed.data == "second"
+            assert replayed.id == event.id.replace(first, second)
             assert await nothing_more(stream)
 
 
@@ -319,16 +355,12 @@ async def test_view_unknown_epoch_gets_reset_event_then_live() -> None:
     app = app_for(broadcast, Route("/room", room_view(broadcast)))
     async with EventStreamClient(app, timeout=TIMEOUT) as client:
         head = await broadcast.publish("room", "x")
-        foreign = "00000000" if broadcast.epoch != "00000000" else "11111111"
+        foreign = "00000000" if head[:8] != "00000000" else "11111111"
         async with client.stream("/room", headers={"Last-Event-ID": f"{foreign}-1"}) as stream:
             assert stream.status_code == 200
             (reset,) = await read(stream, 1)
             assert reset.event == RESET_EVENT
-            assert reset.json() == {
-                "reason": "unknown_epoch",
-                "epoch": broadcast.epoch,
-                "head": head,
-            }
+            assert reset.json() == {"reason": "unknown_epoch", "head": head}
             live = await broadcast.publish("room", "live")
             assert [e.id for e in await read(stream, 1)] == [live]
 
@@ -353,30 +385,29 @@ async def test_view_reconnects_are_gap_free_while_publishing_continues(
 ) -> None:
     rng = random.Random(99)
     broadcast = Broadcast("memory://", history=store_class(retention=100_000))
+    groups = ["room"] if override else ["news", "room"]
     if override:
         view: type = type("Merging", (MergingView,), {"broadcast": broadcast})
     else:
-        view = room_view(broadcast, groups=["room", "news"])
-    published: list[str] = []
+        view = room_view(broadcast, groups=groups)
+    published = {"room": 0, "news": 0, "other": 0}
     stop = anyio.Event()
 
     async def publisher() -> None:
         while not stop.is_set():
             group = rng.choice(["room", "news", "other"])
-            event_id = await broadcast.publish(group, group)
-            if group == "room" or (group == "news" and not override):
-                published.append(event_id)
+            await broadcast.publish(group, group)
+            published[group] += 1
 
     app = app_for(broadcast, Route("/s", view))
     received: list[str] = []
-    last: str | None = None
     with anyio.fail_after(15):
         async with EventStreamClient(app, timeout=TIMEOUT) as client:
+            start = last = await broadcast.last_id(*groups)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(publisher)
                 for _ in range(60):
-                    headers = {"Last-Event-ID": last} if last else {}
-                    async with client.stream("/s", headers=headers) as stream:
+                    async with client.stream("/s", headers={"Last-Event-ID": last}) as stream:
                         for _ in range(rng.randint(0, 25)):
                             event = await stream.next_event(timeout=TIMEOUT)
                             if event.id is not None:
@@ -384,14 +415,18 @@ async def test_view_reconnects_are_gap_free_while_publishing_continues(
                                 received.append(event.id)
                                 last = event.id
                 stop.set()
-            headers = {"Last-Event-ID": last} if last else {}
-            async with client.stream("/s", headers=headers) as stream:
-                while not received or received[-1] != published[-1]:
+            end = await broadcast.last_id(*groups)
+            async with client.stream("/s", headers={"Last-Event-ID": last}) as stream:
+                while last != end:
                     event = await stream.next_event(timeout=TIMEOUT)
                     if event.id is not None:
                         received.append(event.id)
-    assert len(published) > 60
-    assert received == published
+                        last = event.id
+    assert sum(published[group] for group in groups) > 60
+    # Each event moved its group's position by one: per group, no gap and no duplicate.
+    moved = steps(start, received)
+    for index, group in enumerate(groups):
+        assert [p.seq for i, p in moved if i == index] == list(range(1, published[group] + 1))
 
 
 # -- views that override events() ------------------------------------------------------------

@@ -29,6 +29,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from .chat import (
+    PRIVATE_GROUP,
     PRIVATE_ROOM,
     check_room,
     check_token,
@@ -129,7 +130,7 @@ async def room_page(request: Request) -> Response:
     context = {
         "room": room,
         "messages": messages,
-        "cursor": resume_cursor(messages, state.broadcast),
+        "cursor": await resume_cursor(messages, state.broadcast, room_group(room)),
         "events_url": request.url_for("room_events", room=room).path,
         "post_url": request.url_for("post_room_message", room=room).path,
         "members_url": request.url_for("room_members", room=room).path,
@@ -169,7 +170,7 @@ async def private_page(request: Request) -> Response:
     context = {
         "room": "private",
         "messages": messages,
-        "cursor": resume_cursor(messages, state.broadcast),
+        "cursor": await resume_cursor(messages, state.broadcast, PRIVATE_GROUP),
         "events_url": request.url_for("private_events").path + query,
         "post_url": request.url_for("post_private_message").path + query,
         "has_cookie": "token" in request.cookies,

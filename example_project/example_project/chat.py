@@ -100,16 +100,18 @@ async def latest_messages(session: AsyncSession, room: str) -> list[Message]:
     return list(reversed(rows))
 
 
-def resume_cursor(messages: list[Message], broadcast: Broadcast) -> str:
-    """The id a page showing `messages` resumes its stream after ("" for live only).
+async def resume_cursor(messages: list[Message], broadcast: Broadcast, group: str) -> str:
+    """The id a page showing `messages` of `group` resumes its stream after ("" for live
+    only).
 
-    An id from another epoch (the history was reset, for example a `memory://`
-    history after a restart) cannot be resumed: the page then starts live.
+    An id from another epoch of the group (its history was reset, for example a
+    `memory://` history after a restart) cannot be resumed: the page then starts live.
     """
     for message in reversed(messages):
         if message.event_id:
             epoch, _ = parse_id(message.event_id)
-            return message.event_id if epoch == broadcast.epoch else ""
+            current, _ = parse_id(await broadcast.last_id(group))
+            return message.event_id if epoch == current else ""
     return ""
 
 

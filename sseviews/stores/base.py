@@ -7,7 +7,9 @@ import logging
 import math
 import re
 import secrets
+import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import NamedTuple
 
@@ -19,25 +21,45 @@ from .._exceptions import InvalidLastEventId
 logger = logging.getLogger("sseviews")
 
 __all__ = [
+    "MAX_CURSOR_GROUPS",
     "Deliver",
     "HistoryStore",
     "Page",
+    "Position",
+    "SeenPositions",
     "Sweeper",
     "check_idle_expiry",
     "check_retention",
     "cut_page",
+    "format_cursor",
     "format_id",
     "id_line",
     "new_epoch",
+    "parse_cursor",
     "parse_id",
     "sweep_interval",
 ]
 
 #: Awaited by `append` with `(seq, wire)` once the event is stored, before the next
-#: append may take a seq, so live delivery happens in id order.
+#: append to the same group may take a seq, so live delivery happens in id order.
 Deliver = Callable[[int, bytes], Awaitable[None]]
 
+#: Most positions a composite id carries: the most groups one stream may join.
+MAX_CURSOR_GROUPS = 256
+
 _ID = re.compile(r"([0-9a-f]{8})-(0|[1-9][0-9]{0,18})")
+# One position of a composite id: 8 hex digits, a dash and at most 19 digits, then
+# a dot between positions.
+_MAX_CURSOR_LENGTH = 29 * MAX_CURSOR_GROUPS - 1
+
+
+class Position(NamedTuple):
+    """Where a group's history is: its epoch and the seq of its latest event (0: none)."""
+
+    #: The group's epoch: 8 lowercase hex digits, new whenever its history restarts.
+    epoch: str
+    #: The group's seq: its events are numbered 1, 2, 3... within the epoch.
+    seq: int
 
 
 class Page(NamedTuple):
@@ -75,6 +97,19 @@ def format_id(epoch: str, seq: int) -> str:
     return f"{epoch}-{seq}"
 
 
+def format_cursor(positions: Iterable[Position]) -> str:
+    """Return the composite id of several groups' positions: `"<e1>-<s1>.<e2>-<s2>..."`."""
+    return ".".join([f"{epoch}-{seq}" for epoch, seq in positions])
+
+
+def _malformed(value: str) -> InvalidLastEventId:
+    return InvalidLastEventId(
+        f"Last-Event-ID {value[:80]!r} was not issued by this server: expected "
+        "'<epoch>-<sequence>', for example 'a1b2c3d4-42', or several of them joined by "
+        "'.' for a stream of several groups"
+    )
+
+
 def parse_id(value: str) -> tuple[str, int]:
     """Split an id issued by `format_id` into `(epoch, seq)`.
 
@@ -83,11 +118,27 @@ def parse_id(value: str) -> tuple[str, int]:
     """
     match = _ID.fullmatch(value)
     if match is None:
-        raise InvalidLastEventId(
-            f"Last-Event-ID {value[:80]!r} was not issued by this server: "
-            "expected '<epoch>-<sequence>', for example 'a1b2c3d4-42'"
-        )
+        raise _malformed(value)
     return match.group(1), int(match.group(2))
+
+
+def parse_cursor(value: str) -> list[Position]:
+    """Split an id (one position) or a composite id (several, joined by `.`) into
+    its positions, in order.
+
+    Raises:
+        InvalidLastEventId: `value` is neither, or holds more than
+            `MAX_CURSOR_GROUPS` positions.
+    """
+    if len(value) > _MAX_CURSOR_LENGTH:
+        raise _malformed(value)
+    positions = []
+    for part in value.split("."):
+        match = _ID.fullmatch(part)
+        if match is None:
+            raise _malformed(value)
+        positions.append(Position(match.group(1), int(match.group(2))))
+    return positions
 
 
 def id_line(epoch: str, seq: int) -> bytes:
@@ -98,58 +149,82 @@ def id_line(epoch: str, seq: int) -> bytes:
 class HistoryStore(ABC):
     """Keeps the last events of each group, and assigns the broadcast's event ids.
 
-    Ids come from one monotonic sequence per store (`seq`, starting at 1), shared
-    by all groups, plus the store's `epoch`, which changes when the history is
-    reset. Retention is per group: the last `retention` events, and/or those
-    younger than `max_age` seconds. A group with no event for `max_age` (else
-    `idle_expiry`) seconds is removed with its trim mark; `read` then treats a
-    cursor older than that as expired for a group it holds nothing of.
-    """
+    Each group has its own history: an `epoch` (8 random hex digits, made when the
+    group is first used, and again whenever its history restarts) and a sequence
+    1, 2, 3... with no gap within the epoch. An event's id is `<epoch>-<seq>`.
+    Nothing is shared between groups, so appends to different groups never contend.
 
-    #: Set by `connect()`.
-    epoch: str
+    Retention is per group: the last `retention` events, and/or those younger than
+    `max_age` seconds. A group with no event for `max_age` (else `idle_expiry`)
+    seconds is removed as a whole, epoch included: its next use starts a new epoch,
+    so a cursor into it gets the reset event.
+    """
 
     @abstractmethod
     async def connect(self) -> None:
-        """Open the store (create tables, read or create the epoch)."""
+        """Open the store (create tables, check the server)."""
 
     @abstractmethod
     async def disconnect(self) -> None:
         """Close the store."""
 
     @abstractmethod
-    async def append(self, group: str, wire: bytes, deliver: Deliver) -> int:
-        """Store one event and return its seq.
+    async def append(self, group: str, wire: bytes, deliver: Deliver) -> Position:
+        """Store one event in `group` and return its position (its id's epoch and seq).
 
         `wire` is the encoded event without an `id:` line; the store keeps
         `id_line(epoch, seq) + wire`, applies retention to `group` (remembering the
         highest seq it trimmed from it), then awaits `deliver(seq, stored_wire)`.
-        Appends are serialised from assigning the seq until `deliver` returns,
-        across every process sharing the store, so live order is id order.
+        Appends to one group are serialised from assigning the seq until `deliver`
+        returns, across every process sharing the store, so a group's live order is
+        its id order.
 
         Raises:
             BackendError: The store cannot be reached.
         """
 
     @abstractmethod
-    async def read(self, groups: Sequence[str], after: int) -> list[tuple[int, bytes]] | None:
-        """Return `(seq, wire)` of every retained event of `groups` after `after`, by seq.
+    async def head(self, group: str) -> Position:
+        """Return `group`'s epoch and latest seq (0 before its first event).
 
-        Returns None when the cursor expired: some event of `groups` with a seq
-        greater than `after` has been trimmed (recovery is all or nothing).
+        A group the store holds nothing of gets its epoch here, and is then kept
+        for the idle expiry like a group that had an event.
+
+        Raises:
+            BackendError: The store cannot be reached.
+        """
+
+    async def heads(self, groups: Sequence[str]) -> list[Position]:
+        """Return the heads of `groups`, in order (see `head`).
+
+        The Redis and SQL stores read them in one round trip; this default reads
+        them one at a time.
+
+        Raises:
+            BackendError: The store cannot be reached.
+        """
+        return [await self.head(group) for group in groups]
+
+    @abstractmethod
+    async def read(self, group: str, after: Position) -> list[tuple[int, bytes]] | None:
+        """Return `(seq, wire)` of every retained event of `group` after `after`, by seq.
+
+        Returns None when the cursor cannot be resumed: `after.epoch` is not the
+        group's epoch, or some event of `group` after `after.seq` has been trimmed
+        (recovery is all or nothing).
 
         Raises:
             BackendError: The store cannot be reached.
         """
 
     async def read_page(
-        self, groups: Sequence[str], after: int, upto: int, limit_bytes: int
+        self, group: str, after: Position, upto: int, limit_bytes: int
     ) -> Page | None:
-        """Return one page of the events of `groups` with `after < seq <= upto`, by seq.
+        """Return one page of the events of `group` with `after.seq < seq <= upto`, by seq.
 
         The page holds events until their size reaches `limit_bytes` (so at least
         one, when the range has any), and its `end` says where the next page
-        starts. Returns None when the cursor expired, as `read` does.
+        starts. Returns None when the cursor cannot be resumed, as `read` does.
 
         The stores of sseviews read only the page. This default reads everything
         after `after` with `read` and cuts the page from it: a store of your own
@@ -158,14 +233,47 @@ class HistoryStore(ABC):
         Raises:
             BackendError: The store cannot be reached.
         """
-        events = await self.read(groups, after)
+        events = await self.read(group, after)
         if events is None:
             return None
         return cut_page(events, upto, limit_bytes)
 
-    @abstractmethod
-    async def head(self) -> int:
-        """Return the highest seq issued so far (0 before the first event)."""
+
+class SeenPositions:
+    """What one store instance issued or saw per group, for the most recent groups.
+
+    A group's counter found below a seq of the same epoch recorded here means its
+    history went back (a restored snapshot or backup, a failover to a lagging
+    replica): the store then starts a new epoch for it, so no id is issued twice.
+    Bounded: the least recently used groups are forgotten past `size`.
+    """
+
+    def __init__(self, size: int = 16384) -> None:
+        self._size = size
+        # group -> (the highest position, when the group was last seen: monotonic s)
+        self._seen: OrderedDict[str, tuple[Position, float]] = OrderedDict()
+
+    def get(self, group: str) -> Position | None:
+        """Return the highest position recorded for `group`, if it is remembered."""
+        entry = self._seen.get(group)
+        return None if entry is None else entry[0]
+
+    def idle(self, group: str) -> float | None:
+        """Seconds since `group` was last seen, if it is remembered."""
+        entry = self._seen.get(group)
+        return None if entry is None else time.monotonic() - entry[1]
+
+    def saw(self, group: str, position: Position) -> None:
+        """Record that `position` of `group` was issued or seen (a new epoch replaces
+        the old one)."""
+        seen = self._seen
+        entry = seen.get(group)
+        if entry is not None and entry[0].epoch == position.epoch and entry[0].seq >= position.seq:
+            position = entry[0]
+        seen[group] = (position, time.monotonic())
+        seen.move_to_end(group)
+        if len(seen) > self._size:
+            seen.popitem(last=False)
 
 
 def check_idle_expiry(idle_expiry: float | None) -> None:

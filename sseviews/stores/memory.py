@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterator, Sequence
 
 import anyio
 
@@ -15,6 +13,7 @@ from .base import (
     Deliver,
     HistoryStore,
     Page,
+    Position,
     Sweeper,
     check_idle_expiry,
     check_retention,
@@ -27,12 +26,26 @@ from .base import (
 __all__ = ["MemoryStore"]
 
 
+class _Group:
+    """One group's history: its epoch, last seq, retained events and trim mark."""
+
+    __slots__ = ("epoch", "log", "seq", "trimmed", "used")
+
+    def __init__(self) -> None:
+        self.epoch = new_epoch()
+        self.seq = 0
+        # (seq, monotonic time, stored wire), by seq.
+        self.log: deque[tuple[int, float, bytes]] = deque()
+        self.trimmed = 0  # the highest seq removed by retention
+        self.used = time.monotonic()  # when it was made or last got an event
+
+
 class MemoryStore(HistoryStore):
     """Keeps the last `retention` events of each group (and/or those younger than
     `max_age` seconds) in this process's memory. Lost when the process exits.
 
     A group with no event for `max_age` (else `idle_expiry`) seconds is removed,
-    with its trim mark, by a sweep that runs between `connect()` and `disconnect()`.
+    epoch included, by a sweep that runs between `connect()` and `disconnect()`.
     """
 
     def __init__(
@@ -47,13 +60,7 @@ class MemoryStore(HistoryStore):
         self.retention = retention
         self.max_age = max_age
         self.idle_expiry = idle_expiry
-        self.epoch = new_epoch()
-        self._seq = 0
-        self._logs: dict[str, deque[tuple[int, float, bytes]]] = {}
-        self._trimmed: dict[str, int] = {}
-        # The highest seq removed with a whole group: the trim mark of every group
-        # this store holds no mark for.
-        self._swept = 0
+        self._groups: dict[str, _Group] = {}
         self._lock = anyio.Lock()
         self._sweeper: Sweeper | None = None
 
@@ -65,7 +72,7 @@ class MemoryStore(HistoryStore):
         ttl = self._ttl
         if ttl is not None and self._sweeper is None:
             self._sweeper = Sweeper(self._sweep_async, sweep_interval(ttl))
-            self._sweeper.start(f"sseviews memory history sweep {self.epoch}")
+            self._sweeper.start(f"sseviews memory history sweep {id(self):x}")
 
     async def disconnect(self) -> None:
         sweeper, self._sweeper = self._sweeper, None
@@ -81,21 +88,23 @@ class MemoryStore(HistoryStore):
         if ttl is None:
             return 0
         oldest = time.monotonic() - ttl
-        idle = [group for group, log in self._logs.items() if log[-1][1] < oldest]
-        for group in idle:
-            self._swept = max(self._swept, self._logs.pop(group)[-1][0])
-            self._trimmed.pop(group, None)
-        # A mark whose group holds no event any more: everything in it was removed.
-        for group in [group for group in self._trimmed if group not in self._logs]:
-            self._swept = max(self._swept, self._trimmed.pop(group))
-        if len(idle) > len(self._logs):
+        idle = [name for name, group in self._groups.items() if group.used < oldest]
+        for name in idle:
+            del self._groups[name]
+        if len(idle) > len(self._groups):
             # A dict never shrinks its table as keys go: copy what is left, so a
             # burst of groups that all expired gives its memory back.
-            self._logs = dict(self._logs)
-            self._trimmed = dict(self._trimmed)
+            self._groups = dict(self._groups)
         return len(idle)
 
-    def _trim(self, group: str, log: deque[tuple[int, float, bytes]]) -> None:
+    def _group(self, name: str) -> _Group:
+        group = self._groups.get(name)
+        if group is None:
+            group = self._groups[name] = _Group()
+        return group
+
+    def _trim(self, group: _Group) -> None:
+        log = group.log
         removed = 0
         if self.retention is not None:
             while len(log) > self.retention:
@@ -105,70 +114,55 @@ class MemoryStore(HistoryStore):
             while log and log[0][1] < oldest:
                 removed = log.popleft()[0]
         if removed:
-            self._trimmed[group] = removed
-            if not log:
-                del self._logs[group]
+            group.trimmed = removed
 
-    async def append(self, group: str, wire: bytes, deliver: Deliver) -> int:
+    async def append(self, group: str, wire: bytes, deliver: Deliver) -> Position:
         async with self._lock:
-            self._seq += 1
-            seq = self._seq
-            stored = id_line(self.epoch, seq) + wire
-            log = self._logs.get(group)
-            if log is None:
-                log = self._logs[group] = deque()
-            log.append((seq, time.monotonic(), stored))
-            self._trim(group, log)
+            state = self._group(group)
+            seq = state.seq = state.seq + 1
+            stored = id_line(state.epoch, seq) + wire
+            now = state.used = time.monotonic()
+            state.log.append((seq, now, stored))
+            self._trim(state)
             await deliver(seq, stored)
-        return seq
+        return Position(state.epoch, seq)
 
-    def _expired(self, groups: Sequence[str], after: int) -> bool:
-        """Apply retention to `groups`; True if any event of theirs after `after` is gone."""
-        for group in groups:
-            log = self._logs.get(group)
-            if log is not None:
-                self._trim(group, log)
-            if self._trimmed.get(group, self._swept) > after:
-                return True
-        return False
+    async def head(self, group: str) -> Position:
+        state = self._group(group)
+        return Position(state.epoch, state.seq)
+
+    def _resumable(self, group: str, after: Position) -> _Group | None:
+        """The group if a read after `after` loses nothing, after applying retention."""
+        state = self._groups.get(group)
+        if state is None or state.epoch != after.epoch or after.seq > state.seq:
+            return None
+        self._trim(state)
+        if state.trimmed > after.seq:
+            return None
+        return state
 
     async def read_page(
-        self, groups: Sequence[str], after: int, upto: int, limit_bytes: int
+        self, group: str, after: Position, upto: int, limit_bytes: int
     ) -> Page | None:
-        if self._expired(groups, after):
+        state = self._resumable(group, after)
+        if state is None:
             return None
-        runs: list[Iterator[tuple[int, bytes]]] = []
-        for group in groups:
-            log = self._logs.get(group)
-            if log:
-                start = bisect_right(log, after, key=_seq_of)
-                runs.append(((seq, wire) for seq, _, wire in itertools.islice(log, start, None)))
-        if not runs:
-            return Page([], upto)
-        merged = runs[0] if len(runs) == 1 else heapq.merge(*runs)
-        return cut_page(merged, upto, limit_bytes)
+        log = state.log
+        start = bisect_right(log, after.seq, key=_seq_of)
+        events = ((seq, wire) for seq, _, wire in itertools.islice(log, start, None))
+        return cut_page(events, upto, limit_bytes)
 
-    async def read(self, groups: Sequence[str], after: int) -> list[tuple[int, bytes]] | None:
-        if self._expired(groups, after):
+    async def read(self, group: str, after: Position) -> list[tuple[int, bytes]] | None:
+        state = self._resumable(group, after)
+        if state is None:
             return None
-        runs: list[list[tuple[int, bytes]]] = []
-        for group in groups:
-            log = self._logs.get(group)
-            if not log:
-                continue
-            run: list[tuple[int, bytes]] = []
-            for seq, _, wire in reversed(log):
-                if seq <= after:
-                    break
-                run.append((seq, wire))
-            run.reverse()
-            runs.append(run)
-        if len(runs) == 1:
-            return runs[0]
-        return list(heapq.merge(*runs))
-
-    async def head(self) -> int:
-        return self._seq
+        run: list[tuple[int, bytes]] = []
+        for seq, _, wire in reversed(state.log):
+            if seq <= after.seq:
+                break
+            run.append((seq, wire))
+        run.reverse()
+        return run
 
 
 def _seq_of(entry: tuple[int, float, bytes]) -> int:

@@ -1,31 +1,34 @@
-"""A history store in Redis: one Redis Stream per group, ids from one shared counter.
+"""A history store in Redis: one Redis Stream per group, and per group its own ids.
 
-Keys, all under a configurable prefix (default `"sseviews"`):
+Keys, all under a configurable prefix (default `"sseviews"`), two per group:
 
-- `{prefix}:epoch`: the epoch. A new one starts when the history is lost or went
-  back (a restart without persistence, a restored snapshot, a failover to a
-  lagging replica), so an id is never issued twice.
-- `{prefix}:seq`: the cursor, a counter `INCR`ed for every event of every group.
-- `{prefix}:start`: the seq the current epoch started after.
-- `{prefix}:server`: the replication id of the Redis master that ran the last
-  script; a replica promoted by a failover has a new one (and this one as its
-  previous id), which starts a new epoch.
-- `{prefix}:g:{<group>}`: a stream per group; entry id `{seq}-0`, fields `w` (the
+- `{prefix}:m:{<group>}`: a hash: `epoch` (the group's epoch, made when the group
+  is first used), `last` (the group's last seq: its events are numbered 1, 2, 3...)
+  and `trim` (the highest seq trimmed from it), so a cursor older than the retained
+  history, or a stream that was evicted, is detected; and `srv`, the replication id
+  of the Redis master that last ran a script for the group: on a replica promoted
+  by a failover it is the new master's previous id, which starts a new epoch for
+  the group (its newest events may not have been replicated).
+- `{prefix}:g:{<group>}`: the group's stream; entry id `{seq}-0`, fields `w` (the
   wire bytes, `id:` line included) and `t` (Redis time in ms, for age retention).
-- `{prefix}:m:{<group>}`: a hash per group: `last` (the group's last seq) and
-  `trim` (the highest seq trimmed from it), so a cursor older than the retained
-  history, or a stream that was evicted, is detected.
-- `{prefix}:clock`: a sorted set sampling the cursor over time, so a cursor into a
-  group that expired as a whole is detected.
 
 In a group's keys the group name is escaped (`%`, `:`, `{` and `}` as `%XX`) and
-wrapped in braces, so no prefix plus group can spell another prefix's key. A
-group's keys expire `max_age` (else `idle_expiry`) seconds after its last event.
+wrapped in braces: no prefix plus group can spell another prefix's key, and the
+braces are the Redis Cluster hash tag, so every key of a group (and its channel)
+is in one hash slot. Each script touches only one group's keys: nothing is shared
+between groups. A group's keys expire `max_age` (else `idle_expiry`) seconds after
+its last event; its next use starts a new epoch.
+
+A group whose hash is missing (expired, evicted, or lost in a restart) starts a new
+epoch, so its old ids are never issued again. So does a group whose `last` is below
+a seq of the same epoch that this store issued or saw (a restored snapshot, a
+failover to a lagging replica): the store remembers that per group, for the most
+recent groups.
 
 `append` runs one Lua script that takes the seq, stores the event, trims the group
 and (with `publish=True`) publishes it on the group's channel,
-`{prefix}:live:{<escaped group>}`, so events reach the `RedisBackend` of every
-process that serves the group, in id order.
+`{prefix}:live:{<escaped group>}` (in the slot of the group's keys), so events reach
+the `RedisBackend` of every process that serves the group, in id order.
 """
 
 from __future__ import annotations
@@ -38,11 +41,10 @@ from typing import Any
 
 import anyio
 import redis.asyncio
-from redis.exceptions import ResponseError
 
 from .._exceptions import BackendError
 from .._redis import check_not_cluster, close_client, describe, group_key, open_client, redis_errors
-from .base import Deliver, HistoryStore, Page, check_idle_expiry, id_line, new_epoch
+from .base import Deliver, HistoryStore, Page, Position, SeenPositions, check_idle_expiry, new_epoch
 
 __all__ = ["RedisStore", "group_key"]
 
@@ -51,245 +53,182 @@ logger = logging.getLogger("sseviews.redis")
 _EPOCH = re.compile(rb"[0-9a-f]{8}")
 
 
-# Every script starts with this. KEYS[1..5]: epoch, seq, start, clock, server.
-# ARGV[1..5]: the epoch this process knows, the highest seq it has seen in it, an
-# epoch to start if needed, the groups' time to live in ms (0: none), the clock's
-# sampling interval in ms. It starts a new epoch when Redis has none (the history
-# was lost), when the cursor is below a seq this process has seen (a restored
-# snapshot), or when this server is a replica promoted since the last script ran
-# on its master (a failover): its replication id is new, and its previous one
-# (replid2) is the master's. Asynchronous replication may have lost the master's
-# newest events, which other processes or browsers saw, and no process can tell
-# which, so their ids must never be issued again with other data.
+# Every script starts with this. KEYS[1..2]: the group's hash and stream.
+# ARGV[1..4]: the group's epoch this process knows ('' for none), the highest seq it
+# issued or saw in it, an epoch to start if needed, the group's time to live in ms
+# (0: none). It starts a new epoch for the group when the group has none (new,
+# expired, evicted or lost), when its last seq is below one this process saw (a
+# restored snapshot), or when this server is a replica promoted since the group's
+# last script ran on its master (a failover): the hash's `srv` field keeps the
+# replication id of the master that last ran a script for the group, and a
+# promoted replica has a new id, with that one as its previous id (replid2). A
+# group last written on a master before that one (several failovers, the group
+# untouched in between) has neither id: on a promoted server it starts a new epoch
+# too. Asynchronous replication may have lost the master's newest events of the
+# group, which other processes or browsers saw, and no process can tell which, so
+# their ids must never be issued again with other data. A master restarted from its
+# AOF gets a new replication id but no previous one (it was not promoted), so its
+# groups keep their epochs. `renewed` is 1 when
+# the group had an epoch, 2 when it was known to this process but its keys are gone.
+# `renew()` also serves the scripts that follow.
 _PRELUDE = """
-local epoch = redis.call('GET', KEYS[1])
-local head = tonumber(redis.call('GET', KEYS[2]) or '0')
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local head = tonumber(redis.call('HGET', KEYS[1], 'last') or '0')
+local owner = redis.call('HGET', KEYS[1], 'srv')
 local info = redis.pcall('INFO', 'replication')
 local server, previous = nil, nil
 if type(info) == 'string' then
   server = string.match(info, 'master_replid:(%x+)')
   previous = string.match(info, 'master_replid2:(%x+)')
 end
-local owner = redis.call('GET', KEYS[5])
 local renewed = 0
-if not epoch or (epoch == ARGV[1] and head < tonumber(ARGV[2]))
-    or (server and owner and owner ~= server and owner == previous) then
-  -- The new epoch starts above every seq this process saw, so no stream entry
-  -- that survived can be ahead of the counter.
-  head = math.max(head, tonumber(ARGV[2]))
-  epoch = ARGV[3]
-  redis.call('SET', KEYS[1], epoch)
-  redis.call('SET', KEYS[2], string.format('%d', head))
-  redis.call('SET', KEYS[3], string.format('%d', head))
-  renewed = 1
-end
-if server and owner ~= server then redis.call('SET', KEYS[5], server) end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local ttl = tonumber(ARGV[4])
+local function renew()
+  -- What is left of the old epoch can never be resumed.
+  redis.call('DEL', KEYS[1], KEYS[2])
+  epoch = ARGV[3]
+  head = 0
+  owner = nil
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'last', '0')
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+end
+-- A promoted replica keeps the replication id of its master as its previous one;
+-- a server that was never promoted since its start has none (all zeros).
+local promoted = previous and not string.match(previous, '^0+$')
+if not epoch or (epoch == ARGV[1] and head < tonumber(ARGV[2]))
+    or (server and owner and owner ~= server and (owner == previous or promoted)) then
+  if epoch then renewed = 1 elseif ARGV[1] ~= '' then renewed = 2 end
+  renew()
+end
+if server and owner ~= server then
+  redis.call('HSET', KEYS[1], 'srv', server)
+  owner = server
+end
 """
 
-# Takes the next seq, stores the event and trims its group, atomically.
-# KEYS[6..7]: group stream, group meta. ARGV[6..9]: wire (without id line),
-# retention (0: none), max age in ms (0: none), the group's live channel ('': don't publish).
+# Takes the group's next seq, stores the event and trims the group, atomically.
+# ARGV[5..8]: wire (without id line), retention (0: none), max age in ms (0: none),
+# the group's live channel ('': don't publish; it shares the group's hash tag, so
+# the group's slot). The message is `seq\0wire` (the wire with its id line).
 _APPEND = (
     _PRELUDE
     + """
-if ttl > 0 then
-  -- A sample (time, head before this append) at most every interval: events
-  -- appended before `time` have a seq <= head.
-  local interval = tonumber(ARGV[5])
-  local newest = redis.call('ZREVRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-  if #newest == 0 or tonumber(newest[2]) + interval <= now then
-    redis.call('ZADD', KEYS[4], now, string.format('%d', head))
-    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. string.format('%d', now - ttl))
-  end
-  redis.call('PEXPIRE', KEYS[4], ttl + interval)
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if #newest > 0 and tonumber(string.match(newest[1][1], '^%d+')) > head then
+  -- The stream is ahead of its counter (its hash went back alone): a new epoch.
+  renewed = 1
+  renew()
+  if server then redis.call('HSET', KEYS[1], 'srv', server) end
 end
-local seq = string.format('%d', redis.call('INCR', KEYS[2]))
-local wire = 'id: ' .. epoch .. '-' .. seq .. '\\n' .. ARGV[6]
-redis.call('XADD', KEYS[6], seq .. '-0', 'w', wire, 't', now)
-redis.call('HSET', KEYS[7], 'last', seq)
+local seq = string.format('%d', redis.call('HINCRBY', KEYS[1], 'last', 1))
+local wire = 'id: ' .. epoch .. '-' .. seq .. '\\n' .. ARGV[5]
+redis.call('XADD', KEYS[2], seq .. '-0', 'w', wire, 't', now)
 
--- The highest seq removed from this group; Redis does not report what XTRIM
--- removed, so find it before removing with XTRIM MINID.
-local trimmed = nil
-local retention = tonumber(ARGV[7])
-if retention > 0 then
-  local excess = redis.call('XLEN', KEYS[6]) - retention
-  if excess > 0 then
-    local oldest = redis.call('XRANGE', KEYS[6], '-', '+', 'COUNT', excess)
-    trimmed = oldest[#oldest][1]
-  end
+-- Seqs have no gap: with a count bound, what is trimmed is known.
+local trimmed = 0
+local retention = tonumber(ARGV[6])
+if retention > 0 and tonumber(seq) > retention then
+  trimmed = tonumber(seq) - retention
 end
-local max_age = tonumber(ARGV[8])
+local max_age = tonumber(ARGV[7])
 if max_age > 0 then
   local cutoff = now - max_age
-  local start = '-'
-  if trimmed then start = '(' .. trimmed end
+  local start = string.format('(%d-0', trimmed)
   -- Usually nothing has expired: look at one entry, then at more at a time.
   local count = 1
   local done = false
   while not done do
-    local batch = redis.call('XRANGE', KEYS[6], start, '+', 'COUNT', count)
+    local batch = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', count)
     for _, entry in ipairs(batch) do
       if tonumber(entry[2][4]) >= cutoff then
         done = true
         break
       end
-      trimmed = entry[1]
-      start = '(' .. trimmed
+      trimmed = tonumber(string.match(entry[1], '^%d+'))
+      start = '(' .. entry[1]
     end
     if #batch < count then done = true end
     count = 64
   end
 end
-if trimmed then
-  local trimmed_seq = tonumber(string.match(trimmed, '^%d+'))
-  redis.call('XTRIM', KEYS[6], 'MINID', string.format('%d-0', trimmed_seq + 1))
-  local mark = redis.call('HGET', KEYS[7], 'trim')
-  if not mark or tonumber(mark) < trimmed_seq then
-    redis.call('HSET', KEYS[7], 'trim', string.format('%d', trimmed_seq))
+if trimmed > 0 then
+  redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d-0', trimmed + 1))
+  local mark = tonumber(redis.call('HGET', KEYS[1], 'trim') or '0')
+  if mark < trimmed then
+    redis.call('HSET', KEYS[1], 'trim', string.format('%d', trimmed))
   end
 end
 if ttl > 0 then
-  redis.call('PEXPIRE', KEYS[6], ttl)
-  redis.call('PEXPIRE', KEYS[7], ttl)
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
 end
 
-if ARGV[9] ~= '' then
-  redis.call('PUBLISH', ARGV[9], seq .. '\\0' .. wire)
+if ARGV[8] ~= '' then
+  redis.call('PUBLISH', ARGV[8], seq .. '\\0' .. wire)
 end
 return {seq, epoch, renewed}
 """
 )
 
-# Reads what follows a cursor in some groups, atomically, or reports it expired.
-# KEYS[6..]: per group, its stream then its meta. ARGV[6..7]: first stream id to
-# read ('{after+1}-0'), after. ARGV[8]: max age in ms (0: none). ARGV[9]: '1' when
-# Redis may evict these keys. ARGV[10]: last stream id to read ('+', or
-# '{upto}-0'). ARGV[11]: bytes in a page (0: read everything, unordered).
-# Returns {epoch, expired (0/1), renewed, end, id, wire, id, wire, ...}, where end
-# is the seq of the last event of a full page ('0' when the range was read to its end).
+# Reads one page of the group after a cursor, or reports that it cannot be resumed.
+# ARGV[5..6]: the cursor's epoch and seq. ARGV[7]: the last stream id to read ('+',
+# or '{upto}-0'). ARGV[8]: bytes in a page (0: everything). ARGV[9]: max age in ms
+# (0: none). Returns {epoch, head, renewed, expired (0/1), end, id, wire, id, wire,
+# ...}, where end is the seq of the last event of a full page ('0' when the range
+# was read to its end).
 _READ = (
     _PRELUDE
     + """
-local after = tonumber(ARGV[7])
-if renewed == 1 or after < tonumber(redis.call('GET', KEYS[3]) or '0') then
-  return {epoch, 1, renewed}
+local after = tonumber(ARGV[6])
+if epoch ~= ARGV[5] or after > head then
+  return {epoch, string.format('%d', head), renewed, 1, '0'}
 end
--- What a group that has no keys may have lost: events appended before the
--- first clock sample younger than its time to live.
-local floor = nil
-local function group_floor()
-  if floor then return floor end
-  floor = 0
-  if ARGV[9] == '1' then
-    -- Both of its keys may have been evicted: nothing tells how much is lost.
-    floor = head
-  elseif ttl > 0 then
-    local sample = redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. string.format('%d', now - ttl),
-      '+inf', 'LIMIT', 0, 1)
-    if #sample > 0 then floor = tonumber(sample[1]) else floor = head end
-  end
-  return floor
+local trim = tonumber(redis.call('HGET', KEYS[1], 'trim') or '0')
+if trim > after then
+  return {epoch, string.format('%d', head), renewed, 1, '0'}
 end
-for i = 6, #KEYS, 2 do
-  local meta = redis.call('HMGET', KEYS[i + 1], 'last', 'trim')
-  local last, trim = tonumber(meta[1]), tonumber(meta[2])
-  local newest = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
-  local newest_seq = nil
-  if #newest > 0 then newest_seq = tonumber(string.match(newest[1][1], '^%d+')) end
-  if last then
-    -- A group without a trim mark may have expired as a whole before it got
-    -- this life's first event: its mark is then the floor.
-    if (trim or group_floor()) > after or (last > after and newest_seq ~= last) then
-      return {epoch, 1, 0}
-    end
-  elseif newest_seq then
-    -- Its stream without its marks: they were evicted.
-    if newest_seq > after then return {epoch, 1, 0} end
-  elseif after < group_floor() then
-    return {epoch, 1, 0}
+if head > after then
+  -- Its stream was evicted (or its last entries lost) without its hash.
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if #newest == 0 or tonumber(string.match(newest[1][1], '^%d+')) ~= head then
+    return {epoch, string.format('%d', head), renewed, 1, '0'}
   end
 end
 local cutoff = nil
-local max_age = tonumber(ARGV[8])
+local max_age = tonumber(ARGV[9])
 if max_age > 0 then cutoff = now - max_age end
-local last_id = ARGV[10]
-local budget = tonumber(ARGV[11])
-local out = {epoch, 0, 0, '0'}
-if budget == 0 then
-  for i = 6, #KEYS, 2 do
-    local entries = redis.call('XRANGE', KEYS[i], ARGV[6], last_id)
-    for _, entry in ipairs(entries) do
-      -- Expired by age but not trimmed yet (no append since): trimmed all the same.
-      if cutoff and tonumber(entry[2][4]) < cutoff then return {epoch, 1, 0} end
-      out[#out + 1] = entry[1]
-      out[#out + 1] = entry[2][2]
-    end
-  end
-  return out
-end
--- One page: merge the groups' streams by seq, reading each a batch at a time,
--- until the page holds `budget` bytes.
-local batch = 32
-local runs = {}
-local function advance(run)
-  if run.at > #run.entries then
-    if #run.entries < batch then
-      run.seq = nil
-      return
-    end
-    run.entries = redis.call('XRANGE', run.key, '(' .. run.entries[#run.entries][1], last_id,
-      'COUNT', batch)
-    run.at = 1
-    if #run.entries == 0 then
-      run.seq = nil
-      return
-    end
-  end
-  run.seq = tonumber(string.match(run.entries[run.at][1], '^%d+'))
-end
-for i = 6, #KEYS, 2 do
-  local run = {key = KEYS[i], at = 1}
-  run.entries = redis.call('XRANGE', KEYS[i], ARGV[6], last_id, 'COUNT', batch)
-  advance(run)
-  if run.seq then runs[#runs + 1] = run end
-end
+local budget = tonumber(ARGV[8])
+local out = {epoch, string.format('%d', head), renewed, 0, '0'}
+local start = string.format('(%d-0', after)
 local size = 0
 while true do
-  local best = nil
-  for _, run in ipairs(runs) do
-    if run.seq and (best == nil or run.seq < best.seq) then best = run end
-  end
-  if best == nil then return out end
-  local entry = best.entries[best.at]
-  if cutoff and tonumber(entry[2][4]) < cutoff then return {epoch, 1, 0} end
-  out[#out + 1] = entry[1]
-  out[#out + 1] = entry[2][2]
-  size = size + #entry[2][2]
-  local seq = best.seq
-  best.at = best.at + 1
-  advance(best)
-  if size >= budget then
-    for _, run in ipairs(runs) do
-      if run.seq then
-        out[4] = string.format('%d', seq)
-        return out
-      end
+  local batch = redis.call('XRANGE', KEYS[2], start, ARGV[7], 'COUNT', 64)
+  for _, entry in ipairs(batch) do
+    -- Expired by age but not trimmed yet (no append since): trimmed all the same.
+    if cutoff and tonumber(entry[2][4]) < cutoff then
+      return {epoch, string.format('%d', head), renewed, 1, '0'}
     end
-    return out
+    if budget > 0 and size >= budget then
+      out[5] = string.match(out[#out - 1], '^%d+')
+      return out
+    end
+    out[#out + 1] = entry[1]
+    out[#out + 1] = entry[2][2]
+    size = size + #entry[2][2]
+    start = '(' .. entry[1]
   end
+  if #batch < 64 then return out end
 end
 """
 )
 
-# Returns {head, epoch, renewed}.
+# Returns {epoch, head, renewed}.
 _HEAD = (
     _PRELUDE
     + """
-return {string.format('%d', head), epoch, renewed}
+return {epoch, string.format('%d', head), renewed}
 """
 )
 
@@ -297,8 +236,8 @@ return {string.format('%d', head), epoch, renewed}
 class RedisStore(HistoryStore):
     """Keeps each group's recent events in a Redis Stream and assigns ids in Redis.
 
-    Any number of processes sharing one Redis and one `prefix` share the cursor,
-    the epoch and the history. Add `?socket_timeout=5` to the URL to bound how
+    Any number of processes sharing one Redis and one `prefix` share the groups'
+    epochs, counters and history. Add `?socket_timeout=5` to the URL to bound how
     long a call waits for an unresponsive server.
 
     Args:
@@ -308,6 +247,7 @@ class RedisStore(HistoryStore):
             `redis.asyncio.Redis` client (which the store does not close). The
             client must not use `decode_responses=True`.
         prefix: Prefix of every key, so several apps (or tests) share one Redis.
+            It must not contain `{` or `}` (the groups' hash tags).
         retention: How many events to keep per group, or None for no count limit.
         max_age: How long to keep events, in seconds (by the Redis server's
             clock), or None for no age limit.
@@ -334,8 +274,11 @@ class RedisStore(HistoryStore):
         idle_expiry: float | None = 86400.0,
         publish: bool = False,
     ) -> None:
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
+        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(
+                f"prefix must be a non-empty str without {{ or }}, got {prefix!r}: each "
+                "group's keys carry their own hash tag, so a prefix needs none"
+            )
         if retention is not None and (
             isinstance(retention, bool) or not isinstance(retention, int) or retention < 1
         ):
@@ -364,75 +307,72 @@ class RedisStore(HistoryStore):
         self._max_age_ms = max(1, round(max_age * 1000)) if max_age is not None else 0
         ttl = max_age if max_age is not None else idle_expiry
         self._ttl_ms = max(1, round(ttl * 1000)) if ttl is not None else 0
-        # About 64 clock samples per time to live: a cursor at most 1/64 of it older
-        # than the group's expiry may get a reset it did not need.
-        self._interval_ms = max(10, self._ttl_ms // 64)
-        self._meta_keys = [
-            f"{prefix}:epoch",
-            f"{prefix}:seq",
-            f"{prefix}:start",
-            f"{prefix}:clock",
-            f"{prefix}:server",
-        ]
         self._where = describe(self._client)
         self._append = self._client.register_script(_APPEND)
         self._read = self._client.register_script(_READ)
         self._head = self._client.register_script(_HEAD)
-        # The highest seq this instance has seen in `epoch`: Redis's cursor going
-        # below it means the history went back.
-        self._high = 0
-        # Set by connect() from maxmemory-policy: once Redis has evicted keys, a
-        # group with no keys may have been evicted, and a cursor into it is reset
-        # unless it is the head.
-        self._evictable = False
+        # Per group, the highest seq this instance issued or saw in its epoch: the
+        # group's counter going below it means its history went back.
+        self._seen = SeenPositions()
         # Without `publish`, `deliver` runs after the script; hold appends until
         # it returns so this process delivers in id order.
         self._lock = anyio.Lock() if not publish else None
 
-    def _prelude_args(self) -> list[Any]:
-        epoch = getattr(self, "epoch", "")
-        return [epoch, self._high, new_epoch(), self._ttl_ms, self._interval_ms]
+    def _keys(self, group: str) -> list[str]:
+        return [group_key(self.prefix, "m", group), group_key(self.prefix, "g", group)]
 
-    def _observe(self, raw_epoch: Any, seq: int, renewed: Any) -> None:
-        if raw_epoch != self.epoch.encode():
-            self._set_epoch(raw_epoch)
-            self._high = seq
-            if int(renewed):
-                logger.warning(
-                    "%s (prefix %r): the history was lost or went back (a restart, a "
-                    "restored snapshot or a failover); started a new epoch %s so that no "
-                    "event id is issued twice",
-                    self._where,
-                    self.prefix,
-                    self.epoch,
-                )
-        elif seq > self._high:
-            self._high = seq
+    def _prelude_args(self, group: str) -> list[Any]:
+        seen = self._seen.get(group)
+        if seen is None:
+            return ["", 0, new_epoch(), self._ttl_ms]
+        return [seen.epoch, seen.seq, new_epoch(), self._ttl_ms]
 
-    def _set_epoch(self, raw: Any) -> None:
-        if not isinstance(raw, bytes) or _EPOCH.fullmatch(raw) is None:
+    def _observe(self, group: str, raw_epoch: Any, seq: int, renewed: Any) -> Position:
+        if not isinstance(raw_epoch, bytes) or _EPOCH.fullmatch(raw_epoch) is None:
             raise BackendError(
-                f"{self._where}: key {self._meta_keys[0]!r} holds {raw!r}, not an sseviews epoch"
+                f"{self._where}: key {self._keys(group)[0]!r} holds epoch {raw_epoch!r}, "
+                "not an sseviews epoch"
             )
-        self.epoch = raw.decode()
+        position = Position(raw_epoch.decode(), seq)
+        renewed = int(renewed)
+        if renewed == 1:
+            logger.warning(
+                "%s (prefix %r): the history of group %r went back or may have (a restored "
+                "snapshot, or a failover to a promoted replica); started a new epoch %s for it "
+                "so that no event id is issued twice",
+                self._where,
+                self.prefix,
+                group,
+                position.epoch,
+            )
+        elif renewed == 2:
+            # Its keys are gone. Seen more recently than they could expire: lost.
+            idle = self._seen.idle(group)
+            lost = not self._ttl_ms or (idle is not None and idle * 1000 < self._ttl_ms)
+            logger.log(
+                logging.WARNING if lost else logging.INFO,
+                "%s (prefix %r): group %r had no keys any more (%s); started a new epoch %s for it",
+                self._where,
+                self.prefix,
+                group,
+                "lost in a restart without persistence, or evicted" if lost else "expired",
+                position.epoch,
+            )
+        self._seen.saw(group, position)
+        return position
 
     async def connect(self) -> None:
-        """Read the epoch, creating it if this prefix has none yet.
+        """Check that Redis answers, and its `maxmemory-policy`.
 
-        Also checks Redis's `maxmemory-policy`, and logs a WARNING when it lets
-        Redis evict this store's keys.
+        Logs a WARNING when the policy lets Redis evict this store's keys.
 
         Raises:
-            BackendError: Redis cannot be reached.
+            BackendError: Redis cannot be reached, or is a Redis Cluster node.
         """
         try:
             with redis_errors(f"connecting to {self._where}"):
+                await self._client.ping()
                 await check_not_cluster(self._client, self._where)
-                raw_head, raw_epoch, _ = await self._head(
-                    keys=self._meta_keys, args=self._prelude_args()
-                )
-            self._set_epoch(raw_epoch)
-            self._high = int(raw_head)
             await self._check_eviction()
         except BaseException:
             if self._owned:
@@ -453,10 +393,7 @@ class RedisStore(HistoryStore):
         policy = str(policy)
         # volatile-* evicts keys that have a TTL, as the groups' keys do when an
         # expiry is set.
-        self._evictable = policy.startswith("allkeys-") or (
-            policy.startswith("volatile-") and self._ttl_ms > 0
-        )
-        if self._evictable:
+        if policy.startswith("allkeys-") or (policy.startswith("volatile-") and self._ttl_ms > 0):
             logger.warning(
                 "%s has maxmemory-policy %s: Redis may evict the event history (prefix %r) "
                 "under memory pressure, and clients then get the sseviews.reset event "
@@ -466,22 +403,14 @@ class RedisStore(HistoryStore):
                 self.prefix,
             )
 
-    async def _evicted(self) -> bool:
-        """Whether Redis has evicted any key since it started."""
-        try:
-            stats = await self._client.info("stats")
-        except ResponseError:  # INFO refused: assume the worst
-            return True
-        return int(stats.get("evicted_keys", 1)) > 0
-
     async def disconnect(self) -> None:
         """Close the client if the store created it from a URL."""
         if self._owned:
             with anyio.move_on_after(1, shield=True):
                 await close_client(self._client)
 
-    async def append(self, group: str, wire: bytes, deliver: Deliver) -> int:
-        """Store one event in Redis, trim its group, and return its seq.
+    async def append(self, group: str, wire: bytes, deliver: Deliver) -> Position:
+        """Store one event in Redis, trim its group, and return its position.
 
         Raises:
             BackendError: Redis cannot be reached.
@@ -491,121 +420,108 @@ class RedisStore(HistoryStore):
         async with self._lock:
             return await self._append_and_deliver(group, wire, deliver)
 
-    async def _append_and_deliver(self, group: str, wire: bytes, deliver: Deliver) -> int:
-        prefix = self.prefix
+    async def _append_and_deliver(self, group: str, wire: bytes, deliver: Deliver) -> Position:
         with redis_errors(f"storing an event in {self._where}"):
             raw_seq, raw_epoch, renewed = await self._append(
-                keys=[
-                    *self._meta_keys,
-                    group_key(prefix, "g", group),
-                    group_key(prefix, "m", group),
-                ],
+                keys=self._keys(group),
                 args=[
-                    *self._prelude_args(),
+                    *self._prelude_args(group),
                     wire,
                     self._retention_arg,
                     self._max_age_ms,
-                    group_key(prefix, "live", group) if self.publish else "",
+                    group_key(self.prefix, "live", group) if self.publish else "",
                 ],
             )
-        seq = int(raw_seq)
-        self._observe(raw_epoch, seq, renewed)
-        await deliver(seq, id_line(self.epoch, seq) + wire)
-        return seq
+        position = self._observe(group, raw_epoch, int(raw_seq), renewed)
+        await deliver(position.seq, b"id: %s-%d\n" % (raw_epoch, position.seq) + wire)
+        return position
 
-    async def read(self, groups: Sequence[str], after: int) -> list[tuple[int, bytes]] | None:
-        """Return the retained events of `groups` after `after`, or None if it expired.
-
-        The cursor also expires when the epoch in Redis is not this store's
-        epoch any more (the history was lost); `epoch` is then updated. A group
-        whose stream was evicted, or that expired as a whole, expires it too.
+    async def head(self, group: str) -> Position:
+        """Return `group`'s epoch and last seq, making its epoch if it has none.
 
         Raises:
             BackendError: Redis cannot be reached.
         """
-        groups = list(dict.fromkeys(groups))
-        if not groups:
-            return []
-        reply = await self._run_read(groups, after, "+", 0)
-        if reply is None:
-            return None
-        events = _events_of(reply)
-        if len(groups) > 1:
-            events.sort(key=_seq_of)
-        return events
+        with redis_errors(f"reading the head of a group from {self._where}"):
+            raw_epoch, raw_head, renewed = await self._head(
+                keys=self._keys(group), args=self._prelude_args(group)
+            )
+        return self._observe(group, raw_epoch, int(raw_head), renewed)
+
+    async def heads(self, groups: Sequence[str]) -> list[Position]:
+        """Return the heads of `groups`, in order, in one round trip (a pipeline).
+
+        Raises:
+            BackendError: Redis cannot be reached.
+        """
+        if len(groups) == 1:
+            return [await self.head(groups[0])]
+        with redis_errors(f"reading the heads of groups from {self._where}"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for group in groups:
+                    await self._head(
+                        keys=self._keys(group), args=self._prelude_args(group), client=pipe
+                    )
+                replies = await pipe.execute()
+        return [
+            self._observe(group, raw_epoch, int(raw_head), renewed)
+            for group, (raw_epoch, raw_head, renewed) in zip(groups, replies, strict=True)
+        ]
+
+    async def read(self, group: str, after: Position) -> list[tuple[int, bytes]] | None:
+        """Return the retained events of `group` after `after`, or None if it cannot
+        be resumed (another epoch, trimmed, evicted, or ahead of the group).
+
+        Raises:
+            BackendError: Redis cannot be reached.
+        """
+        return await self._run_read(group, after, "+", 0)
 
     async def read_page(
-        self, groups: Sequence[str], after: int, upto: int, limit_bytes: int
+        self, group: str, after: Position, upto: int, limit_bytes: int
     ) -> Page | None:
-        """Return one page of the events of `groups` in `(after, upto]`, or None if
-        the cursor expired (see `HistoryStore.read_page`).
+        """Return one page of the events of `group` in `(after.seq, upto]`, or None if
+        the cursor cannot be resumed (see `HistoryStore.read_page`).
 
-        One script merges the groups' streams by seq (`XRANGE ... COUNT` a batch
-        at a time) until the page holds `limit_bytes`, after the checks `read`
-        makes.
+        One script reads the group's stream (`XRANGE ... COUNT` a batch at a time)
+        until the page holds `limit_bytes`, after the checks `read` makes.
 
         Raises:
             BackendError: Redis cannot be reached.
         """
-        groups = list(dict.fromkeys(groups))
-        if not groups:
-            return Page([], upto)
-        reply = await self._run_read(groups, after, f"{upto}-0", max(1, limit_bytes))
+        reply = await self._run_read_reply(group, after, f"{upto}-0", max(1, limit_bytes))
         if reply is None:
             return None
-        end = int(reply[3])
+        end = int(reply[4])
         return Page(_events_of(reply), end or upto)
 
     async def _run_read(
-        self, groups: list[str], after: int, last_id: str, budget: int
+        self, group: str, after: Position, last_id: str, budget: int
+    ) -> list[tuple[int, bytes]] | None:
+        reply = await self._run_read_reply(group, after, last_id, budget)
+        return None if reply is None else _events_of(reply)
+
+    async def _run_read_reply(
+        self, group: str, after: Position, last_id: str, budget: int
     ) -> list[Any] | None:
-        prefix = self.prefix
-        keys = list(self._meta_keys)
-        for group in groups:
-            keys += (group_key(prefix, "g", group), group_key(prefix, "m", group))
-        known = self.epoch
         with redis_errors(f"reading history from {self._where}"):
-            evicted = self._evictable and await self._evicted()
             reply: list[Any] = await self._read(
-                keys=keys,
+                keys=self._keys(group),
                 args=[
-                    *self._prelude_args(),
-                    f"{after + 1}-0",
-                    after,
-                    self._max_age_ms,
-                    "1" if evicted else "0",
+                    *self._prelude_args(group),
+                    after.epoch,
+                    after.seq,
                     last_id,
                     budget,
+                    self._max_age_ms,
                 ],
             )
-        raw_epoch, expired, renewed = reply[0], reply[1], reply[2]
-        self._observe(raw_epoch, 0, renewed)
-        if self.epoch != known or expired:
+        self._observe(group, reply[0], int(reply[1]), reply[2])
+        if int(reply[3]):
             return None
         return reply
-
-    async def head(self) -> int:
-        """Return the highest seq issued so far (0 before the first event).
-
-        Also refreshes `epoch`, which changes if Redis lost the history or it went
-        back.
-
-        Raises:
-            BackendError: Redis cannot be reached.
-        """
-        with redis_errors(f"reading the cursor from {self._where}"):
-            raw_head, raw_epoch, renewed = await self._head(
-                keys=self._meta_keys, args=self._prelude_args()
-            )
-        head = int(raw_head)
-        self._observe(raw_epoch, head, renewed)
-        return head
-
-
-def _seq_of(event: tuple[int, bytes]) -> int:
-    return event[0]
 
 
 def _events_of(reply: list[Any]) -> list[tuple[int, bytes]]:
     # Stream ids are b"<seq>-0".
-    return [(int(reply[i][:-2]), reply[i + 1]) for i in range(4, len(reply), 2)]
+    return [(int(reply[i][:-2]), reply[i + 1]) for i in range(5, len(reply), 2)]

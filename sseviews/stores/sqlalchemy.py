@@ -5,10 +5,17 @@ and give `Broadcast` a URL or a store:
 
     broadcast = Broadcast("redis://localhost:6379/0", history="postgresql+asyncpg://db/app")
 
-PostgreSQL serves any number of processes and machines: appends are serialised by an
-advisory lock, so ids and live delivery keep one order everywhere. A SQLite history is
-for one process (one `SQLAlchemyStore` instance): appends are serialised by a lock in
-that instance only.
+PostgreSQL serves any number of processes and machines: an append takes its group's
+lock (an advisory lock per group, held until the event is delivered, and the group's
+counter row), so a group's ids and live delivery keep one order everywhere, and
+appends to different groups never wait for each other. A SQLite history is for one
+process (one `SQLAlchemyStore` instance): appends are serialised by a lock in that
+instance only.
+
+The tables are `<prefix>_v2_groups` and `<prefix>_v2_events`: per-group ids came
+with new tables, and the tables of sseviews 0.x before them (`<prefix>_meta`,
+`<prefix>_events`, `<prefix>_trim`) are neither read nor removed; drop them once
+you have upgraded.
 """
 
 from __future__ import annotations
@@ -28,8 +35,6 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Double,
-    Index,
-    Integer,
     LargeBinary,
     MetaData,
     Table,
@@ -50,6 +55,8 @@ from .base import (
     Deliver,
     HistoryStore,
     Page,
+    Position,
+    SeenPositions,
     Sweeper,
     check_idle_expiry,
     check_retention,
@@ -67,9 +74,9 @@ _PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
 _ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
 # Cleanup that must run even when the append was cancelled gets this many seconds.
 _CLEANUP_SECONDS = 5.0
-# The trim row of no group (names are 1 to 200 characters): the mark of every group
-# that has none, raised when whole groups are swept or a new epoch starts.
-_FLOOR = ""
+# Appends of one PostgreSQL store that may hold a pooled connection at once (each to
+# its own group): the others wait in the process, not in the pool.
+_MAX_APPENDS = 8
 # Most events in one page of a replay (their sizes are read first, then the page).
 _PAGE_ROWS = 1000
 
@@ -77,12 +84,12 @@ _PAGE_ROWS = 1000
 class SQLAlchemyStore(HistoryStore):
     """Keeps the history in SQL tables, so it survives restarts and is shared by processes.
 
-    Three tables are created on `connect()`, named after `table_prefix`:
-    `<prefix>_meta` (the epoch and the last seq issued), `<prefix>_events` (each event's
-    seq, group, creation time and wire bytes, id line included) and `<prefix>_trim`
-    (per group, the highest seq removed by retention). A group with no event for
-    `max_age` (else `idle_expiry`) seconds is deleted with its mark by a sweep that
-    runs between `connect()` and `disconnect()`.
+    Two tables are created on `connect()`, named after `table_prefix`:
+    `<prefix>_v2_groups` (per group: its epoch, its last seq, the highest seq removed
+    by retention, and when it was last used) and `<prefix>_v2_events` (each event's
+    group, seq, creation time and wire bytes, id line included). A group with no
+    event for `max_age` (else `idle_expiry`) seconds is deleted, epoch included, by
+    a sweep that runs between `connect()` and `disconnect()`.
 
     Args:
         url_or_engine: A database URL such as `"sqlite+aiosqlite:///events.db"` or
@@ -116,9 +123,10 @@ class SQLAlchemyStore(HistoryStore):
         check_retention(retention, max_age)
         check_idle_expiry(idle_expiry)
         self.idle_expiry = idle_expiry
-        # The highest seq this instance has seen: the head going below it means the
-        # database went back (a restored backup, a failover), so a new epoch starts.
-        self._high = 0
+        # Per group, the highest seq this instance issued or saw in its epoch: the
+        # group's counter going below it means the database went back (a restored
+        # backup, a failover), so a new epoch starts for that group.
+        self._seen = SeenPositions()
         self._sweeper: Sweeper | None = None
         if not isinstance(table_prefix, str) or _PREFIX.fullmatch(table_prefix) is None:
             raise ValueError(
@@ -145,40 +153,33 @@ class SQLAlchemyStore(HistoryStore):
         self._postgres = dialect == "postgresql"
         self._errors = _database_errors(self._engine)
         self._where = self._engine.url.render_as_string(hide_password=True)
-        # A session-level advisory lock, one per history in a database: prefixes differ,
-        # keys differ (a rare collision only serialises two histories together).
-        digest = hashlib.blake2b(f"sseviews:{table_prefix}".encode(), digest_size=8).digest()
-        self._lock_key = int.from_bytes(digest, "big", signed=True)
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock()  # SQLite: one append at a time
+        self._group_locks: dict[str, list[Any]] = {}  # PostgreSQL: [lock, users] per group
+        self._appends = anyio.CapacityLimiter(_MAX_APPENDS)
         self._connected = False
 
         metadata = MetaData()
-        self._meta = Table(
-            f"{table_prefix}_meta",
-            metadata,
-            Column("id", Integer, primary_key=True, autoincrement=False),
-            Column("epoch", Text, nullable=False),
-            Column("head", BigInteger, nullable=False),
-        )
-        self._events = Table(
-            f"{table_prefix}_events",
-            metadata,
-            Column("seq", BigInteger, primary_key=True, autoincrement=False),
-            Column("grp", Text, nullable=False),
-            Column("created", Double, nullable=False),
-            Column("wire", LargeBinary, nullable=False),
-            Index(f"ix_{table_prefix}_events_grp_seq", "grp", "seq"),
-            # Age retention deletes across all groups on every append; without this
-            # index each append would scan the whole table.
-            Index(f"ix_{table_prefix}_events_created", "created"),
-        )
-        self._trim = Table(
-            f"{table_prefix}_trim",
+        self._groups = Table(
+            f"{table_prefix}_v2_groups",
             metadata,
             Column("grp", Text, primary_key=True),
-            Column("upto", BigInteger, nullable=False),
+            Column("epoch", Text, nullable=False),
+            Column("seq", BigInteger, nullable=False),
+            Column("trim", BigInteger, nullable=False),
+            Column("used", Double, nullable=False),
+        )
+        self._events = Table(
+            f"{table_prefix}_v2_events",
+            metadata,
+            Column("grp", Text, primary_key=True),
+            Column("seq", BigInteger, primary_key=True, autoincrement=False),
+            Column("created", Double, nullable=False),
+            Column("wire", LargeBinary, nullable=False),
         )
         self._metadata = metadata
+        # A session-level advisory lock per history, taken while creating the tables.
+        digest = hashlib.blake2b(f"sseviews:{table_prefix}".encode(), digest_size=8).digest()
+        self._lock_key = int.from_bytes(digest, "big", signed=True)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -186,27 +187,21 @@ class SQLAlchemyStore(HistoryStore):
         return self._engine
 
     async def connect(self) -> None:
-        """Create the tables if needed, and read the epoch (or start one in a new database).
+        """Create the tables if needed.
 
         Raises:
             BackendError: The database cannot be reached.
         """
-        insert = postgresql.insert if self._postgres else sqlite.insert
-        claim = insert(self._meta).values(id=1, epoch=new_epoch(), head=0)
         async with self._wrap("connect"):
             if not self._postgres and self._owns_engine:
                 await self._use_wal()
         async with self._wrap("connect"), self._engine.begin() as conn:
             # Two stores starting together would race in CREATE TABLE.
             if self._postgres:
-                await conn.execute(select(func.pg_advisory_xact_lock(self._key())))
+                await conn.execute(select(func.pg_advisory_xact_lock(self._key(self._lock_key))))
             else:
                 await conn.exec_driver_sql("BEGIN IMMEDIATE")
             await conn.run_sync(self._metadata.create_all)
-            await conn.execute(claim.on_conflict_do_nothing(index_elements=["id"]))
-            epoch, head = (await conn.execute(select(self._meta.c.epoch, self._meta.c.head))).one()
-        self.epoch = epoch
-        self._high = int(head)
         self._connected = True
         ttl = self.max_age if self.max_age is not None else self.idle_expiry
         if ttl is not None and self._sweeper is None:
@@ -247,49 +242,37 @@ class SQLAlchemyStore(HistoryStore):
         ttl = self.max_age if self.max_age is not None else self.idle_expiry
         if ttl is None:
             return 0
-        events, trim = self._events, self._trim
-        newest = (
-            select(events.c.grp, func.max(events.c.seq).label("last"))
-            .group_by(events.c.grp)
-            .having(func.max(events.c.created) < time.time() - ttl)
-            .subquery()
-        )
+        groups, events = self._groups, self._events
+        gone = delete(groups).where(groups.c.used < time.time() - ttl).returning(groups.c.grp)
         async with self._wrap("sweep idle groups"), self._engine.begin() as conn:
-            idle = (await conn.execute(select(newest.c.grp, newest.c.last))).all()
-            # Marks of groups that hold no event any more (emptied by max_age).
-            orphans = (
-                await conn.execute(
-                    select(trim.c.grp, trim.c.upto).where(
-                        trim.c.grp != _FLOOR,
-                        ~select(events.c.seq).where(events.c.grp == trim.c.grp).exists(),
-                    )
-                )
-            ).all()
-            found = [*idle, *orphans]
-            floor = max([int(last) for _, last in found], default=0)
-            if not floor:
-                return 0
-            names = [grp for grp, _ in found]
+            names = [grp for (grp,) in await conn.execute(gone)]
             for start in range(0, len(names), 500):
                 chunk = names[start : start + 500]
                 await conn.execute(delete(events).where(events.c.grp.in_(chunk)))
-                await conn.execute(delete(trim).where(trim.c.grp.in_(chunk)))
-            await self._raise_floor(conn, floor)
-        return len(idle)
+        return len(names)
 
-    async def _raise_floor(self, conn: AsyncConnection, floor: int) -> None:
-        trim = self._trim
-        insert = postgresql.insert if self._postgres else sqlite.insert
-        greatest = func.greatest if self._postgres else func.max
-        mark = insert(trim).values(grp=_FLOOR, upto=floor)
-        await conn.execute(
-            mark.on_conflict_do_update(
-                index_elements=["grp"], set_={"upto": greatest(trim.c.upto, mark.excluded.upto)}
-            )
-        )
+    @asynccontextmanager
+    async def _append_slot(self, group: str) -> AsyncIterator[None]:
+        """Serialise this instance's appends: all of them on SQLite, those of one group
+        on PostgreSQL (at most `_MAX_APPENDS` at once)."""
+        if not self._postgres:
+            async with self._lock:
+                yield
+            return
+        entry = self._group_locks.get(group)
+        if entry is None:
+            entry = self._group_locks[group] = [anyio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0], self._appends:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._group_locks[group]
 
-    async def append(self, group: str, wire: bytes, deliver: Deliver) -> int:
-        """Store one event and return its seq (see `HistoryStore.append`).
+    async def append(self, group: str, wire: bytes, deliver: Deliver) -> Position:
+        """Store one event and return its position (see `HistoryStore.append`).
 
         Raises:
             BackendError: The database cannot be reached. An exception raised by
@@ -298,53 +281,100 @@ class SQLAlchemyStore(HistoryStore):
         self._check_connected()
         # In-process first: a burst of publishes then waits here, not in PostgreSQL with
         # every pooled connection taken.
-        async with self._lock:
+        async with self._append_slot(group):
             async with self._wrap("append an event"):
                 conn = await self._engine.connect()
-            locked = False
+            locked = None
             try:
                 async with self._wrap("append an event"), conn.begin():
                     if self._postgres:
                         # Session-level: it outlives the commit, so deliver runs under it.
-                        locked = True
-                        await conn.execute(select(func.pg_advisory_lock(self._key())))
-                    seq, stored = await self._store(conn, group, wire)
-                self._high = max(self._high, seq)  # committed: this id is issued
-                await deliver(seq, stored)
-                return seq
+                        locked = self._group_lock_key(group)
+                        await conn.execute(select(func.pg_advisory_lock(self._key(locked))))
+                    position, stored = await self._store(conn, group, wire)
+                self._seen.saw(group, position)  # committed: this id is issued
+                await deliver(position.seq, stored)
+                return position
             finally:
                 await self._release(conn, locked)
 
-    async def read(self, groups: Sequence[str], after: int) -> list[tuple[int, bytes]] | None:
-        """Return the retained events of `groups` after `after` (see `HistoryStore.read`).
+    async def head(self, group: str) -> Position:
+        """Return `group`'s epoch and last seq, making its epoch if it has none.
 
         Raises:
             BackendError: The database cannot be reached.
         """
         self._check_connected()
-        if not groups:
-            return []
-        events, trim = self._events, self._trim
+        groups = self._groups
+        query = select(groups.c.epoch, groups.c.seq).where(groups.c.grp == group)
+        async with self._wrap("read the head"), self._engine.connect() as conn:
+            row = (await conn.execute(query)).one_or_none()
+        if row is None:
+            insert = postgresql.insert if self._postgres else sqlite.insert
+            claim = insert(groups).values(
+                grp=group, epoch=new_epoch(), seq=0, trim=0, used=time.time()
+            )
+            async with self._append_slot(group):
+                async with self._wrap("read the head"), self._engine.begin() as conn:
+                    await conn.execute(claim.on_conflict_do_nothing(index_elements=["grp"]))
+                    row = (await conn.execute(query)).one()
+        position = Position(row[0], int(row[1]))
+        self._seen.saw(group, position)
+        return position
+
+    async def heads(self, groups: Sequence[str]) -> list[Position]:
+        """Return the heads of `groups`, in order: one query for the groups that exist.
+
+        Raises:
+            BackendError: The database cannot be reached.
+        """
+        self._check_connected()
+        table = self._groups
+        found: dict[str, Position] = {}
+        for start in range(0, len(groups), 500):
+            query = select(table.c.grp, table.c.epoch, table.c.seq).where(
+                table.c.grp.in_(groups[start : start + 500])
+            )
+            async with self._wrap("read the heads"), self._engine.connect() as conn:
+                for grp, epoch, seq in await conn.execute(query):
+                    found[grp] = Position(epoch, int(seq))
+        heads = []
+        for group in groups:
+            position = found.get(group)
+            if position is None:
+                position = await self.head(group)  # makes its epoch
+            else:
+                self._seen.saw(group, position)
+            heads.append(position)
+        return heads
+
+    async def read(self, group: str, after: Position) -> list[tuple[int, bytes]] | None:
+        """Return the retained events of `group` after `after` (see `HistoryStore.read`).
+
+        Raises:
+            BackendError: The database cannot be reached.
+        """
+        self._check_connected()
+        events = self._events
         rows = (
             select(events.c.seq, events.c.created, events.c.wire)
-            .where(events.c.grp.in_(groups), events.c.seq > after)
+            .where(events.c.grp == group, events.c.seq > after.seq)
             .order_by(events.c.seq)
         )
-        trimmed = select(trim.c.grp, trim.c.upto).where(trim.c.grp.in_([*groups, _FLOOR]))
         async with self._wrap("read the history"), self._engine.connect() as conn:
             found = (await conn.execute(rows)).all()
-            # Read after the events: a trim committed before that read is seen here, so
-            # no event can vanish unnoticed between the two statements.
-            marks = {grp: int(upto) for grp, upto in (await conn.execute(trimmed)).all()}
-        if self._expired(groups, after, marks, found):
+            # Read after the events: a trim or a new epoch committed before that read is
+            # seen here, so no event can vanish unnoticed between the two statements.
+            resumable = await self._resumable(conn, group, after, found)
+        if not resumable:
             return None
-        return [(seq, bytes(stored)) for seq, _, stored in found]
+        return [(int(seq), bytes(stored)) for seq, _, stored in found]
 
     async def read_page(
-        self, groups: Sequence[str], after: int, upto: int, limit_bytes: int
+        self, group: str, after: Position, upto: int, limit_bytes: int
     ) -> Page | None:
-        """Return one page of the events of `groups` in `(after, upto]`, or None if the
-        cursor expired (see `HistoryStore.read_page`).
+        """Return one page of the events of `group` in `(after.seq, upto]`, or None if
+        the cursor cannot be resumed (see `HistoryStore.read_page`).
 
         It reads the sizes of the next events first (`LIMIT`), then the events of
         the page, so it never loads more than about `limit_bytes` of them.
@@ -353,17 +383,14 @@ class SQLAlchemyStore(HistoryStore):
             BackendError: The database cannot be reached.
         """
         self._check_connected()
-        if not groups:
-            return Page([], upto)
-        events, trim = self._events, self._trim
-        in_range = (events.c.grp.in_(groups), events.c.seq > after, events.c.seq <= upto)
+        events = self._events
+        in_range = (events.c.grp == group, events.c.seq > after.seq, events.c.seq <= upto)
         sizes = (
             select(events.c.seq, func.length(events.c.wire))
             .where(*in_range)
             .order_by(events.c.seq)
             .limit(_PAGE_ROWS)
         )
-        trimmed = select(trim.c.grp, trim.c.upto).where(trim.c.grp.in_([*groups, _FLOOR]))
         async with self._wrap("read the history"), self._engine.connect() as conn:
             end, size, count = upto, 0, 0
             rows = (await conn.execute(sizes)).all()
@@ -384,128 +411,112 @@ class SQLAlchemyStore(HistoryStore):
                     .order_by(events.c.seq)
                 )
                 found = list((await conn.execute(page)).all())
-            # Read after the events: a trim committed before that read is seen here, so
-            # no event can vanish unnoticed between the two statements.
-            marks = {grp: int(mark) for grp, mark in (await conn.execute(trimmed)).all()}
-        if self._expired(groups, after, marks, found):
+            # Read after the events: a trim or a new epoch committed before that read is
+            # seen here, so no event can vanish unnoticed between the two statements.
+            resumable = await self._resumable(conn, group, after, found)
+        if not resumable:
             return None
         return Page([(int(seq), bytes(stored)) for seq, _, stored in found], end)
 
-    def _expired(
-        self,
-        groups: Sequence[str],
-        after: int,
-        marks: dict[str, int],
-        found: Sequence[Any],
+    async def _resumable(
+        self, conn: AsyncConnection, group: str, after: Position, found: Sequence[Any]
     ) -> bool:
-        """Whether a read after `after` lost events: a trim mark (or the store-wide
-        floor) above the cursor, or a row expired by age but not deleted yet (its
-        group saw no append since). `found` rows are `(seq, created, wire)`."""
-        floor = marks.get(_FLOOR, 0)
-        if any(marks.get(group, floor) > after for group in groups):
-            return True
+        """Whether a read after `after` lost nothing: the group is in `after`'s epoch,
+        not behind it, with no trim mark above it, and no row of `found`
+        (`(seq, created, wire)`) is expired by age but not deleted yet (its group saw
+        no append since)."""
+        groups = self._groups
+        row = (
+            await conn.execute(
+                select(groups.c.epoch, groups.c.seq, groups.c.trim).where(groups.c.grp == group)
+            )
+        ).one_or_none()
+        if row is None:
+            return False
+        epoch, seq, trim = row
+        if epoch != after.epoch or after.seq > int(seq) or int(trim) > after.seq:
+            return False
         if self.max_age is not None and found:
             oldest = time.time() - self.max_age
-            return any(created < oldest for _, created, _ in found)
-        return False
+            return not any(created < oldest for _, created, _ in found)
+        return True
 
-    async def head(self) -> int:
-        """Return the highest seq issued so far.
-
-        Raises:
-            BackendError: The database cannot be reached.
-        """
-        self._check_connected()
-        async with self._wrap("read the head"), self._engine.connect() as conn:
-            epoch, head = (await conn.execute(select(self._meta.c.epoch, self._meta.c.head))).one()
-        if epoch != self.epoch:
-            # Another process started a new epoch.
-            self.epoch, self._high = epoch, int(head)
-        return int(head)
-
-    async def _store(self, conn: AsyncConnection, group: str, wire: bytes) -> tuple[int, bytes]:
-        meta, events, trim = self._meta, self._events, self._trim
-        # The row lock taken here also serialises publishers inside PostgreSQL.
-        bump = (
-            update(meta)
-            .where(meta.c.id == 1)
-            .values(head=meta.c.head + 1)
-            .returning(meta.c.head, meta.c.epoch)
-        )
-        raw_seq, epoch = (await conn.execute(bump)).one()
-        seq = int(raw_seq)
-        if epoch != self.epoch:
-            # Another process started a new epoch.
-            self.epoch, self._high = epoch, 0
-        elif seq <= self._high:
-            seq = await self._renew(conn, seq - 1)
-        # self._high moves only once this transaction commits (see append()): a
-        # rolled-back append (its connection terminated) issued no id.
-        stored = id_line(self.epoch, seq) + wire
+    async def _store(
+        self, conn: AsyncConnection, group: str, wire: bytes
+    ) -> tuple[Position, bytes]:
+        groups, events = self._groups, self._events
+        insert = postgresql.insert if self._postgres else sqlite.insert
         now = time.time()
-        await conn.execute(events.insert().values(seq=seq, grp=group, created=now, wire=stored))
+        # Takes the group's row lock until commit: appends to one group get
+        # consecutive seqs in commit order, and other groups are not touched.
+        bump = insert(groups).values(grp=group, epoch=new_epoch(), seq=1, trim=0, used=now)
+        bump = bump.on_conflict_do_update(
+            index_elements=["grp"], set_={"seq": groups.c.seq + 1, "used": now}
+        )
+        raw_epoch, raw_seq = (
+            await conn.execute(bump.returning(groups.c.epoch, groups.c.seq))
+        ).one()
+        epoch, seq = str(raw_epoch), int(raw_seq)
+        seen = self._seen.get(group)
+        if seen is not None and seen.epoch == epoch and seq <= seen.seq:
+            epoch, seq = await self._renew(conn, group, seen.seq), 1
+        # self._seen moves only once this transaction commits (see append()): a
+        # rolled-back append (its connection terminated) issued no id.
+        stored = id_line(epoch, seq) + wire
+        await conn.execute(events.insert().values(grp=group, seq=seq, created=now, wire=stored))
 
-        removed: dict[str, int] = {}
-        if self.retention is not None:
-            cutoff = (
-                select(events.c.seq)
-                .where(events.c.grp == group)
-                .order_by(events.c.seq.desc())
-                .limit(1)
-                .offset(self.retention)
-                .scalar_subquery()
-            )
-            gone = delete(events).where(events.c.grp == group, events.c.seq <= cutoff)
-            for (old,) in await conn.execute(gone.returning(events.c.seq)):
-                removed[group] = max(removed.get(group, 0), old)
+        # Seqs have no gap: with a count bound, what is trimmed is known.
+        trimmed = 0
+        if self.retention is not None and seq > self.retention:
+            trimmed = seq - self.retention
+            await conn.execute(delete(events).where(events.c.grp == group, events.c.seq <= trimmed))
         if self.max_age is not None:
-            gone = delete(events).where(events.c.created < now - self.max_age)
-            for grp, old in await conn.execute(gone.returning(events.c.grp, events.c.seq)):
-                removed[grp] = max(removed.get(grp, 0), old)
-        if removed:
-            insert = postgresql.insert if self._postgres else sqlite.insert
-            greatest = func.greatest if self._postgres else func.max
-            marks = insert(trim).values([{"grp": g, "upto": s} for g, s in removed.items()])
-            await conn.execute(
-                marks.on_conflict_do_update(
-                    index_elements=["grp"],
-                    set_={"upto": greatest(trim.c.upto, marks.excluded.upto)},
-                )
+            gone = delete(events).where(
+                events.c.grp == group, events.c.created < now - self.max_age
             )
-        return seq, stored
+            for (old,) in await conn.execute(gone.returning(events.c.seq)):
+                trimmed = max(trimmed, int(old))
+        if trimmed:
+            greatest = func.greatest if self._postgres else func.max
+            await conn.execute(
+                update(groups)
+                .where(groups.c.grp == group)
+                .values(trim=greatest(groups.c.trim, trimmed))
+            )
+        return Position(epoch, seq), stored
 
-    async def _renew(self, conn: AsyncConnection, head: int) -> int:
-        """Start a new epoch after `head` (the database went back); return the next seq.
+    async def _renew(self, conn: AsyncConnection, group: str, issued: int) -> str:
+        """Start a new epoch for `group`, whose counter went below `issued`, a seq this
+        instance issued or saw (the database went back); return the epoch.
 
-        The events kept belong to the old epoch, which no client can resume any more.
+        The group's events kept belong to the old epoch, which no client can resume
+        any more.
         """
-        meta, events, trim = self._meta, self._events, self._trim
+        groups, events = self._groups, self._events
         epoch = new_epoch()
-        issued = self._high
-        # Above every seq this instance saw, so no row that survived is in the way.
-        head = max(head, issued)
-        await conn.execute(update(meta).where(meta.c.id == 1).values(epoch=epoch, head=head + 1))
-        await conn.execute(delete(events))
-        await conn.execute(delete(trim))
-        await self._raise_floor(conn, head)
+        await conn.execute(
+            update(groups).where(groups.c.grp == group).values(epoch=epoch, seq=1, trim=0)
+        )
+        await conn.execute(delete(events).where(events.c.grp == group))
         logger.warning(
-            "SQL history %s went back below seq %d, which this process issued (a restored "
-            "backup or a failover); started a new epoch %s so that no event id is issued twice",
+            "SQL history %s: group %r went back below seq %d, which this process issued or "
+            "saw (a restored backup or a failover); started a new epoch %s for it so that "
+            "no event id is issued twice",
             self,
+            group,
             issued,
             epoch,
         )
-        self.epoch = epoch
-        return head + 1
+        return epoch
 
-    async def _release(self, conn: AsyncConnection, locked: bool) -> None:
+    async def _release(self, conn: AsyncConnection, locked: int | None) -> None:
         """Unlock and return the connection, even when the append was cancelled."""
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(_CLEANUP_SECONDS):
                 try:
-                    if locked:
+                    if locked is not None:
                         await conn.rollback()
-                        await conn.execute(select(func.pg_advisory_unlock(self._key())))
+                        await conn.execute(select(func.pg_advisory_unlock(self._key(locked))))
                         await conn.commit()
                     await conn.close()
                 except Exception as exc:
@@ -520,8 +531,17 @@ class SQLAlchemyStore(HistoryStore):
                 except Exception as exc:
                     logger.warning("SQL history %s: could not close a connection: %r", self, exc)
 
-    def _key(self) -> Any:
-        return bindparam("lock_key", self._lock_key, type_=BigInteger)
+    def _group_lock_key(self, group: str) -> int:
+        # One advisory lock per group of a history: a rare collision of two groups
+        # only serialises their appends together.
+        digest = hashlib.blake2b(
+            f"sseviews:{self.table_prefix}:{group}".encode(), digest_size=8
+        ).digest()
+        return int.from_bytes(digest, "big", signed=True)
+
+    @staticmethod
+    def _key(key: int) -> Any:
+        return bindparam("lock_key", key, type_=BigInteger)
 
     def _check_connected(self) -> None:
         if not self._connected:

@@ -231,7 +231,8 @@ async def publish(request: Request) -> Response:
 
 
 async def health(request: Request) -> JSONResponse:
-    return JSONResponse({"pid": os.getpid(), "epoch": broadcast.epoch})
+    # The epoch of the group of /rooms/lobby.
+    return JSONResponse({"pid": os.getpid(), "epoch": (await broadcast.last_id("room:lobby"))[:8]})
 
 
 async def debug(request: Request) -> JSONResponse:

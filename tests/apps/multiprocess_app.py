@@ -9,11 +9,12 @@ with the same `SSEVIEWS_TEST_REDIS_PREFIX` share groups, ids and history:
 Routes:
 
 - `GET /rooms/{room}` streams the group `room:{room}` (no `events()` override, so
-  the view streams its group, with `Last-Event-ID` replay);
+  the view streams its group, with `Last-Event-ID` replay); `GET /rooms/x+y`
+  streams the groups `room:x` and `room:y`;
 - `POST /rooms/{room}` publishes the JSON body to that group and answers
   `{"id": ...}` with the id the broadcast assigned, or 503 `{"error": ...}` when
   Redis cannot take it (a failover in progress);
-- `GET /health` answers `{"pid": ..., "epoch": ...}` once the lifespan has
+- `GET /health` answers `{"pid": ...}` once the lifespan has
   connected the broadcast.
 """
 
@@ -44,14 +45,14 @@ def room_group(room: str) -> str:
 
 
 class RoomView(EventStreamView):
-    """Streams one room's group: replay after `Last-Event-ID`, then live."""
+    """Streams the rooms' groups: replay after `Last-Event-ID`, then live."""
 
     broadcast = broadcast
     retry = 100
     ping_interval = 5.0
 
     def groups(self) -> list[str]:
-        return [room_group(self.request.path_params["room"])]
+        return [room_group(room) for room in self.request.path_params["room"].split("+")]
 
 
 async def publish(request: Request) -> JSONResponse:
@@ -64,7 +65,7 @@ async def publish(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    return JSONResponse({"pid": os.getpid(), "epoch": broadcast.epoch})
+    return JSONResponse({"pid": os.getpid()})
 
 
 @asynccontextmanager

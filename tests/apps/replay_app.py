@@ -10,7 +10,8 @@ Configured from the environment:
 
 Routes:
 
-- `GET /health`: 200 with the pid and epoch, once the broadcast is connected;
+- `GET /health`: 200 with the pid and the epoch of the group `big`, once the
+  broadcast is connected;
 - `POST /fill?count=N&size=S`: publish N events of S bytes of data to the group
   `big`; returns the first and last ids;
 - `GET /debug`: the number of subscriptions open in this process;
@@ -54,7 +55,7 @@ async def fill(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    return JSONResponse({"pid": os.getpid(), "epoch": broadcast.epoch})
+    return JSONResponse({"pid": os.getpid(), "epoch": (await broadcast.last_id("big"))[:8]})
 
 
 async def debug(request: Request) -> JSONResponse:

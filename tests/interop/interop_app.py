@@ -97,7 +97,7 @@ async def publish(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
-    return JSONResponse({"pid": os.getpid(), "epoch": broadcast.epoch})
+    return JSONResponse({"pid": os.getpid(), "last_id": await broadcast.last_id("room")})
 
 
 async def stats(request: Request) -> JSONResponse:

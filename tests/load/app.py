@@ -12,7 +12,7 @@ Routes:
   (`len(asyncio.all_tasks())`, this request's task included), `rss` (bytes),
   `blocks` (`sys.getallocatedblocks()`: the memory blocks Python holds), `open` (the
   view's open streams, from `Metrics`), `published` (events published so far),
-  `publishing`, `epoch` and the view's full `metrics`.
+  `publishing`, `epoch` (of the group) and the view's full `metrics`.
 - `POST /debug/publish?n=K&rate=R`: publishes K events, each with data `{"i": seq}`,
   R per second on a fixed schedule, in a background task; 409 while one runs.
 - `GET /debug/published`: the ids published so far, in order, and `done`.
@@ -77,6 +77,7 @@ class LoadState:
         self.publishing = False
         self.publish_error: str | None = None
         self.task_group: TaskGroup | None = None
+        self.epoch = ""  # the group's epoch, read once the broadcast is connected
         self.process = psutil.Process()
 
     def stats(self) -> dict[str, Any]:
@@ -96,7 +97,7 @@ class LoadState:
             "published": len(self.published),
             "publishing": self.publishing,
             "publish_error": self.publish_error,
-            "epoch": self.broadcast.epoch,
+            "epoch": self.epoch,
             "metrics": view,
         }
 
@@ -189,6 +190,8 @@ def create_app() -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with broadcast:
+            # The epoch of the stream's group: every id the stream sends carries it.
+            state.epoch = (await broadcast.last_id(GROUP))[:8]
             async with anyio.create_task_group() as task_group:
                 state.task_group = task_group
                 yield
