@@ -19,6 +19,7 @@ from redis_helpers import (
     redis_client,
     unique_prefix,
 )
+from support.redis_topology import spare_ports
 
 from sseviews import BackendError
 from sseviews.stores.base import Page, Position, id_line
@@ -429,11 +430,15 @@ async def test_redis_store_runs_on_a_cluster_node_where_scripts_touch_one_slot(
     `connect()` refuses a plain `redis://` URL on a cluster node (a plain client
     reaches only that node's slots), so the scripts run here without it: this
     node holds every slot."""
-    port = free_port()
+    # The cluster bus port must be free too: its default, port + 10000, may be
+    # taken or above 65535 for a random port.
+    port, bus_port = spare_ports(2)
     server = RedisServer(
         port,
         "--cluster-enabled",
         "yes",
+        "--cluster-port",
+        str(bus_port),
         "--cluster-config-file",
         str(tmp_path / "nodes.conf"),
         "--dir",
