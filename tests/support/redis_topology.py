@@ -253,6 +253,22 @@ def _decode(value: object) -> object:
     return value
 
 
+def _start_retrying(start_once: Callable[[], None], stop: Callable[[], None]) -> None:
+    """Run `start_once`, again (3 tries in all) when a spare port was taken meanwhile;
+    `stop` what it started after any failure."""
+    for attempt in range(3):
+        try:
+            start_once()
+            return
+        except PortTaken:
+            stop()
+            if attempt == 2:
+                raise
+        except BaseException:
+            stop()
+            raise
+
+
 def _start_nodes(nodes: list[RedisNode]) -> None:
     """Start `nodes`; on any failure stop those started and re-raise."""
     try:
@@ -300,17 +316,7 @@ class SentinelGroup:
 
     def start(self) -> None:
         """Start the data nodes, then the sentinels; wait until everything has settled."""
-        for attempt in range(3):
-            try:
-                self._start_once()
-                return
-            except PortTaken:
-                self.stop(remove=False)
-                if attempt == 2:
-                    raise
-            except BaseException:
-                self.stop(remove=False)
-                raise
+        _start_retrying(self._start_once, lambda: self.stop(remove=False))
 
     def _start_once(self) -> None:
         for path in self.directory.glob("*.conf"):
@@ -512,17 +518,7 @@ class RedisCluster:
 
     def start(self) -> None:
         """Start 6 nodes, create the cluster, wait until every node reports cluster_state:ok."""
-        for attempt in range(3):
-            try:
-                self._start_once()
-                return
-            except PortTaken:
-                self.stop(remove=False)
-                if attempt == 2:
-                    raise
-            except BaseException:
-                self.stop(remove=False)
-                raise
+        _start_retrying(self._start_once, lambda: self.stop(remove=False))
 
     def _start_once(self) -> None:
         for pattern in ("*.conf", "*.rdb"):
