@@ -170,6 +170,19 @@ class Channels:
         for group in waiting:
             await self._confirmation(group)
 
+    def want(self, groups: Sequence[str]) -> None:
+        """Want `groups` without waiting for the server (a group moved here from
+        another connection)."""
+        wake = self._wake
+        for group in groups:
+            if group not in self.wanted:
+                self.wanted.add(group)
+                lingered = self._lingering.pop(group, None) is not None
+                if not (lingered and group in self.sent):
+                    self._dirty.add(group)
+        if wake is not None:
+            wake.set()
+
     def unsubscribe(self, groups: Sequence[str]) -> None:
         """Unsubscribe from `groups` after `linger` seconds, unless wanted again."""
         wake = self._wake

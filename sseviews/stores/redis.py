@@ -33,6 +33,7 @@ the `RedisBackend` of every process that serves the group, in id order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -43,7 +44,17 @@ import anyio
 import redis.asyncio
 
 from .._exceptions import BackendError
-from .._redis import check_not_cluster, close_client, describe, group_key, open_client, redis_errors
+from .._redis import (
+    CLUSTER_SCHEMES,
+    check_cluster,
+    check_not_cluster,
+    close_client,
+    describe,
+    group_key,
+    open_client,
+    open_cluster_client,
+    redis_errors,
+)
 from .base import Deliver, HistoryStore, Page, Position, SeenPositions, check_idle_expiry, new_epoch
 
 __all__ = ["RedisStore", "group_key"]
@@ -110,8 +121,9 @@ end
 
 # Takes the group's next seq, stores the event and trims the group, atomically.
 # ARGV[5..8]: wire (without id line), retention (0: none), max age in ms (0: none),
-# the group's live channel ('': don't publish; it shares the group's hash tag, so
-# the group's slot). The message is `seq\0wire` (the wire with its id line).
+# how to publish ('': don't; 'PUBLISH', or 'SPUBLISH' on a Redis Cluster) on the
+# group's live channel, KEYS[3]: a key to the cluster, as it shares the group's hash
+# tag, so the group's slot. The message is `seq\0wire` (the wire with its id line).
 _APPEND = (
     _PRELUDE
     + """
@@ -166,7 +178,7 @@ if ttl > 0 then
 end
 
 if ARGV[8] ~= '' then
-  redis.call('PUBLISH', ARGV[8], seq .. '\\0' .. wire)
+  redis.call(ARGV[8], KEYS[3], seq .. '\\0' .. wire)
 end
 return {seq, epoch, renewed}
 """
@@ -293,8 +305,19 @@ class RedisStore(HistoryStore):
                 f"max_age must be a positive number of seconds or None, got {max_age!r}"
             )
         check_idle_expiry(idle_expiry)
-        self._client, self._owned = open_client(url_or_client)
-        if self._client.connection_pool.connection_kwargs.get("decode_responses"):
+        self._client: Any
+        if isinstance(url_or_client, redis.asyncio.RedisCluster) or (
+            isinstance(url_or_client, str)
+            and url_or_client.partition("://")[0].lower() in CLUSTER_SCHEMES
+        ):
+            self._client, self._owned = open_cluster_client(url_or_client)
+            self._cluster = True
+            kwargs = self._client.get_connection_kwargs()
+        else:
+            self._client, self._owned = open_client(url_or_client)
+            self._cluster = False
+            kwargs = self._client.connection_pool.connection_kwargs
+        if kwargs.get("decode_responses"):
             raise ValueError(
                 "RedisStore needs a client without decode_responses=True: it stores bytes"
             )
@@ -303,6 +326,7 @@ class RedisStore(HistoryStore):
         self.max_age = max_age
         self.idle_expiry = idle_expiry
         self.publish = publish
+        self._publish_command = "" if not publish else "SPUBLISH" if self._cluster else "PUBLISH"
         self._retention_arg = retention or 0
         self._max_age_ms = max(1, round(max_age * 1000)) if max_age is not None else 0
         ttl = max_age if max_age is not None else idle_expiry
@@ -320,6 +344,10 @@ class RedisStore(HistoryStore):
 
     def _keys(self, group: str) -> list[str]:
         return [group_key(self.prefix, "m", group), group_key(self.prefix, "g", group)]
+
+    def _append_keys(self, group: str) -> list[str]:
+        # The channel is a key to the cluster: it routes the script to its slot.
+        return [*self._keys(group), group_key(self.prefix, "live", group)]
 
     def _prelude_args(self, group: str) -> list[Any]:
         seen = self._seen.get(group)
@@ -370,9 +398,13 @@ class RedisStore(HistoryStore):
             BackendError: Redis cannot be reached, or is a Redis Cluster node.
         """
         try:
-            with redis_errors(f"connecting to {self._where}"):
-                await self._client.ping()
-                await check_not_cluster(self._client, self._where)
+            if self._cluster:
+                await check_cluster(self._client, self._where)
+                self._where = describe(self._client)  # with every node it found
+            else:
+                with redis_errors(f"connecting to {self._where}"):
+                    await self._client.ping()
+                    await check_not_cluster(self._client, self._where)
             await self._check_eviction()
         except BaseException:
             if self._owned:
@@ -423,13 +455,13 @@ class RedisStore(HistoryStore):
     async def _append_and_deliver(self, group: str, wire: bytes, deliver: Deliver) -> Position:
         with redis_errors(f"storing an event in {self._where}"):
             raw_seq, raw_epoch, renewed = await self._append(
-                keys=self._keys(group),
+                keys=self._append_keys(group),
                 args=[
                     *self._prelude_args(group),
                     wire,
                     self._retention_arg,
                     self._max_age_ms,
-                    group_key(self.prefix, "live", group) if self.publish else "",
+                    self._publish_command,
                 ],
             )
         position = self._observe(group, raw_epoch, int(raw_seq), renewed)
@@ -456,6 +488,10 @@ class RedisStore(HistoryStore):
         """
         if len(groups) == 1:
             return [await self.head(groups[0])]
+        if self._cluster:
+            # Groups live in different slots, often on different nodes: one script
+            # each, concurrently (a cluster pipeline would split them the same way).
+            return list(await asyncio.gather(*(self.head(group) for group in groups)))
         with redis_errors(f"reading the heads of groups from {self._where}"):
             async with self._client.pipeline(transaction=False) as pipe:
                 for group in groups:
