@@ -152,8 +152,17 @@ _URL_EXAMPLES = (
 )
 
 
+def _scheme(url: str) -> str:
+    # urlsplit refuses some URLs (an unbalanced IPv6 bracket) that the scheme's own
+    # parser reports better.
+    try:
+        return urlsplit(url).scheme
+    except ValueError:
+        return url.partition(":")[0].lower()
+
+
 def _backend_for(url: str, prefix: str) -> LiveBackend:
-    scheme = urlsplit(url).scheme
+    scheme = _scheme(url)
     if scheme == "memory":
         from .backends.memory import MemoryBackend
 
@@ -183,7 +192,7 @@ def _store_for(
     idle_expiry: float | None,
     publish: bool,
 ) -> HistoryStore:
-    scheme = urlsplit(history).scheme
+    scheme = _scheme(history)
     if scheme == "memory":
         from .stores.memory import MemoryStore
 
@@ -302,7 +311,7 @@ class Broadcast:
         # Redis live + Redis history publish in one atomic script (ids in live order).
         self._fused = False
         if history is None:
-            scheme = urlsplit(url_text).scheme
+            scheme = _scheme(url_text)
             fused = scheme in _REDIS_SCHEMES or scheme in _CLUSTER_SCHEMES
             if scheme in _POSTGRES_SCHEMES:
                 from .backends.postgres import history_url
@@ -342,9 +351,7 @@ class Broadcast:
         # refuse it loudly, and log it once per broadcast (see EventStreamView._open).
         self._ever_connected = False
         self._reported_unconnected = False
-        self._in_process = urlsplit(url_text).scheme == "memory" and not isinstance(
-            url, LiveBackend
-        )
+        self._in_process = _scheme(url_text) == "memory" and not isinstance(url, LiveBackend)
 
     # -- lifecycle --------------------------------------------------------------
 

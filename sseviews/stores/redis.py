@@ -34,6 +34,7 @@ the `RedisBackend` of every process that serves the group, in id order.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import re
@@ -42,6 +43,7 @@ from typing import Any
 
 import anyio
 import redis.asyncio
+from redis.exceptions import NoScriptError
 
 from .._exceptions import BackendError
 from .._redis import (
@@ -245,6 +247,27 @@ return {epoch, string.format('%d', head), renewed}
 )
 
 
+class _ClusterScript:
+    """A script run on the master of its keys' slot only.
+
+    redis-py's `Script` loads a missing script on every master (`SCRIPT LOAD`), so
+    one master down (a failover) would fail the scripts of every group. This one
+    runs `EVALSHA` on the keys' master and, when that master does not know the
+    script (`NOSCRIPT`: it did not run), `EVAL` there, which caches it.
+    """
+
+    def __init__(self, client: Any, source: str) -> None:
+        self._client = client
+        self._source = source
+        self._sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._client.eval(self._source, len(keys), *keys, *args)
+
+
 class RedisStore(HistoryStore):
     """Keeps each group's recent events in a Redis Stream and assigns ids in Redis.
 
@@ -332,9 +355,17 @@ class RedisStore(HistoryStore):
         ttl = max_age if max_age is not None else idle_expiry
         self._ttl_ms = max(1, round(ttl * 1000)) if ttl is not None else 0
         self._where = describe(self._client)
-        self._append = self._client.register_script(_APPEND)
-        self._read = self._client.register_script(_READ)
-        self._head = self._client.register_script(_HEAD)
+        self._append: Any
+        self._read: Any
+        self._head: Any
+        if self._cluster:
+            self._append, self._read, self._head = (
+                _ClusterScript(self._client, source) for source in (_APPEND, _READ, _HEAD)
+            )
+        else:
+            self._append = self._client.register_script(_APPEND)
+            self._read = self._client.register_script(_READ)
+            self._head = self._client.register_script(_HEAD)
         # Per group, the highest seq this instance issued or saw in its epoch: the
         # group's counter going below it means its history went back.
         self._seen = SeenPositions()
