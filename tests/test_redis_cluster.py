@@ -12,6 +12,7 @@ subscriptions of the killed master's groups end.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import time
@@ -454,3 +455,48 @@ async def test_redis_cluster_failover_keeps_the_guarantee_for_subscribers_on_two
         else:
             # Only the killed master's groups were ended.
             assert subscriber.connects == 1, report
+
+
+# -- presence (ClusterPresence, from the presence-on-cluster work) --------------------------
+
+
+async def test_redis_cluster_backend_keeps_presence_per_group_and_announces_joins(
+    redis_cluster: RedisCluster,
+) -> None:
+    try:
+        importlib.import_module("sseviews.backends._redis_presence")
+    except ImportError:
+        pytest.skip("ClusterPresence (sseviews/backends/_redis_presence.py) is not merged yet")
+    prefix = unique_prefix()
+    by_master = groups_by_master(redis_cluster, prefix, per_master=1, stem="p")
+    groups = sorted(names[0] for names in by_master.values())
+    one = RedisClusterBackend(redis_cluster.url(), prefix=prefix)
+    two = RedisClusterBackend(redis_cluster.url(), prefix=prefix)
+    recorder = Recorder()
+    await one.connect(recorder.dispatch, recorder.on_failure)
+    try:
+        await two.connect(Recorder().dispatch, Recorder().on_failure)
+        try:
+            with anyio.fail_after(TIMEOUT):
+                await one.subscribe(groups)
+                await two.presence_join("m1", groups, b'{"id":"m1"}', True)
+                await one.presence_join("m2", groups[:1], b'{"id":"m2"}', False)
+                for group in groups:
+                    assert await one.presence_list(group, 10) in (
+                        [b'{"id":"m1"}'],
+                        [b'{"id":"m1"}', b'{"id":"m2"}'],
+                        [b'{"id":"m2"}', b'{"id":"m1"}'],
+                    )
+                assert await two.presence_count(groups[0]) == 2
+                assert [await two.presence_count(group) for group in groups[1:]] == [1, 1]
+            # The join of m1 was announced on each group's channel, on its master.
+            await recorder.wait_for("3 joins", lambda: len(recorder.events) == 3)
+            assert sorted(g for g, _, _ in recorder.events) == groups
+            assert all(seq == 0 and b"sseviews.join" in wire for _, seq, wire in recorder.events)
+            with anyio.fail_after(TIMEOUT):
+                await two.presence_leave("m1", groups, b'{"id":"m1"}', False)
+                assert [await one.presence_count(group) for group in groups] == [1, 0, 0]
+        finally:
+            await two.disconnect()
+    finally:
+        await one.disconnect()

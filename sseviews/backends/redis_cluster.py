@@ -23,14 +23,19 @@ A `SSUBSCRIBE` answered with `MOVED` or `ASK` (the slot map was out of date)
 never delivered anything: the group moves to the node named, and its callers go
 on waiting there.
 
-Presence is not implemented on the cluster yet (`NotImplementedError`).
+Presence is kept by `ClusterPresence` (`_redis_presence.py`), whose scripts each
+touch one group's slot; one heartbeat task per backend refreshes this process's
+registration and sweeps dead processes. Without that module, the presence
+methods raise `NotImplementedError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -66,6 +71,15 @@ logger = logging.getLogger("sseviews.redis")
 _MAX_REROUTES = 5
 
 
+def _cluster_presence(client: Any, prefix: str, process: str, timeout: float) -> Any:
+    """A `ClusterPresence`, or None where that module is missing."""
+    try:
+        module = importlib.import_module("sseviews.backends._redis_presence")
+    except ImportError:
+        return None
+    return module.ClusterPresence(client, prefix, process, timeout)
+
+
 class _Shard:
     """The pub/sub connection to one master, and the channels it carries."""
 
@@ -93,6 +107,8 @@ class RedisClusterBackend(LiveBackend):
             (`rediss+cluster://` for TLS), or a ready `redis.asyncio.RedisCluster`
             client (which the backend does not close).
         prefix: Prefix of the channels; use the prefix of the `RedisStore`.
+        presence_timeout: Bound, in seconds, on how long the members of a process
+            that died without cleaning up stay listed.
 
     Raises:
         ValueError: A bad URL or prefix.
@@ -115,9 +131,25 @@ class RedisClusterBackend(LiveBackend):
         url_or_client: str | redis.asyncio.RedisCluster,
         *,
         prefix: str = "sseviews",
+        presence_timeout: float = 30.0,
     ) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
+        if (
+            isinstance(presence_timeout, bool)
+            or not isinstance(presence_timeout, int | float)
+            or not presence_timeout > 0
+        ):
+            raise ValueError(
+                f"presence_timeout must be a number of seconds > 0, got {presence_timeout!r}"
+            )
+        #: Bound, in seconds, on how long the members of a process that died
+        #: without cleaning up stay listed (their leave is announced by then).
+        self.presence_timeout = float(presence_timeout)
+        self._process = secrets.token_hex(8)  # this backend's name in presence keys
+        self._present = 0  # members of this process listed (or being listed)
+        self._presence: Any = None  # a ClusterPresence, made by connect()
+        self._heartbeat: asyncio.Task[None] | None = None
         self._client, self._owned = open_cluster_client(url_or_client)
         self.prefix = prefix
         self._where = describe(self._client)
@@ -166,6 +198,13 @@ class RedisClusterBackend(LiveBackend):
         self._connected = True
         for node in self._client.get_primaries():
             self._shard(node.host, int(node.port))
+        self._presence = _cluster_presence(
+            self._client, self.prefix, self._process, self.presence_timeout
+        )
+        if self._presence is not None:
+            self._heartbeat = asyncio.get_running_loop().create_task(
+                self._beat(), name=f"sseviews redis cluster presence heartbeat {self.prefix}"
+            )
         # Wait (bounded) for the masters' connections, so the first streams need
         # not; a master that cannot be reached now is retried in the background.
         with anyio.move_on_after(self.attempt_timeout):
@@ -175,6 +214,16 @@ class RedisClusterBackend(LiveBackend):
     async def disconnect(self) -> None:
         """Close every shard connection, and the client if made from a URL."""
         self._connected = False
+        heartbeat, self._heartbeat = self._heartbeat, None
+        with anyio.move_on_after(1, shield=True):
+            if heartbeat is not None:
+                heartbeat.cancel()
+                await asyncio.wait({heartbeat})
+                # Streams still listed (a server stopping) leave now, not at the timeout.
+                try:
+                    await self._presence.drop()
+                except (*REDIS_ERRORS, BackendError) as exc:
+                    logger.warning("removing this process's presence failed: %s", exc)
         shards, self._shards = list(self._shards.values()), {}
         self._route.clear()
         with anyio.move_on_after(1, shield=True):
@@ -203,6 +252,81 @@ class RedisClusterBackend(LiveBackend):
             await self._client.execute_command(
                 "SPUBLISH", self._channel(group), b"%d\0%s" % (seq, wire)
             )
+
+    # -- presence ----------------------------------------------------------------------
+
+    def _presence_of(self) -> Any:
+        if self._presence is None:
+            raise NotImplementedError(
+                "presence on Redis Cluster needs sseviews.backends._redis_presence "
+                "(ClusterPresence), which this installation lacks"
+                if self._connected
+                else f"the backend is not connected to {self._where}"
+            )
+        return self._presence
+
+    async def presence_join(
+        self, member: str, groups: Sequence[str], entry: bytes, announce: bool
+    ) -> None:
+        """List `member` in `groups`, one script on each group's master."""
+        presence = self._presence_of()
+        self._present += 1
+        try:
+            with redis_errors(f"joining presence on {self._where}"):
+                await presence.join(member, groups, entry, announce)
+        except BaseException:
+            self._present -= 1
+            raise
+
+    async def presence_leave(
+        self, member: str, groups: Sequence[str], entry: bytes, announce: bool
+    ) -> None:
+        """Remove `member` from `groups`, one script on each group's master."""
+        presence = self._presence_of()
+        try:
+            with redis_errors(f"leaving presence on {self._where}"):
+                await presence.leave(member, groups, announce)
+        finally:
+            # A leave that failed is swept with this process's other members when
+            # it stops beating, or by ClusterPresence's own bookkeeping.
+            self._present -= 1
+
+    async def presence_list(self, group: str, limit: int) -> list[bytes]:
+        """Return at most `limit` entries of `group`."""
+        presence = self._presence_of()
+        with redis_errors(f"reading presence from {self._where}"):
+            entries: list[bytes] = await presence.list(group, limit)
+        return entries
+
+    async def presence_count(self, group: str) -> int:
+        """Return the number of members of `group`."""
+        presence = self._presence_of()
+        with redis_errors(f"reading presence from {self._where}"):
+            count: int = await presence.count(group)
+        return count
+
+    async def _beat(self) -> None:
+        """Refresh this process's registration and sweep dead processes, every
+        timeout/6."""
+        while self._heartbeat is not None:
+            try:
+                async with asyncio.timeout(self.attempt_timeout):
+                    kept = await self._presence.beat(self._present > 0)
+                if not kept:
+                    logger.warning(
+                        "this process missed its presence heartbeats for more than %ss: "
+                        "other processes removed its members from presence",
+                        self.presence_timeout,
+                    )
+            except (*REDIS_ERRORS, BackendError, TimeoutError) as exc:
+                if self._heartbeat is None:
+                    return
+                logger.warning("presence heartbeat to %s failed: %s", self._where, exc)
+            except Exception:
+                logger.exception("presence heartbeat to %s failed", self._where)
+            if self._heartbeat is None:
+                return
+            await anyio.sleep(self.presence_timeout / 6)
 
     # -- which groups this process receives ------------------------------------------
 
