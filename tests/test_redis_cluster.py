@@ -27,7 +27,7 @@ import httpx
 import pytest
 from redis.crc import key_slot
 from redis_helpers import unique_prefix
-from support.redis_topology import HOST, RedisCluster
+from support.redis_topology import HOST, RedisCluster, RedisNode
 from test_multiprocess import Server, _start_servers
 from test_redis_sentinel import (
     Published,
@@ -233,6 +233,98 @@ async def test_redis_cluster_broadcast_streams_groups_of_every_shard_in_one_subs
             assert [event.data for event in replay] == groups[1:]
             assert replay[-1].id == await broadcast.last_id(*groups)
         assert first.endswith("-1") and all(i.endswith("-1") or i.endswith("-2") for i in ids)
+
+
+# -- a slot moved ---------------------------------------------------------------------------
+
+
+def move_slot(cluster: RedisCluster, slot: int, source: RedisNode, target: RedisNode) -> None:
+    """Migrate `slot` and its keys from master `source` to master `target`, as a
+    resharding does."""
+    source_id = str(source.execute("CLUSTER", "MYID"))
+    target_id = str(target.execute("CLUSTER", "MYID"))
+    target.execute("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    source.execute("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    while keys := source.execute("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        assert isinstance(keys, list)
+        source.execute("MIGRATE", HOST, target.port, "", 0, 5000, "KEYS", *keys)
+    others = [node for node in cluster.masters() if node not in (source, target)]
+    for node in (target, source, *others):
+        node.execute("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+async def test_redis_cluster_slot_moved_ends_only_its_groups_streams_and_follows_it(
+    redis_cluster: RedisCluster,
+) -> None:
+    prefix = unique_prefix()
+    masters = redis_cluster.masters()
+    source, target = masters[0], masters[1]
+    moving, staying = groups_by_master(redis_cluster, prefix, per_master=2)[source.port]
+    async with Broadcast(redis_cluster.url(), prefix=prefix) as broadcast:
+        async with (
+            broadcast.subscribe(moving) as moved_stream,
+            broadcast.subscribe(staying) as kept_stream,
+        ):
+            first = await broadcast.publish(moving, "before")
+            with anyio.fail_after(TIMEOUT):
+                assert (await moved_stream.__anext__()).id == first
+            await anyio.to_thread.run_sync(
+                move_slot, redis_cluster, slot_of(prefix, moving), source, target
+            )
+            # Redis unsubscribed this process from the moved slot's channel: that
+            # stream ends (it may have missed events), the other one goes on.
+            with anyio.fail_after(TIMEOUT), pytest.raises(GroupsLost) as lost:
+                await moved_stream.__anext__()
+            assert lost.value.groups == {moving}
+            assert kept_stream.error is None
+            await broadcast.publish(staying, "kept")
+            with anyio.fail_after(TIMEOUT):
+                assert (await kept_stream.__anext__()).data == "kept"
+        # A browser resumes: its group's history moved with the slot (same epoch).
+        second = await broadcast.publish(moving, "after")
+        async with broadcast.subscribe(moving, last_event_id=first) as resumed:
+            with anyio.fail_after(TIMEOUT):
+                event = await resumed.__anext__()
+            assert (event.id, event.data) == (second, "after")
+            third = await broadcast.publish(moving, "live")
+            with anyio.fail_after(TIMEOUT):
+                assert (await resumed.__anext__()).id == third
+        assert target.execute("XLEN", group_key(prefix, "g", moving)) == 3
+        assert f"{HOST}:{target.port}" in {shard.name for shard in broadcast.live._shards.values()}
+
+
+async def test_redis_cluster_backend_follows_moved_when_its_slot_map_is_stale(
+    redis_cluster: RedisCluster,
+) -> None:
+    prefix = unique_prefix()
+    masters = redis_cluster.masters()
+    source, target = masters[0], masters[1]
+    [group] = groups_by_master(redis_cluster, prefix, per_master=1)[source.port]
+    store = RedisStore(redis_cluster.url(), prefix=prefix, publish=True)
+    backend = RedisClusterBackend(redis_cluster.url(), prefix=prefix)
+    recorder = Recorder()
+    await store.connect()
+    try:
+        await backend.connect(recorder.dispatch, recorder.on_failure)
+        try:
+            # The slot moves after the backend read the map: its SSUBSCRIBE goes to
+            # the old owner, which answers MOVED.
+            await anyio.to_thread.run_sync(
+                move_slot, redis_cluster, slot_of(prefix, group), source, target
+            )
+            with anyio.fail_after(TIMEOUT):
+                await backend.subscribe([group])
+            assert backend._route[group].name == f"{HOST}:{target.port}"
+            position = await store.append(group, data("moved"), no_deliver)
+            await recorder.wait_for("the event", lambda: recorder.events)
+            assert recorder.events == [
+                (group, 1, f"id: {position.epoch}-1\n".encode() + data("moved"))
+            ]
+            assert recorder.failures == []
+        finally:
+            await backend.disconnect()
+    finally:
+        await store.disconnect()
 
 
 # -- a master killed -----------------------------------------------------------------------
