@@ -45,7 +45,9 @@ __all__ = [
 logger = logging.getLogger("sseviews.redis")
 
 #: What a lost or failing Redis raises; builtin ConnectionError is an OSError.
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+#: RedisClusterException (no RedisError) is what a cluster client raises when no
+#: node answers or the slot map does not cover a slot (a failover in progress).
+REDIS_ERRORS = (RedisError, OSError, TimeoutError, RedisClusterException)
 _URL_SCHEMES = ("redis", "rediss", "unix")
 _ESCAPE = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
 
