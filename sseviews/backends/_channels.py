@@ -21,15 +21,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 from .._exceptions import BackendError
 
 __all__ = ["Channels", "Rerouted", "Send"]
 
 #: Sends one batch: `send(subscribe, unsubscribe)`, each a list of channel names.
-#: It returns once the commands are written; the confirmations come through
-#: `Channels.confirmed()` (or `refused()`), one per channel.
-Send = Callable[[list[bytes], list[bytes]], Awaitable[None]]
+#: It returns once the commands are written (or ran); the confirmations come
+#: through `Channels.confirmed_by_server()` (or `refused()`), one per channel.
+Send = Callable[[list[Any], list[Any]], Awaitable[None]]
+
+#: A channel name: bytes (Redis) or str (PostgreSQL).
+C = TypeVar("C", bytes, str)
 
 
 class Rerouted(Exception):
@@ -37,8 +41,12 @@ class Rerouted(Exception):
     connection (its channel now belongs to another one): ask the other one."""
 
 
-class Channels:
+class Channels(Generic[C]):
     """The channels of one pub/sub connection (see the module docstring).
+
+    Two groups may share a channel (PostgreSQL's names are hashed when long): the
+    channel is unsubscribed once neither uses it, and a message on it is for
+    whichever of its groups it names.
 
     Args:
         channel_of: The channel name of a group.
@@ -49,13 +57,13 @@ class Channels:
 
     def __init__(
         self,
-        channel_of: Callable[[str], bytes],
+        channel_of: Callable[[str], C],
         *,
         linger: float,
         attempt_timeout: float,
         where: str,
     ) -> None:
-        self._channel_of = channel_of
+        self._channel_of: Callable[[str], C] = channel_of
         self.linger = linger
         self.attempt_timeout = attempt_timeout
         self.where = where
@@ -78,11 +86,11 @@ class Channels:
         self._send: Send | None = None
         self._on_synced: Callable[[], None] | None = None
         # group -> channel, for every group subscribed and not unsubscribed since.
-        self.sent: dict[str, bytes] = {}
+        self.sent: dict[str, C] = {}
         # Those of them that the server confirmed.
         self.confirmed: set[str] = set()
-        # channel -> group, for every channel whose messages may still arrive.
-        self._groups: dict[bytes, str] = {}
+        # channel -> groups, for every channel whose messages may still arrive.
+        self._groups: dict[C, set[str]] = {}
         # Confirmations still to come for the batch sent; `_settled` is set at 0.
         self._outstanding = 0
         self._settled = asyncio.Event()
@@ -212,7 +220,7 @@ class Channels:
             self.confirmed.discard(group)
             channel = self.sent.pop(group, None)
             if channel is not None:
-                self._groups.pop(channel, None)
+                self._drop_group(channel, group)
             event = self._confirming.pop(group, None)
             if event is not None:
                 self._released.add(group)
@@ -237,23 +245,45 @@ class Channels:
 
     # -- what the backend's reader saw -------------------------------------------------
 
-    def group_of(self, channel: bytes) -> str | None:
-        """The group of a channel whose messages are expected, or None."""
-        return self._groups.get(channel)
+    def group_of(self, channel: C) -> str | None:
+        """The group of a channel whose messages are expected, or None (for a
+        channel of one group, as Redis's are)."""
+        groups = self._groups.get(channel)
+        if not groups:
+            return None
+        for group in groups:
+            return group
+        return None
 
-    def confirmed_by_server(self, subscribed: bool, channel: bytes) -> None:
+    def carries(self, channel: C, group: str) -> bool:
+        """Whether a message for `group` on `channel` is expected."""
+        groups = self._groups.get(channel)
+        return groups is not None and group in groups
+
+    def confirmed_by_server(self, subscribed: bool, channel: C) -> None:
         """The server confirmed a subscribe (`subscribed`) or an unsubscribe of `channel`."""
-        group = self._groups.get(channel)
-        if group is not None:
+        groups = self._groups.get(channel)
+        if groups is not None:
             if subscribed:
-                if group in self.sent:
-                    self.confirmed.add(group)
-                event = self._confirming.pop(group, None)
-                if event is not None:
-                    event.set()
-            elif group not in self.sent:
-                del self._groups[channel]
+                for group in groups:
+                    if group in self.sent:
+                        self.confirmed.add(group)
+                    event = self._confirming.pop(group, None)
+                    if event is not None:
+                        event.set()
+            else:
+                for group in [group for group in groups if group not in self.sent]:
+                    groups.discard(group)
+                if not groups:
+                    del self._groups[channel]
         self._answered()
+
+    def _drop_group(self, channel: C, group: str) -> None:
+        groups = self._groups.get(channel)
+        if groups is not None:
+            groups.discard(group)
+            if not groups:
+                del self._groups[channel]
 
     def refused(self) -> None:
         """The server answered one (un)subscribe of the batch with an error."""
@@ -267,8 +297,14 @@ class Channels:
 
     # -- the writer -------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(
+        self, heartbeat: tuple[float, Callable[[], Awaitable[None]]] | None = None
+    ) -> None:
         """Send what the wanted groups need, until cancelled or the connection fails.
+
+        Args:
+            heartbeat: `(interval, check)`: await `check()` (which raises if the
+                connection is dead) when `interval` seconds passed without one.
 
         Raises:
             Exception: What the send function raised, or TimeoutError when the
@@ -276,6 +312,7 @@ class Channels:
         """
         wake = self._wake
         assert wake is not None, "open() first"
+        checked = time.monotonic()
         while True:
             wake.clear()
             delay = self._expire()
@@ -286,6 +323,16 @@ class Channels:
             if on_synced is not None:
                 # Every group in use is subscribed on this connection.
                 on_synced()
+            if heartbeat is not None:
+                interval, check = heartbeat
+                now = time.monotonic()
+                if now - checked >= interval:
+                    checked = now
+                    async with asyncio.timeout(self.attempt_timeout):
+                        await check()
+                    continue
+                until_check = checked + interval - now
+                delay = until_check if delay is None else min(delay, until_check)
             if delay is None:
                 await wake.wait()
                 continue
@@ -321,18 +368,25 @@ class Channels:
             raise ConnectionError(f"the connection to {self.where} was closed")
         dirty, self._dirty = self._dirty, set()
         wanted, lingering = self.wanted, self._lingering
-        subscribe: list[bytes] = []
-        unsubscribe: list[bytes] = []
+        subscribe: list[C] = []
+        unsubscribe: list[C] = []
         for group in dirty:
             if group in wanted or group in lingering:
                 if group not in self.sent:
                     channel = self._channel_of(group)
                     self.sent[group] = channel
-                    self._groups[channel] = group
+                    # Known before it is sent: a message may come with the reply.
+                    self._groups.setdefault(channel, set()).add(group)
                     subscribe.append(channel)
             elif group in self.sent:
-                unsubscribe.append(self.sent.pop(group))
+                channel = self.sent.pop(group)
                 self.confirmed.discard(group)
+                sharing = self._groups.get(channel, ())
+                if any(other in self.sent for other in sharing):
+                    # Another group still uses the channel: keep it.
+                    self._drop_group(channel, group)
+                else:
+                    unsubscribe.append(channel)
             else:
                 # Given up before it was sent: wake whoever still waits for it.
                 event = self._confirming.pop(group, None)

@@ -85,7 +85,7 @@ class _Shard:
 
     __slots__ = ("channels", "conn", "host", "linked", "name", "pending", "port", "task")
 
-    def __init__(self, host: str, port: int, channels: Channels) -> None:
+    def __init__(self, host: str, port: int, channels: Channels[bytes]) -> None:
         self.host = host
         self.port = port
         self.name = f"{host}:{port}"
