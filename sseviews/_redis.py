@@ -33,6 +33,7 @@ __all__ = [
     "check_not_cluster",
     "close_client",
     "cluster_node_error",
+    "cluster_pool_size",
     "describe",
     "group_key",
     "open_client",
@@ -393,6 +394,19 @@ def cluster_node_error(where: str) -> BackendError:
         "redis+cluster://host:port[,host:port...]/ URL (rediss+cluster:// for TLS), "
         "not redis://"
     )
+
+
+def cluster_pool_size(client: redis.asyncio.RedisCluster) -> int:
+    """How many commands may run at once on `client` without one failing for want of
+    a connection: redis-py's cluster pools refuse a command beyond their size
+    (`MaxConnectionsError`) instead of making it wait, so callers hold a semaphore
+    of this size around each command."""
+    sizes = [
+        size
+        for node in client.get_nodes()
+        if isinstance(size := getattr(node, "max_connections", None), int) and size > 0
+    ]
+    return min(sizes, default=MAX_CONNECTIONS)
 
 
 async def check_cluster(client: redis.asyncio.RedisCluster, where: str) -> None:

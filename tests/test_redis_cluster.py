@@ -235,6 +235,24 @@ async def test_redis_cluster_broadcast_streams_groups_of_every_shard_in_one_subs
         assert first.endswith("-1") and all(i.endswith("-1") or i.endswith("-2") for i in ids)
 
 
+async def test_redis_cluster_burst_of_publishes_waits_for_connections(
+    redis_cluster: RedisCluster,
+) -> None:
+    """150 concurrent publishes to one group's master: more than a node's pool holds
+    (64); they wait for a connection instead of failing."""
+    async with Broadcast(redis_cluster.url(), prefix=unique_prefix()) as broadcast:
+        ids: list[str] = []
+
+        async def publish(n: int) -> None:
+            ids.append(await broadcast.publish("burst", {"n": n}))
+
+        with anyio.fail_after(TIMEOUT * 2):
+            async with anyio.create_task_group() as tg:
+                for n in range(150):
+                    tg.start_soon(publish, n)
+        assert sorted(seq_of(i)[1] for i in ids) == list(range(1, 151))
+
+
 # -- a slot moved ---------------------------------------------------------------------------
 
 

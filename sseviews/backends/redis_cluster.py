@@ -54,6 +54,7 @@ from .._redis import (
     REDIS_ERRORS,
     check_cluster,
     close_client,
+    cluster_pool_size,
     describe,
     group_key,
     open_cluster_client,
@@ -162,6 +163,8 @@ class RedisClusterBackend(LiveBackend):
         self._route: dict[str, _Shard] = {}
         self._refreshing = asyncio.Lock()
         self._refreshed_at = -math.inf
+        # Publishes wait here for a free connection (see cluster_pool_size).
+        self._limiter = asyncio.Semaphore(cluster_pool_size(self._client))
 
     @property
     def healthy(self) -> bool:
@@ -249,9 +252,10 @@ class RedisClusterBackend(LiveBackend):
             BackendError: The cluster cannot be reached.
         """
         with redis_errors(f"publishing to {self._where}"):
-            await self._client.execute_command(
-                "SPUBLISH", self._channel(group), b"%d\0%s" % (seq, wire)
-            )
+            async with self._limiter:
+                await self._client.execute_command(
+                    "SPUBLISH", self._channel(group), b"%d\0%s" % (seq, wire)
+                )
 
     # -- presence ----------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from .._redis import (
     check_cluster,
     check_not_cluster,
     close_client,
+    cluster_pool_size,
     describe,
     group_key,
     open_client,
@@ -256,16 +257,19 @@ class _ClusterScript:
     script (`NOSCRIPT`: it did not run), `EVAL` there, which caches it.
     """
 
-    def __init__(self, client: Any, source: str) -> None:
+    def __init__(self, client: Any, source: str, limiter: asyncio.Semaphore) -> None:
         self._client = client
         self._source = source
         self._sha = hashlib.sha1(source.encode()).hexdigest()
+        # Commands wait here for a free connection (see cluster_pool_size).
+        self._limiter = limiter
 
     async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await self._client.eval(self._source, len(keys), *keys, *args)
+        async with self._limiter:
+            try:
+                return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return await self._client.eval(self._source, len(keys), *keys, *args)
 
 
 class RedisStore(HistoryStore):
@@ -359,8 +363,9 @@ class RedisStore(HistoryStore):
         self._read: Any
         self._head: Any
         if self._cluster:
+            limiter = asyncio.Semaphore(cluster_pool_size(self._client))
             self._append, self._read, self._head = (
-                _ClusterScript(self._client, source) for source in (_APPEND, _READ, _HEAD)
+                _ClusterScript(self._client, source, limiter) for source in (_APPEND, _READ, _HEAD)
             )
         else:
             self._append = self._client.register_script(_APPEND)
