@@ -9,11 +9,13 @@ the callers waiting for their groups' confirmation, and a full resubscription
 when the connection is replaced. The backend owns the connection: it gives
 `attach()` a function that sends "subscribe these channels, unsubscribe those",
 runs `run()` (the writer) next to its own reader, and tells the `Channels` what
-its reader saw: `confirmed()` for a (un)subscribe confirmation, `refused()` for
-an error reply to one, and `group_of()` names the group of a message's channel.
+its reader saw: `confirmed_by_server()` for a (un)subscribe confirmation,
+`refused()` for an error reply to one; `group_of()` and `carries()` say whose a
+message's channel is.
 
-A Redis Cluster backend holds one `Channels` per shard connection and moves a
-group whose slot moved to another one with `release()`.
+`RedisBackend` and `PostgresBackend` hold one `Channels`; `RedisClusterBackend`
+holds one per shard connection and moves a group whose slot moved to another
+with `release()` and `want()`.
 """
 
 from __future__ import annotations
