@@ -334,7 +334,10 @@ def open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio
         )
     scheme = url_or_client.partition("://")[0].lower()
     if scheme in CLUSTER_SCHEMES:
-        raise ValueError(f"{scheme}:// URLs need a Redis Cluster client: use open_cluster_client()")
+        raise ValueError(
+            f"a {scheme}:// URL names a Redis Cluster: give it to Broadcast(), or use "
+            "RedisClusterBackend (sseviews.backends.redis_cluster) for the live layer"
+        )
     if scheme in _SENTINEL_SCHEMES:
         return _sentinel_client(url_or_client), True
     if urlsplit(url_or_client).scheme not in _URL_SCHEMES:

@@ -25,6 +25,7 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
+import redis.asyncio
 from redis.crc import key_slot
 from redis_helpers import unique_prefix
 from support.redis_topology import HOST, RedisCluster, RedisNode
@@ -42,8 +43,9 @@ from test_redis_sentinel import (
 )
 
 from sseviews import BackendError, Broadcast
-from sseviews._redis import ClusterURL, group_key, parse_cluster_url
+from sseviews._redis import ClusterURL, group_key, open_cluster_client, parse_cluster_url
 from sseviews.backends.base import GroupsLost
+from sseviews.backends.redis import RedisBackend
 from sseviews.backends.redis_cluster import RedisClusterBackend
 from sseviews.stores.redis import RedisStore
 
@@ -129,6 +131,19 @@ def test_redis_cluster_url_malformed_is_refused_where_it_enters(url: str, messag
     assert "redis+cluster://10.0.0.1:6379" in str(info.value)  # the example
     with pytest.raises(ValueError, match=re.escape(message)):
         Broadcast(url)
+
+
+def test_redis_cluster_client_never_retries_a_command_that_may_have_run() -> None:
+    client, owned = open_cluster_client("redis+cluster://127.0.0.1:7000/")
+    assert owned
+    # A connection error or a timeout after the command was sent: no second run.
+    assert client.retry.get_retries() == 0
+    assert isinstance(client, redis.asyncio.RedisCluster)
+
+
+def test_redis_cluster_url_given_to_the_single_redis_backend_names_the_cluster_one() -> None:
+    with pytest.raises(ValueError, match="RedisClusterBackend"):
+        RedisBackend("redis+cluster://127.0.0.1:7000/")
 
 
 def test_redis_cluster_url_hides_its_password_in_errors() -> None:
