@@ -151,6 +151,9 @@ class RedisClusterBackend(LiveBackend):
         self._present = 0  # members of this process listed (or being listed)
         self._presence: Any = None  # a ClusterPresence, made by connect()
         self._heartbeat: asyncio.Task[None] | None = None
+        # Leaves that failed (a master down): retried by the heartbeat, or the
+        # member would stay listed for as long as this process lives.
+        self._unleft: list[tuple[str, tuple[str, ...], bool]] = []
         self._client, self._owned = open_cluster_client(url_or_client)
         self.prefix = prefix
         self._where = describe(self._client)
@@ -227,6 +230,7 @@ class RedisClusterBackend(LiveBackend):
                     await self._presence.drop()
                 except (*REDIS_ERRORS, BackendError) as exc:
                     logger.warning("removing this process's presence failed: %s", exc)
+        self._presence = None
         shards, self._shards = list(self._shards.values()), {}
         self._route.clear()
         with anyio.move_on_after(1, shield=True):
@@ -290,10 +294,10 @@ class RedisClusterBackend(LiveBackend):
         try:
             with redis_errors(f"leaving presence on {self._where}"):
                 await presence.leave(member, groups, announce)
-        finally:
-            # A leave that failed is swept with this process's other members when
-            # it stops beating, or by ClusterPresence's own bookkeeping.
-            self._present -= 1
+        except BaseException:
+            self._unleft.append((member, tuple(groups), announce))
+            raise
+        self._present -= 1
 
     async def presence_list(self, group: str, limit: int) -> list[bytes]:
         """Return at most `limit` entries of `group`."""
@@ -315,6 +319,11 @@ class RedisClusterBackend(LiveBackend):
         while self._heartbeat is not None:
             try:
                 async with asyncio.timeout(self.attempt_timeout):
+                    while self._unleft:
+                        member, groups, announce = self._unleft[-1]
+                        await self._presence.leave(member, groups, announce)
+                        self._unleft.pop()
+                        self._present -= 1
                     kept = await self._presence.beat(self._present > 0)
                 if not kept:
                     logger.warning(
