@@ -42,7 +42,7 @@ from test_redis_sentinel import (
     seq_of,
 )
 
-from sseviews import BackendError, Broadcast
+from sseviews import BackendError, Broadcast, Event
 from sseviews._redis import ClusterURL, group_key, open_cluster_client, parse_cluster_url
 from sseviews.backends.base import GroupsLost
 from sseviews.backends.redis import RedisBackend
@@ -442,6 +442,26 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+def per_room(subscriber: Subscriber, published: list[Published]) -> list[Subscriber]:
+    """A stream of several rooms, as one virtual subscriber per room: its events of
+    that room (each with the room's own id, found by its data) and its resets."""
+    room_of = {p.data["n"]: p for p in published}
+    rooms = subscriber.room.split("+")
+    views = []
+    for room in rooms:
+        view = Subscriber(subscriber.server, room, connects=subscriber.connects)
+        for event in subscriber.received:
+            if event.event == "sseviews.reset":
+                view.received.append(event)
+            elif event.event is None and event.id is not None:
+                n = event.json().get("n")
+                match = room_of.get(n)
+                if match is not None and match.room == room:
+                    view.received.append(Event(event.data, id=match.id))
+        views.append(view)
+    return views
+
+
 @pytest.mark.slow
 async def test_redis_cluster_failover_keeps_the_guarantee_for_subscribers_on_two_processes(
     cluster_servers: tuple[str, Server, Server],
@@ -450,8 +470,9 @@ async def test_redis_cluster_failover_keeps_the_guarantee_for_subscribers_on_two
 ) -> None:
     """SIGKILL the master of room `lost` while events are published through A to it
     and to room `kept` (on another master); after the kill they are published
-    through B. Subscribers of both rooms on A and B must keep the guarantee, and
-    those of `kept` must never be ended."""
+    through B. Subscribers of both rooms on A and B, and of a stream of both rooms
+    (its groups on two masters), must keep the guarantee, and those of `kept` alone
+    must never be ended."""
     prefix, a, b = cluster_servers
     by_master = groups_by_master(redis_cluster, prefix, per_master=1, stem="room:r")
     ports = list(by_master)
@@ -460,7 +481,8 @@ async def test_redis_cluster_failover_keeps_the_guarantee_for_subscribers_on_two
     lost_room = by_master[ports[0]][0].removeprefix("room:")
     kept_room = by_master[ports[1]][0].removeprefix("room:")
     rooms = (lost_room, kept_room)
-    subscribers = [Subscriber(server, room) for server in (a, b) for room in rooms]
+    both = f"{lost_room}+{kept_room}"
+    subscribers = [Subscriber(server, room) for server in (a, b) for room in (*rooms, both)]
     published: list[Published] = []
     failed = 0
     via = a
@@ -543,7 +565,9 @@ async def test_redis_cluster_failover_keeps_the_guarantee_for_subscribers_on_two
                 await anyio.sleep(0.1)
         tg.cancel_scope.cancel()
 
-    outcomes = [judge(subscriber, published) for subscriber in subscribers]
+    views = [view for subscriber in subscribers for view in per_room(subscriber, published)]
+    streams = [s.room for s in subscribers for _ in s.room.split("+")]
+    outcomes = [judge(view, published) for view in views]
     conflicts = conflicting_ids(published, subscribers)
     report = {
         "published": len(published),
@@ -555,6 +579,7 @@ async def test_redis_cluster_failover_keeps_the_guarantee_for_subscribers_on_two
         "subscribers": [
             {
                 "name": o.name,
+                "stream": stream,
                 "returned": o.returned,
                 "received": o.received,
                 "resets": o.resets,
@@ -564,7 +589,7 @@ async def test_redis_cluster_failover_keeps_the_guarantee_for_subscribers_on_two
                 "out_of_order": len(o.out_of_order),
                 "connects": s.connects,
             }
-            for o, s in zip(outcomes, subscribers, strict=True)
+            for o, s, stream in zip(outcomes, views, streams, strict=True)
         ],
     }
     print("CLUSTER FAILOVER REPORT", json.dumps(report))
@@ -574,12 +599,12 @@ async def test_redis_cluster_failover_keeps_the_guarantee_for_subscribers_on_two
         assert not outcome.duplicates, (outcome.name, outcome.duplicates[:10], report)
         assert not outcome.out_of_order, (outcome.name, outcome.out_of_order[:10], report)
     for subscriber in subscribers:
-        if subscriber.room == lost_room:
-            # Their streams ended at the failover, and resumed.
-            assert subscriber.connects >= 2, report
-        else:
-            # Only the killed master's groups were ended.
+        if subscriber.room == kept_room:
+            # Only the streams of the killed master's groups were ended.
             assert subscriber.connects == 1, report
+        else:
+            # Theirs ended at the failover, and resumed.
+            assert subscriber.connects >= 2, report
 
 
 # -- presence (ClusterPresence, from the presence-on-cluster work) --------------------------
