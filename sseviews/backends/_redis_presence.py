@@ -201,12 +201,14 @@ class ClusterPresence:
         return group_key(self._prefix, "presence-groups", process)
 
     def _group_call(self, group: str, op: bytes, *args: bytes) -> _Call:
+        # The channel is a key to the cluster too: SPUBLISH from a script must name
+        # a channel of the script's slot, as its keys are.
         keys = [
             group_key(self._prefix, "presence", group),
             group_key(self._prefix, "presence-owners", group),
+            group_key(self._prefix, "live", group),
         ]
-        channel = group_key(self._prefix, "live", group)
-        return keys, [op, self._process, channel, *args]
+        return keys, [op, self._process, *args]
 
     async def _each_group(self, calls: _Calls) -> _Replies:
         """Run the group script once per call: one call directly, several pipelined
@@ -304,26 +306,26 @@ def _text(reply: bytes | str) -> str:
     return reply.decode() if isinstance(reply, bytes) else reply
 
 
-# One group's presence. KEYS: the members hash, the owners sorted set. ARGV: op,
-# this process, the group's live channel, then the op's own arguments.
+# One group's presence. KEYS: the members hash, the owners sorted set, the group's
+# live channel. ARGV: op, this process, then the op's own arguments.
 # A member's value is its announce flag (`0` or `1`) then its entry JSON; an
 # owner is `process \0 member`. Entries and process names never hold NUL.
 _GROUP_SCRIPT = r"""
-local members, owners = KEYS[1], KEYS[2]
-local op, proc, channel = ARGV[1], ARGV[2], ARGV[3]
+local members, owners, channel = KEYS[1], KEYS[2], KEYS[3]
+local op, proc = ARGV[1], ARGV[2]
 
 local function announce(event, entry)
   redis.call('SPUBLISH', channel, '0\0' .. 'event: ' .. event .. '\ndata: ' .. entry .. '\n\n')
 end
 
 if op == 'join' then
-  local member, flag, entry = ARGV[4], ARGV[5], ARGV[6]
+  local member, flag, entry = ARGV[3], ARGV[4], ARGV[5]
   redis.call('HSET', members, member, flag .. entry)
   redis.call('ZADD', owners, 0, proc .. '\0' .. member)
   if flag == '1' then announce('sseviews.join', entry) end
   return 1
 elseif op == 'leave' then
-  local member, flag = ARGV[4], ARGV[5]
+  local member, flag = ARGV[3], ARGV[4]
   local value = redis.call('HGET', members, member)
   -- Gone already when another process swept this one (a missed heartbeat): then
   -- its leave was announced by that process.
@@ -334,7 +336,7 @@ elseif op == 'leave' then
   return 1
 elseif op == 'drop' then
   -- Remove up to `batch` members of a process; 1 if there may be more.
-  local dead, batch = ARGV[4], tonumber(ARGV[5])
+  local dead, batch = ARGV[3], tonumber(ARGV[4])
   local owned = redis.call('ZRANGEBYLEX', owners, '[' .. dead .. '\0', '(' .. dead .. '\1',
     'LIMIT', 0, batch)
   for _, owner in ipairs(owned) do
@@ -351,7 +353,7 @@ elseif op == 'drop' then
   if #owned == batch then return 1 end
   return 0
 elseif op == 'list' then
-  local limit = tonumber(ARGV[4])
+  local limit = tonumber(ARGV[3])
   local entries = {}
   if redis.call('HLEN', members) <= limit then
     for _, value in ipairs(redis.call('HVALS', members)) do
