@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import anyio
+import anyio.lowlevel
 import pytest
 import redis.asyncio
 from redis.asyncio.connection import Connection
@@ -283,3 +284,26 @@ async def test_cluster_presence_forgets_groups_left_at_the_next_beat(
         assert await client.zscore(processes_key, "process-a") is not None
         await presence.drop()
         assert await client.exists(processes_key) == 0
+
+
+async def test_cluster_presence_join_during_a_pruning_lists_its_group_again(
+    cluster: tuple[RedisCluster, str],
+) -> None:
+    """A group pruned from the process's groups set while a member joins it is added
+    back before the member is written, so a sweep would still find the member."""
+    topology, prefix = cluster
+    group = groups_on_each_master(topology, prefix)[0]
+    groups_key = group_key(prefix, "presence-groups", "process-a")
+    async with cluster_client(topology) as client:
+        presence = ClusterPresence(client, prefix, "process-a", TIMEOUT)
+        await presence.join("ann", [group], entry("ann"), False)
+        await presence.leave("ann", [group], False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(presence.beat, True)
+            # Until the SREM of the group is in flight (nothing signals it).
+            with anyio.fail_after(WAIT):
+                while presence._pruned.is_set():
+                    await anyio.lowlevel.checkpoint()
+            await presence.join("bo", [group], entry("bo"), False)
+        assert await client.smembers(groups_key) == {group.encode()}
+        assert await presence.list(group, 10) == [entry("bo")]

@@ -292,12 +292,14 @@ class ClusterPresence:
         empty = [group for group, count in self._members.items() if count == 0]
         if not empty:
             return
+        # Forgotten before the SREM, whatever its outcome: a later join of one of
+        # them adds it again rather than trust a set the SREM may have changed.
+        for group in empty:
+            del self._members[group]
+            self._listed.discard(group)
         self._pruned.clear()
         try:
             await self._client.srem(self._groups_key, *empty)
-            for group in empty:
-                self._members.pop(group, None)
-                self._listed.discard(group)
         finally:
             self._pruned.set()
 
