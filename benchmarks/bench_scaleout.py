@@ -28,9 +28,13 @@ c. **Redis Cluster** -- (a) and (b) again on a 3-shard Redis Cluster, started
    from ``redis-server`` on spare loopback ports (``--cluster start``, the
    default) or reached at ``--cluster redis+cluster://HOST:PORT[,...]/``
    (sharded pub/sub: each process holds one pub/sub connection per master).
+d. **PostgreSQL only** -- (a) and (b) again with ``postgresql+asyncpg://`` as the
+   live layer and the history (LISTEN/NOTIFY on a channel per group; each run's
+   tables are dropped afterwards). Target for (b), from issue #18: p99 at most
+   2x memory.
 
-Every server process's Redis connections (established TCP connections to a
-Redis node's port, from psutil) are counted while it serves its subscribers.
+Every server process's connections to the live layer (established TCP connections to a
+Redis node's or PostgreSQL's port, from psutil) are counted while it serves its subscribers.
 
 Every measurement runs ``--runs`` times (fresh servers and a fresh prefix each
 time; the order of the P values and of the layers rotated from run to run), and
@@ -52,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import hashlib
 import os
 import random
 import socket
@@ -66,6 +71,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import asyncpg
 import psutil
 
 sys.dont_write_bytecode = True  # keep __pycache__ out of the work tree
@@ -95,7 +101,9 @@ from benchmarks.loadclient import run  # noqa: E402
 PER_USER_SPEC = ServerSpec("scaleout", "sseviews per-user", "benchmarks.apps.scaleout_sseviews:app")
 ONE_GROUP_SPEC = ServerSpec("one-group", "sseviews one group", fanout.SSEVIEWS_APP)
 CASES = ("per-user", "one-group")
-LAYERS = ("redis", "cluster")
+LAYERS = ("redis", "cluster", "postgres")
+#: The PostgreSQL-only layer's URL (LISTEN/NOTIFY live, the history in the same database).
+POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 CLUSTER_SHARDS = 3
 # What the cluster's URL looks like, to ask sseviews whether it takes such URLs
 # before a cluster is started for nothing.
@@ -153,9 +161,10 @@ QUICK = replace(
 
 @dataclass(frozen=True)
 class Layer:
-    """A Redis topology the servers share: its Broadcast URL and its nodes."""
+    """A live layer the servers share (a Redis topology, or PostgreSQL): its Broadcast
+    URL and its nodes."""
 
-    key: str  # "redis" or "cluster"
+    key: str  # "redis", "cluster" or "postgres"
     label: str
     url: str  # the Broadcast URL
     nodes: tuple[tuple[str, int], ...]  # (host, port) of every node
@@ -169,9 +178,60 @@ class Layer:
     def ports(self) -> frozenset[int]:
         return frozenset(port for _, port in self.nodes)
 
+    def prefix_for(self, prefix: str) -> str:
+        """The Broadcast prefix of a run: PostgreSQL names tables after it, which
+        takes letters, digits and underscores, at most 40 characters."""
+        if self.key != "postgres":
+            return prefix
+        return "sb_" + hashlib.sha1(prefix.encode()).hexdigest()[:16]
+
     def delete_keys(self, prefix: str) -> None:
+        if self.key == "postgres":
+            drop_postgres_tables(self.url, self.prefix_for(prefix))
+            return
         for url in self.node_urls:
             fanout.delete_redis_keys(prefix, url)
+
+
+def drop_postgres_tables(url: str, prefix: str) -> None:
+    """Drop the tables of the run whose prefix is ``prefix`` (history, payloads, presence)."""
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        try:
+            names = await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE tablename LIKE $1", prefix + "%"
+            )
+            for (name,) in names:
+                await conn.execute(f'DROP TABLE IF EXISTS "{name}" CASCADE')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+def postgres_layer(url: str) -> Layer:
+    parts = urlsplit(url)
+    return Layer(
+        "postgres",
+        "PostgreSQL (LISTEN/NOTIFY)",
+        url,
+        ((parts.hostname or HOST, parts.port or 5432),),
+    )
+
+
+def postgres_unavailable(url: str) -> str | None:
+    async def check() -> None:
+        conn = await asyncpg.connect(
+            url.replace("postgresql+asyncpg://", "postgresql://", 1), timeout=5
+        )
+        await conn.close()
+
+    try:
+        asyncio.run(check())
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        return f"PostgreSQL at {url} unavailable: {type(exc).__name__}: {exc}"
+    return None
 
 
 def redis_layer(url: str) -> Layer:
@@ -290,6 +350,8 @@ def _wait_cluster_ok(ports: Sequence[int]) -> None:
 
 def layer_unavailable(layer_key: str, url: str, env: dict[str, str]) -> str | None:
     """Why ``url`` cannot serve as the ``layer_key`` layer here, or None."""
+    if layer_key == "postgres":
+        return harness.probe("import sseviews.backends.postgres", env) or postgres_unavailable(url)
     reason = harness.probe("import sseviews.backends.redis", env)
     if reason is not None:
         return reason
@@ -498,7 +560,7 @@ class Runner:
     def per_user(self, layer: Layer, processes: int, run_index: int) -> None:
         sizes = self.sizes
         prefix = f"{self.prefix}-r{run_index}-{layer.key}-p{processes}"
-        env = self._env(layer.url, prefix)
+        env = self._env(layer.url, layer.prefix_for(prefix))
 
         def body() -> dict[str, float]:
             with ExitStack() as stack:
@@ -536,7 +598,10 @@ class Runner:
         )
         key = one_group_key("memory" if layer is None else layer.key)
         prefix = f"{self.prefix}-r{run_index}-{key}"
-        env = self._env("memory://" if layer is None else layer.url, prefix)
+        if layer is None:
+            env = self._env("memory://", prefix)
+        else:
+            env = self._env(layer.url, layer.prefix_for(prefix))
         counts = [sizes.subscribers] if layer is None else [sizes.subscribers // 2] * 2
 
         def body() -> dict[str, float]:
@@ -616,7 +681,8 @@ def rows(sizes: Sizes, layers: Sequence[tuple[str, str]]) -> list[Row]:
         table.append(
             Row(f"{group} through {label}, 2 processes x {half:,}, p99 from the scheduled "
                 "publish time, ms", "p99_ms_from_schedule", _ours(key), 1,
-                (key, memory, "p99_ms_from_schedule"), "memory", 1.5)
+                (key, memory, "p99_ms_from_schedule"), "memory",
+                2.0 if layer == "postgres" else 1.5)
         )  # fmt: skip
     for layer, label in [("memory", "memory://"), *layers]:
         key = one_group_key(layer)
@@ -662,7 +728,7 @@ def detail_tables(
         f"{min(sizes.procs)} | server CPU, cores | p50 / p99 from schedule, ms "
         "| servers idle, CPU ms/s | publisher behind schedule, most, ms "
         "| delivered / lost / duplicated / misrouted / out of order "
-        "| Redis connections per server process (publisher) |",
+        "| connections to the live layer per server process (publisher) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for layer, label in layers:
@@ -700,7 +766,7 @@ def detail_tables(
         f"{sizes.interval_ms:g} ms apart (medians).",
         "",
         "| layer | processes | p50 / p99 from schedule, ms | p50 / p99 publish-to-client, ms "
-        "| server CPU per delivery, us | Redis connections per server process |",
+        "| server CPU per delivery, us | connections to the live layer per server process |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for layer, label in [("memory", "memory://"), *layers]:
@@ -760,7 +826,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--cases", help="comma-separated subset of: " + ",".join(CASES))
     parser.add_argument(
-        "--layers", help="comma-separated subset of: " + ",".join(LAYERS) + " (default both)"
+        "--layers", help="comma-separated subset of: " + ",".join(LAYERS) + " (default all)"
     )
     parser.add_argument("--procs", type=_procs, help="(a) process counts, e.g. 1,2,4,8")
     parser.add_argument("--users", type=int, help="(a) subscribers, each in its own group")
@@ -779,6 +845,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default="start",
         help="'start' (default): a 3-shard cluster from redis-server on spare loopback "
         "ports; or the Broadcast URL of a running one, redis+cluster://HOST:PORT[,...]/",
+    )
+    parser.add_argument(
+        "--postgres",
+        default=POSTGRES_URL,
+        help=f"the PostgreSQL layer's URL (default {POSTGRES_URL})",
     )
     harness.add_output_argument(parser, "scaleout")
     return parser.parse_args(argv)
@@ -803,7 +874,7 @@ def open_layers(
     layers: list[Layer] = []
     skipped: dict[str, str] = {}
     for key in keys:
-        url = args.redis if key == "redis" else args.cluster
+        url = {"redis": args.redis, "cluster": args.cluster, "postgres": args.postgres}[key]
         reason = layer_unavailable(key, CLUSTER_PROBE_URL if url == "start" else url, env)
         if reason is None and key == "cluster":
             try:
@@ -815,7 +886,7 @@ def open_layers(
             except (BenchError, OSError, subprocess.SubprocessError) as exc:
                 reason = f"no cluster: {exc}"
         elif reason is None:
-            layers.append(redis_layer(url))
+            layers.append(postgres_layer(url) if key == "postgres" else redis_layer(url))
         if reason is not None:
             skipped[key] = reason
             if explicit:
