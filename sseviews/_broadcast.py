@@ -455,7 +455,7 @@ class Broadcast:
         async def deliver(seq: int, wire: bytes) -> None:
             if self._fused:
                 return
-            if transactions is not None and not transactions.notify_in_transaction:
+            if transactions is not None and transactions.ordered_by_outbox(group):
                 # In id order with the events of transactions, which the outbox
                 # delivers after their commits.
                 position = Position(wire[4:12].decode(), seq)

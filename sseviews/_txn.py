@@ -90,6 +90,10 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
+    def has(self, group: str) -> bool:
+        """Whether events of `group` wait to be delivered."""
+        return group in self._queues
+
     def add(self, entry: _Entry) -> None:
         """Queue `entry` in its group, in seq order within its epoch."""
         self._start()
@@ -233,6 +237,9 @@ class Transactions:
             if isinstance(live, PostgresBackend) and store.same_database(live.listen_dsn):
                 self.notify_in_transaction = True
         self.outbox = Outbox(self._deliver)
+        # A SQLite append lets go of the database at its commit, before its delivery;
+        # a PostgreSQL one keeps the group's lock until its event is delivered.
+        self._sqlite = store.engine.dialect.name == "sqlite"
         # The sessions and connections seen, each with its transaction's events.
         self._holders: weakref.WeakKeyDictionary[Any, _Holder] = weakref.WeakKeyDictionary()
         # group -> task -> events that task's open transactions published to it.
@@ -267,6 +274,14 @@ class Transactions:
             self.outbox.add(entry)
         return position
 
+    def ordered_by_outbox(self, group: str) -> bool:
+        """Whether a plain publish's event must be delivered by the outbox, after
+        events of transactions: always on SQLite; on PostgreSQL while some of the
+        group's are waiting (the group's lock orders the rest)."""
+        if self.notify_in_transaction:
+            return False
+        return self._sqlite or self.outbox.has(group)
+
     def check_plain(self, group: str) -> None:
         """Refuse a plain publish that would wait for a lock its own task holds.
 
@@ -277,7 +292,7 @@ class Transactions:
         task = asyncio.current_task()
         if task is None or not self._held:
             return
-        if self.store.engine.dialect.name == "sqlite":
+        if self._sqlite:
             held = [name for name, tasks in self._held.items() if task in tasks]
         else:
             tasks = self._held.get(group)

@@ -242,6 +242,34 @@ async def test_transaction_waits_for_a_plain_publish_to_be_delivered(
     assert [parse_id(event.id or "")[1] for event in events] == [1, 2]
 
 
+@pytest.mark.parametrize("layout", ["redis+postgres", "memory+sqlite"])
+async def test_plain_publish_is_delivered_after_committed_events_of_transactions(
+    layout: str, pg_prefix: str, tmp_path: Path
+) -> None:
+    """The broadcast delivers a transaction's event after its commit; a plain publish
+    that follows it waits for that delivery."""
+    async with connected(layout, pg_prefix, tmp_path) as broadcast:
+        live = broadcast.live
+        deliver = live.deliver
+        delivering = anyio.Event()
+
+        async def slow(group: str, seq: int, wire: bytes) -> None:
+            if seq == 1:
+                delivering.set()
+                await anyio.sleep(0.3)
+            await deliver(group, seq, wire)
+
+        live.deliver = slow  # type: ignore[method-assign]
+        async with broadcast.subscribe("jobs") as subscription:
+            async with AsyncSession(engine_of(broadcast)) as session, session.begin():
+                await broadcast.publish("jobs", "in a transaction", session=session)
+            with anyio.fail_after(5):
+                await delivering.wait()
+                await broadcast.publish("jobs", "plain")
+                events = await collect(subscription, 2)
+    assert [event.data for event in events] == ["in a transaction", "plain"]
+
+
 # -- many writers at once ------------------------------------------------------------
 
 
@@ -408,6 +436,20 @@ async def test_session_on_another_database_is_refused(broadcast: Broadcast, tmp_
         await elsewhere.dispose()
     assert "broadcast.store.engine" in str(caught.value)
     assert "elsewhere.db" in str(caught.value)
+
+
+async def test_session_on_another_postgres_database_is_refused(pg_prefix: str) -> None:
+    # Refused from the URL alone, before any connection to the other database.
+    elsewhere = create_async_engine("postgresql+asyncpg://postgres@127.0.0.1:5432/other")
+    async with connected("postgres", pg_prefix, Path()) as broadcast:
+        try:
+            async with AsyncSession(elsewhere) as session:
+                with pytest.raises(ValueError, match="history database") as caught:
+                    await broadcast.publish("jobs", {}, session=session)
+                assert not session.in_transaction()
+        finally:
+            await elsewhere.dispose()
+    assert "127.0.0.1:5432/other" in str(caught.value)
 
 
 async def test_session_without_sql_history_is_refused(prefix: str) -> None:
