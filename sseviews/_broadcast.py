@@ -66,6 +66,8 @@ from .stores.base import (
 )
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
     from ._txn import Transactions
 
 __all__ = [
@@ -412,7 +414,9 @@ class Broadcast:
 
     # -- publishing -------------------------------------------------------------
 
-    async def publish(self, group: str, event: Any, *, session: Any = None) -> str:
+    async def publish(
+        self, group: str, event: Any, *, session: AsyncSession | AsyncConnection | None = None
+    ) -> str:
         """Publish an event (or data for an unnamed event) to `group`; return its id.
 
         Args:
