@@ -289,8 +289,10 @@ class Transactions:
             RuntimeError: This task's open transaction published to `group` (or,
                 on SQLite, to any group: the database has one write lock).
         """
+        if not self._held:
+            return
         task = asyncio.current_task()
-        if task is None or not self._held:
+        if task is None:
             return
         if self._sqlite:
             held = [name for name, tasks in self._held.items() if task in tasks]
