@@ -195,6 +195,25 @@ async def test_publish_in_savepoint_rolled_back_is_dropped(broadcast: Broadcast)
     assert events[0].id == first
 
 
+async def test_publish_in_a_session_without_a_transaction_begins_one(
+    broadcast: Broadcast,
+) -> None:
+    async with broadcast.subscribe("jobs") as subscription:
+        async with AsyncSession(engine_of(broadcast)) as session:
+            assert not session.in_transaction()
+            event_id = await broadcast.publish("jobs", {"auto": True}, session=session)
+            assert session.in_transaction()  # SQLAlchemy's autobegin: you commit it
+            assert await nothing_within(subscription, 0.3)
+            await session.commit()
+            with anyio.fail_after(5):
+                event = await subscription.__anext__()
+            # The session goes on: its next transaction publishes as the first did.
+            await broadcast.publish("jobs", {"auto": "rolled back"}, session=session)
+            await session.rollback()
+            assert await nothing_within(subscription, 0.3)
+    assert event.id == event_id
+
+
 async def test_publish_with_another_engine_on_the_same_database(
     broadcast: Broadcast,
 ) -> None:
