@@ -34,11 +34,12 @@ import itertools
 import logging
 import os
 import secrets
+import sys
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
 import anyio
@@ -63,6 +64,11 @@ from .stores.base import (
     format_id,
     parse_cursor,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+    from ._txn import Transactions
 
 __all__ = [
     "RESET_EVENT",
@@ -345,6 +351,8 @@ class Broadcast:
         self._hub: dict[str, set[Subscription]] = {}
         self._epochs: dict[bytes, bytes] = {}  # each epoch seen live, as one object
         self._connected = False
+        # Publishes in callers' transactions: made by the first one (see _transactions).
+        self._txn: Transactions | None = None
         # Presence connection ids: this broadcast's random name, then a counter.
         self._member_ids = map(f"{secrets.token_hex(6)}-{{}}".format, itertools.count(1))
         # A stream of a broadcast never connected means a missing lifespan: views
@@ -367,6 +375,11 @@ class Broadcast:
             raise
         self._connected = True
         self._ever_connected = True
+        if self._sqlite_history():
+            # A SQLite append lets go of the database before its event is delivered:
+            # made now, the outbox orders every delivery, those of plain publishes
+            # already under way when a first transaction publishes included.
+            self._transactions()
         if self._in_process:
             workers = _worker_count()
             if workers > 1:
@@ -380,6 +393,11 @@ class Broadcast:
     async def disconnect(self) -> None:
         """End every subscription and close the backend and the store."""
         self._connected = False
+        transactions, self._txn = self._txn, None
+        if transactions is not None:
+            with anyio.CancelScope(shield=True):
+                # Committed events still to deliver go first (for up to a second).
+                await transactions.stop()
         self._fail_all(BroadcastNotConnected("the broadcast was closed"))
         with anyio.CancelScope(shield=True):
             try:
@@ -412,12 +430,28 @@ class Broadcast:
 
     # -- publishing -------------------------------------------------------------
 
-    async def publish(self, group: str, event: Any) -> str:
+    async def publish(
+        self, group: str, event: Any, *, session: AsyncSession | AsyncConnection | None = None
+    ) -> str:
         """Publish an event (or data for an unnamed event) to `group`; return its id.
 
+        Args:
+            group: The group name.
+            event: An `Event` without an id, or the data of an unnamed event.
+            session: A SQLAlchemy `AsyncSession` (or `AsyncConnection`) on the
+                history's database: the event is stored in its transaction, and
+                delivered only once that transaction commits (never if it rolls
+                back). Until it ends, other transactions publishing to `group`
+                wait, so ids follow commit order with no gap. Needs a SQL
+                history; see [Transactional publish](transactional-publish.md).
+
         Raises:
-            ValueError: The event already has an id (the broadcast assigns ids), or
-                the group name is invalid.
+            ValueError: The event already has an id (the broadcast assigns ids), the
+                group name is invalid, or `session` is on another database than
+                the history (or the history is not SQL).
+            TypeError: `session` is not an `AsyncSession` or `AsyncConnection`.
+            RuntimeError: Without `session`, a publish that would wait for the
+                group's lock held by this task's own open transaction.
             BroadcastNotConnected: The broadcast is not connected.
             BackendError: Redis or the database cannot be reached.
         """
@@ -430,16 +464,59 @@ class Broadcast:
                 f"(got id={event.id!r})"
             )
         self._check_connected()
+        if session is not None:
+            position = await self._transactions().publish(group, event._wire, session)
+            return format_id(*position)
         live = self.live
+        transactions = self._txn
+        if transactions is not None:
+            transactions.check_plain(group)
 
         async def deliver(seq: int, wire: bytes) -> None:
-            if not self._fused:
+            if self._fused:
+                return
+            if transactions is not None and transactions.ordered_by_outbox(group):
+                # In id order with the events of transactions, which the outbox
+                # delivers after their commits.
+                position = Position(wire[4:12].decode(), seq)
+                await transactions.outbox.deliver_after(group, position, wire)
+            else:
                 await live.deliver(group, seq, wire)
 
         position = await self.store.append(group, event._wire, deliver)
         # Let the writers run between publishes: a burst must not starve them.
         await anyio.lowlevel.checkpoint()
         return format_id(*position)
+
+    def _sqlite_history(self) -> bool:
+        # A store of that module means it was imported: no import (no SQLAlchemy) here.
+        module = sys.modules.get("sseviews.stores.sqlalchemy")
+        return (
+            module is not None
+            and isinstance(self.store, module.SQLAlchemyStore)
+            and self.store.engine.dialect.name == "sqlite"
+        )
+
+    def _transactions(self) -> Transactions:
+        transactions = self._txn
+        if transactions is None:
+            # Not imported means the history is not SQL (and SQLAlchemy may be missing).
+            store = self.store
+            if "sseviews.stores.sqlalchemy" in sys.modules:
+                from .stores.sqlalchemy import SQLAlchemyStore
+            if "sseviews.stores.sqlalchemy" not in sys.modules or not isinstance(
+                store, SQLAlchemyStore
+            ):
+                raise ValueError(
+                    "publish(session=...) needs a SQL history on the session's database: "
+                    "Broadcast('postgresql+asyncpg://...'), or history='postgresql+asyncpg://"
+                    "...' or 'sqlite+aiosqlite:///file.db'; this broadcast keeps its history "
+                    f"in {type(self.store).__name__}"
+                )
+            from ._txn import Transactions
+
+            transactions = self._txn = Transactions(self.live, store)
+        return transactions
 
     async def last_id(self, *groups: str) -> str:
         """Return the id of the latest event of `groups`: for one group its last

@@ -14,6 +14,8 @@ from typing import Any
 
 import anyio
 import pytest
+import sqlalchemy
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from sseviews import Event
 from sseviews.testing import EventStream, EventStreamClient
@@ -344,6 +346,31 @@ async def test_job_interrupted_by_shutdown_is_reported_done(settings: Settings) 
     assert events[-1].event == "done"
     assert events[-1].json()["status"] == "interrupted"
     assert events[-1].json()["result"] == "stopped at step 0 of 5"
+
+
+async def test_job_steps_commit_with_their_events_in_the_app_database(
+    settings: Settings,
+) -> None:
+    async with EventStreamClient(create_app(settings)) as client:
+        job = await start_job(client, 3)
+        async with client.stream(job["events"]) as stream:
+            first = await collect(stream)
+    # The events are stored in the app's database, next to the job's row.
+    engine = create_async_engine(settings.database_url)
+    try:
+        count = sqlalchemy.text("SELECT count(*) FROM example_project_jobs_v2_events")
+        async with engine.connect() as conn:
+            stored = (await conn.execute(count)).scalar_one()
+    finally:
+        await engine.dispose()
+    with_ids = [event for event in first if event.id is not None]
+    assert stored == len(with_ids) == 4  # three progress events and done
+    # So they outlive the process: a watcher resumes after a restart, no reset.
+    async with EventStreamClient(create_app(settings)) as client:
+        resume = {"last-event-id": with_ids[0].id or ""}
+        async with client.stream(job["events"], headers=resume) as stream:
+            replayed = await collect(stream)
+    assert [event.id for event in replayed] == [event.id for event in with_ids[1:]]
 
 
 async def test_job_form_post_redirects_to_its_page(client: EventStreamClient) -> None:

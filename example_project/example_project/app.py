@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sseviews import Broadcast, BroadcastError, StreamRouter
+from sseviews.stores.sqlalchemy import SQLAlchemyStore
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -266,15 +267,23 @@ def create_app(settings: Settings | None = None) -> Starlette:
     broadcast = Broadcast(
         settings.broadcast_url, history=settings.history_url, prefix=settings.broadcast_prefix
     )
+    # Jobs keep their events' history in the app's own database, on its own engine: a
+    # step's row update and its `progress` event commit (or roll back) together.
+    jobs_prefix = f"{settings.broadcast_prefix}_jobs"
+    jobs_broadcast = Broadcast(
+        settings.broadcast_url,
+        history=SQLAlchemyStore(engine, table_prefix=jobs_prefix),
+        prefix=jobs_prefix,
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.started = anyio.current_time()
         try:
             await create_tables(engine)
-            async with broadcast, anyio.create_task_group() as tasks:
+            async with broadcast, jobs_broadcast, anyio.create_task_group() as tasks:
                 app.state.jobs = JobRunner(
-                    tasks, sessions, broadcast, step_seconds=settings.job_step_seconds
+                    tasks, sessions, jobs_broadcast, step_seconds=settings.job_step_seconds
                 )
                 yield
                 tasks.cancel_scope.cancel()  # running jobs record that they were stopped
@@ -291,7 +300,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     streams.add_stream("/dashboard/events", DashboardFeed, name="dashboard_events")
     streams.add_stream(
         "/jobs/{job_id}/events",
-        configure(JobFeed, broadcast=broadcast, session_factory=sessions),
+        configure(JobFeed, broadcast=jobs_broadcast, session_factory=sessions),
         name="job_events",
     )
     routes: list[Any] = [
@@ -316,6 +325,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.broadcast = broadcast
+    app.state.jobs_broadcast = jobs_broadcast
     return app
 
 

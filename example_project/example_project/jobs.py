@@ -1,4 +1,9 @@
-"""Long tasks that report their progress: each job publishes to its own group."""
+"""Long tasks that report their progress: each job publishes to its own group.
+
+Each step updates the job's row and publishes its events in one transaction
+(`publish(..., session=session)`): the broadcast that `create_app()` gives the
+runner keeps its history in the app's own database.
+"""
 
 from __future__ import annotations
 
@@ -48,18 +53,22 @@ class JobRunner:
 
     async def _run(self, job_id: int, steps: int) -> None:
         group = job_group(job_id)
+        publish = self.broadcast.publish
         try:
             for step in range(1, steps + 1):
                 await anyio.sleep(self.step_seconds)  # the "work"
-                # One short transaction per step: no connection is held while working.
+                # One short transaction per step (no connection is held while working):
+                # the row and the step's events commit together, and are delivered
+                # after the commit, so a watcher never sees a step the row lacks.
                 async with self.sessions.begin() as session:
                     job = await session.get_one(Job, job_id)
                     job.step = step
                     if step == steps:
                         job.status = "done"
                         job.result = f"checked {steps} things, all fine"
-                await self.broadcast.publish(group, Event(job.progress(), event="progress"))
-            await self.broadcast.publish(group, Event(job.outcome(), event="done"))
+                    await publish(group, Event(job.progress(), event="progress"), session=session)
+                    if job.finished:
+                        await publish(group, Event(job.outcome(), event="done"), session=session)
         except anyio.get_cancelled_exc_class():
             # The server is stopping: say so to whoever watches, then let go.
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
@@ -74,10 +83,12 @@ class JobRunner:
         try:
             async with self.sessions.begin() as session:
                 job = await session.get_one(Job, job_id)
-                if not job.finished:
-                    job.status = "interrupted"
-                    job.result = f"stopped at step {job.step} of {job.steps}"
-            # Published even if the job had just finished: its `done` may not have been.
-            await self.broadcast.publish(job_group(job_id), Event(job.outcome(), event="done"))
+                if job.finished:
+                    return  # its `done` was committed with its last step
+                job.status = "interrupted"
+                job.result = f"stopped at step {job.step} of {job.steps}"
+                await self.broadcast.publish(
+                    job_group(job_id), Event(job.outcome(), event="done"), session=session
+                )
         except Exception:
             logger.exception("could not record that job %s was interrupted", job_id)

@@ -88,7 +88,9 @@ class DashboardFeed(EventStreamView):
         sampler = ProcessSampler()
         while True:
             metrics = sampler.sample()
-            metrics["streams"] = state.broadcast.subscriber_count
+            metrics["streams"] = (
+                state.broadcast.subscriber_count + state.jobs_broadcast.subscriber_count
+            )
             metrics["uptime_seconds"] = round(anyio.current_time() - state.started, 1)
             yield Event(metrics, event="metrics")
             await anyio.sleep(state.settings.metrics_interval)

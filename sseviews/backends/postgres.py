@@ -407,6 +407,24 @@ class PostgresBackend(LiveBackend):
         with _errors(f"publishing to {_describe(self._dsn)}"):
             await self._notify(pool, [(group, seq, wire)])
 
+    async def deliver_in_transaction(
+        self, connection: Any, group: str, seq: int, wire: bytes
+    ) -> None:
+        """Queue the event's NOTIFY in the transaction open on `connection` (an asyncpg
+        connection to the database this backend listens to): PostgreSQL delivers it
+        when that transaction commits, and drops it if it rolls back.
+
+        Raises:
+            BackendError: PostgreSQL refused the statement.
+        """
+        with _errors(f"publishing in a transaction on {_describe(self._listen_dsn)}"):
+            await self._notify(connection, [(group, seq, wire)])
+
+    @property
+    def listen_dsn(self) -> str:
+        """The URL of the database this backend listens to (`postgresql://...`)."""
+        return self._listen_dsn
+
     async def _notify(self, executor: Any, events: Sequence[tuple[str, int, bytes]]) -> None:
         """NOTIFY `events` (group, seq, wire) in order, through `executor` (the pool, or a
         connection in a transaction: then they are sent when it commits)."""

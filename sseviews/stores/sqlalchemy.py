@@ -46,7 +46,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, InvalidRequestError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -297,6 +297,45 @@ class SQLAlchemyStore(HistoryStore):
                 return position
             finally:
                 await self._release(conn, locked)
+
+    async def append_in(
+        self, conn: AsyncConnection, group: str, wire: bytes
+    ) -> tuple[Position, bytes]:
+        """Store one event in the transaction open on `conn` (the caller's); return its
+        position and its stored wire bytes.
+
+        Nothing is delivered and nothing commits here: the event exists once the
+        caller commits, and never if it rolls back (its seq is then not used, so
+        ids keep no gap). On PostgreSQL the group's advisory lock is taken for the
+        rest of the transaction: another transaction appending to the group waits
+        until this one ends, so a group's ids follow commit order. On SQLite the
+        database's write lock, held until the commit, does the same.
+
+        `conn` must be a connection to this store's database (see `same_database`).
+
+        Raises:
+            BackendError: The database refused a statement (the caller's transaction
+                is then to be rolled back).
+        """
+        self._check_connected()
+        async with self._wrap("append an event in the caller's transaction"):
+            if self._postgres:
+                key = self._key(self._group_lock_key(group))
+                await conn.execute(select(func.pg_advisory_xact_lock(key)))
+            return await self._store(conn, group, wire)
+
+    def issued(self, group: str, position: Position) -> None:
+        """Record that `position`, appended by `append_in`, was committed."""
+        self._seen.saw(group, position)
+
+    def same_database(self, target: Engine | URL | str) -> bool:
+        """Whether `target` (a sync `Engine`, such as `AsyncEngine.sync_engine`, or a
+        URL) reaches this store's database: the same engine, or the same dialect, host,
+        port and database name (the user, the driver and the options may differ)."""
+        if target is self._engine.sync_engine:
+            return True
+        url = target.url if isinstance(target, Engine) else make_url(target)
+        return _database_key(url) == _database_key(self._engine.url)
 
     async def head(self, group: str) -> Position:
         """Return `group`'s epoch and last seq, making its epoch if it has none.
@@ -557,6 +596,20 @@ class SQLAlchemyStore(HistoryStore):
 
     def __str__(self) -> str:
         return f"{self._where} ({self.table_prefix}_*)"
+
+
+def _database_key(url: URL) -> tuple[str, str | None, int | None, str | None]:
+    """What names a database in `url`: its dialect, host, port and database (a
+    SQLite file as an absolute path)."""
+    backend = url.get_backend_name()
+    if backend == "postgres":
+        backend = "postgresql"
+    database = url.database
+    if backend == "sqlite":
+        if database and not database.startswith("file:") and database != ":memory:":
+            database = os.path.abspath(database)
+        return (backend, None, None, database)
+    return (backend, url.host or "localhost", url.port or 5432, database)
 
 
 def _create_engine(url: str | URL) -> AsyncEngine:
