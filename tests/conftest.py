@@ -4,7 +4,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from redis_helpers import delete_prefix, unique_prefix
+from support.redis_keys import delete_prefix, unique_prefix
 
 # The real Redis topologies (Sentinel, Cluster) and their fixtures.
 pytest_plugins = ["support.redis_topology"]
@@ -15,9 +15,17 @@ BOTH_BACKENDS = {
     "test_broadcast",
     "test_metrics",
     "test_testing",
-    "test_views",
     "test_views_broadcast",
+    "test_views_disconnect",
+    "test_views_events",
+    "test_views_hooks",
+    "test_views_last_event_id",
     "test_views_limits",
+    "test_views_pings",
+    "test_views_resources",
+    "test_views_response",
+    "test_views_sessions",
+    "test_views_shutdown",
 }
 
 

@@ -23,7 +23,7 @@ import anyio.lowlevel
 import asyncpg
 import httpx
 import pytest
-from process_helpers import free_port
+from support.processes import free_port
 from test_backends_redis import Recorder
 
 from sseviews import BackendError, Broadcast

@@ -7,8 +7,8 @@ import logging
 
 import anyio
 import pytest
-from process_helpers import free_port
-from redis_helpers import (
+from support.processes import free_port
+from support.redis_keys import (
     REDIS_URL,
     RedisServer,
     redis_client,

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 import pytest
-from redis_helpers import REDIS_URL, monitor, redis_client
+from support.redis_keys import REDIS_URL, monitor, redis_client
 from test_backends_redis import Recorder, data
 
 from sseviews import JOIN_EVENT, LEAVE_EVENT, BackendError, Broadcast, Event, Subscription

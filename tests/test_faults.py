@@ -41,8 +41,8 @@ import asyncpg
 import httpx
 import psutil
 import pytest
-from process_helpers import clean_env, free_port, stop_process, wait_until_serving
-from redis_helpers import RedisServer, unique_prefix
+from support.processes import clean_env, free_port, stop_process, wait_until_serving
+from support.redis_keys import RedisServer, unique_prefix
 
 from sseviews import RESET_EVENT, Event
 from sseviews.testing import EventParser

@@ -20,8 +20,8 @@ from pathlib import Path
 import anyio
 import pytest
 import redis.asyncio
-from process_helpers import free_port
-from redis_helpers import REDIS_URL, delete_prefix, keys_under, unique_prefix
+from support.processes import free_port
+from support.redis_keys import REDIS_URL, delete_prefix, keys_under, unique_prefix
 
 from sseviews import RESET_EVENT, BackendError, Broadcast, Event, Subscription
 from sseviews.stores.base import Position, id_line

@@ -36,7 +36,7 @@ from urllib.parse import urlencode
 import anyio
 import httpx
 import pytest
-from process_helpers import clean_env, free_port, stop_process, wait_until_serving
+from support.processes import clean_env, free_port, stop_process, wait_until_serving
 
 from sseviews import RESET_EVENT, Event
 from sseviews.testing import EventParser

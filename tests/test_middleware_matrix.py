@@ -48,8 +48,6 @@ import anyio
 import anyio.lowlevel
 import httpx
 import pytest
-from asgi_recorder import RecorderMiddleware, RequestRecord, task_context_token
-from inprocess_server import RawEventStream, RunningServer, serve_in_process
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -63,6 +61,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from support.asgi_recorder import RecorderMiddleware, RequestRecord, task_context_token
+from support.inprocess import RawEventStream, RunningServer, serve_in_process
 
 from sseviews import Broadcast, DisconnectReason, Event, EventStreamView
 

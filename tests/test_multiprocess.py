@@ -31,9 +31,9 @@ import anyio.to_thread
 import httpx
 import pytest
 import redis
-from broadcast_helpers import steps
-from process_helpers import free_port
-from redis_helpers import REDIS_URL, keys_under, unique_prefix
+from support.broadcast import steps
+from support.processes import free_port
+from support.redis_keys import REDIS_URL, keys_under, unique_prefix
 
 from sseviews import Event
 from sseviews.stores.base import format_id

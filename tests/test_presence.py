@@ -11,9 +11,9 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from inprocess_server import RawEventStream, raw_head, serve_in_process
 from starlette.applications import Starlette
 from starlette.routing import Route
+from support.inprocess import RawEventStream, raw_head, serve_in_process
 
 import sseviews
 from sseviews import (

@@ -24,9 +24,9 @@ import anyio.to_thread
 import httpx
 import pytest
 import test_multiprocess
-from redis_helpers import REDIS_URL, keys_under
 from starlette.applications import Starlette
 from starlette.routing import Route
+from support.redis_keys import REDIS_URL, keys_under
 from test_multiprocess import TIMEOUT, Server, SSEClient, _start_servers
 
 from sseviews import JOIN_EVENT, LEAVE_EVENT, BackendError, Broadcast, Event, EventStreamView

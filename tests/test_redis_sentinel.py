@@ -26,7 +26,7 @@ import anyio.to_thread
 import httpx
 import pytest
 import redis
-from redis_helpers import unique_prefix
+from support.redis_keys import unique_prefix
 from support.redis_topology import RedisNode, SentinelGroup, spare_ports
 from test_multiprocess import Server, _start_servers
 

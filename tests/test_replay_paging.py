@@ -24,13 +24,13 @@ import anyio.lowlevel
 import httpx
 import psutil
 import pytest
-from broadcast_helpers import steps
-from process_helpers import clean_env, free_port, stop_process, wait_until_serving
-from redis_helpers import REDIS_URL, delete_prefix
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 from starlette.routing import Route
+from support.broadcast import steps
+from support.processes import clean_env, free_port, stop_process, wait_until_serving
+from support.redis_keys import REDIS_URL, delete_prefix
 
 from sseviews import (
     RESET_EVENT,

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import anyio
 import psutil
 import pytest
-from process_helpers import free_port
+from support.processes import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 

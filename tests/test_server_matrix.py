@@ -48,7 +48,7 @@ from typing import Any
 import anyio
 import psutil
 import pytest
-from process_helpers import clean_env, free_port
+from support.processes import clean_env, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 

@@ -10,8 +10,8 @@ import anyio
 import pytest
 import redis.asyncio
 import redis.exceptions
-from process_helpers import free_port
-from redis_helpers import (
+from support.processes import free_port
+from support.redis_keys import (
     REDIS_URL,
     RedisServer,
     delete_prefix,

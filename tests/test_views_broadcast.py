@@ -9,19 +9,12 @@ from typing import Any, ClassVar
 import anyio
 import anyio.lowlevel
 import pytest
-from broadcast_helpers import YieldingStore, steps
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
+from support.broadcast import YieldingStore, steps
 
-from sseviews import (
-    RESET_EVENT,
-    BackendError,
-    Broadcast,
-    DisconnectReason,
-    Event,
-    EventStreamView,
-)
+from sseviews import RESET_EVENT, BackendError, Broadcast, DisconnectReason, Event, EventStreamView
 from sseviews.stores.memory import MemoryStore
 from sseviews.testing import EventStream, EventStreamClient
 

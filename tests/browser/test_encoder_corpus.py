@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from corpus_app import CORPORA, END
 from playwright.sync_api import Page, Request
-from process_helpers import clean_env, free_port, stop_process, wait_until_serving
+from support.processes import clean_env, free_port, stop_process, wait_until_serving
 
 from sseviews import Event
 from sseviews._events import encode_data

@@ -81,9 +81,9 @@ import uvloop
 from .app import RECORD_ENV, raise_nofile_limit
 
 try:  # under pytest, tests/ is on sys.path
-    from process_helpers import clean_env, free_port, stop_process, wait_until_serving
+    from support.processes import clean_env, free_port, stop_process, wait_until_serving
 except ImportError:  # `python -m tests.load.run` from the repo root
-    from tests.process_helpers import clean_env, free_port, stop_process, wait_until_serving
+    from tests.support.processes import clean_env, free_port, stop_process, wait_until_serving
 
 T = TypeVar("T")
 
