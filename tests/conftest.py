@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from support.redis_keys import delete_prefix, unique_prefix
 
@@ -42,6 +43,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+async def http(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for the servers a test starts. Its timeout is the test module's
+    `HTTP_TIMEOUT` (an `httpx.Timeout` or seconds), 5 s if it has none."""
+    timeout = getattr(request.module, "HTTP_TIMEOUT", 5.0)
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        yield client
 
 
 @pytest.fixture

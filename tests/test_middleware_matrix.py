@@ -61,6 +61,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from support.apps import app_for
 from support.asgi_recorder import RecorderMiddleware, RequestRecord, task_context_token
 from support.inprocess import RawEventStream, RunningServer, serve_in_process
 
@@ -166,20 +167,13 @@ def build_app(state: AppState, middleware: Sequence[Middleware]) -> Starlette:
             await broadcast.publish(GROUP, {"n": n, "pad": random_pad(680)})
         return PlainTextResponse("published")
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    return Starlette(
-        routes=[
-            Route("/generator", GeneratorView),
-            Route("/groups", GroupView),
-            Route("/subscription", SubscriptionView),
-            Route("/publish", publish, methods=["POST"]),
-        ],
-        middleware=list(middleware),
-        lifespan=lifespan,
+    return app_for(
+        broadcast,
+        Route("/generator", GeneratorView),
+        Route("/groups", GroupView),
+        Route("/subscription", SubscriptionView),
+        Route("/publish", publish, methods=["POST"]),
+        middleware=middleware,
     )
 
 

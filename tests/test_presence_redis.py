@@ -1,8 +1,8 @@
 """Presence on Redis: in-process against a real Redis, and across two real uvicorns.
 
-The multi-process tests run `tests/apps/presence_app.py` twice (A and B) with the
-helpers of `tests/test_multiprocess.py` (its `Server`, `_start_servers` and raw
-socket `SSEClient`), sharing one Redis prefix.
+The multi-process tests run `tests/apps/presence_app.py` twice (A and B) with
+`support.servers.start_app_servers` and the raw socket `support.raw.SSEClient`,
+sharing one Redis prefix.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,18 @@ import anyio.abc
 import anyio.to_thread
 import httpx
 import pytest
-import test_multiprocess
 from starlette.applications import Starlette
 from starlette.routing import Route
+from support.apps import app_for
+from support.raw import TIMEOUT, SSEClient
 from support.redis_keys import REDIS_URL, keys_under
-from test_multiprocess import TIMEOUT, Server, SSEClient, _start_servers
+from support.servers import PRESENCE_APP, ServerProcess, start_app_servers
 
 from sseviews import JOIN_EVENT, LEAVE_EVENT, BackendError, Broadcast, Event, EventStreamView
 from sseviews.backends.redis import RedisBackend
 from sseviews.testing import EventStreamClient
 
 pytestmark = pytest.mark.anyio
-
-APP = "tests.apps.presence_app:app"
 
 
 # -- in-process, on a real Redis -------------------------------------------------------
@@ -62,12 +60,7 @@ def member_app(broadcast: Broadcast, **settings: Any) -> Starlette:
     attrs.update(settings)
     view = type("MemberView", (EventStreamView,), attrs)
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    return Starlette(routes=[Route("/room/{room}", view)], lifespan=lifespan)
+    return app_for(broadcast, Route("/room/{room}", view))
 
 
 async def presence_keys(prefix: str) -> list[bytes]:
@@ -181,14 +174,13 @@ def test_presence_redis_timeout_is_checked() -> None:
 @pytest.fixture
 def start_servers(
     tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[[float], tuple[Server, Server]]]:
+) -> Iterator[Callable[[float], tuple[ServerProcess, ServerProcess]]]:
     """Start A and B (the presence app, one Redis prefix) with a presence timeout."""
-    monkeypatch.setattr(test_multiprocess, "APP", APP)
-    started: list[Server] = []
+    started: list[ServerProcess] = []
 
-    def start(timeout: float) -> tuple[Server, Server]:
+    def start(timeout: float) -> tuple[ServerProcess, ServerProcess]:
         monkeypatch.setenv("SSEVIEWS_TEST_PRESENCE_TIMEOUT", str(timeout))
-        a, b = _start_servers(tmp_path, prefix, ("A", "B"))
+        a, b = start_app_servers(tmp_path, prefix, app=PRESENCE_APP)
         started.extend((a, b))
         return a, b
 
@@ -199,13 +191,7 @@ def start_servers(
             server.kill()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-        yield client
-
-
-async def members(http: httpx.AsyncClient, server: Server, room: str) -> list[str]:
+async def members(http: httpx.AsyncClient, server: ServerProcess, room: str) -> list[str]:
     with anyio.fail_after(TIMEOUT):
         response = await http.get(f"{server.base_url}/presence/{room}")
     assert response.status_code == 200, response.text
@@ -231,7 +217,7 @@ def reset(client: SSEClient) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["fin", "rst", "shutdown"])
 async def test_presence_two_processes_join_on_a_listed_on_b_then_gone(
-    start_servers: Callable[[float], tuple[Server, Server]],
+    start_servers: Callable[[float], tuple[ServerProcess, ServerProcess]],
     http: httpx.AsyncClient,
     prefix: str,
     how: str,
@@ -263,7 +249,7 @@ async def test_presence_two_processes_join_on_a_listed_on_b_then_gone(
 
 @pytest.mark.slow
 async def test_presence_two_processes_sigkill_members_gone_within_bound(
-    start_servers: Callable[[float], tuple[Server, Server]],
+    start_servers: Callable[[float], tuple[ServerProcess, ServerProcess]],
     http: httpx.AsyncClient,
     prefix: str,
 ) -> None:

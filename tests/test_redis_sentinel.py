@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ import pytest
 import redis
 from support.redis_keys import unique_prefix
 from support.redis_topology import RedisNode, SentinelGroup, spare_ports
-from test_multiprocess import Server, _start_servers
+from support.servers import ServerProcess, start_app_servers
 
 from sseviews import Event
 from sseviews.backends.redis import RedisBackend
@@ -41,6 +41,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 TIMEOUT = 5.0
 #: Bound on a failover: the sentinels' down-after (1 s), their vote, the promotion.
 FAILOVER_TIMEOUT = 25.0
+HTTP_TIMEOUT = httpx.Timeout(TIMEOUT, read=30.0)
 
 
 class Recorder:
@@ -306,7 +307,7 @@ class Subscriber:
     """A browser-like EventSource on one room of one server: it reconnects with
     Last-Event-ID after every end, until it receives the `done` event."""
 
-    server: Server
+    server: ServerProcess
     room: str
     received: list[Event] = field(default_factory=list)
     connects: int = 0
@@ -445,9 +446,9 @@ def conflicting_ids(published: list[Published], subscribers: list[Subscriber]) -
 @pytest.fixture
 def sentinel_servers(
     tmp_path: Path, sentinel_group: SentinelGroup
-) -> Iterator[tuple[Server, Server]]:
+) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """Processes A and B of the multi-process app, on the Sentinel group."""
-    a, b = _start_servers(tmp_path, unique_prefix(), ("A", "B"), sentinel_group.url())
+    a, b = start_app_servers(tmp_path, unique_prefix(), url=sentinel_group.url())
     try:
         yield a, b
     finally:
@@ -455,14 +456,7 @@ def sentinel_servers(
         b.kill()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    timeout = httpx.Timeout(TIMEOUT, read=30.0)
-    async with httpx.AsyncClient(timeout=timeout) as client:
-        yield client
-
-
-async def post(http: httpx.AsyncClient, server: Server, room: str, data: Any) -> str | None:
+async def post(http: httpx.AsyncClient, server: ServerProcess, room: str, data: Any) -> str | None:
     """Publish through `server`; the id, or None when the publish failed."""
     try:
         response = await http.post(f"{server.base_url}/rooms/{room}", json=data)
@@ -476,7 +470,7 @@ async def post(http: httpx.AsyncClient, server: Server, room: str, data: Any) ->
 
 @pytest.mark.parametrize("lagging", [False, True], ids=["replica-in-sync", "replica-lagging"])
 async def test_sentinel_failover_keeps_the_guarantee_for_subscribers_on_two_processes(
-    sentinel_servers: tuple[Server, Server],
+    sentinel_servers: tuple[ServerProcess, ServerProcess],
     sentinel_group: SentinelGroup,
     http: httpx.AsyncClient,
     lagging: bool,
