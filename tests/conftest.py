@@ -5,7 +5,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from support.redis_keys import delete_prefix, unique_prefix
+from support.postgres import drop_tables
+from support.redis import delete_prefix, unique_prefix
 
 # The real Redis topologies (Sentinel, Cluster) and their fixtures.
 pytest_plugins = ["support.redis_topology"]
@@ -66,16 +67,6 @@ async def prefix() -> AsyncIterator[str]:
 async def pg_prefix() -> AsyncIterator[str]:
     """A PostgreSQL table and channel prefix of this test's own (the `test` database on
     127.0.0.1); every table under it is dropped afterwards."""
-    import asyncpg
-
     value = f"t{uuid.uuid4().hex[:12]}"
     yield value
-    conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
-    try:
-        tables = await conn.fetch(
-            "SELECT tablename FROM pg_tables WHERE tablename LIKE $1", f"{value}%"
-        )
-        for row in tables:
-            await conn.execute(f'DROP TABLE IF EXISTS "{row["tablename"]}"')
-    finally:
-        await conn.close()
+    await drop_tables(value)

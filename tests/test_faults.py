@@ -33,9 +33,10 @@ import asyncpg
 import httpx
 import psutil
 import pytest
+from support.postgres import PG_DSN, PG_URL, drop_tables
 from support.processes import clean_env, free_port
 from support.raw import RawConnection
-from support.redis_keys import RedisServer, unique_prefix
+from support.redis import RedisServer, unique_prefix
 from support.servers import ServerProcess, running_server, uvicorn
 
 from sseviews import RESET_EVENT, Event
@@ -49,8 +50,6 @@ UVICORN = uvicorn(APP, "--http", "httptools")
 HOST = "127.0.0.1"
 #: Bound on any single answer or event.
 TIMEOUT = 5.0
-PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-PG_HISTORY = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 #: The settings of FloodView and VanishView in the app.
 SEND_TIMEOUT = 1.0
 PING_INTERVAL = 0.5
@@ -416,15 +415,6 @@ async def _stored_ids(prefix: str, group: str, after: int) -> list[int]:
     return [int(row["seq"]) for row in rows]
 
 
-async def _drop_tables(prefix: str) -> None:
-    db = await asyncpg.connect(PG_DSN, timeout=TIMEOUT)
-    try:
-        for table in ("v2_events", "v2_groups"):
-            await db.execute(f'DROP TABLE IF EXISTS "{prefix}_{table}"', timeout=TIMEOUT)
-    finally:
-        await db.close()
-
-
 async def test_fault_postgres_connections_terminated_mid_stream(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
@@ -447,7 +437,7 @@ async def test_fault_postgres_connections_terminated_mid_stream(
 
     try:
         env = clean_env(
-            PYTHONPATH=str(REPO), SSEVIEWS_FAULT_HISTORY=PG_HISTORY, SSEVIEWS_FAULT_PREFIX=prefix
+            PYTHONPATH=str(REPO), SSEVIEWS_FAULT_HISTORY=PG_URL, SSEVIEWS_FAULT_PREFIX=prefix
         )
         with running_server(UVICORN, tmp_path, env) as server:
             first = await SSEStream.open(server, f"/rooms/{room}?id=first")
@@ -518,4 +508,4 @@ async def test_fault_postgres_connections_terminated_mid_stream(
                 f"replay of {len(replay)} events after {left_at} gap-free"
             )
     finally:
-        await _drop_tables(prefix)
+        await drop_tables(prefix)

@@ -27,8 +27,8 @@ import pytest
 import redis
 from support.broadcast import steps
 from support.raw import SSEClient, seq_of, summary
-from support.redis_keys import REDIS_URL, keys_under, unique_prefix
-from support.servers import ServerProcess, start_app_servers
+from support.redis import REDIS_URL, keys_under, unique_prefix
+from support.servers import ServerProcess, publish, start_app_servers
 
 from sseviews.stores.base import format_id
 
@@ -70,15 +70,6 @@ def servers(tmp_path: Path, prefix: str) -> Iterator[tuple[ServerProcess, Server
     finally:
         a.kill()
         b.kill()
-
-
-async def publish(http: httpx.AsyncClient, server: ServerProcess, room: str, data: Any) -> str:
-    """POST `data` to `room` through `server`; return the id the broadcast assigned."""
-    with anyio.fail_after(TIMEOUT):
-        response = await http.post(f"{server.base_url}/rooms/{room}", json=data)
-    assert response.status_code == 200, (response.status_code, response.text)
-    event_id: str = response.json()["id"]
-    return event_id
 
 
 def assert_clean_log(server: ServerProcess) -> None:

@@ -9,9 +9,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from starlette.applications import Starlette
-from starlette.routing import Route
-from support.apps import app_for
+from support.apps import member_view, room_app
 from support.inprocess import RawEventStream, raw_head, serve_in_process
 
 import sseviews
@@ -36,31 +34,6 @@ TIMEOUT = 3.0
 # (docs/presence.md): the server hears the close, the stream leaves its groups'
 # presence, and its `sseviews.leave` reaches the others.
 LEAVE_BOUND = 1.0
-
-
-def room_app(broadcast: Broadcast, view: type[EventStreamView]) -> Starlette:
-    """`view` at `/room/{room}`, in an app whose lifespan connects `broadcast`."""
-    return app_for(broadcast, Route("/room/{room}", view))
-
-
-def member_view(broadcast: Broadcast, **settings: Any) -> type[EventStreamView]:
-    """Streams `room:{room}`, present as `{"user": ?user}` when `?user=` is given."""
-
-    def groups(self: EventStreamView) -> list[str]:
-        return [f"room:{self.request.path_params['room']}"]
-
-    def presence_info(self: EventStreamView) -> dict[str, Any] | None:
-        user = self.request.query_params.get("user")
-        return {"user": user} if user else None
-
-    attrs: dict[str, Any] = {
-        "broadcast": broadcast,
-        "groups": groups,
-        "presence_info": presence_info,
-        "ping_interval": None,
-    }
-    attrs.update(settings)
-    return type("MemberView", (EventStreamView,), attrs)
 
 
 async def users(broadcast: Broadcast, group: str = "room:a") -> list[str]:

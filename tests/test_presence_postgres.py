@@ -16,10 +16,10 @@ import anyio
 import asyncpg
 import httpx
 import pytest
+from support.apps import member_app
+from support.postgres import PG_DSN, PG_URL
 from support.raw import SSEClient
-from support.servers import PRESENCE_APP, ServerProcess, start_app_servers
-from test_backends_postgres import PG_DSN, PG_URL
-from test_presence_redis import member_app, members, next_named
+from support.servers import PRESENCE_APP, ServerProcess, members, start_app_servers
 
 from sseviews import JOIN_EVENT, LEAVE_EVENT, BackendError, Broadcast, Event
 from sseviews.backends.postgres import PostgresBackend
@@ -172,18 +172,18 @@ async def test_presence_postgres_two_processes_sigkill_members_gone_within_bound
     a, b = start_servers(timeout)
     room = "crash"
     async with SSEClient.connect(b, f"{room}?user=watcher") as watcher:
-        await next_named(watcher, JOIN_EVENT)
+        await watcher.next_named(JOIN_EVENT)
         async with (
             SSEClient.connect(a, f"{room}?user=alice"),
             SSEClient.connect(a, f"{room}?user=anna"),
         ):
             for _ in range(2):
-                await next_named(watcher, JOIN_EVENT)
+                await watcher.next_named(JOIN_EVENT)
             for server in (a, b):
                 assert await members(http, server, room) == ["alice", "anna", "watcher"]
             a.kill()
             killed = time.monotonic()
-            leaves = [await next_named(watcher, LEAVE_EVENT, timeout + 2) for _ in range(2)]
+            leaves = [await watcher.next_named(LEAVE_EVENT, timeout + 2) for _ in range(2)]
             elapsed = time.monotonic() - killed
         assert elapsed <= timeout + 0.5, elapsed
         assert sorted(json.loads(event.data)["info"]["user"] for event in leaves) == [

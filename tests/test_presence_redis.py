@@ -22,14 +22,12 @@ import anyio.abc
 import anyio.to_thread
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.routing import Route
-from support.apps import app_for
+from support.apps import member_app
 from support.raw import TIMEOUT, SSEClient
-from support.redis_keys import REDIS_URL, keys_under
-from support.servers import PRESENCE_APP, ServerProcess, start_app_servers
+from support.redis import REDIS_URL, keys_under
+from support.servers import PRESENCE_APP, ServerProcess, members, start_app_servers
 
-from sseviews import JOIN_EVENT, LEAVE_EVENT, BackendError, Broadcast, Event, EventStreamView
+from sseviews import JOIN_EVENT, LEAVE_EVENT, BackendError, Broadcast, Event
 from sseviews.backends.redis import RedisBackend
 from sseviews.testing import EventStreamClient
 
@@ -44,23 +42,6 @@ def redis_broadcast(prefix: str, timeout: float = 30.0) -> Broadcast:
     assert isinstance(broadcast.live, RedisBackend)
     broadcast.live.presence_timeout = timeout
     return broadcast
-
-
-def member_app(broadcast: Broadcast, **settings: Any) -> Starlette:
-    def presence_info(self: EventStreamView) -> dict[str, Any] | None:
-        user = self.request.query_params.get("user")
-        return {"user": user} if user else None
-
-    attrs: dict[str, Any] = {
-        "broadcast": broadcast,
-        "groups": lambda self: [f"room:{self.request.path_params['room']}"],
-        "presence_info": presence_info,
-        "ping_interval": None,
-    }
-    attrs.update(settings)
-    view = type("MemberView", (EventStreamView,), attrs)
-
-    return app_for(broadcast, Route("/room/{room}", view))
 
 
 async def presence_keys(prefix: str) -> list[bytes]:
@@ -191,23 +172,6 @@ def start_servers(
             server.kill()
 
 
-async def members(http: httpx.AsyncClient, server: ServerProcess, room: str) -> list[str]:
-    with anyio.fail_after(TIMEOUT):
-        response = await http.get(f"{server.base_url}/presence/{room}")
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert body["count"] == len(body["members"])
-    return sorted(member["info"]["user"] for member in body["members"])
-
-
-async def next_named(client: SSEClient, name: str, seconds: float = TIMEOUT) -> Event:
-    with anyio.fail_after(seconds):
-        while True:
-            event = await client.next_event()
-            if event.event == name:
-                return event
-
-
 def reset(client: SSEClient) -> None:
     """Close the client's socket with RST (SO_LINGER 0), not FIN."""
     sock: socket.socket = client._stream.extra(anyio.abc.SocketAttribute.raw_socket)
@@ -226,10 +190,10 @@ async def test_presence_two_processes_join_on_a_listed_on_b_then_gone(
     a, b = start_servers(30.0)
     room = "lobby"
     async with SSEClient.connect(b, f"{room}?user=watcher") as watcher:
-        own = await next_named(watcher, JOIN_EVENT)
+        own = await watcher.next_named(JOIN_EVENT)
         assert json.loads(own.data)["info"]["user"] == "watcher"
         async with SSEClient.connect(a, f"{room}?user=alice") as alice:
-            joined = await next_named(watcher, JOIN_EVENT)
+            joined = await watcher.next_named(JOIN_EVENT)
             assert json.loads(joined.data)["info"]["user"] == "alice"
             assert joined.id is None
             for server in (a, b):
@@ -239,7 +203,7 @@ async def test_presence_two_processes_join_on_a_listed_on_b_then_gone(
             elif how == "shutdown":
                 os.killpg(a.proc.pid, signal.SIGTERM)
                 await anyio.to_thread.run_sync(a.proc.wait, TIMEOUT * 2)
-        left = await next_named(watcher, LEAVE_EVENT)
+        left = await watcher.next_named(LEAVE_EVENT)
         assert json.loads(left.data) == json.loads(joined.data)
         servers = (b,) if how == "shutdown" else (a, b)
         for server in servers:
@@ -257,17 +221,17 @@ async def test_presence_two_processes_sigkill_members_gone_within_bound(
     a, b = start_servers(timeout)
     room = "crash"
     async with SSEClient.connect(b, f"{room}?user=watcher") as watcher:
-        await next_named(watcher, JOIN_EVENT)
+        await watcher.next_named(JOIN_EVENT)
         async with (
             SSEClient.connect(a, f"{room}?user=alice"),
             SSEClient.connect(a, f"{room}?user=anna"),
         ):
             for _ in range(2):
-                await next_named(watcher, JOIN_EVENT)
+                await watcher.next_named(JOIN_EVENT)
             assert await members(http, b, room) == ["alice", "anna", "watcher"]
             a.kill()
             killed = time.monotonic()
-            leaves = [await next_named(watcher, LEAVE_EVENT, timeout + 2) for _ in range(2)]
+            leaves = [await watcher.next_named(LEAVE_EVENT, timeout + 2) for _ in range(2)]
             elapsed = time.monotonic() - killed
         assert elapsed <= timeout + 0.5, elapsed
         assert sorted(json.loads(event.data)["info"]["user"] for event in leaves) == [

@@ -26,7 +26,8 @@ import anyio.to_thread
 import httpx
 import pytest
 import redis
-from support.redis_keys import unique_prefix
+from support.broadcast import Recorder, data, no_deliver
+from support.redis import unique_prefix
 from support.redis_topology import RedisNode, SentinelGroup, spare_ports
 from support.servers import ServerProcess, start_app_servers
 
@@ -44,32 +45,6 @@ FAILOVER_TIMEOUT = 25.0
 HTTP_TIMEOUT = httpx.Timeout(TIMEOUT, read=30.0)
 
 
-class Recorder:
-    """What a backend dispatches, and the failures it reports."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, int, bytes]] = []
-        self.failures: list[BaseException] = []
-        self._changed = anyio.Event()
-
-    def dispatch(self, group: str, seq: int, wire: bytes) -> None:
-        self.events.append((group, seq, wire))
-        self._wake()
-
-    def on_failure(self, error: BaseException) -> None:
-        self.failures.append(error)
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_for(self, what: str, check: Any) -> None:
-        with anyio.fail_after(FAILOVER_TIMEOUT):
-            while not check():
-                await self._changed.wait()
-
-
 async def poll_until(check: Callable[[], bool]) -> None:
     """Wait (at most FAILOVER_TIMEOUT) until `check()` holds."""
     with anyio.fail_after(FAILOVER_TIMEOUT):
@@ -77,14 +52,6 @@ async def poll_until(check: Callable[[], bool]) -> None:
             if check():
                 return
             await anyio.sleep(0.02)
-
-
-async def no_deliver(seq: int, wire: bytes) -> None:
-    pass
-
-
-def data(text: str) -> bytes:
-    return b"data: %s\n\n" % text.encode()
 
 
 # -- one process: the store and the backend follow the master ---------------------------
@@ -105,7 +72,8 @@ async def test_sentinel_store_and_backend_publish_and_receive(
             # A process receives the groups its streams use: subscribe first.
             await backend.subscribe(["g"])
             seqs = [await store.append("g", data(f"e{n}"), no_deliver) for n in range(3)]
-            await recorder.wait_for("3 events", lambda: len(recorder.events) == 3)
+            with anyio.fail_after(FAILOVER_TIMEOUT):
+                await recorder.wait_until(lambda: len(recorder.events) == 3)
             assert [seq for _, seq, _ in recorder.events] == [p.seq for p in seqs]
             assert [wire.split(b"\n", 1)[0] for _, _, wire in recorder.events] == [
                 f"id: {p.epoch}-{p.seq}".encode() for p in seqs
@@ -133,10 +101,12 @@ async def test_sentinel_backend_resubscribes_to_the_new_master_after_a_failover(
         try:
             await backend.subscribe(["g"])
             before = await store.append("g", data("before"), no_deliver)
-            await recorder.wait_for("the first event", lambda: len(recorder.events) == 1)
+            with anyio.fail_after(FAILOVER_TIMEOUT):
+                await recorder.wait_until(lambda: len(recorder.events) == 1)
             old = await anyio.to_thread.run_sync(sentinel_group.kill_master)
             # The subscription ends: subscribers are told, and resume later.
-            await recorder.wait_for("the failure", lambda: len(recorder.failures) == 1)
+            with anyio.fail_after(FAILOVER_TIMEOUT):
+                await recorder.wait_until(lambda: len(recorder.failures) == 1)
             new = await anyio.to_thread.run_sync(
                 sentinel_group.wait_for_failover, old, FAILOVER_TIMEOUT
             )
@@ -150,7 +120,8 @@ async def test_sentinel_backend_resubscribes_to_the_new_master_after_a_failover(
                         break
                     except Exception:
                         await anyio.sleep(0.1)
-            await recorder.wait_for("the event after", lambda: len(recorder.events) == 2)
+            with anyio.fail_after(FAILOVER_TIMEOUT):
+                await recorder.wait_until(lambda: len(recorder.events) == 2)
             # The new master is a promoted replica: the group's new epoch, from 1.
             assert seq.epoch != before.epoch
             assert recorder.events[-1][1] == seq.seq == 1

@@ -22,13 +22,12 @@ import anyio.lowlevel
 import httpx
 import psutil
 import pytest
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.routing import Route
 from support.apps import app_for
 from support.broadcast import steps
+from support.postgres import PG_URL, drop_tables
 from support.processes import clean_env
-from support.redis_keys import REDIS_URL, delete_prefix
+from support.redis import REDIS_URL, delete_prefix
 from support.servers import ServerProcess, running_server, uvicorn
 
 from sseviews import (
@@ -45,7 +44,6 @@ from sseviews.testing import EventStreamClient
 
 pytestmark = pytest.mark.anyio
 
-PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 KINDS = ["memory", "redis", "sqlite", "postgresql"]
 TIMEOUT = 20.0
 REPO = Path(__file__).resolve().parent.parent
@@ -79,17 +77,6 @@ async def history(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         await delete_prefix(found.prefix)
     elif found.kind == "postgresql":
         await drop_tables(found.prefix)
-
-
-async def drop_tables(prefix: str) -> None:
-    engine = create_async_engine(PG_URL)
-    try:
-        with anyio.fail_after(10):
-            async with engine.begin() as conn:
-                for table in ("v2_events", "v2_groups"):
-                    await conn.execute(text(f'DROP TABLE IF EXISTS "{prefix}_{table}"'))
-    finally:
-        await engine.dispose()
 
 
 @asynccontextmanager

@@ -18,6 +18,7 @@ import anyio
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from support.postgres import PG_URL
 
 from sseviews import BackendError, BroadcastNotConnected
 from sseviews.stores.base import Position, id_line
@@ -25,7 +26,6 @@ from sseviews.stores.sqlalchemy import SQLAlchemyStore
 
 pytestmark = pytest.mark.anyio
 
-PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 TABLES = ("v2_events", "v2_groups")
 
 

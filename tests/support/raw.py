@@ -365,6 +365,14 @@ class SSEClient:
             f"{self.name}: no event within {TIMEOUT}s; received {summary(self.received)}"
         )
 
+    async def next_named(self, name: str, seconds: float = TIMEOUT) -> Event:
+        """The next event named `name`, skipping the others; fails after `seconds`."""
+        with anyio.fail_after(seconds):
+            while True:
+                event = await self.next_event()
+                if event.event == name:
+                    return event
+
     async def next_events(self, count: int) -> list[Event]:
         with anyio.fail_after(TIMEOUT):
             return [await self.next_event() for _ in range(count)]

@@ -19,12 +19,15 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from .processes import free_port, stop_process
-from .redis_keys import REDIS_URL
+from .raw import TIMEOUT
+from .redis import REDIS_URL
 
 #: The repository root: the servers run there, so `tests.apps.…` imports.
 REPO = Path(__file__).resolve().parents[2]
@@ -234,3 +237,23 @@ def start_app_servers(
     env.pop("WEB_CONCURRENCY", None)
     commands = {name: uvicorn(app) for name in names}
     return start_servers(commands, tmp, env, stdout=False)
+
+
+async def publish(http: httpx.AsyncClient, server: ServerProcess, room: str, data: Any) -> str:
+    """POST `data` to `room` through an app server (`POST /rooms/{room}`); return the id
+    the broadcast assigned. Bounded by `support.raw.TIMEOUT`."""
+    with anyio.fail_after(TIMEOUT):
+        response = await http.post(f"{server.base_url}/rooms/{room}", json=data)
+    assert response.status_code == 200, (response.status_code, response.text)
+    event_id: str = response.json()["id"]
+    return event_id
+
+
+async def members(http: httpx.AsyncClient, server: ServerProcess, room: str) -> list[str]:
+    """The users present in `room`, as the presence app on `server` lists them."""
+    with anyio.fail_after(TIMEOUT):
+        response = await http.get(f"{server.base_url}/presence/{room}")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["count"] == len(body["members"])
+    return sorted(member["info"]["user"] for member in body["members"])
