@@ -315,6 +315,7 @@ async def test_postgres_backend_deletes_old_payload_rows(pg_prefix: str) -> None
         await backend.disconnect()
 
 
+@pytest.mark.slow
 async def test_postgres_broadcasts_publishing_concurrently_keep_one_order(pg_prefix: str) -> None:
     count = 150
     one = Broadcast(PG_URL, prefix=pg_prefix)

@@ -121,6 +121,7 @@ def test_new_renders_the_name_and_keeps_page_templates_as_they_are(project: Path
     assert not list(project.rglob("*.jinja"))
 
 
+@pytest.mark.slow
 def test_new_project_tests_pass(project: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-W", "error", "-p", "no:cacheprovider"],

@@ -194,6 +194,7 @@ async def test_history_redis_missing_group_stream_gets_reset() -> None:
 # -- idle groups expire ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_history_memory_idle_groups_expire() -> None:
     gc.collect()
     tracemalloc.start()

@@ -63,6 +63,7 @@ async def test_presence_redis_lists_and_removes_with_escaped_keys(prefix: str) -
     assert await presence_keys(prefix) == []
 
 
+@pytest.mark.slow
 async def test_presence_redis_thousand_cycles_leave_no_entry_or_key(prefix: str) -> None:
     broadcast = redis_broadcast(prefix)
     app = member_app(broadcast, announce_presence=True)

@@ -364,6 +364,7 @@ async def test_store_concurrent_connect_agrees_on_epoch(database: Database) -> N
     await connect_together([database.store() for _ in range(4)])
 
 
+@pytest.mark.slow
 async def test_store_sqlite_new_file_many_stores_connect_together(tmp_path: Path) -> None:
     # SQLite refuses the switch to WAL at once, without its busy wait, while another
     # connection opens the same new file: a new file, many times, shows it.

@@ -11,7 +11,7 @@ what a client receives must agree exactly, event by event (type, data, lastEvent
 - `sseviews.testing.EventParser` fed the exact bytes the server sent;
 - what Chromium's `EventSource` dispatched to the page.
 
-Run `pytest tests/browser/test_encoder_corpus.py`; screenshots land in `test-artifacts/`.
+Run `pytest -m "" tests/browser/test_encoder_corpus.py`; screenshots land in `test-artifacts/`.
 """
 
 from __future__ import annotations
