@@ -63,7 +63,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from support.apps import app_for
 from support.asgi_recorder import RecorderMiddleware, RequestRecord, task_context_token
-from support.inprocess import RawEventStream, RunningServer, serve_in_process
+from support.inprocess import RunningServer, serve_in_process
+from support.raw import RawEventStream
 
 from sseviews import Broadcast, DisconnectReason, Event, EventStreamView
 

@@ -10,7 +10,8 @@ import anyio
 import anyio.lowlevel
 import pytest
 from support.apps import member_view, room_app
-from support.inprocess import RawEventStream, raw_head, serve_in_process
+from support.inprocess import serve_in_process
+from support.raw import RawEventStream, raw_head
 
 import sseviews
 from sseviews import (
