@@ -37,7 +37,7 @@ from support.postgres import PG_DSN, PG_URL, drop_tables
 from support.processes import clean_env, free_port
 from support.raw import RawConnection
 from support.redis import RedisServer, unique_prefix
-from support.servers import ServerProcess, running_server, uvicorn
+from support.servers import ServerProcess, start_server, uvicorn
 
 from sseviews import RESET_EVENT, Event
 from sseviews.testing import EventParser
@@ -171,7 +171,7 @@ async def test_fault_client_that_stops_reading_is_dropped_by_send_timeout(
 ) -> None:
     """8 KiB every 5 ms to a client that never reads (4 KiB receive buffer): once the
     socket is full, the blocked write is given up after send_timeout (1 s)."""
-    with running_server(UVICORN, tmp_path, clean_env(PYTHONPATH=str(REPO))) as server:
+    with start_server(UVICORN, tmp_path, clean_env(PYTHONPATH=str(REPO))) as server:
         tag = "stalled"
         connected = time.time()
         stalled = await RawConnection.connect(server.port, rcvbuf=4096, read_size=1 << 20)
@@ -231,7 +231,7 @@ async def test_fault_vanished_client_is_dropped_by_ping_write_timeout(
     """
     ping_bytes = min(_kernel_send_buffer_max() + 1024 * 1024, 64 * 1024 * 1024)
     bound = PING_INTERVAL + SEND_TIMEOUT + 1.0
-    with running_server(UVICORN, tmp_path, clean_env(PYTHONPATH=str(REPO))) as server:
+    with start_server(UVICORN, tmp_path, clean_env(PYTHONPATH=str(REPO))) as server:
         vanished = await RawConnection.connect(server.port, rcvbuf=4096, read_size=1 << 20)
         # The same view, with a client that reads: the big pings alone drop nobody.
         reader = await RawConnection.connect(server.port, read_size=1 << 20)
@@ -286,7 +286,7 @@ async def test_fault_redis_killed_and_restarted_mid_stream(
             SSEVIEWS_FAULT_BROADCAST=redis_server.url,
             SSEVIEWS_FAULT_PREFIX=unique_prefix(),
         )
-        with running_server(UVICORN, tmp_path, env) as server:
+        with start_server(UVICORN, tmp_path, env) as server:
             stream = await SSEStream.open(server, "/rooms/r?id=before")
             try:
                 response = await publish(http, server, "r", {"n": 0})
@@ -439,7 +439,7 @@ async def test_fault_postgres_connections_terminated_mid_stream(
         env = clean_env(
             PYTHONPATH=str(REPO), SSEVIEWS_FAULT_HISTORY=PG_URL, SSEVIEWS_FAULT_PREFIX=prefix
         )
-        with running_server(UVICORN, tmp_path, env) as server:
+        with start_server(UVICORN, tmp_path, env) as server:
             first = await SSEStream.open(server, f"/rooms/{room}?id=first")
             try:
                 for n in range(5):

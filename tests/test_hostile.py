@@ -33,7 +33,7 @@ import httpx
 import pytest
 from support.processes import clean_env
 from support.raw import LenientConnection
-from support.servers import ServerProcess, running_server, uvicorn
+from support.servers import ServerProcess, start_server, uvicorn
 
 from sseviews import RESET_EVENT, Event
 from sseviews.testing import EventParser
@@ -58,7 +58,7 @@ UVICORN_INVALID = "Invalid HTTP request received."
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One uvicorn for the whole module: every case must leave it healthy for the next."""
     tmp = tmp_path_factory.mktemp("hostile")
-    with running_server(UVICORN, tmp, clean_env(PYTHONPATH=str(REPO))) as running:
+    with start_server(UVICORN, tmp, clean_env(PYTHONPATH=str(REPO))) as running:
         yield running
 
 

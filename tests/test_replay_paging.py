@@ -28,7 +28,7 @@ from support.broadcast import steps
 from support.postgres import PG_URL, drop_tables
 from support.processes import clean_env
 from support.redis import REDIS_URL, delete_prefix
-from support.servers import ServerProcess, running_server, uvicorn
+from support.servers import ServerProcess, start_server, uvicorn
 
 from sseviews import (
     RESET_EVENT,
@@ -412,7 +412,7 @@ def replay_server(
     elif history.kind == "sqlite":
         env["SSEVIEWS_REPLAY_HISTORY"] = f"sqlite+aiosqlite:///{tmp_path / history.prefix}.db"
     command = uvicorn("tests.apps.replay_app:app", "--http", "httptools", "--no-access-log")
-    with running_server(command, tmp_path, env) as server:
+    with start_server(command, tmp_path, env) as server:
         yield server, history
 
 

@@ -81,11 +81,11 @@ from .app import RECORD_ENV, raise_nofile_limit
 try:  # under pytest, tests/ is on sys.path
     from support.processes import clean_env
     from support.servers import ServerProcess as Server
-    from support.servers import running_server, uvicorn
+    from support.servers import start_server, uvicorn
 except ImportError:  # `python -m tests.load.run` from the repo root
     from tests.support.processes import clean_env
     from tests.support.servers import ServerProcess as Server
-    from tests.support.servers import running_server, uvicorn
+    from tests.support.servers import start_server, uvicorn
 
 T = TypeVar("T")
 
@@ -130,7 +130,7 @@ def uvicorn_server(workdir: Path, record: Path | None = None) -> Iterator[Server
     env = clean_env(
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **extra
     )
-    with running_server(UVICORN, workdir, env, health="/debug/stats", seconds=20) as server:
+    with start_server(UVICORN, workdir, env, health="/debug/stats", seconds=20) as server:
         yield server
 
 

@@ -4,7 +4,7 @@ in a log file of the test's own.
 
 `start_servers()` starts several at once and waits until each answers its health
 path; a server that lost its port to another process before it bound it is started
-again on another. `running_server()` is the context manager for one.
+again on another. `with start_server(...) as server:` stops it at the end.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,8 @@ def uvicorn(app: str, *options: str) -> Command:
 
 @dataclass
 class ServerProcess:
-    """One server process on a loopback port, in its own process group."""
+    """One server process on a loopback port, in its own process group. As a context
+    manager, it is stopped (`stop()`) at the end of the block."""
 
     name: str
     proc: subprocess.Popen[bytes]
@@ -61,6 +62,12 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         """SIGTERM the server (a graceful shutdown); SIGKILL it if it has not exited 10 s
@@ -182,27 +189,6 @@ def start_server(
         {name: command}, tmp, env, health=health, seconds=seconds, stdout=stdout
     )
     return server
-
-
-@contextmanager
-def running_server(
-    command: Command,
-    tmp: Path,
-    env: Mapping[str, str],
-    *,
-    name: str = "uvicorn",
-    health: str = "/health",
-    seconds: float = 15.0,
-    stdout: bool = True,
-) -> Iterator[ServerProcess]:
-    """`start_server()`, stopped (SIGTERM, then SIGKILL) afterwards."""
-    server = start_server(
-        command, tmp, env, name=name, health=health, seconds=seconds, stdout=stdout
-    )
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def with_repo_on_path(env: dict[str, str]) -> dict[str, str]:
