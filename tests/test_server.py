@@ -50,9 +50,8 @@ def anyio_backend() -> str:
 
 
 def _server_env(record: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = servers.with_repo_on_path(dict(os.environ))
     env[RECORD_ENV] = str(record)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
