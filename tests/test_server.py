@@ -56,15 +56,6 @@ def _server_env(record: Path) -> dict[str, str]:
     return env
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    # Only whole lines: the server may be appending one right now.
-    return [json.loads(line) for line in text.split("\n")[:-1] if line]
-
-
 @dataclass
 class ServerProcess(servers.ServerProcess):
     """A uvicorn running in its own process group, and what it recorded."""
@@ -77,7 +68,7 @@ class ServerProcess(servers.ServerProcess):
     def records(self, tag: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
         return [
             r
-            for r in _read_records(self.record)
+            for r in servers.read_records(self.record)
             if (tag is None or r.get("id") == tag) and (kind is None or r["kind"] == kind)
         ]
 
@@ -377,7 +368,7 @@ async def test_server_programmatic_servers_in_sequence_each_shut_down(tmp_path: 
         assert result["serve_error"] is None, result
         assert result["serve_seconds"] < 2.0, result
         assert result["leftover_tasks"] == [], result
-        records = [r for r in _read_records(record) if r["id"] == f"round-{index}"]
+        records = [r for r in servers.read_records(record) if r["id"] == f"round-{index}"]
         _assert_closed_before_disconnect(records, "shutdown")
     assert rounds[1]["signals_reraised"] == [signal.SIGTERM]
 

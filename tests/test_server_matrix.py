@@ -30,7 +30,6 @@ Run with `-s` to see the figures each test measured (docs/deployment.md quotes t
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -127,12 +126,7 @@ class Server(servers.ServerProcess):
     record_path: Path
 
     def records(self, tag: str, kind: str | None = None) -> list[dict[str, Any]]:
-        try:
-            text = self.record_path.read_text()
-        except FileNotFoundError:
-            return []
-        # Only whole lines: the server may be appending one right now.
-        found = [json.loads(line) for line in text.split("\n")[:-1] if line]
+        found = servers.read_records(self.record_path)
         return [r for r in found if r["id"] == tag and (kind is None or r["kind"] == kind)]
 
     async def wait_for(self, tag: str, kind: str, count: int = 1) -> list[dict[str, Any]]:

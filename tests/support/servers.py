@@ -9,6 +9,7 @@ again on another. `with start_server(...) as server:` stops it at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -189,6 +190,16 @@ def start_server(
         {name: command}, tmp, env, health=health, seconds=seconds, stdout=stdout
     )
     return server
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records an app wrote to `path` (`tests/apps/recording.py`): whole lines only,
+    since the server may be appending one right now."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.split("\n")[:-1] if line]
 
 
 def with_repo_on_path(env: dict[str, str]) -> dict[str, str]:
