@@ -19,7 +19,7 @@ import pytest
 from support.apps import member_app
 from support.postgres import PG_DSN, PG_URL
 from support.raw import SSEClient
-from support.servers import PRESENCE_APP, ServerProcess, members, start_app_servers
+from support.servers import ServerProcess, members, presence_servers
 
 from sseviews import JOIN_EVENT, LEAVE_EVENT, BackendError, Broadcast, Event
 from sseviews.backends.postgres import PostgresBackend
@@ -146,22 +146,11 @@ def test_presence_postgres_timeout_is_checked() -> None:
 
 @pytest.fixture
 def start_servers(
-    tmp_path: Path, pg_prefix: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pg_prefix: str
 ) -> Iterator[Callable[[float], tuple[ServerProcess, ServerProcess]]]:
     """Start A and B (the presence app, one PostgreSQL prefix) with a presence timeout."""
-    started: list[ServerProcess] = []
-
-    def start(timeout: float) -> tuple[ServerProcess, ServerProcess]:
-        monkeypatch.setenv("SSEVIEWS_TEST_PRESENCE_TIMEOUT", str(timeout))
-        a, b = start_app_servers(tmp_path, pg_prefix, url=PG_URL, app=PRESENCE_APP)
-        started.extend((a, b))
-        return a, b
-
-    try:
+    with presence_servers(tmp_path, pg_prefix, PG_URL) as start:
         yield start
-    finally:
-        for server in started:
-            server.kill()
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ import pytest
 from support.apps import member_app
 from support.raw import TIMEOUT, SSEClient
 from support.redis import REDIS_URL, keys_under
-from support.servers import PRESENCE_APP, ServerProcess, members, start_app_servers
+from support.servers import ServerProcess, members, presence_servers
 
 from sseviews import JOIN_EVENT, LEAVE_EVENT, BackendError, Broadcast, Event
 from sseviews.backends.redis import RedisBackend
@@ -155,22 +155,11 @@ def test_presence_redis_timeout_is_checked() -> None:
 
 @pytest.fixture
 def start_servers(
-    tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, prefix: str
 ) -> Iterator[Callable[[float], tuple[ServerProcess, ServerProcess]]]:
     """Start A and B (the presence app, one Redis prefix) with a presence timeout."""
-    started: list[ServerProcess] = []
-
-    def start(timeout: float) -> tuple[ServerProcess, ServerProcess]:
-        monkeypatch.setenv("SSEVIEWS_TEST_PRESENCE_TIMEOUT", str(timeout))
-        a, b = start_app_servers(tmp_path, prefix, app=PRESENCE_APP)
-        started.extend((a, b))
-        return a, b
-
-    try:
+    with presence_servers(tmp_path, prefix) as start:
         yield start
-    finally:
-        for server in started:
-            server.kill()
 
 
 def reset(client: SSEClient) -> None:

@@ -16,8 +16,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
-from contextlib import suppress
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,17 +223,40 @@ def start_app_servers(
     url: str = REDIS_URL,
     *,
     app: str = MULTIPROCESS_APP,
+    env: Mapping[str, str] | None = None,
 ) -> list[ServerProcess]:
     """One uvicorn of `app` per name, started at once, all on the broadcast at `url`
     under one key prefix, so they share groups, ids and history. They inherit this
-    process's environment (a test may add to it with `monkeypatch.setenv`)."""
-    env = with_repo_on_path(dict(os.environ))
+    process's environment, with `env` added."""
+    env = with_repo_on_path({**os.environ, **(env or {})})
     env["SSEVIEWS_TEST_REDIS_URL"] = url
     env["SSEVIEWS_TEST_REDIS_PREFIX"] = prefix
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("WEB_CONCURRENCY", None)
     commands = {name: uvicorn(app) for name in names}
     return start_servers(commands, tmp, env, stdout=False)
+
+
+@contextmanager
+def presence_servers(
+    tmp: Path, prefix: str, url: str = REDIS_URL
+) -> Iterator[Callable[[float], tuple[ServerProcess, ServerProcess]]]:
+    """`start(timeout)` starts A and B of the presence app on the broadcast at `url`
+    under `prefix`, with that presence timeout (seconds); every server started is
+    killed at the end of the block."""
+    started: list[ServerProcess] = []
+
+    def start(timeout: float) -> tuple[ServerProcess, ServerProcess]:
+        presence = {"SSEVIEWS_TEST_PRESENCE_TIMEOUT": str(timeout)}
+        a, b = start_app_servers(tmp, prefix, url=url, app=PRESENCE_APP, env=presence)
+        started.extend((a, b))
+        return a, b
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.kill()
 
 
 async def publish(http: httpx.AsyncClient, server: ServerProcess, room: str, data: Any) -> str:
