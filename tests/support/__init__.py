@@ -10,7 +10,8 @@ puts `tests/` on `sys.path`); the fixtures are registered in `tests/conftest.py`
   the framing), `RawEventStream` (a slow reader, if need be), and `SSEClient`, an
   event stream reader over anyio.
 - `processes`: a free port, a clean environment, waiting for and stopping a process.
-- `apps`: `app_for()`, a Starlette app whose lifespan connects a broadcast.
+- `apps`: `app_for()`, a Starlette app whose lifespan connects a broadcast, and the
+  presence tests' member view and apps.
 - `views`: the traced views and recorders of the view tests.
 - `broadcast`: a store that yields to other tasks, a recorder of what a live
   backend dispatches, and checks of composite ids.
