@@ -3,8 +3,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
-from redis_helpers import delete_prefix, unique_prefix
+from support.postgres import drop_tables
+from support.redis import delete_prefix, unique_prefix
 
 # The real Redis topologies (Sentinel, Cluster) and their fixtures.
 pytest_plugins = ["support.redis_topology"]
@@ -15,9 +17,17 @@ BOTH_BACKENDS = {
     "test_broadcast",
     "test_metrics",
     "test_testing",
-    "test_views",
     "test_views_broadcast",
+    "test_views_disconnect",
+    "test_views_events",
+    "test_views_hooks",
+    "test_views_last_event_id",
     "test_views_limits",
+    "test_views_pings",
+    "test_views_resources",
+    "test_views_response",
+    "test_views_sessions",
+    "test_views_shutdown",
 }
 
 
@@ -37,6 +47,15 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
+async def http(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for the servers a test starts. Its timeout is the test module's
+    `HTTP_TIMEOUT` (an `httpx.Timeout` or seconds), 5 s if it has none."""
+    timeout = getattr(request.module, "HTTP_TIMEOUT", 5.0)
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        yield client
+
+
+@pytest.fixture
 async def prefix() -> AsyncIterator[str]:
     """A Redis key prefix of this test's own; every key under it is deleted afterwards."""
     prefix = unique_prefix()
@@ -48,16 +67,6 @@ async def prefix() -> AsyncIterator[str]:
 async def pg_prefix() -> AsyncIterator[str]:
     """A PostgreSQL table and channel prefix of this test's own (the `test` database on
     127.0.0.1); every table under it is dropped afterwards."""
-    import asyncpg
-
     value = f"t{uuid.uuid4().hex[:12]}"
     yield value
-    conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
-    try:
-        tables = await conn.fetch(
-            "SELECT tablename FROM pg_tables WHERE tablename LIKE $1", f"{value}%"
-        )
-        for row in tables:
-            await conn.execute(f'DROP TABLE IF EXISTS "{row["tablename"]}"')
-    finally:
-        await conn.close()
+    await drop_tables(value)

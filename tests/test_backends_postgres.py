@@ -7,6 +7,7 @@ the listening connection itself (`pg_listening_channels()`) and `pg_stat_activit
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
@@ -23,17 +24,17 @@ import anyio.lowlevel
 import asyncpg
 import httpx
 import pytest
-from process_helpers import free_port
-from test_backends_redis import Recorder
+from support.broadcast import Recorder
+from support.postgres import PG_DSN, PG_URL
+from support.processes import free_port
+from support.raw import TIMEOUT, SSEClient, seq_of
+from support.servers import ServerProcess, publish, start_app_servers
 
 from sseviews import BackendError, Broadcast
 from sseviews.backends.postgres import PostgresBackend, channel_name, history_url
 from sseviews.stores.sqlalchemy import SQLAlchemyStore
 
 pytestmark = pytest.mark.anyio
-
-PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
 
 @asynccontextmanager
@@ -314,6 +315,7 @@ async def test_postgres_backend_deletes_old_payload_rows(pg_prefix: str) -> None
         await backend.disconnect()
 
 
+@pytest.mark.slow
 async def test_postgres_broadcasts_publishing_concurrently_keep_one_order(pg_prefix: str) -> None:
     count = 150
     one = Broadcast(PG_URL, prefix=pg_prefix)
@@ -559,10 +561,8 @@ async def test_postgres_broadcast_behind_pgbouncer_with_listen_url_publishes_and
 async def test_postgres_two_processes_resuming_clients_get_every_event_once_in_order(
     pg_prefix: str, tmp_path: Path
 ) -> None:
-    import test_multiprocess as mp
-
     a, b = await anyio.to_thread.run_sync(
-        mp._start_servers, tmp_path, pg_prefix, ("A", "B"), PG_URL
+        functools.partial(start_app_servers, tmp_path, pg_prefix, url=PG_URL)
     )
     try:
         room = "pg"
@@ -571,7 +571,7 @@ async def test_postgres_two_processes_resuming_clients_get_every_event_once_in_o
         clients: dict[str, list[str]] = {}
         streams: dict[str, int] = {}  # streams each client opened
 
-        async def follow(name: str, server: mp.Server) -> None:
+        async def follow(name: str, server: ServerProcess) -> None:
             """Stream `room` as a browser does: resume with Last-Event-ID after each end."""
             got: list[str] = []
             clients[name] = got
@@ -579,7 +579,7 @@ async def test_postgres_two_processes_resuming_clients_get_every_event_once_in_o
             last: str | None = None
             while len(got) < total:
                 try:
-                    async with mp.SSEClient.connect(server, room, last_event_id=last) as client:
+                    async with SSEClient.connect(server, room, last_event_id=last) as client:
                         streams[name] += 1
                         while len(got) < total:
                             try:
@@ -597,19 +597,19 @@ async def test_postgres_two_processes_resuming_clients_get_every_event_once_in_o
         async def publish_all(http: httpx.AsyncClient) -> None:
             for i in range(total):
                 server = (a, b)[i % 2]
-                published.append(await mp.publish(http, server, room, {"n": i}))
+                published.append(await publish(http, server, room, {"n": i}))
                 if i == total // 3:
                     assert await terminate_listeners(pg_prefix) == 2
                 await anyio.sleep(0.01)
 
-        async with httpx.AsyncClient(timeout=mp.TIMEOUT) as http:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
             with anyio.fail_after(90):
                 async with anyio.create_task_group() as tg:
                     for name, server in (("a1", a), ("a2", a), ("b1", b), ("b2", b)):
                         tg.start_soon(follow, name, server)
                     await anyio.sleep(0.5)
                     await publish_all(http)
-        seqs = [mp.seq_of(event_id) for event_id in published]
+        seqs = [seq_of(event_id) for event_id in published]
         assert seqs == list(range(1, total + 1))
         for name, got in clients.items():
             assert got == published, f"{name} got {got}"

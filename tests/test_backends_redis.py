@@ -7,8 +7,9 @@ import logging
 
 import anyio
 import pytest
-from process_helpers import free_port
-from redis_helpers import (
+from support.broadcast import Recorder, data, no_deliver
+from support.processes import free_port
+from support.redis import (
     REDIS_URL,
     RedisServer,
     redis_client,
@@ -21,47 +22,6 @@ from sseviews.stores.base import id_line
 from sseviews.stores.redis import RedisStore
 
 pytestmark = pytest.mark.anyio
-
-
-class Recorder:
-    """Records what a backend dispatches, and the failures it reports."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, int, bytes]] = []
-        self.failures: list[BaseException] = []
-        self._changed = anyio.Event()
-
-    def dispatch(self, group: str, seq: int, wire: bytes) -> None:
-        self.events.append((group, seq, wire))
-        self._wake()
-
-    def on_failure(self, error: BaseException) -> None:
-        self.failures.append(error)
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_events(self, count: int) -> None:
-        while len(self.events) < count:
-            await self._changed.wait()
-
-    async def wait_failures(self, count: int) -> None:
-        while len(self.failures) < count:
-            await self._changed.wait()
-
-    @property
-    def seqs(self) -> list[int]:
-        return [seq for _, seq, _ in self.events]
-
-
-async def no_deliver(seq: int, wire: bytes) -> None:
-    pass
-
-
-def data(text: str) -> bytes:
-    return b"data: %s\n\n" % text.encode()
 
 
 # -- delivery ------------------------------------------------------------------------

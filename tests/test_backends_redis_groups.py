@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 
 import anyio
 import pytest
-from redis_helpers import REDIS_URL, monitor, redis_client
-from test_backends_redis import Recorder, data
+from support.broadcast import Recorder, data
+from support.redis import REDIS_URL, monitor, redis_client
 
 from sseviews import JOIN_EVENT, LEAVE_EVENT, BackendError, Broadcast, Event, Subscription
 from sseviews._redis import group_key

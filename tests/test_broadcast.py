@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from broadcast_helpers import YieldingStore, steps
+from support.broadcast import YieldingStore, steps
 
 from sseviews import (
     RESET_EVENT,

@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from process_helpers import clean_env, free_port, stop_process, wait_until_serving
+from support.processes import clean_env, free_port, stop_process, wait_until_serving
 
 from sseviews import __version__
 from sseviews._cli import CommandError, install_extra, main, render_project, resolve_target
@@ -121,6 +121,7 @@ def test_new_renders_the_name_and_keeps_page_templates_as_they_are(project: Path
     assert not list(project.rglob("*.jinja"))
 
 
+@pytest.mark.slow
 def test_new_project_tests_pass(project: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-W", "error", "-p", "no:cacheprovider"],

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from process_helpers import clean_env
+from support.processes import clean_env
 
 import sseviews
 import sseviews.testing

@@ -29,9 +29,9 @@ from fastapi import (
     Security,
 )
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from process_helpers import clean_env, free_port, stop_process
 from pydantic import BaseModel
 from starlette.routing import Route
+from support.processes import clean_env, free_port, stop_process
 
 import sseviews
 from sseviews import DisconnectReason, Event, EventStreamView

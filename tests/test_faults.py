@@ -23,16 +23,8 @@ The bounds, and what they are measured from:
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +33,11 @@ import asyncpg
 import httpx
 import psutil
 import pytest
-from process_helpers import clean_env, free_port, stop_process, wait_until_serving
-from redis_helpers import RedisServer, unique_prefix
+from support.postgres import PG_DSN, PG_URL, drop_tables
+from support.processes import clean_env, free_port
+from support.raw import RawConnection
+from support.redis import RedisServer, unique_prefix
+from support.servers import ServerProcess, start_server, uvicorn
 
 from sseviews import RESET_EVENT, Event
 from sseviews.testing import EventParser
@@ -51,12 +46,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "tests.apps.hostile_app:app"
-UVICORN = [sys.executable, "-m", "uvicorn", APP, "--host", "127.0.0.1", "--http", "httptools"]
+UVICORN = uvicorn(APP, "--http", "httptools")
 HOST = "127.0.0.1"
 #: Bound on any single answer or event.
 TIMEOUT = 5.0
-PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-PG_HISTORY = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 #: The settings of FloodView and VanishView in the app.
 SEND_TIMEOUT = 1.0
 PING_INTERVAL = 0.5
@@ -65,62 +58,9 @@ PING_INTERVAL = 0.5
 # -- the server process -----------------------------------------------------------
 
 
-@dataclass
-class Server:
-    """One uvicorn serving the app, in its own process group."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@contextmanager
-def uvicorn_server(tmp: Path, **env: str) -> Iterator[Server]:
-    """Run the app under uvicorn with `env`; stop it (SIGTERM, then SIGKILL) afterwards."""
-    environment = clean_env(PYTHONPATH=str(REPO), **env)
-    for _attempt in range(3):
-        port = free_port()
-        log_path = tmp / f"uvicorn-{port}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [*UVICORN, "--port", str(port)],
-                cwd=REPO,
-                env=environment,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        server = Server(proc, port, log_path)
-        try:
-            wait_until_serving(proc, f"{server.base_url}/health", server.log, seconds=15)
-        except BaseException:
-            stop_process(proc)
-            if "address already in use" in server.log().lower():
-                continue
-            raise
-        try:
-            yield server
-        finally:
-            stop_process(proc)
-        return
-    raise AssertionError("no free port for uvicorn after 3 attempts")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-        yield client
-
-
-async def records_of(http: httpx.AsyncClient, server: Server, tag: str) -> list[dict[str, Any]]:
+async def records_of(
+    http: httpx.AsyncClient, server: ServerProcess, tag: str
+) -> list[dict[str, Any]]:
     """What the app recorded about the streams tagged `tag`."""
     with anyio.fail_after(TIMEOUT):
         response = await http.get(f"{server.base_url}/debug", params={"id": tag})
@@ -130,7 +70,7 @@ async def records_of(http: httpx.AsyncClient, server: Server, tag: str) -> list[
 
 
 async def wait_record(
-    http: httpx.AsyncClient, server: Server, tag: str, kind: str
+    http: httpx.AsyncClient, server: ServerProcess, tag: str, kind: str
 ) -> dict[str, Any]:
     """The first `kind` record of stream `tag`, once there is one (callers bound the wait)."""
     while True:
@@ -140,12 +80,14 @@ async def wait_record(
         await anyio.sleep(0.02)
 
 
-async def publish(http: httpx.AsyncClient, server: Server, room: str, data: Any) -> httpx.Response:
+async def publish(
+    http: httpx.AsyncClient, server: ServerProcess, room: str, data: Any
+) -> httpx.Response:
     with anyio.fail_after(TIMEOUT):
         return await http.post(f"{server.base_url}/rooms/{room}", json=data)
 
 
-def sseviews_lines(server: Server, client_port: int) -> list[str]:
+def sseviews_lines(server: ServerProcess, client_port: int) -> list[str]:
     who = f"({HOST}:{client_port})"
     return [
         line for line in server.log().splitlines() if line.startswith("sseviews ") and who in line
@@ -158,96 +100,6 @@ def seq_of(event_id: str | None) -> int:
 
 
 # -- a raw HTTP/1.1 client ----------------------------------------------------------
-
-
-class RawConnection:
-    """HTTP/1.1 over one non-blocking socket, with the socket options a test needs.
-
-    Its coroutines take no timeout: the tests bound them with `anyio.fail_after`.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-        self.received = 0
-
-    @property
-    def local_port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    @classmethod
-    async def connect(cls, port: int, *, rcvbuf: int | None = None) -> RawConnection:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            if rcvbuf is not None:
-                # Before connect(), so the TCP window is negotiated for it.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.setblocking(False)
-            err = sock.connect_ex((HOST, port))
-            if err not in (0, errno.EINPROGRESS):
-                raise OSError(err, os.strerror(err))
-            await anyio.wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
-
-    async def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            await anyio.wait_writable(self.sock)
-            view = view[self.sock.send(view) :]
-
-    async def _fill(self) -> None:
-        await anyio.wait_readable(self.sock)
-        data = self.sock.recv(1 << 20)
-        if not data:
-            raise EOFError("the server closed the connection")
-        self.buffer += data
-        self.received += len(data)
-
-    async def _read_until(self, separator: bytes) -> bytes:
-        while (end := self.buffer.find(separator)) < 0:
-            await self._fill()
-        data = bytes(self.buffer[: end + len(separator)])
-        del self.buffer[: end + len(separator)]
-        return data
-
-    async def read_exactly(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            await self._fill()
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]
-        return data
-
-    async def read_head(self) -> tuple[int, dict[str, str]]:
-        raw = await self._read_until(b"\r\n\r\n")
-        status_line, *lines = raw.decode("latin-1").split("\r\n")[:-2]
-        headers = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return int(status_line.split(" ", 2)[1]), headers
-
-    async def read_chunk(self) -> bytes:
-        """The next chunk of a chunked body; b"" is the terminal 0-size chunk."""
-        size = int((await self._read_until(b"\r\n")).split(b";")[0], 16)
-        data = await self.read_exactly(size + 2)
-        assert data[-2:] == b"\r\n", f"bad chunk framing: {data[-2:]!r}"
-        return data[:-2]
-
-    async def drain(self) -> None:
-        """Read and discard everything, until the server closes the connection."""
-        with suppress(EOFError):
-            while True:
-                self.buffer.clear()
-                await self._fill()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def get(path: str, *, last_event_id: str | None = None) -> bytes:
@@ -269,15 +121,15 @@ class SSEStream:
 
     @classmethod
     async def open(
-        cls, server: Server, path: str, *, last_event_id: str | None = None
+        cls, server: ServerProcess, path: str, *, last_event_id: str | None = None
     ) -> SSEStream:
         with anyio.fail_after(TIMEOUT):
-            conn = await RawConnection.connect(server.port)
+            conn = await RawConnection.connect(server.port, read_size=1 << 20)
             try:
                 await conn.send(get(path, last_event_id=last_event_id))
-                status, headers = await conn.read_head()
-                assert status == 200, (status, headers)
-                assert headers["content-type"] == "text/event-stream; charset=utf-8"
+                head = await conn.read_head()
+                assert head.status == 200, head
+                assert head.headers["content-type"] == "text/event-stream; charset=utf-8"
             except BaseException:
                 conn.close()
                 raise
@@ -319,10 +171,10 @@ async def test_fault_client_that_stops_reading_is_dropped_by_send_timeout(
 ) -> None:
     """8 KiB every 5 ms to a client that never reads (4 KiB receive buffer): once the
     socket is full, the blocked write is given up after send_timeout (1 s)."""
-    with uvicorn_server(tmp_path) as server:
+    with start_server(UVICORN, tmp_path, clean_env(PYTHONPATH=str(REPO))) as server:
         tag = "stalled"
         connected = time.time()
-        stalled = await RawConnection.connect(server.port, rcvbuf=4096)
+        stalled = await RawConnection.connect(server.port, rcvbuf=4096, read_size=1 << 20)
         try:
             await stalled.send(get(f"/flood?id={tag}"))
             with anyio.fail_after(15):
@@ -379,10 +231,10 @@ async def test_fault_vanished_client_is_dropped_by_ping_write_timeout(
     """
     ping_bytes = min(_kernel_send_buffer_max() + 1024 * 1024, 64 * 1024 * 1024)
     bound = PING_INTERVAL + SEND_TIMEOUT + 1.0
-    with uvicorn_server(tmp_path) as server:
-        vanished = await RawConnection.connect(server.port, rcvbuf=4096)
+    with start_server(UVICORN, tmp_path, clean_env(PYTHONPATH=str(REPO))) as server:
+        vanished = await RawConnection.connect(server.port, rcvbuf=4096, read_size=1 << 20)
         # The same view, with a client that reads: the big pings alone drop nobody.
-        reader = await RawConnection.connect(server.port)
+        reader = await RawConnection.connect(server.port, read_size=1 << 20)
         try:
             await reader.send(get(f"/vanish?id=reader&ping_bytes={ping_bytes}"))
             await vanished.send(get(f"/vanish?id=vanished&ping_bytes={ping_bytes}"))
@@ -429,11 +281,12 @@ async def test_fault_redis_killed_and_restarted_mid_stream(
     redis_server = RedisServer(free_port())
     redis_server.start()
     try:
-        with uvicorn_server(
-            tmp_path,
+        env = clean_env(
+            PYTHONPATH=str(REPO),
             SSEVIEWS_FAULT_BROADCAST=redis_server.url,
             SSEVIEWS_FAULT_PREFIX=unique_prefix(),
-        ) as server:
+        )
+        with start_server(UVICORN, tmp_path, env) as server:
             stream = await SSEStream.open(server, "/rooms/r?id=before")
             try:
                 response = await publish(http, server, "r", {"n": 0})
@@ -526,7 +379,7 @@ async def test_fault_redis_killed_and_restarted_mid_stream(
 # -- PostgreSQL lost mid-stream -------------------------------------------------------------
 
 
-async def _terminate_app_connections(server: Server) -> int:
+async def _terminate_app_connections(server: ServerProcess) -> int:
     """pg_terminate_backend() every PostgreSQL session of the server process."""
     ports = [
         conn.laddr.port
@@ -562,15 +415,6 @@ async def _stored_ids(prefix: str, group: str, after: int) -> list[int]:
     return [int(row["seq"]) for row in rows]
 
 
-async def _drop_tables(prefix: str) -> None:
-    db = await asyncpg.connect(PG_DSN, timeout=TIMEOUT)
-    try:
-        for table in ("v2_events", "v2_groups"):
-            await db.execute(f'DROP TABLE IF EXISTS "{prefix}_{table}"', timeout=TIMEOUT)
-    finally:
-        await db.close()
-
-
 async def test_fault_postgres_connections_terminated_mid_stream(
     tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
@@ -592,9 +436,10 @@ async def test_fault_postgres_connections_terminated_mid_stream(
             acked.append(response.json()["id"])
 
     try:
-        with uvicorn_server(
-            tmp_path, SSEVIEWS_FAULT_HISTORY=PG_HISTORY, SSEVIEWS_FAULT_PREFIX=prefix
-        ) as server:
+        env = clean_env(
+            PYTHONPATH=str(REPO), SSEVIEWS_FAULT_HISTORY=PG_URL, SSEVIEWS_FAULT_PREFIX=prefix
+        )
+        with start_server(UVICORN, tmp_path, env) as server:
             first = await SSEStream.open(server, f"/rooms/{room}?id=first")
             try:
                 for n in range(5):
@@ -663,4 +508,4 @@ async def test_fault_postgres_connections_terminated_mid_stream(
                 f"replay of {len(replay)} events after {left_at} gap-free"
             )
     finally:
-        await _drop_tables(prefix)
+        await drop_tables(prefix)

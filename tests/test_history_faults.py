@@ -9,9 +9,6 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-import socket
-import subprocess
-import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -20,8 +17,9 @@ from pathlib import Path
 import anyio
 import pytest
 import redis.asyncio
-from process_helpers import free_port
-from redis_helpers import REDIS_URL, delete_prefix, keys_under, unique_prefix
+from support.broadcast import no_deliver
+from support.processes import free_port
+from support.redis import REDIS_URL, RedisServer, delete_prefix, keys_under, unique_prefix
 
 from sseviews import RESET_EVENT, BackendError, Broadcast, Event, Subscription
 from sseviews.stores.base import Position, id_line
@@ -33,61 +31,11 @@ pytestmark = pytest.mark.anyio
 TIMEOUT = 20
 
 
-class OwnRedis:
-    """A `redis-server` on its own port, with its own directory for `dump.rdb`."""
-
-    def __init__(self, directory: Path, *options: str) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.directory = directory
-        self.options = options
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert self.process is None
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--dbfilename",
-                "dump.rdb",
-                "--save",
-                "",  # snapshots only when the test asks (SAVE)
-                "--appendonly",
-                "no",
-                *self.options,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            assert self.process.poll() is None, f"redis-server on {self.port} exited"
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"redis-server on {self.port} did not start"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        process, self.process = self.process, None
-        if process is not None:
-            process.kill()
-            process.wait(timeout=10)
-
-
 @contextmanager
-def own_redis(directory: Path, *options: str) -> Iterator[OwnRedis]:
-    server = OwnRedis(directory, *options)
+def own_redis(directory: Path, *options: str) -> Iterator[RedisServer]:
+    """A `redis-server` of the test's own, its snapshots (only when the test asks:
+    SAVE) in `directory/dump.rdb`."""
+    server = RedisServer(free_port(), "--dir", str(directory), "--dbfilename", "dump.rdb", *options)
     server.start()
     try:
         yield server
@@ -170,8 +118,8 @@ async def test_history_redis_cursor_below_what_this_process_saw_renews_the_epoch
         with anyio.fail_after(TIMEOUT):
             await store.connect()
             for _ in range(5):
-                old = await store.append("a", b"data: x\n\n", _no_deliver)
-            other = await store.append("b", b"data: b\n\n", _no_deliver)
+                old = await store.append("a", b"data: x\n\n", no_deliver)
+            other = await store.append("b", b"data: b\n\n", no_deliver)
             async with redis.asyncio.Redis.from_url(REDIS_URL) as client:
                 # A failover to a lagging replica: a's counter is back at 2.
                 await client.hset(group_key(prefix, "m", "a"), "last", 2)
@@ -182,17 +130,13 @@ async def test_history_redis_cursor_below_what_this_process_saw_renews_the_epoch
             assert new.seq == 0
             # The events kept are the old epoch's: none is replayed under the new one.
             assert await store.read("a", Position(old.epoch, 2)) is None
-            assert await store.append("a", b"data: y\n\n", _no_deliver) == Position(new.epoch, 1)
+            assert await store.append("a", b"data: y\n\n", no_deliver) == Position(new.epoch, 1)
             assert await store.read("a", new) == [(1, id_line(new.epoch, 1) + b"data: y\n\n")]
             # Another group is untouched.
             assert await store.head("b") == other
             await store.disconnect()
     finally:
         await delete_prefix(prefix)
-
-
-async def _no_deliver(seq: int, wire: bytes) -> None:
-    return None
 
 
 # -- no silent gap after eviction -----------------------------------------------------------
@@ -250,6 +194,7 @@ async def test_history_redis_missing_group_stream_gets_reset() -> None:
 # -- idle groups expire ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_history_memory_idle_groups_expire() -> None:
     gc.collect()
     tracemalloc.start()
@@ -291,7 +236,7 @@ async def test_history_memory_idle_expiry_applies_without_max_age() -> None:
     store = MemoryStore(idle_expiry=0.2)
     await store.connect()
     try:
-        old = await store.append("a", b"data: x\n\n", _no_deliver)
+        old = await store.append("a", b"data: x\n\n", no_deliver)
 
         async def empty() -> bool:
             return not store._groups
@@ -373,8 +318,8 @@ async def test_history_redis_nested_prefixes_do_not_share_events() -> None:
         with anyio.fail_after(TIMEOUT):
             await first.connect()
             await second.connect()
-            secret = await first.append("t:g:secret", b"data: outer secret\n\n", _no_deliver)
-            mine = await second.append("secret", b"data: inner\n\n", _no_deliver)
+            secret = await first.append("t:g:secret", b"data: outer secret\n\n", no_deliver)
+            mine = await second.append("secret", b"data: inner\n\n", no_deliver)
             # The inner app's client asks for everything in its "secret" group.
             replay = await second.read("secret", Position(mine.epoch, 0))
             assert replay == [(1, id_line(mine.epoch, 1) + b"data: inner\n\n")]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import jinja2
 import pytest
-from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
+from support.apps import app_for
 
 from sseviews import Broadcast, Event, EventStreamView
 from sseviews.htmx import Fragments
@@ -66,12 +65,7 @@ async def test_htmx_fragment_from_events_and_publish_arrive_whole(fragments: Fra
 
     Feed.broadcast = broadcast
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    app = Starlette(routes=[Route("/feed", Feed)], lifespan=lifespan)
+    app = app_for(broadcast, Route("/feed", Feed))
     async with EventStreamClient(app) as client:
         async with client.stream("/feed") as stream:
             first = await stream.next_event()

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
-from starlette.applications import Starlette
 from starlette.routing import Route
+from support.apps import app_for
 
 from sseviews import EXPIRED_EVENT, Broadcast, DisconnectReason, Event, EventStreamView
 from sseviews.testing import EventStreamClient
@@ -155,12 +154,7 @@ async def test_lifetime_group_stream_resumes_with_nothing_lost(
 
     Room.broadcast = broadcast
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    app = Starlette(routes=[Route("/room", Room)], lifespan=lifespan)
+    app = app_for(broadcast, Route("/room", Room))
     async with EventStreamClient(app) as client:
         async with client.stream("/room") as first:
             for n in range(3):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -13,6 +13,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
+from support.apps import app_for
 
 from sseviews import Broadcast, DisconnectReason, Event, EventStreamView, Metrics
 from sseviews.testing import EventStream, EventStreamClient
@@ -25,15 +26,6 @@ NO_DISCONNECTS = {reason.value: 0 for reason in DisconnectReason}
 
 def disconnects(**counts: int) -> dict[str, int]:
     return {**NO_DISCONNECTS, **counts}
-
-
-def app_for(broadcast: Broadcast, *routes: Route) -> Starlette:
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    return Starlette(routes=list(routes), lifespan=lifespan)
 
 
 class Scripted(EventStreamView):

@@ -48,8 +48,6 @@ import anyio
 import anyio.lowlevel
 import httpx
 import pytest
-from asgi_recorder import RecorderMiddleware, RequestRecord, task_context_token
-from inprocess_server import RawEventStream, RunningServer, serve_in_process
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -63,6 +61,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from support.apps import app_for
+from support.asgi_recorder import RecorderMiddleware, RequestRecord, task_context_token
+from support.inprocess import RunningServer, serve_in_process
+from support.raw import RawEventStream
 
 from sseviews import Broadcast, DisconnectReason, Event, EventStreamView
 
@@ -166,20 +168,13 @@ def build_app(state: AppState, middleware: Sequence[Middleware]) -> Starlette:
             await broadcast.publish(GROUP, {"n": n, "pad": random_pad(680)})
         return PlainTextResponse("published")
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    return Starlette(
-        routes=[
-            Route("/generator", GeneratorView),
-            Route("/groups", GroupView),
-            Route("/subscription", SubscriptionView),
-            Route("/publish", publish, methods=["POST"]),
-        ],
-        middleware=list(middleware),
-        lifespan=lifespan,
+    return app_for(
+        broadcast,
+        Route("/generator", GeneratorView),
+        Route("/groups", GroupView),
+        Route("/subscription", SubscriptionView),
+        Route("/publish", publish, methods=["POST"]),
+        middleware=middleware,
     )
 
 

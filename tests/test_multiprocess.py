@@ -5,23 +5,17 @@ on two loopback ports with the same `SSEVIEWS_TEST_REDIS_PREFIX`, so both share
 groups, ids and history. Events are published with `POST /rooms/{room}` and
 streamed with `GET /rooms/{room}`.
 
-The SSE clients speak HTTP/1.1 over raw anyio sockets (reads may be cancelled
-by a timeout without losing bytes), undo the chunked framing themselves, and
-parse the body with `sseviews.testing.EventParser`, as a browser would.
+The SSE clients (`support.raw.SSEClient`) speak HTTP/1.1 over raw anyio sockets
+(reads may be cancelled by a timeout without losing bytes), undo the chunked
+framing themselves, and parse the body with `sseviews.testing.EventParser`, as a
+browser would.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,122 +25,20 @@ import anyio.to_thread
 import httpx
 import pytest
 import redis
-from broadcast_helpers import steps
-from process_helpers import free_port
-from redis_helpers import REDIS_URL, keys_under, unique_prefix
+from support.broadcast import steps
+from support.raw import SSEClient, seq_of, summary
+from support.redis import REDIS_URL, keys_under, unique_prefix
+from support.servers import ServerProcess, publish, start_app_servers
 
-from sseviews import Event
 from sseviews.stores.base import format_id
-from sseviews.testing import EventParser
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
-REPO = Path(__file__).resolve().parent.parent
-APP = "tests.apps.multiprocess_app:app"
-HOST = "127.0.0.1"
-STARTUP_TIMEOUT = 15.0
 #: Bound on any single wait for an event, a response or a process.
 TIMEOUT = 5.0
-#: How long a stream must stay quiet to show that nothing else (no duplicate) follows.
-QUIET = 0.3
 
 
 # -- the server processes ---------------------------------------------------------
-
-
-@dataclass
-class Server:
-    """One uvicorn serving the multi-process app, in its own process group."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (no shutdown at all) and reap the leader."""
-        if self.proc.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        with suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=TIMEOUT)
-
-
-def _spawn(name: str, tmp: Path, prefix: str, url: str = REDIS_URL) -> Server:
-    port = free_port()
-    log_path = tmp / f"uvicorn-{name}-{port}.log"
-    env = dict(os.environ)
-    env["SSEVIEWS_TEST_REDIS_URL"] = url
-    env["SSEVIEWS_TEST_REDIS_PREFIX"] = prefix
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("WEB_CONCURRENCY", None)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", APP, "--host", HOST, "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            start_new_session=True,
-        )
-    return Server(name, proc, port, log_path)
-
-
-def _is_ready(server: Server) -> bool:
-    """True once GET /health answers 200 (the lifespan has connected the broadcast)."""
-    try:
-        with socket.create_connection((HOST, server.port), timeout=1) as sock:
-            sock.settimeout(1)
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-    except OSError:
-        return False
-    return data.startswith(b"HTTP/1.1 200 ")
-
-
-def _start_servers(
-    tmp: Path, prefix: str, names: tuple[str, ...], url: str = REDIS_URL
-) -> list[Server]:
-    """Start one uvicorn per name, all at once, on the Redis at `url`; wait (bounded)
-    until each is ready."""
-    servers: list[Server] = []
-    try:
-        pending = {name: 3 for name in names}  # attempts left, for a port taken meanwhile
-        ready: dict[str, Server] = {}
-        starting = {name: _spawn(name, tmp, prefix, url) for name in names}
-        servers.extend(starting.values())
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while starting:
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {s.name}:\n{s.log()}" for s in starting.values())
-                raise AssertionError(f"uvicorn did not start in {STARTUP_TIMEOUT}s:\n{logs}")
-            for name, server in list(starting.items()):
-                if _is_ready(server):
-                    ready[name] = starting.pop(name)
-                elif server.proc.poll() is not None:
-                    pending[name] -= 1
-                    log = server.log()
-                    if "address already in use" not in log.lower() or not pending[name]:
-                        raise AssertionError(f"uvicorn {name} exited at startup:\n{log}")
-                    starting[name] = _spawn(name, tmp, prefix, url)
-                    servers.append(starting[name])
-            time.sleep(0.05)
-        return [ready[name] for name in names]
-    except BaseException:
-        for server in servers:
-            server.kill()
-        raise
 
 
 def _delete_keys(prefix: str) -> None:
@@ -170,9 +62,9 @@ def prefix() -> Iterator[str]:
 
 
 @pytest.fixture
-def servers(tmp_path: Path, prefix: str) -> Iterator[tuple[Server, Server]]:
+def servers(tmp_path: Path, prefix: str) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """Processes A and B: the same app, two ports, one shared Redis prefix."""
-    a, b = _start_servers(tmp_path, prefix, ("A", "B"))
+    a, b = start_app_servers(tmp_path, prefix)
     try:
         yield a, b
     finally:
@@ -180,197 +72,7 @@ def servers(tmp_path: Path, prefix: str) -> Iterator[tuple[Server, Server]]:
         b.kill()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-        yield client
-
-
-async def publish(http: httpx.AsyncClient, server: Server, room: str, data: Any) -> str:
-    """POST `data` to `room` through `server`; return the id the broadcast assigned."""
-    with anyio.fail_after(TIMEOUT):
-        response = await http.post(f"{server.base_url}/rooms/{room}", json=data)
-    assert response.status_code == 200, (response.status_code, response.text)
-    event_id: str = response.json()["id"]
-    return event_id
-
-
-def seq_of(event_id: str | None) -> int:
-    assert event_id is not None
-    return int(event_id.rsplit("-", 1)[1])
-
-
-def summary(events: list[Event]) -> list[tuple[str | None, Any]]:
-    return [(event.id, event.json()) for event in events]
-
-
-# -- a raw SSE client -----------------------------------------------------------------
-
-
-class SSEClient:
-    """One `GET /rooms/{room}` over a raw socket: the chunked body, parsed as a browser would."""
-
-    def __init__(self, name: str, stream: anyio.abc.SocketStream) -> None:
-        self.name = name
-        self._stream = stream
-        self._buffer = bytearray()
-        self._state = "size"  # size -> data -> crlf -> size ...; "done" after the 0 chunk
-        self._chunk_left = 0
-        self._parser = EventParser()
-        self._ready: deque[Event] = deque()
-        #: Every event received so far, in order.
-        self.received: list[Event] = []
-        #: The connection is closed (by the server, or by us).
-        self.closed = False
-        #: The body ended with the terminal chunk (a clean end, not a dead server).
-        self.completed = False
-        self.status = 0
-        self.headers: dict[str, str] = {}
-
-    @classmethod
-    @asynccontextmanager
-    async def connect(
-        cls, server: Server, room: str, *, last_event_id: str | None = None
-    ) -> AsyncIterator[SSEClient]:
-        with anyio.fail_after(TIMEOUT):
-            stream = await anyio.connect_tcp(HOST, server.port)
-        client = cls(f"{server.name}:{room}", stream)
-        try:
-            request = f"GET /rooms/{room} HTTP/1.1\r\nHost: {HOST}:{server.port}\r\n"
-            request += "Accept: text/event-stream\r\n"
-            if last_event_id is not None:
-                request += f"Last-Event-ID: {last_event_id}\r\n"
-            await stream.send((request + "\r\n").encode())
-            await client._read_head()
-            yield client
-        finally:
-            await client.aclose()
-
-    async def aclose(self) -> None:
-        self.closed = True
-        await self._stream.aclose()
-
-    async def _receive(self) -> bool:
-        """Read what the socket has; False once it is closed."""
-        if self.closed:
-            return False
-        try:
-            data = await self._stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self.closed = True
-            return False
-        self._buffer += data
-        return True
-
-    async def _read_head(self) -> None:
-        with anyio.fail_after(TIMEOUT):
-            while b"\r\n\r\n" not in self._buffer:
-                if not await self._receive():
-                    raise AssertionError(f"{self.name}: closed before the response head")
-            head, _, rest = bytes(self._buffer).partition(b"\r\n\r\n")
-            self._buffer = bytearray(rest)
-            status_line, *lines = head.decode("latin-1").split("\r\n")
-            self.status = int(status_line.split(" ", 2)[1])
-            for line in lines:
-                key, _, value = line.partition(":")
-                self.headers[key.strip().lower()] = value.strip()
-            if self.status != 200:
-                length = int(self.headers.get("content-length", "0"))
-                while len(self._buffer) < length and await self._receive():
-                    pass
-                body = bytes(self._buffer[:length]).decode(errors="replace")
-                raise AssertionError(f"{self.name}: status {self.status}: {body!r}")
-        assert self.headers.get("content-type") == "text/event-stream; charset=utf-8"
-        assert self.headers.get("transfer-encoding") == "chunked"
-        self._decode()
-
-    def _decode(self) -> None:
-        """Undo the chunked framing of what is buffered; parse the SSE bytes it holds."""
-        buffer = self._buffer
-        while True:
-            if self._state == "size":
-                end = buffer.find(b"\r\n")
-                if end < 0:
-                    return
-                size = int(bytes(buffer[:end]).split(b";")[0], 16)
-                del buffer[: end + 2]
-                if size == 0:
-                    self._state = "done"
-                    self.completed = True
-                    return
-                self._chunk_left = size
-                self._state = "data"
-            elif self._state == "data":
-                take = min(len(buffer), self._chunk_left)
-                if not take:
-                    return
-                for event in self._parser.feed(bytes(buffer[:take])):
-                    self._ready.append(event)
-                    self.received.append(event)
-                del buffer[:take]
-                self._chunk_left -= take
-                if not self._chunk_left:
-                    self._state = "crlf"
-            elif self._state == "crlf":
-                if len(buffer) < 2:
-                    return
-                assert buffer[:2] == b"\r\n", f"{self.name}: bad chunk framing {bytes(buffer)!r}"
-                del buffer[:2]
-                self._state = "size"
-            else:
-                return
-
-    @property
-    def retry(self) -> int | None:
-        return self._parser.retry
-
-    async def next_event(self) -> Event:
-        """The next event; AssertionError if none comes in TIMEOUT or the stream ends."""
-        with anyio.move_on_after(TIMEOUT):
-            while not self._ready:
-                if not await self._receive():
-                    raise AssertionError(
-                        f"{self.name}: stream closed while waiting for an event; "
-                        f"received {summary(self.received)}"
-                    )
-                self._decode()
-            return self._ready.popleft()
-        raise AssertionError(
-            f"{self.name}: no event within {TIMEOUT}s; received {summary(self.received)}"
-        )
-
-    async def next_events(self, count: int) -> list[Event]:
-        with anyio.fail_after(TIMEOUT):
-            return [await self.next_event() for _ in range(count)]
-
-    async def events_until(self, last_id: str) -> list[Event]:
-        """Events up to and including the one with id `last_id`."""
-        events: list[Event] = []
-        with anyio.fail_after(TIMEOUT):
-            while not events or events[-1].id != last_id:
-                event = await self.next_event()
-                events.append(event)
-                assert seq_of(event.id) <= seq_of(last_id), (
-                    f"{self.name}: {event.id} came, but {last_id} never did: {summary(events)}"
-                )
-        return events
-
-    async def expect_quiet(self, seconds: float = QUIET) -> None:
-        """Nothing more arrives for `seconds` (so no duplicate and no stray event)."""
-        with anyio.move_on_after(seconds):
-            while not self._ready and await self._receive():
-                self._decode()
-        extra = list(self._ready)
-        assert not extra, f"{self.name}: unexpected extra events {summary(extra)}"
-
-    async def wait_closed(self) -> None:
-        """Read (keeping every whole event) until the server side closes the connection."""
-        with anyio.fail_after(TIMEOUT):
-            while await self._receive():
-                self._decode()
-
-
-def assert_clean_log(server: Server) -> None:
+def assert_clean_log(server: ServerProcess) -> None:
     log = server.log()
     assert "Traceback" not in log, f"{server.name} logged an error:\n{log}"
 
@@ -379,7 +81,7 @@ def assert_clean_log(server: Server) -> None:
 
 
 async def test_event_published_through_one_process_reaches_clients_on_both(
-    servers: tuple[Server, Server], http: httpx.AsyncClient, prefix: str
+    servers: tuple[ServerProcess, ServerProcess], http: httpx.AsyncClient, prefix: str
 ) -> None:
     a, b = servers
     room = "fanout"
@@ -416,13 +118,13 @@ async def test_event_published_through_one_process_reaches_clients_on_both(
 
 
 async def test_client_moving_from_a_to_b_gets_exactly_what_it_missed_then_live(
-    servers: tuple[Server, Server], http: httpx.AsyncClient
+    servers: tuple[ServerProcess, ServerProcess], http: httpx.AsyncClient
 ) -> None:
     a, b = servers
     room = "resume"
     published: list[tuple[str, Any]] = []
 
-    async def post(via: Server, n: int) -> None:
+    async def post(via: ServerProcess, n: int) -> None:
         data = {"n": n, "via": via.name}
         published.append((await publish(http, via, room, data), data))
 
@@ -455,7 +157,7 @@ async def test_client_moving_from_a_to_b_gets_exactly_what_it_missed_then_live(
 
 
 async def test_resume_on_b_while_publishing_goes_on_through_both(
-    servers: tuple[Server, Server], http: httpx.AsyncClient
+    servers: tuple[ServerProcess, ServerProcess], http: httpx.AsyncClient
 ) -> None:
     """Gap-free and duplicate-free even when events keep coming during the replay."""
     a, b = servers
@@ -497,7 +199,7 @@ async def test_resume_on_b_while_publishing_goes_on_through_both(
 
 
 async def test_stream_of_two_groups_moving_from_a_to_b_resumes_each_group_exactly(
-    servers: tuple[Server, Server], http: httpx.AsyncClient
+    servers: tuple[ServerProcess, ServerProcess], http: httpx.AsyncClient
 ) -> None:
     """A composite id resumes each group after its own position on the other process,
     while both processes keep publishing to both groups."""
@@ -548,7 +250,7 @@ async def test_stream_of_two_groups_moving_from_a_to_b_resumes_each_group_exactl
 
 @pytest.mark.parametrize("frozen_first", [False, True], ids=["kill", "stop-then-kill"])
 async def test_sigkilled_process_loses_nothing_for_a_client_resuming_on_the_other(
-    servers: tuple[Server, Server], http: httpx.AsyncClient, frozen_first: bool
+    servers: tuple[ServerProcess, ServerProcess], http: httpx.AsyncClient, frozen_first: bool
 ) -> None:
     """SIGKILL A mid-stream; the client resumes on B with its last id and misses nothing.
 

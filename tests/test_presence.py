@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
-from inprocess_server import RawEventStream, raw_head, serve_in_process
-from starlette.applications import Starlette
-from starlette.routing import Route
+from support.apps import member_view, room_app
+from support.inprocess import serve_in_process
+from support.raw import RawEventStream, raw_head
 
 import sseviews
 from sseviews import (
@@ -37,35 +35,6 @@ TIMEOUT = 3.0
 # (docs/presence.md): the server hears the close, the stream leaves its groups'
 # presence, and its `sseviews.leave` reaches the others.
 LEAVE_BOUND = 1.0
-
-
-def app_for(broadcast: Broadcast, view: type[EventStreamView]) -> Starlette:
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    return Starlette(routes=[Route("/room/{room}", view)], lifespan=lifespan)
-
-
-def member_view(broadcast: Broadcast, **settings: Any) -> type[EventStreamView]:
-    """Streams `room:{room}`, present as `{"user": ?user}` when `?user=` is given."""
-
-    def groups(self: EventStreamView) -> list[str]:
-        return [f"room:{self.request.path_params['room']}"]
-
-    def presence_info(self: EventStreamView) -> dict[str, Any] | None:
-        user = self.request.query_params.get("user")
-        return {"user": user} if user else None
-
-    attrs: dict[str, Any] = {
-        "broadcast": broadcast,
-        "groups": groups,
-        "presence_info": presence_info,
-        "ping_interval": None,
-    }
-    attrs.update(settings)
-    return type("MemberView", (EventStreamView,), attrs)
 
 
 async def users(broadcast: Broadcast, group: str = "room:a") -> list[str]:
@@ -99,7 +68,7 @@ async def test_presence_default_hook_tracks_nothing() -> None:
 
     Plain.broadcast = broadcast
     Plain.groups = ["room:a"]
-    async with EventStreamClient(app_for(broadcast, Plain)) as client:
+    async with EventStreamClient(room_app(broadcast, Plain)) as client:
         async with client.stream("/room/a") as stream:
             assert stream.status_code == 200
             assert await broadcast.presence("room:a") == []
@@ -108,7 +77,7 @@ async def test_presence_default_hook_tracks_nothing() -> None:
 
 async def test_presence_lists_a_stream_while_it_is_open() -> None:
     broadcast = Broadcast()
-    async with EventStreamClient(app_for(broadcast, member_view(broadcast))) as client:
+    async with EventStreamClient(room_app(broadcast, member_view(broadcast))) as client:
         async with client.stream("/room/a?user=alice") as alice:
             assert alice.status_code == 200
             (entry,) = await broadcast.presence("room:a")
@@ -133,7 +102,7 @@ async def test_presence_hook_may_be_async_and_return_none() -> None:
         return {"user": user, "async": True} if user else None
 
     view = member_view(broadcast, presence_info=presence_info)
-    async with EventStreamClient(app_for(broadcast, view)) as client:
+    async with EventStreamClient(room_app(broadcast, view)) as client:
         async with client.stream("/room/a?user=ann"), client.stream("/room/a"):
             entries = await broadcast.presence("room:a")
             assert [entry.info for entry in entries] == [{"user": "ann", "async": True}]
@@ -142,7 +111,7 @@ async def test_presence_hook_may_be_async_and_return_none() -> None:
 async def test_presence_lists_every_group_of_the_stream() -> None:
     broadcast = Broadcast()
     view = member_view(broadcast, groups=["room:a", "room:b", "room:a"])
-    async with EventStreamClient(app_for(broadcast, view)) as client:
+    async with EventStreamClient(room_app(broadcast, view)) as client:
         async with client.stream("/room/x?user=cy"):
             assert await users(broadcast, "room:a") == ["cy"]
             assert await users(broadcast, "room:b") == ["cy"]
@@ -154,7 +123,7 @@ async def test_presence_lists_every_group_of_the_stream() -> None:
 
 async def test_presence_connection_ids_are_unique() -> None:
     broadcast = Broadcast()
-    async with EventStreamClient(app_for(broadcast, member_view(broadcast))) as client:
+    async with EventStreamClient(room_app(broadcast, member_view(broadcast))) as client:
         async with client.stream("/room/a?user=d"), client.stream("/room/a?user=d"):
             entries = await broadcast.presence("room:a")
             assert len(entries) == 2
@@ -165,7 +134,7 @@ async def test_presence_connection_ids_are_unique() -> None:
 async def test_presence_announce_sends_join_and_leave_in_order_without_ids() -> None:
     broadcast = Broadcast()
     view = member_view(broadcast, announce_presence=True)
-    async with EventStreamClient(app_for(broadcast, view)) as client:
+    async with EventStreamClient(room_app(broadcast, view)) as client:
         async with client.stream("/room/a?user=alice") as alice:
             own = await next_named(alice, JOIN_EVENT)
             assert own.id is None
@@ -192,7 +161,7 @@ async def test_presence_announce_sends_join_and_leave_in_order_without_ids() -> 
 async def test_presence_join_and_leave_are_not_replayed() -> None:
     broadcast = Broadcast()
     view = member_view(broadcast, announce_presence=True)
-    async with EventStreamClient(app_for(broadcast, view)) as client:
+    async with EventStreamClient(room_app(broadcast, view)) as client:
         first = await broadcast.publish("room:a", "one")
         async with client.stream("/room/a?user=bob") as bob:
             await next_named(bob, JOIN_EVENT)
@@ -209,7 +178,7 @@ async def test_presence_join_and_leave_are_not_replayed() -> None:
 
 async def test_presence_without_announce_sends_no_join_event() -> None:
     broadcast = Broadcast()
-    async with EventStreamClient(app_for(broadcast, member_view(broadcast))) as client:
+    async with EventStreamClient(room_app(broadcast, member_view(broadcast))) as client:
         async with client.stream("/room/a?user=a") as first:
             async with client.stream("/room/a?user=b"):
                 pass
@@ -224,7 +193,7 @@ async def test_presence_oversized_info_is_refused_with_500(
 ) -> None:
     broadcast = Broadcast()
     view = member_view(broadcast, presence_info_max_bytes=64)
-    async with EventStreamClient(app_for(broadcast, view)) as client:
+    async with EventStreamClient(room_app(broadcast, view)) as client:
         with caplog.at_level(logging.ERROR, logger="sseviews"):
             async with client.stream("/room/a?user=" + "x" * 100) as stream:
                 await stream.wait_ended()
@@ -252,7 +221,7 @@ async def test_presence_bad_info_is_refused_with_500(
 ) -> None:
     broadcast = Broadcast()
     view = member_view(broadcast, presence_info=lambda self: info)
-    async with EventStreamClient(app_for(broadcast, view)) as client:
+    async with EventStreamClient(room_app(broadcast, view)) as client:
         with caplog.at_level(logging.ERROR, logger="sseviews"):
             async with client.stream("/room/a") as stream:
                 await stream.wait_ended()
@@ -263,7 +232,7 @@ async def test_presence_bad_info_is_refused_with_500(
 
 async def test_presence_is_capped_by_limit() -> None:
     broadcast = Broadcast()
-    async with EventStreamClient(app_for(broadcast, member_view(broadcast))) as client:
+    async with EventStreamClient(room_app(broadcast, member_view(broadcast))) as client:
         async with (
             client.stream("/room/a?user=1"),
             client.stream("/room/a?user=2"),
@@ -318,7 +287,7 @@ async def test_presence_on_a_backend_without_presence_is_refused(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     broadcast = Broadcast(NoPresenceBackend())
-    async with EventStreamClient(app_for(broadcast, member_view(broadcast))) as client:
+    async with EventStreamClient(room_app(broadcast, member_view(broadcast))) as client:
         with caplog.at_level(logging.ERROR, logger="sseviews"):
             async with client.stream("/room/a?user=z") as stream:
                 await stream.wait_ended()
@@ -337,7 +306,7 @@ async def test_publish_ephemeral_is_live_only() -> None:
 
     Room.broadcast = broadcast
     Room.groups = ["room:a"]
-    async with EventStreamClient(app_for(broadcast, Room)) as client:
+    async with EventStreamClient(room_app(broadcast, Room)) as client:
         first = await broadcast.publish("room:a", "stored")
         async with client.stream("/room/a") as stream:
             await broadcast.publish_ephemeral("room:a", Event("typing", event="typing"))
@@ -396,7 +365,7 @@ def test_presence_entry_equality_and_dict() -> None:
 async def test_presence_leaves_within_the_bound_once_the_client_closes_under_uvicorn() -> None:
     broadcast = Broadcast()
     view = member_view(broadcast, announce_presence=True)
-    async with serve_in_process(app_for(broadcast, view)) as server:
+    async with serve_in_process(room_app(broadcast, view)) as server:
         with anyio.fail_after(TIMEOUT):
             watcher = await RawEventStream.open(server.port, "/room/a")
         seen = 0
@@ -423,7 +392,7 @@ async def test_presence_never_lists_a_head_request_under_uvicorn() -> None:
     # stream failed without being listed, even while the connection stays open.
     broadcast = Broadcast()
     view = member_view(broadcast, announce_presence=True)
-    async with serve_in_process(app_for(broadcast, view)) as server:
+    async with serve_in_process(room_app(broadcast, view)) as server:
         with anyio.fail_after(TIMEOUT):
             watcher = await RawEventStream.open(server.port, "/room/a")
             status, sock = await raw_head(server.port, "/room/a?user=zed")

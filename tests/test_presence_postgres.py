@@ -1,25 +1,25 @@
 """Presence on PostgreSQL: in-process against the real database, and across two uvicorns.
 
-The multi-process test runs `tests/apps/presence_app.py` twice with the helpers
-of `tests/test_presence_redis.py` and `tests/test_multiprocess.py`, given the
-PostgreSQL URL instead of Redis's.
+The multi-process test runs `tests/apps/presence_app.py` twice with
+`support.servers.start_app_servers` and the helpers of `tests/test_presence_redis.py`,
+given the PostgreSQL URL instead of Redis's.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import asyncpg
 import httpx
 import pytest
-import test_multiprocess
-from test_backends_postgres import PG_DSN, PG_URL
-from test_multiprocess import TIMEOUT, Server, SSEClient, _start_servers
-from test_presence_redis import APP, member_app, members, next_named
+from support.apps import member_app
+from support.postgres import PG_DSN, PG_URL
+from support.raw import SSEClient
+from support.servers import ServerProcess, members, presence_servers
 
 from sseviews import JOIN_EVENT, LEAVE_EVENT, BackendError, Broadcast, Event
 from sseviews.backends.postgres import PostgresBackend
@@ -146,52 +146,33 @@ def test_presence_postgres_timeout_is_checked() -> None:
 
 @pytest.fixture
 def start_servers(
-    tmp_path: Path, pg_prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[[float], tuple[Server, Server]]]:
+    tmp_path: Path, pg_prefix: str
+) -> Iterator[Callable[[float], tuple[ServerProcess, ServerProcess]]]:
     """Start A and B (the presence app, one PostgreSQL prefix) with a presence timeout."""
-    monkeypatch.setattr(test_multiprocess, "APP", APP)
-    monkeypatch.setattr(test_multiprocess, "REDIS_URL", PG_URL)
-    started: list[Server] = []
-
-    def start(timeout: float) -> tuple[Server, Server]:
-        monkeypatch.setenv("SSEVIEWS_TEST_PRESENCE_TIMEOUT", str(timeout))
-        a, b = _start_servers(tmp_path, pg_prefix, ("A", "B"))
-        started.extend((a, b))
-        return a, b
-
-    try:
+    with presence_servers(tmp_path, pg_prefix, PG_URL) as start:
         yield start
-    finally:
-        for server in started:
-            server.kill()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-        yield client
 
 
 @pytest.mark.slow
 async def test_presence_postgres_two_processes_sigkill_members_gone_within_bound(
-    start_servers: Callable[[float], tuple[Server, Server]], http: httpx.AsyncClient
+    start_servers: Callable[[float], tuple[ServerProcess, ServerProcess]], http: httpx.AsyncClient
 ) -> None:
     timeout = 3.0
     a, b = start_servers(timeout)
     room = "crash"
     async with SSEClient.connect(b, f"{room}?user=watcher") as watcher:
-        await next_named(watcher, JOIN_EVENT)
+        await watcher.next_named(JOIN_EVENT)
         async with (
             SSEClient.connect(a, f"{room}?user=alice"),
             SSEClient.connect(a, f"{room}?user=anna"),
         ):
             for _ in range(2):
-                await next_named(watcher, JOIN_EVENT)
+                await watcher.next_named(JOIN_EVENT)
             for server in (a, b):
                 assert await members(http, server, room) == ["alice", "anna", "watcher"]
             a.kill()
             killed = time.monotonic()
-            leaves = [await next_named(watcher, LEAVE_EVENT, timeout + 2) for _ in range(2)]
+            leaves = [await watcher.next_named(LEAVE_EVENT, timeout + 2) for _ in range(2)]
             elapsed = time.monotonic() - killed
         assert elapsed <= timeout + 0.5, elapsed
         assert sorted(json.loads(event.data)["info"]["user"] for event in leaves) == [

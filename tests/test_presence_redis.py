@@ -1,8 +1,8 @@
 """Presence on Redis: in-process against a real Redis, and across two real uvicorns.
 
-The multi-process tests run `tests/apps/presence_app.py` twice (A and B) with the
-helpers of `tests/test_multiprocess.py` (its `Server`, `_start_servers` and raw
-socket `SSEClient`), sharing one Redis prefix.
+The multi-process tests run `tests/apps/presence_app.py` twice (A and B) with
+`support.servers.start_app_servers` and the raw socket `support.raw.SSEClient`,
+sharing one Redis prefix.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,16 @@ import anyio.abc
 import anyio.to_thread
 import httpx
 import pytest
-import test_multiprocess
-from redis_helpers import REDIS_URL, keys_under
-from starlette.applications import Starlette
-from starlette.routing import Route
-from test_multiprocess import TIMEOUT, Server, SSEClient, _start_servers
+from support.apps import member_app
+from support.raw import TIMEOUT, SSEClient
+from support.redis import REDIS_URL, keys_under
+from support.servers import ServerProcess, members, presence_servers
 
-from sseviews import JOIN_EVENT, LEAVE_EVENT, BackendError, Broadcast, Event, EventStreamView
+from sseviews import JOIN_EVENT, LEAVE_EVENT, BackendError, Broadcast, Event
 from sseviews.backends.redis import RedisBackend
 from sseviews.testing import EventStreamClient
 
 pytestmark = pytest.mark.anyio
-
-APP = "tests.apps.presence_app:app"
 
 
 # -- in-process, on a real Redis -------------------------------------------------------
@@ -46,28 +42,6 @@ def redis_broadcast(prefix: str, timeout: float = 30.0) -> Broadcast:
     assert isinstance(broadcast.live, RedisBackend)
     broadcast.live.presence_timeout = timeout
     return broadcast
-
-
-def member_app(broadcast: Broadcast, **settings: Any) -> Starlette:
-    def presence_info(self: EventStreamView) -> dict[str, Any] | None:
-        user = self.request.query_params.get("user")
-        return {"user": user} if user else None
-
-    attrs: dict[str, Any] = {
-        "broadcast": broadcast,
-        "groups": lambda self: [f"room:{self.request.path_params['room']}"],
-        "presence_info": presence_info,
-        "ping_interval": None,
-    }
-    attrs.update(settings)
-    view = type("MemberView", (EventStreamView,), attrs)
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    return Starlette(routes=[Route("/room/{room}", view)], lifespan=lifespan)
 
 
 async def presence_keys(prefix: str) -> list[bytes]:
@@ -89,6 +63,7 @@ async def test_presence_redis_lists_and_removes_with_escaped_keys(prefix: str) -
     assert await presence_keys(prefix) == []
 
 
+@pytest.mark.slow
 async def test_presence_redis_thousand_cycles_leave_no_entry_or_key(prefix: str) -> None:
     broadcast = redis_broadcast(prefix)
     app = member_app(broadcast, announce_presence=True)
@@ -180,46 +155,11 @@ def test_presence_redis_timeout_is_checked() -> None:
 
 @pytest.fixture
 def start_servers(
-    tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[[float], tuple[Server, Server]]]:
+    tmp_path: Path, prefix: str
+) -> Iterator[Callable[[float], tuple[ServerProcess, ServerProcess]]]:
     """Start A and B (the presence app, one Redis prefix) with a presence timeout."""
-    monkeypatch.setattr(test_multiprocess, "APP", APP)
-    started: list[Server] = []
-
-    def start(timeout: float) -> tuple[Server, Server]:
-        monkeypatch.setenv("SSEVIEWS_TEST_PRESENCE_TIMEOUT", str(timeout))
-        a, b = _start_servers(tmp_path, prefix, ("A", "B"))
-        started.extend((a, b))
-        return a, b
-
-    try:
+    with presence_servers(tmp_path, prefix) as start:
         yield start
-    finally:
-        for server in started:
-            server.kill()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-        yield client
-
-
-async def members(http: httpx.AsyncClient, server: Server, room: str) -> list[str]:
-    with anyio.fail_after(TIMEOUT):
-        response = await http.get(f"{server.base_url}/presence/{room}")
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert body["count"] == len(body["members"])
-    return sorted(member["info"]["user"] for member in body["members"])
-
-
-async def next_named(client: SSEClient, name: str, seconds: float = TIMEOUT) -> Event:
-    with anyio.fail_after(seconds):
-        while True:
-            event = await client.next_event()
-            if event.event == name:
-                return event
 
 
 def reset(client: SSEClient) -> None:
@@ -231,7 +171,7 @@ def reset(client: SSEClient) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["fin", "rst", "shutdown"])
 async def test_presence_two_processes_join_on_a_listed_on_b_then_gone(
-    start_servers: Callable[[float], tuple[Server, Server]],
+    start_servers: Callable[[float], tuple[ServerProcess, ServerProcess]],
     http: httpx.AsyncClient,
     prefix: str,
     how: str,
@@ -240,10 +180,10 @@ async def test_presence_two_processes_join_on_a_listed_on_b_then_gone(
     a, b = start_servers(30.0)
     room = "lobby"
     async with SSEClient.connect(b, f"{room}?user=watcher") as watcher:
-        own = await next_named(watcher, JOIN_EVENT)
+        own = await watcher.next_named(JOIN_EVENT)
         assert json.loads(own.data)["info"]["user"] == "watcher"
         async with SSEClient.connect(a, f"{room}?user=alice") as alice:
-            joined = await next_named(watcher, JOIN_EVENT)
+            joined = await watcher.next_named(JOIN_EVENT)
             assert json.loads(joined.data)["info"]["user"] == "alice"
             assert joined.id is None
             for server in (a, b):
@@ -253,7 +193,7 @@ async def test_presence_two_processes_join_on_a_listed_on_b_then_gone(
             elif how == "shutdown":
                 os.killpg(a.proc.pid, signal.SIGTERM)
                 await anyio.to_thread.run_sync(a.proc.wait, TIMEOUT * 2)
-        left = await next_named(watcher, LEAVE_EVENT)
+        left = await watcher.next_named(LEAVE_EVENT)
         assert json.loads(left.data) == json.loads(joined.data)
         servers = (b,) if how == "shutdown" else (a, b)
         for server in servers:
@@ -263,7 +203,7 @@ async def test_presence_two_processes_join_on_a_listed_on_b_then_gone(
 
 @pytest.mark.slow
 async def test_presence_two_processes_sigkill_members_gone_within_bound(
-    start_servers: Callable[[float], tuple[Server, Server]],
+    start_servers: Callable[[float], tuple[ServerProcess, ServerProcess]],
     http: httpx.AsyncClient,
     prefix: str,
 ) -> None:
@@ -271,17 +211,17 @@ async def test_presence_two_processes_sigkill_members_gone_within_bound(
     a, b = start_servers(timeout)
     room = "crash"
     async with SSEClient.connect(b, f"{room}?user=watcher") as watcher:
-        await next_named(watcher, JOIN_EVENT)
+        await watcher.next_named(JOIN_EVENT)
         async with (
             SSEClient.connect(a, f"{room}?user=alice"),
             SSEClient.connect(a, f"{room}?user=anna"),
         ):
             for _ in range(2):
-                await next_named(watcher, JOIN_EVENT)
+                await watcher.next_named(JOIN_EVENT)
             assert await members(http, b, room) == ["alice", "anna", "watcher"]
             a.kill()
             killed = time.monotonic()
-            leaves = [await next_named(watcher, LEAVE_EVENT, timeout + 2) for _ in range(2)]
+            leaves = [await watcher.next_named(LEAVE_EVENT, timeout + 2) for _ in range(2)]
             elapsed = time.monotonic() - killed
         assert elapsed <= timeout + 0.5, elapsed
         assert sorted(json.loads(event.data)["info"]["user"] for event in leaves) == [

@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio
 from redis.asyncio.connection import Connection
 from redis.crc import key_slot
-from redis_helpers import unique_prefix
+from support.redis import unique_prefix
 from support.redis_topology import HOST, RedisCluster, RedisNode
 
 from sseviews._redis import group_key

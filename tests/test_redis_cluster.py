@@ -27,20 +27,19 @@ import httpx
 import pytest
 import redis.asyncio
 from redis.crc import key_slot
-from redis_helpers import unique_prefix
-from support.redis_topology import HOST, RedisCluster, RedisNode
-from test_multiprocess import Server, _start_servers
-from test_redis_sentinel import (
+from support.broadcast import Recorder, no_deliver
+from support.failover import (
     Published,
-    Recorder,
     Subscriber,
     conflicting_ids,
     judge,
-    no_deliver,
     poll_until,
+    position_of,
     post,
-    seq_of,
 )
+from support.redis import unique_prefix
+from support.redis_topology import HOST, RedisCluster, RedisNode
+from support.servers import ServerProcess, start_app_servers
 
 from sseviews import BackendError, Broadcast, Event
 from sseviews._redis import ClusterURL, group_key, open_cluster_client, parse_cluster_url
@@ -204,7 +203,8 @@ async def test_redis_cluster_store_and_backend_publish_and_receive_on_every_shar
                 positions[group] = [
                     await store.append(group, data(f"{group}-{n}"), no_deliver) for n in range(2)
                 ]
-            await recorder.wait_for("every event", lambda: len(recorder.events) == 2 * 9)
+            with anyio.fail_after(FAILOVER_TIMEOUT):  # every event
+                await recorder.wait_until(lambda: len(recorder.events) == 2 * 9)
             for group in groups:
                 got = [(seq, wire) for g, seq, wire in recorder.events if g == group]
                 assert [seq for seq, _ in got] == [1, 2]
@@ -218,7 +218,8 @@ async def test_redis_cluster_store_and_backend_publish_and_receive_on_every_shar
                     assert node.execute("XLEN", group_key(prefix, "g", group)) == 2
             # Ephemeral events go through SPUBLISH on the group's master.
             await backend.deliver(groups[0], 0, b"event: typing\ndata: x\n\n")
-            await recorder.wait_for("the ephemeral event", lambda: len(recorder.events) == 19)
+            with anyio.fail_after(FAILOVER_TIMEOUT):  # the ephemeral event
+                await recorder.wait_until(lambda: len(recorder.events) == 19)
             assert recorder.events[-1][:2] == (groups[0], 0)
             assert recorder.failures == []
         finally:
@@ -265,7 +266,7 @@ async def test_redis_cluster_burst_of_publishes_waits_for_connections(
             async with anyio.create_task_group() as tg:
                 for n in range(150):
                     tg.start_soon(publish, n)
-        assert sorted(seq_of(i)[1] for i in ids) == list(range(1, 151))
+        assert sorted(position_of(i)[1] for i in ids) == list(range(1, 151))
 
 
 # -- a slot moved ---------------------------------------------------------------------------
@@ -349,7 +350,8 @@ async def test_redis_cluster_backend_follows_moved_when_its_slot_map_is_stale(
                 await backend.subscribe([group])
             assert backend._route[group].name == f"{HOST}:{target.port}"
             position = await store.append(group, data("moved"), no_deliver)
-            await recorder.wait_for("the event", lambda: recorder.events)
+            with anyio.fail_after(FAILOVER_TIMEOUT):  # the event
+                await recorder.wait_until(lambda: recorder.events)
             assert recorder.events == [
                 (group, 1, f"id: {position.epoch}-1\n".encode() + data("moved"))
             ]
@@ -383,13 +385,15 @@ async def test_redis_cluster_backend_failover_ends_only_the_killed_masters_group
             with anyio.fail_after(TIMEOUT):
                 await backend.subscribe([*lost, *kept])
             await anyio.to_thread.run_sync(redis_cluster.kill_master, victim)
-            await recorder.wait_for("the failure", lambda: recorder.failures)
+            with anyio.fail_after(FAILOVER_TIMEOUT):  # the failure
+                await recorder.wait_until(lambda: recorder.failures)
             [failure] = recorder.failures
             assert isinstance(failure, GroupsLost) and failure.groups == lost
             # The other masters' groups are delivered while the victim is down.
             for group in kept:
                 await store.append(group, data("during"), no_deliver)
-            await recorder.wait_for("the kept groups' events", lambda: len(recorder.events) == 4)
+            with anyio.fail_after(FAILOVER_TIMEOUT):  # the kept groups' events
+                await recorder.wait_until(lambda: len(recorder.events) == 4)
             await anyio.to_thread.run_sync(
                 redis_cluster.wait_for_failover, victim, replica, FAILOVER_TIMEOUT
             )
@@ -424,10 +428,10 @@ async def test_redis_cluster_backend_failover_ends_only_the_killed_masters_group
 @pytest.fixture
 def cluster_servers(
     tmp_path: Path, redis_cluster: RedisCluster
-) -> Iterator[tuple[str, Server, Server]]:
+) -> Iterator[tuple[str, ServerProcess, ServerProcess]]:
     """Processes A and B of the multi-process app on the cluster, and their prefix."""
     prefix = unique_prefix()
-    a, b = _start_servers(tmp_path, prefix, ("A", "B"), redis_cluster.url())
+    a, b = start_app_servers(tmp_path, prefix, ("A", "B"), redis_cluster.url())
     try:
         yield prefix, a, b
     finally:
@@ -464,7 +468,7 @@ def per_room(subscriber: Subscriber, published: list[Published]) -> list[Subscri
 
 @pytest.mark.slow
 async def test_redis_cluster_failover_keeps_the_guarantee_for_subscribers_on_two_processes(
-    cluster_servers: tuple[str, Server, Server],
+    cluster_servers: tuple[str, ServerProcess, ServerProcess],
     redis_cluster: RedisCluster,
     http: httpx.AsyncClient,
 ) -> None:
@@ -574,7 +578,7 @@ async def test_redis_cluster_failover_keeps_the_guarantee_for_subscribers_on_two
         "failed_publishes": failed,
         "killed_after": killed_at,
         **stats,
-        "epochs": sorted({seq_of(p.id)[0] for p in published}),
+        "epochs": sorted({position_of(p.id)[0] for p in published}),
         "conflicting_count": len(conflicts),
         "subscribers": [
             {
@@ -640,7 +644,8 @@ async def test_redis_cluster_backend_keeps_presence_per_group_and_announces_join
                 assert await two.presence_count(groups[0]) == 2
                 assert [await two.presence_count(group) for group in groups[1:]] == [1, 1]
             # The join of m1 was announced on each group's channel, on its master.
-            await recorder.wait_for("3 joins", lambda: len(recorder.events) == 3)
+            with anyio.fail_after(FAILOVER_TIMEOUT):  # 3 joins
+                await recorder.wait_until(lambda: len(recorder.events) == 3)
             assert sorted(g for g, _, _ in recorder.events) == groups
             assert all(seq == 0 and b"sseviews.join" in wire for _, seq, wire in recorder.events)
             with anyio.fail_after(TIMEOUT):

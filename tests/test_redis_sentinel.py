@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,64 +25,29 @@ import anyio.to_thread
 import httpx
 import pytest
 import redis
-from redis_helpers import unique_prefix
+from support.broadcast import Recorder, data, no_deliver
+from support.failover import (
+    FAILOVER_TIMEOUT,
+    Published,
+    Subscriber,
+    conflicting_ids,
+    judge,
+    poll_until,
+    position_of,
+    post,
+)
+from support.redis import unique_prefix
 from support.redis_topology import RedisNode, SentinelGroup, spare_ports
-from test_multiprocess import Server, _start_servers
+from support.servers import ServerProcess, start_app_servers
 
-from sseviews import Event
 from sseviews.backends.redis import RedisBackend
 from sseviews.stores.base import Position
 from sseviews.stores.redis import RedisStore
-from sseviews.testing import EventParser
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 TIMEOUT = 5.0
-#: Bound on a failover: the sentinels' down-after (1 s), their vote, the promotion.
-FAILOVER_TIMEOUT = 25.0
-
-
-class Recorder:
-    """What a backend dispatches, and the failures it reports."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, int, bytes]] = []
-        self.failures: list[BaseException] = []
-        self._changed = anyio.Event()
-
-    def dispatch(self, group: str, seq: int, wire: bytes) -> None:
-        self.events.append((group, seq, wire))
-        self._wake()
-
-    def on_failure(self, error: BaseException) -> None:
-        self.failures.append(error)
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_for(self, what: str, check: Any) -> None:
-        with anyio.fail_after(FAILOVER_TIMEOUT):
-            while not check():
-                await self._changed.wait()
-
-
-async def poll_until(check: Callable[[], bool]) -> None:
-    """Wait (at most FAILOVER_TIMEOUT) until `check()` holds."""
-    with anyio.fail_after(FAILOVER_TIMEOUT):
-        while True:
-            if check():
-                return
-            await anyio.sleep(0.02)
-
-
-async def no_deliver(seq: int, wire: bytes) -> None:
-    pass
-
-
-def data(text: str) -> bytes:
-    return b"data: %s\n\n" % text.encode()
+HTTP_TIMEOUT = httpx.Timeout(TIMEOUT, read=30.0)
 
 
 # -- one process: the store and the backend follow the master ---------------------------
@@ -104,7 +68,8 @@ async def test_sentinel_store_and_backend_publish_and_receive(
             # A process receives the groups its streams use: subscribe first.
             await backend.subscribe(["g"])
             seqs = [await store.append("g", data(f"e{n}"), no_deliver) for n in range(3)]
-            await recorder.wait_for("3 events", lambda: len(recorder.events) == 3)
+            with anyio.fail_after(FAILOVER_TIMEOUT):
+                await recorder.wait_until(lambda: len(recorder.events) == 3)
             assert [seq for _, seq, _ in recorder.events] == [p.seq for p in seqs]
             assert [wire.split(b"\n", 1)[0] for _, _, wire in recorder.events] == [
                 f"id: {p.epoch}-{p.seq}".encode() for p in seqs
@@ -132,10 +97,12 @@ async def test_sentinel_backend_resubscribes_to_the_new_master_after_a_failover(
         try:
             await backend.subscribe(["g"])
             before = await store.append("g", data("before"), no_deliver)
-            await recorder.wait_for("the first event", lambda: len(recorder.events) == 1)
+            with anyio.fail_after(FAILOVER_TIMEOUT):
+                await recorder.wait_until(lambda: len(recorder.events) == 1)
             old = await anyio.to_thread.run_sync(sentinel_group.kill_master)
             # The subscription ends: subscribers are told, and resume later.
-            await recorder.wait_for("the failure", lambda: len(recorder.failures) == 1)
+            with anyio.fail_after(FAILOVER_TIMEOUT):
+                await recorder.wait_until(lambda: len(recorder.failures) == 1)
             new = await anyio.to_thread.run_sync(
                 sentinel_group.wait_for_failover, old, FAILOVER_TIMEOUT
             )
@@ -149,7 +116,8 @@ async def test_sentinel_backend_resubscribes_to_the_new_master_after_a_failover(
                         break
                     except Exception:
                         await anyio.sleep(0.1)
-            await recorder.wait_for("the event after", lambda: len(recorder.events) == 2)
+            with anyio.fail_after(FAILOVER_TIMEOUT):
+                await recorder.wait_until(lambda: len(recorder.events) == 2)
             # The new master is a promoted replica: the group's new epoch, from 1.
             assert seq.epoch != before.epoch
             assert recorder.events[-1][1] == seq.seq == 1
@@ -301,153 +269,12 @@ async def test_redis_store_on_a_restarted_master_keeps_its_groups_epochs(
 # -- two uvicorn processes: the failover guarantee ---------------------------------------
 
 
-@dataclass
-class Subscriber:
-    """A browser-like EventSource on one room of one server: it reconnects with
-    Last-Event-ID after every end, until it receives the `done` event."""
-
-    server: Server
-    room: str
-    received: list[Event] = field(default_factory=list)
-    connects: int = 0
-    refused: int = 0
-    last_id: str | None = None
-    #: Whether a stream is open now, and when it last sent anything (for failures).
-    streaming: bool = False
-    last_read: float = 0.0
-    done: anyio.Event = field(default_factory=anyio.Event)
-    subscribed: anyio.Event = field(default_factory=anyio.Event)
-
-    @property
-    def name(self) -> str:
-        return f"{self.server.name}:{self.room}"
-
-    async def run(self, http: httpx.AsyncClient) -> None:
-        url = f"{self.server.base_url}/rooms/{self.room}"
-        while True:
-            headers = {"Accept": "text/event-stream"}
-            if self.last_id:
-                headers["Last-Event-ID"] = self.last_id
-            try:
-                async with http.stream("GET", url, headers=headers) as response:
-                    self.connects += 1
-                    if response.status_code != 200:
-                        self.refused += 1
-                        await response.aread()
-                    else:
-                        self.subscribed.set()
-                        self.streaming = True
-                        parser = EventParser()
-                        async for chunk in response.aiter_raw():
-                            self.last_read = time.monotonic()
-                            for event in parser.feed(chunk):
-                                self.received.append(event)
-                                self.last_id = parser.last_event_id or self.last_id
-                                if event.event is None and event.json().get("done"):
-                                    self.done.set()
-                                    return
-            except httpx.HTTPError:
-                pass
-            finally:
-                self.streaming = False
-            await anyio.sleep(0.1)  # the app's retry: 100 ms
-
-
-@dataclass
-class Published:
-    room: str
-    id: str
-    data: dict[str, Any]
-
-
-@dataclass
-class Outcome:
-    """What one subscriber saw, against what was published."""
-
-    name: str
-    returned: int = 0
-    received: int = 0
-    resets: int = 0
-    missed_with_reset: int = 0
-    missed_silently: list[str] = field(default_factory=list)
-    duplicates: list[str] = field(default_factory=list)
-    out_of_order: list[tuple[str, str]] = field(default_factory=list)
-
-
-def seq_of(event_id: str) -> tuple[str, int]:
-    epoch, _, seq = event_id.rpartition("-")
-    return epoch, int(seq)
-
-
-def judge(subscriber: Subscriber, published: list[Published]) -> Outcome:
-    """Check the failover guarantee for one subscriber (see the module docstring)."""
-    mine = [p for p in published if p.room == subscriber.room]
-    rank = {p.id: i for i, p in enumerate(mine)}
-    outcome = Outcome(subscriber.name, returned=len(mine))
-    events = subscriber.received
-    ids: set[str] = set()
-    # An event counts as received only with its own data: an id reissued for
-    # other data is not the event that publish() returned.
-    seen: set[tuple[str, str]] = set()
-    previous: str | None = None
-    for event in events:
-        if event.event == "sseviews.reset":
-            outcome.resets += 1
-            previous = None
-            continue
-        if event.event is not None or event.id is None or "n" not in event.json():
-            continue
-        outcome.received += 1
-        if event.id in ids:
-            outcome.duplicates.append(event.id)
-        ids.add(event.id)
-        seen.add((event.id, json.dumps(event.json(), sort_keys=True)))
-        if previous is not None:
-            (e1, s1), (e2, s2) = seq_of(previous), seq_of(event.id)
-            if e1 != e2 or s2 <= s1:
-                outcome.out_of_order.append((previous, event.id))
-        previous = event.id
-    # A returned event missing here must have a reset between the last event
-    # received before it and the first received after it.
-    positions = {
-        e.id: i
-        for i, e in enumerate(events)
-        if e.event is None
-        and e.id in rank
-        and e.json() == mine[rank[e.id]].data  # not a reissued id
-    }
-    for p in mine:
-        if (p.id, json.dumps(p.data, sort_keys=True)) in seen:
-            continue
-        before = [positions[q.id] for q in mine[: rank[p.id]] if q.id in positions]
-        after = [positions[q.id] for q in mine[rank[p.id] + 1 :] if q.id in positions]
-        start = max(before, default=-1)
-        end = min(after, default=len(events))
-        if any(e.event == "sseviews.reset" for e in events[start + 1 : end]):
-            outcome.missed_with_reset += 1
-        else:
-            outcome.missed_silently.append(p.id)
-    return outcome
-
-
-def conflicting_ids(published: list[Published], subscribers: list[Subscriber]) -> list[str]:
-    """Ids seen with two different data (from publish() results and from streams)."""
-    data_of: dict[str, set[str]] = {}
-    for p in published:
-        data_of.setdefault(p.id, set()).add(json.dumps(p.data, sort_keys=True))
-    for subscriber in subscribers:
-        for event in subscriber.received:
-            if event.event is None and event.id is not None:
-                data_of.setdefault(event.id, set()).add(json.dumps(event.json(), sort_keys=True))
-    return sorted(event_id for event_id, values in data_of.items() if len(values) > 1)
-
-
 @pytest.fixture
 def sentinel_servers(
     tmp_path: Path, sentinel_group: SentinelGroup
-) -> Iterator[tuple[Server, Server]]:
+) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """Processes A and B of the multi-process app, on the Sentinel group."""
-    a, b = _start_servers(tmp_path, unique_prefix(), ("A", "B"), sentinel_group.url())
+    a, b = start_app_servers(tmp_path, unique_prefix(), url=sentinel_group.url())
     try:
         yield a, b
     finally:
@@ -455,28 +282,9 @@ def sentinel_servers(
         b.kill()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    timeout = httpx.Timeout(TIMEOUT, read=30.0)
-    async with httpx.AsyncClient(timeout=timeout) as client:
-        yield client
-
-
-async def post(http: httpx.AsyncClient, server: Server, room: str, data: Any) -> str | None:
-    """Publish through `server`; the id, or None when the publish failed."""
-    try:
-        response = await http.post(f"{server.base_url}/rooms/{room}", json=data)
-    except httpx.HTTPError:
-        return None
-    if response.status_code != 200:
-        return None
-    event_id: str = response.json()["id"]
-    return event_id
-
-
 @pytest.mark.parametrize("lagging", [False, True], ids=["replica-in-sync", "replica-lagging"])
 async def test_sentinel_failover_keeps_the_guarantee_for_subscribers_on_two_processes(
-    sentinel_servers: tuple[Server, Server],
+    sentinel_servers: tuple[ServerProcess, ServerProcess],
     sentinel_group: SentinelGroup,
     http: httpx.AsyncClient,
     lagging: bool,
@@ -592,7 +400,7 @@ async def test_sentinel_failover_keeps_the_guarantee_for_subscribers_on_two_proc
         "failed_publishes": failed,
         "killed_after": killed_at,
         **stats,
-        "epochs": sorted({seq_of(p.id)[0] for p in published}),
+        "epochs": sorted({position_of(p.id)[0] for p in published}),
         "conflicting_ids": conflicts[:10],
         "conflicting_count": len(conflicts),
         "subscribers": [

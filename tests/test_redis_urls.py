@@ -149,7 +149,7 @@ async def test_redis_url_of_a_cluster_node_is_refused_naming_redis_cluster(
 async def test_redis_url_client_waits_for_a_free_connection_under_a_burst() -> None:
     # redis-py's default pool refuses the 101st concurrent command; a burst of
     # publishes must wait for a connection instead, within a bounded pool.
-    from redis_helpers import REDIS_URL, delete_prefix, unique_prefix
+    from support.redis import REDIS_URL, delete_prefix, unique_prefix
 
     prefix = unique_prefix()
     broadcast = Broadcast(REDIS_URL, prefix=prefix)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,13 +22,13 @@ import anyio.lowlevel
 import httpx
 import psutil
 import pytest
-from broadcast_helpers import steps
-from process_helpers import clean_env, free_port, stop_process, wait_until_serving
-from redis_helpers import REDIS_URL, delete_prefix
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
-from starlette.applications import Starlette
 from starlette.routing import Route
+from support.apps import app_for
+from support.broadcast import steps
+from support.postgres import PG_URL, drop_tables
+from support.processes import clean_env
+from support.redis import REDIS_URL, delete_prefix
+from support.servers import ServerProcess, start_server, uvicorn
 
 from sseviews import (
     RESET_EVENT,
@@ -46,7 +44,6 @@ from sseviews.testing import EventStreamClient
 
 pytestmark = pytest.mark.anyio
 
-PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 KINDS = ["memory", "redis", "sqlite", "postgresql"]
 TIMEOUT = 20.0
 REPO = Path(__file__).resolve().parent.parent
@@ -80,17 +77,6 @@ async def history(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         await delete_prefix(found.prefix)
     elif found.kind == "postgresql":
         await drop_tables(found.prefix)
-
-
-async def drop_tables(prefix: str) -> None:
-    engine = create_async_engine(PG_URL)
-    try:
-        with anyio.fail_after(10):
-            async with engine.begin() as conn:
-                for table in ("v2_events", "v2_groups"):
-                    await conn.execute(text(f'DROP TABLE IF EXISTS "{prefix}_{table}"'))
-    finally:
-        await engine.dispose()
 
 
 @asynccontextmanager
@@ -244,12 +230,7 @@ async def test_paged_resume_of_a_view_is_gap_free_while_publishing(history: Hist
         {"broadcast": broadcast, "groups": ["a", "b"], "ping_interval": None},
     )
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    app = Starlette(routes=[Route("/room", view)], lifespan=lifespan)
+    app = app_for(broadcast, Route("/room", view))
     async with EventStreamClient(app, timeout=TIMEOUT) as client:
         with anyio.fail_after(TIMEOUT):
             for n in range(3):
@@ -338,12 +319,7 @@ async def test_paged_replay_backend_error_ends_the_view_stream_with_error() -> N
 
     Room.broadcast = broadcast
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    app = Starlette(routes=[Route("/room", Room)], lifespan=lifespan)
+    app = app_for(broadcast, Route("/room", Room))
     async with EventStreamClient(app, timeout=TIMEOUT) as client:
         with anyio.fail_after(TIMEOUT):
             ids = [await broadcast.publish("a", "v" * 50) for _ in range(10)]
@@ -423,24 +399,10 @@ MAX_BUFFER_BYTES = 1024 * 1024  # EventStreamView.max_buffer_bytes
 PAGE_BYTES = 256 * 1024  # sseviews._broadcast.REPLAY_PAGE_BYTES
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @pytest.fixture
 def replay_server(
     request: pytest.FixtureRequest, tmp_path: Path, history: History
-) -> Iterator[tuple[Server, History]]:
+) -> Iterator[tuple[ServerProcess, History]]:
     env = clean_env(PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
     env["SSEVIEWS_REPLAY_PREFIX"] = history.prefix
     if history.kind == "redis":
@@ -449,36 +411,9 @@ def replay_server(
         env["SSEVIEWS_REPLAY_HISTORY"] = PG_URL
     elif history.kind == "sqlite":
         env["SSEVIEWS_REPLAY_HISTORY"] = f"sqlite+aiosqlite:///{tmp_path / history.prefix}.db"
-    port = free_port()
-    log_path = tmp_path / "uvicorn.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "tests.apps.replay_app:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--http",
-                "httptools",
-                "--no-access-log",
-            ],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(proc, port, log_path)
-    try:
-        wait_until_serving(proc, f"{server.base_url}/health", server.log, seconds=15)
+    command = uvicorn("tests.apps.replay_app:app", "--http", "httptools", "--no-access-log")
+    with start_server(command, tmp_path, env) as server:
         yield server, history
-    finally:
-        stop_process(proc)
 
 
 def stalled_client(port: int, last_event_id: str) -> socket.socket:
@@ -518,7 +453,7 @@ def rss_of(pid: int) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("history", ["memory", "redis", "postgresql"], indirect=True)
 async def test_replay_memory_of_50_stalled_resumes_of_an_8_mb_history(
-    replay_server: tuple[Server, History],
+    replay_server: tuple[ServerProcess, History],
 ) -> None:
     server, history = replay_server
     async with httpx.AsyncClient(base_url=server.base_url, timeout=TIMEOUT) as http:

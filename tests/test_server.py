@@ -12,13 +12,9 @@ terminal 0-size chunk included.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
-import socket
-import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +26,8 @@ from typing import Any, TypeVar
 import anyio
 import psutil
 import pytest
-from process_helpers import free_port
+from support import servers
+from support.raw import RawConnection
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -53,41 +50,17 @@ def anyio_backend() -> str:
 
 
 def _server_env(record: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = servers.with_repo_on_path(dict(os.environ))
     env[RECORD_ENV] = str(record)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    # Only whole lines: the server may be appending one right now.
-    return [json.loads(line) for line in text.split("\n")[:-1] if line]
-
-
-def _http_get(port: int, path: str, *, timeout: float) -> tuple[int, bytes]:
-    """A blocking one-shot GET (Connection: close); for readiness checks only."""
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
-
-
 @dataclass
-class ServerProcess:
+class ServerProcess(servers.ServerProcess):
     """A uvicorn running in its own process group, and what it recorded."""
 
-    proc: subprocess.Popen[bytes]
-    port: int
     record: Path
-    stderr_path: Path
     signalled_at: float | None = None
     exited_at: float | None = None
     children: list[psutil.Process] = field(default_factory=list)
@@ -95,12 +68,9 @@ class ServerProcess:
     def records(self, tag: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
         return [
             r
-            for r in _read_records(self.record)
+            for r in servers.read_records(self.record)
             if (tag is None or r.get("id") == tag) and (kind is None or r["kind"] == kind)
         ]
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
 
     def snapshot_children(self) -> None:
         with suppress(psutil.NoSuchProcess):
@@ -117,7 +87,7 @@ class ServerProcess:
         os.kill(self.proc.pid, signum)
 
     async def wait_exit(self) -> int:
-        code: int = await wait_until(lambda: self.proc.poll(), interval=0.01, accept_zero=True)
+        code = await super().wait_exit()
         self.exited_at = time.monotonic()
         return code
 
@@ -138,13 +108,10 @@ class ServerProcess:
         """Kill the whole process group, and any child that left it; reap the leader."""
         if self.proc.poll() is None:
             self.snapshot_children()
-            with suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        super().kill()
         for child in self.children:
             with suppress(psutil.NoSuchProcess):
                 child.kill()
-        with suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
 
 
 async def wait_until(
@@ -162,43 +129,14 @@ async def wait_until(
         await anyio.sleep(interval)
 
 
-def _start_uvicorn(tmp: Path, *args: str) -> ServerProcess:
-    record = tmp / "record.jsonl"
-    for _attempt in range(3):
-        port = free_port()
-        stderr_path = tmp / f"uvicorn-{port}.log"
-        with stderr_path.open("wb") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", APP, "--host", HOST, "--port", str(port), *args],
-                cwd=REPO,
-                env=_server_env(record),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,
-            )
-        server = ServerProcess(proc, port, record, stderr_path)
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    if _http_get(port, "/stats", timeout=2)[0] == 200:
-                        return server
-                except OSError:
-                    pass
-                time.sleep(0.05)
-        except BaseException:
-            server.kill()
-            raise
-        server.kill()
-        if "address already in use" not in server.stderr().lower():
-            raise AssertionError(f"uvicorn {args} did not start:\n{server.stderr()}")
-    raise AssertionError("no free port for uvicorn after 3 attempts")
-
-
 @contextmanager
 def uvicorn_server(tmp: Path, *args: str) -> Iterator[ServerProcess]:
-    server = _start_uvicorn(tmp, *args)
+    """uvicorn serving the app with `args`, killed (the whole process group) afterwards."""
+    record = tmp / "record.jsonl"
+    started = servers.start_server(
+        servers.uvicorn(APP, *args), tmp, _server_env(record), health="/stats", stdout=False
+    )
+    server = ServerProcess(**vars(started), record=record)
     try:
         yield server
     finally:
@@ -215,130 +153,10 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
 # -- a raw HTTP/1.1 client --------------------------------------------------------
 
 
-@dataclass
-class Head:
-    status: int
-    headers: dict[str, str]
-
-
-class RawClient:
-    """HTTP/1.1 over one non-blocking socket; the test sees every byte and the framing.
-
-    Its coroutines take no timeout: the tests bound them with `anyio.fail_after`.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-        self.eof = False
-
-    @classmethod
-    async def connect(cls, port: int, *, rcvbuf: int | None = None) -> RawClient:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            if rcvbuf is not None:
-                # Before connect(), so the TCP window is negotiated for it.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.setblocking(False)
-            err = sock.connect_ex((HOST, port))
-            if err not in (0, errno.EINPROGRESS):
-                raise OSError(err, os.strerror(err))
-            await anyio.wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
-
-    @classmethod
-    async def request(
-        cls, port: int, method: str, path: str, *, rcvbuf: int | None = None
-    ) -> RawClient:
-        """Connect and send a request; the caller must `close()` the client."""
-        client = await cls.connect(port, rcvbuf=rcvbuf)
-        try:
-            await client.send(f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-        except BaseException:
-            client.close()
-            raise
-        return client
-
-    async def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            await anyio.wait_writable(self.sock)
-            view = view[self.sock.send(view) :]
-
-    async def _fill(self) -> None:
-        if self.eof:
-            raise EOFError("the server closed the connection")
-        await anyio.wait_readable(self.sock)
-        data = self.sock.recv(65536)
-        if not data:
-            self.eof = True
-            raise EOFError("the server closed the connection")
-        self.buffer += data
-
-    async def _read_until(self, separator: bytes) -> bytes:
-        while (end := self.buffer.find(separator)) < 0:
-            await self._fill()
-        data = bytes(self.buffer[: end + len(separator)])
-        del self.buffer[: end + len(separator)]
-        return data
-
-    async def read_exactly(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            await self._fill()
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]
-        return data
-
-    async def read_head(self) -> Head:
-        raw = await self._read_until(b"\r\n\r\n")
-        status_line, *lines = raw.decode("latin-1").split("\r\n")[:-2]
-        headers: dict[str, str] = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return Head(int(status_line.split(" ", 2)[1]), headers)
-
-    async def read_chunk(self) -> bytes:
-        """The next chunk of a chunked body; b"" is the terminal 0-size chunk."""
-        size_line = await self._read_until(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        data = await self.read_exactly(size + 2)
-        assert data[-2:] == b"\r\n", f"bad chunk framing: {data[-2:]!r}"
-        return data[:-2]
-
-    async def read_to_end(self) -> bytes:
-        """The rest of a chunked body, up to and including its terminal chunk."""
-        body = b""
-        while chunk := await self.read_chunk():
-            body += chunk
-        return body
-
-    async def read_until_closed(self) -> bytes:
-        """Whatever the server sends before it closes the connection."""
-        with suppress(EOFError):
-            while True:
-                await self._fill()
-        rest = bytes(self.buffer)
-        self.buffer.clear()
-        return rest
-
-    def close(self, *, reset: bool = False) -> None:
-        if reset:
-            # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-
 class SSEReader:
     """Splits a chunked `text/event-stream` body into messages."""
 
-    def __init__(self, client: RawClient) -> None:
+    def __init__(self, client: RawConnection) -> None:
         self.client = client
         self.pending = b""
         self.ended = False
@@ -374,7 +192,7 @@ def _fields(message: str | None) -> dict[str, str]:
 
 async def _task_count(server: ServerProcess) -> int:
     """How many asyncio tasks the (single-process) server runs, this request's included."""
-    client = await RawClient.connect(server.port)
+    client = await RawConnection.connect(server.port)
     try:
         await client.send(
             f"GET /stats HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
@@ -402,7 +220,7 @@ async def _exit_code(server: ServerProcess, *, within: float) -> int:
     """The server's exit code; fails, with its log, if it is still running after `within`."""
     with anyio.move_on_after(within):
         return await server.wait_exit()
-    raise AssertionError(f"still running {within} s after the signal:\n{server.stderr()}")
+    raise AssertionError(f"still running {within} s after the signal:\n{server.log()}")
 
 
 def _by_kind(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -429,7 +247,7 @@ async def test_server_client_close_ends_idle_stream_within_1s(
     tag = f"close-{'rst' if reset else 'fin'}"
     with anyio.fail_after(5):
         baseline = await _settled_task_count(server)
-        client = await RawClient.request(server.port, "GET", f"/idle?id={tag}")
+        client = await RawConnection.request(server.port, "GET", f"/idle?id={tag}")
         try:
             assert (await client.read_head()).status == 200
             await server.wait_for(tag, "events")
@@ -482,7 +300,7 @@ async def test_server_signal_ends_open_streams_and_exits_within_2s(
         extra += ["--reload-dir", str(watched)]
     workers = 2 if "--workers" in extra else 1
     with uvicorn_server(tmp_path, *extra) as server:
-        clients: list[RawClient] = []
+        clients: list[RawConnection] = []
         try:
             tags: list[str] = []
             with anyio.fail_after(20):
@@ -493,7 +311,7 @@ async def test_server_signal_ends_open_streams_and_exits_within_2s(
                 ):
                     assert len(tags) < 40, "the streams never reached every worker"
                     tag = f"s{len(tags)}"
-                    client = await RawClient.request(server.port, "GET", f"/idle?id={tag}")
+                    client = await RawConnection.request(server.port, "GET", f"/idle?id={tag}")
                     clients.append(client)
                     tags.append(tag)
                     assert (await client.read_head()).status == 200
@@ -501,7 +319,7 @@ async def test_server_signal_ends_open_streams_and_exits_within_2s(
 
             server.send_signal(signum)
             code = await _exit_code(server, within=5)
-            stderr = server.stderr()
+            stderr = server.log()
             assert server.exit_seconds < 2.0, stderr
             assert code in _expected_exit_codes(args, signum), stderr
             assert WAITING_HANG not in stderr
@@ -550,14 +368,14 @@ async def test_server_programmatic_servers_in_sequence_each_shut_down(tmp_path: 
         assert result["serve_error"] is None, result
         assert result["serve_seconds"] < 2.0, result
         assert result["leftover_tasks"] == [], result
-        records = [r for r in _read_records(record) if r["id"] == f"round-{index}"]
+        records = [r for r in servers.read_records(record) if r["id"] == f"round-{index}"]
         _assert_closed_before_disconnect(records, "shutdown")
     assert rounds[1]["signals_reraised"] == [signal.SIGTERM]
 
 
 async def test_server_shutdown_grace_period_sends_farewell(tmp_path: Path) -> None:
     with uvicorn_server(tmp_path) as server:
-        client = await RawClient.request(server.port, "GET", "/farewell?id=f")
+        client = await RawConnection.request(server.port, "GET", "/farewell?id=f")
         try:
             with anyio.fail_after(3):
                 assert (await client.read_head()).status == 200
@@ -577,7 +395,7 @@ async def test_server_shutdown_grace_period_sends_farewell(tmp_path: Path) -> No
             assert code in _expected_exit_codes((), signal.SIGTERM)
             # (uvicorn may log "Waiting for connections to close" here: it does wait, for
             # as long as the view uses its grace period, which bounds the wait.)
-            assert "Finished server process" in server.stderr()
+            assert "Finished server process" in server.log()
         finally:
             client.close()
         records = server.records("f")
@@ -602,7 +420,7 @@ async def test_server_send_timeout_drops_client_that_stopped_reading(
         baseline = await _settled_task_count(server)
     connected_at = time.time()
     # A small receive buffer, and no reads at all, not even of the response head.
-    stalled = await RawClient.request(server.port, "GET", "/flood?id=stalled", rcvbuf=4096)
+    stalled = await RawConnection.request(server.port, "GET", "/flood?id=stalled", rcvbuf=4096)
     try:
         with anyio.fail_after(5):
             disconnect = await server.wait_for("stalled", "disconnect")
@@ -612,7 +430,7 @@ async def test_server_send_timeout_drops_client_that_stopped_reading(
         stalled.close(reset=True)
 
     # The server is still healthy: a new client streams normally.
-    client = await RawClient.request(server.port, "GET", "/ticks?id=after-stall")
+    client = await RawConnection.request(server.port, "GET", "/ticks?id=after-stall")
     try:
         with anyio.fail_after(3):
             assert (await client.read_head()).status == 200
@@ -629,7 +447,7 @@ async def test_server_send_timeout_drops_client_that_stopped_reading(
 
 
 async def test_server_idle_stream_gets_pings(shared_server: ServerProcess) -> None:
-    client = await RawClient.request(shared_server.port, "GET", "/ping?id=ping")
+    client = await RawConnection.request(shared_server.port, "GET", "/ping?id=ping")
     arrivals: list[float] = []
     try:
         with anyio.fail_after(3):
@@ -651,7 +469,7 @@ async def test_server_head_returns_headers_without_starting_stream(
     shared_server: ServerProcess,
 ) -> None:
     server = shared_server
-    client = await RawClient.request(server.port, "HEAD", "/idle?id=head")
+    client = await RawConnection.request(server.port, "HEAD", "/idle?id=head")
     try:
         with anyio.fail_after(3):
             head = await client.read_head()
@@ -673,7 +491,7 @@ async def test_server_head_returns_headers_without_starting_stream(
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])
 async def test_server_other_methods_get_405(shared_server: ServerProcess, method: str) -> None:
     tag = f"405-{method}"
-    client = await RawClient.request(shared_server.port, method, f"/idle?id={tag}")
+    client = await RawConnection.request(shared_server.port, method, f"/idle?id={tag}")
     try:
         with anyio.fail_after(3):
             head = await client.read_head()

@@ -30,17 +30,11 @@ Run with `-s` to see the figures each test measured (docs/deployment.md quotes t
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import signal
-import socket
-import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +42,9 @@ from typing import Any
 import anyio
 import psutil
 import pytest
-from process_helpers import clean_env, free_port
+from support import servers
+from support.processes import clean_env
+from support.raw import RawConnection
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -124,25 +120,13 @@ SERVERS: dict[str, ServerSpec] = {
 
 
 @dataclass
-class Server:
+class Server(servers.ServerProcess):
     """One server process (in its own process group), and what its app recorded."""
 
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
     record_path: Path
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def records(self, tag: str, kind: str | None = None) -> list[dict[str, Any]]:
-        try:
-            text = self.record_path.read_text()
-        except FileNotFoundError:
-            return []
-        # Only whole lines: the server may be appending one right now.
-        found = [json.loads(line) for line in text.split("\n")[:-1] if line]
+        found = servers.read_records(self.record_path)
         return [r for r in found if r["id"] == tag and (kind is None or r["kind"] == kind)]
 
     async def wait_for(self, tag: str, kind: str, count: int = 1) -> list[dict[str, Any]]:
@@ -153,71 +137,18 @@ class Server:
             await anyio.sleep(0.02)
         return found
 
-    async def wait_exit(self) -> int:
-        """The exit code, once the server has exited; callers bound the wait."""
-        while True:
-            code = self.proc.poll()
-            if code is not None:
-                return code
-            await anyio.sleep(0.01)
-
     def serving_pid(self, tag: str) -> int:
         """The pid of the process that runs stream `tag` (a worker, for some servers)."""
         return int(self.records(tag, "events")[0]["pid"])
 
-    def kill(self) -> None:
-        """Kill the whole process group; reap the leader."""
-        if self.proc.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        with suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-
-
-def _answers(port: int) -> bool:
-    """Whether GET /health answers 200 (a blocking check with a short timeout)."""
-    try:
-        with socket.create_connection((HOST, port), timeout=1) as sock:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            return sock.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
-
 
 def start_server(name: str, tmp: Path, *, argv: Callable[[int], list[str]] | None = None) -> Server:
     """Start server `name` (or `argv`) on a free port and wait until it serves."""
-    if argv is None:
-        argv = SERVERS[name].argv
-    for attempt in range(3):
-        port = free_port()
-        log_path = tmp / f"{name}-{port}.log"
-        record_path = tmp / f"{name}-{port}.jsonl"
-        env = clean_env(**{RECORD_ENV: str(record_path)})
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                argv(port),
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        server = Server(name, proc, port, record_path, log_path)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                if _answers(port):
-                    return server
-                time.sleep(0.05)
-        except BaseException:
-            server.kill()
-            raise
-        server.kill()
-        if attempt == 2 or "address already in use" not in server.log().lower():
-            pytest.fail(f"{name} did not start on port {port}:\n{server.log()}")
-    raise AssertionError("unreachable")
+    record_path = tmp / f"{name}.jsonl"
+    env = servers.with_repo_on_path(clean_env(**{RECORD_ENV: str(record_path)}))
+    command = SERVERS[name].argv if argv is None else argv
+    started = servers.start_server(command, tmp, env, name=name, seconds=STARTUP_TIMEOUT)
+    return Server(**vars(started), record_path=record_path)
 
 
 @pytest.fixture(scope="module", params=list(SERVERS))
@@ -244,87 +175,16 @@ def report(server: Server, case: str, **figures: Any) -> None:
 # -- a raw HTTP/1.1 client ------------------------------------------------------------
 
 
-class RawClient:
-    """HTTP/1.1 over one non-blocking loopback socket; the test sees the framing.
-
-    Its coroutines take no timeout: the tests bound them with `anyio.fail_after`.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-
-    @classmethod
-    async def get(cls, port: int, path: str, *, rcvbuf: int | None = None) -> RawClient:
-        """Connect and send `GET path`; the caller must `close()` the client."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            if rcvbuf is not None:
-                # Before connect(), so that the TCP window is negotiated for it.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.setblocking(False)
-            err = sock.connect_ex((HOST, port))
-            if err not in (0, errno.EINPROGRESS):
-                raise OSError(err, os.strerror(err))
-            await anyio.wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
-            # A request this small always fits the empty send buffer at once.
-            sock.send(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
-
-    async def _fill(self) -> None:
-        await anyio.wait_readable(self.sock)
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("the server closed the connection")
-        self.buffer += data
-
-    async def _read_until(self, separator: bytes) -> bytes:
-        while (end := self.buffer.find(separator)) < 0:
-            await self._fill()
-        data = bytes(self.buffer[: end + len(separator)])
-        del self.buffer[: end + len(separator)]
-        return data
-
-    async def read_head(self) -> tuple[int, dict[str, str]]:
-        status_line, *lines = (await self._read_until(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        headers = {}
-        for line in filter(None, lines):
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return int(status_line.split(" ", 2)[1]), headers
-
-    async def read_chunk(self) -> bytes:
-        """The next chunk of a chunked body; b"" is the terminal 0-size chunk."""
-        size = int((await self._read_until(b"\r\n")).split(b";")[0], 16)
-        while len(self.buffer) < size + 2:
-            await self._fill()
-        data = bytes(self.buffer[:size])
-        assert self.buffer[size : size + 2] == b"\r\n", "bad chunk framing"
-        del self.buffer[: size + 2]
-        return data
-
-    async def read_rest(self) -> tuple[bytes, bool]:
-        """Read the response to its end: (the body, whether it ended with its terminal chunk)."""
-        body = b""
-        try:
-            await self.read_head()
-            while chunk := await self.read_chunk():
-                body += chunk
-        except (EOFError, ConnectionResetError):
-            return body, False
-        return body, True
-
-    def close(self, *, reset: bool = False) -> None:
-        if reset:
-            # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
+async def read_rest(client: RawConnection) -> tuple[bytes, bool]:
+    """Read the response to its end: (the body, whether it ended with its terminal chunk)."""
+    body = b""
+    try:
+        await client.read_head()
+        while chunk := await client.read_chunk():
+            body += chunk
+    except (EOFError, ConnectionResetError):
+        return body, False
+    return body, True
 
 
 # -- 1. the head at once, and pings ---------------------------------------------------
@@ -333,27 +193,26 @@ class RawClient:
 async def test_matrix_head_arrives_at_once(server: Server) -> None:
     tag = "head"
     started = time.monotonic()
-    client = await RawClient.get(server.port, f"/idle?id={tag}")
+    client = await RawConnection.request(server.port, "GET", f"/idle?id={tag}")
     try:
         with anyio.fail_after(5):
-            status, headers = await client.read_head()
+            head = await client.read_head()
         elapsed = time.monotonic() - started
     finally:
         client.close()
     report(server, "head", seconds=elapsed)
-    assert status == 200
-    assert headers["content-type"].startswith("text/event-stream")
+    assert head.status == 200
+    assert head.headers["content-type"].startswith("text/event-stream")
     # With ping_interval = 15 nothing but the head itself can have made it arrive.
     assert elapsed < 0.5
 
 
 async def test_matrix_pings_arrive(server: Server) -> None:
     started = time.monotonic()
-    client = await RawClient.get(server.port, "/ping?id=ping")
+    client = await RawConnection.request(server.port, "GET", "/ping?id=ping")
     try:
         with anyio.fail_after(5):
-            status, _ = await client.read_head()
-            assert status == 200
+            assert (await client.read_head()).status == 200
             body = b""
             while body.count(b": ping\n") < 3:
                 body += await client.read_chunk()
@@ -371,7 +230,7 @@ async def test_matrix_pings_arrive(server: Server) -> None:
 @pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
 async def test_matrix_client_close_is_noticed_within_1s(server: Server, reset: bool) -> None:
     tag = "close-rst" if reset else "close-fin"
-    client = await RawClient.get(server.port, f"/idle?id={tag}")
+    client = await RawConnection.request(server.port, "GET", f"/idle?id={tag}")
     try:
         with anyio.fail_after(5):
             await server.wait_for(tag, "events")
@@ -393,14 +252,14 @@ def _stream_tags(count: int) -> list[str]:
     return [f"farewell-{n}" if n < FAREWELLS else f"idle-{n}" for n in range(count)]
 
 
-async def _open_streams(server: Server, tags: list[str]) -> list[RawClient]:
+async def _open_streams(server: Server, tags: list[str]) -> list[RawConnection]:
     """One client per tag, each on its view (the id's prefix), all running events()."""
-    clients: list[RawClient] = []
+    clients: list[RawConnection] = []
     try:
         with anyio.fail_after(20):
             for tag in tags:
                 view = tag.split("-")[0]
-                clients.append(await RawClient.get(server.port, f"/{view}?id={tag}"))
+                clients.append(await RawConnection.request(server.port, "GET", f"/{view}?id={tag}"))
             for tag in tags:
                 await server.wait_for(tag, "events")
     except BaseException:
@@ -425,14 +284,14 @@ async def test_matrix_sigterm_ends_every_stream_and_exits_within_2s(
 ) -> None:
     server = start_server(name, tmp_path)
     tags = _stream_tags(STREAMS)
-    clients: list[RawClient] = []
+    clients: list[RawConnection] = []
     try:
         clients = await _open_streams(server, tags)
         signalled_at, code = await _sigterm(server, within=10)
         exited = time.time() - signalled_at
         assert code is not None, f"still running 10 s after SIGTERM:\n{server.log()}"
         with anyio.fail_after(5):
-            bodies = [await client.read_rest() for client in clients]
+            bodies = [await read_rest(client) for client in clients]
     finally:
         for client in clients:
             client.close()
@@ -476,7 +335,7 @@ WITHOUT_RECIPE: dict[str, Callable[[int], list[str]]] = {
 async def test_matrix_sigterm_without_recipe_is_late_or_abrupt(name: str, tmp_path: Path) -> None:
     server = start_server(name, tmp_path, argv=WITHOUT_RECIPE[name])
     tags = _stream_tags(5)
-    clients: list[RawClient] = []
+    clients: list[RawConnection] = []
     try:
         clients = await _open_streams(server, tags)
         signalled_at, code = await _sigterm(server, within=5)
@@ -502,7 +361,7 @@ async def test_matrix_sigterm_without_recipe_is_late_or_abrupt(name: str, tmp_pa
             return
         assert code == 0, server.log()
         with anyio.fail_after(5):
-            bodies = [await client.read_rest() for client in clients]
+            bodies = [await read_rest(client) for client in clients]
     finally:
         for client in clients:
             client.close()
@@ -528,7 +387,7 @@ async def test_matrix_sigterm_without_recipe_is_late_or_abrupt(name: str, tmp_pa
 async def test_matrix_client_that_never_reads_is_dropped_with_send_timeout(server: Server) -> None:
     tag = "stalled"
     # A small receive buffer, and no reads at all, not even of the response head.
-    client = await RawClient.get(server.port, f"/flood?id={tag}", rcvbuf=4096)
+    client = await RawConnection.request(server.port, "GET", f"/flood?id={tag}", rcvbuf=4096)
     try:
         with anyio.fail_after(5):
             [started] = await server.wait_for(tag, "events")
@@ -551,7 +410,7 @@ async def test_matrix_client_that_never_reads_is_dropped_with_send_timeout(serve
     assert disconnect["t"] - started["t"] < 1.0 + SEND_TIMEOUT
 
 
-async def _assert_buffers_without_bound(server: Server, tag: str, client: RawClient) -> None:
+async def _assert_buffers_without_bound(server: Server, tag: str, client: RawConnection) -> None:
     """daphne: `send()` never blocks, so the stream goes on and the server's memory grows
     by what it writes, until the client goes away."""
     process = psutil.Process(server.serving_pid(tag))

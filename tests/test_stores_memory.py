@@ -7,6 +7,7 @@ import anyio.lowlevel
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.broadcast import no_deliver
 
 from sseviews import InvalidLastEventId
 from sseviews.stores.base import (
@@ -24,10 +25,6 @@ from sseviews.stores.memory import MemoryStore
 pytestmark = pytest.mark.anyio
 
 EPOCH = re.compile(r"[0-9a-f]{8}")
-
-
-async def no_deliver(seq: int, wire: bytes) -> None:
-    return None
 
 
 async def append(store: MemoryStore, group: str, data: str = "x") -> int:

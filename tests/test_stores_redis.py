@@ -10,8 +10,9 @@ import anyio
 import pytest
 import redis.asyncio
 import redis.exceptions
-from process_helpers import free_port
-from redis_helpers import (
+from support.broadcast import data, no_deliver
+from support.processes import free_port
+from support.redis import (
     REDIS_URL,
     RedisServer,
     delete_prefix,
@@ -35,14 +36,6 @@ async def store(prefix: str) -> AsyncIterator[RedisStore]:
         await store.connect()
     yield store
     await store.disconnect()
-
-
-async def no_deliver(seq: int, wire: bytes) -> None:
-    pass
-
-
-def data(text: str) -> bytes:
-    return b"data: %s\n\n" % text.encode()
 
 
 # -- ids and epochs ------------------------------------------------------------------

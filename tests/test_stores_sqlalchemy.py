@@ -18,6 +18,7 @@ import anyio
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from support.postgres import PG_URL
 
 from sseviews import BackendError, BroadcastNotConnected
 from sseviews.stores.base import Position, id_line
@@ -25,7 +26,6 @@ from sseviews.stores.sqlalchemy import SQLAlchemyStore
 
 pytestmark = pytest.mark.anyio
 
-PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 TABLES = ("v2_events", "v2_groups")
 
 
@@ -364,6 +364,7 @@ async def test_store_concurrent_connect_agrees_on_epoch(database: Database) -> N
     await connect_together([database.store() for _ in range(4)])
 
 
+@pytest.mark.slow
 async def test_store_sqlite_new_file_many_stores_connect_together(tmp_path: Path) -> None:
     # SQLite refuses the switch to WAL at once, without its busy wait, while another
     # connection opens the same new file: a new file, many times, shows it.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -13,6 +12,7 @@ import jwt
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
+from support.apps import app_for
 
 from sseviews import (
     EXPIRED_EVENT,
@@ -309,12 +309,7 @@ def group_app(broadcast: Broadcast, forbidden: str | None = None) -> Starlette:
 
     RoomView.broadcast = broadcast
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    return Starlette(routes=[Route("/rooms", RoomView)], lifespan=lifespan)
+    return app_for(broadcast, Route("/rooms", RoomView))
 
 
 async def test_tokens_groups_claim_limits_the_groups() -> None:

@@ -18,9 +18,9 @@ from typing import Any
 
 import anyio
 import pytest
-from redis_helpers import REDIS_URL, delete_prefix
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from support.redis import REDIS_URL, delete_prefix
 
 from sseviews import Broadcast, Event
 from sseviews.stores.base import Position, parse_id

@@ -9,7 +9,6 @@ import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, ClassVar, Literal, NotRequired, TypedDict
 
 import anyio
@@ -18,6 +17,7 @@ from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+from support.apps import app_for
 
 from sseviews import Broadcast, Event, EventStreamView
 from sseviews._eventtypes import EVENT_CHECKS_KEY, EventTypes
@@ -275,12 +275,7 @@ async def test_event_types_client_checks_relayed_group_events() -> None:
 
     Room.broadcast = broadcast
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    app = Starlette(routes=[Route("/room", Room)], lifespan=lifespan)
+    app = app_for(broadcast, Route("/room", Room))
     async with EventStreamClient(app, timeout=TIMEOUT) as client:
         async with client.stream("/room") as stream:
             await broadcast.publish("room", Event(Chat("hi"), event="chat"))

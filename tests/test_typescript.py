@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI, Query
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
-from typescript_helpers import tsc
+from support.typescript import tsc
 
 from sseviews import Broadcast, EventStreamView, StreamRouter
 from sseviews._cli import main

@@ -3,40 +3,24 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 import anyio
 import anyio.lowlevel
 import pytest
-from broadcast_helpers import YieldingStore, steps
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
+from support.apps import app_for
+from support.broadcast import YieldingStore, steps
 
-from sseviews import (
-    RESET_EVENT,
-    BackendError,
-    Broadcast,
-    DisconnectReason,
-    Event,
-    EventStreamView,
-)
+from sseviews import RESET_EVENT, BackendError, Broadcast, DisconnectReason, Event, EventStreamView
 from sseviews.stores.memory import MemoryStore
 from sseviews.testing import EventStream, EventStreamClient
 
 pytestmark = pytest.mark.anyio
 
 TIMEOUT = 3.0
-
-
-def app_for(broadcast: Broadcast, *routes: Route) -> Starlette:
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    return Starlette(routes=list(routes), lifespan=lifespan)
 
 
 class Ended:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -13,6 +13,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
+from support.apps import app_for
 
 from sseviews import Broadcast, DisconnectReason, EventStreamView
 from sseviews.testing import EventStreamClient
@@ -292,15 +293,6 @@ def test_max_connections_valid_settings_accepted(name: str, value: Any) -> None:
 
 
 # -- authorize_group -----------------------------------------------------------------------
-
-
-def app_for(broadcast: Broadcast, *routes: Route) -> Starlette:
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with broadcast:
-            yield
-
-    return Starlette(routes=list(routes), lifespan=lifespan)
 
 
 AUTH = {"authorization": "Bearer ok"}

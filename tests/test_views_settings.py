@@ -460,3 +460,64 @@ def test_settings_base_view_without_events_is_accepted_at_class_creation() -> No
 
     Room.broadcast = Broadcast("memory://")
     assert Clock.on_connect is Authenticated.on_connect
+
+
+# -- class settings -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("ping_interval", 0, ValueError),
+        ("ping_interval", -1, ValueError),
+        ("ping_interval", "15", TypeError),
+        ("ping_interval", True, TypeError),
+        ("send_timeout", 0, ValueError),
+        ("send_timeout", -0.5, ValueError),
+        ("send_timeout", "30", TypeError),
+        ("shutdown_grace_period", -1, ValueError),
+        ("shutdown_grace_period", None, TypeError),
+        ("disconnect_timeout", 0, ValueError),
+        ("disconnect_timeout", None, TypeError),
+        ("retry", -1, ValueError),
+        ("retry", 1.5, TypeError),
+        ("retry", True, TypeError),
+        ("retry", "1000", TypeError),
+        ("headers", [("x-a", "1")], TypeError),
+        ("headers", "x-a: 1", TypeError),
+        ("headers", {"x-a": 1}, TypeError),
+        ("headers", {b"x-a": "1"}, TypeError),
+    ],
+)
+def test_view_invalid_class_setting_raises_at_definition(
+    name: str, value: Any, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=name):
+        type("Bad", (EventStreamView,), {name: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ping_interval", None),
+        ("ping_interval", 0.5),
+        ("send_timeout", None),
+        ("shutdown_grace_period", 0),
+        ("retry", 0),
+        ("retry", None),
+        ("headers", {"x-a": "1"}),
+    ],
+)
+def test_view_valid_class_setting_accepted(name: str, value: Any) -> None:
+    view = type("Good", (EventStreamView,), {name: value})
+    assert getattr(view, name) == value
+
+
+def test_view_invalid_setting_checked_in_grandchild() -> None:
+    class Base(EventStreamView):
+        ping_interval = 1
+
+    with pytest.raises(ValueError, match="ping_interval"):
+
+        class Child(Base):
+            ping_interval = -1

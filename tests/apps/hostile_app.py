@@ -43,16 +43,15 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 import anyio
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from sseviews import BackendError, Broadcast, DisconnectReason, Event, EventStreamView, Metrics
+from tests.support.apps import app_for
 
 BROADCAST_ENV = "SSEVIEWS_FAULT_BROADCAST"
 HISTORY_ENV = "SSEVIEWS_FAULT_HISTORY"
@@ -253,25 +252,17 @@ async def debug(request: Request) -> JSONResponse:
     )
 
 
-@asynccontextmanager
-async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    async with broadcast:
-        yield
-
-
-app = Starlette(
-    routes=[
-        Route("/health", health),
-        Route("/debug", debug),
-        Route("/ticks", TickView),
-        Route("/idle", IdleView),
-        Route("/echo", EchoView),
-        Route("/flood", FloodView),
-        Route("/vanish", VanishView),
-        Route("/inject", InjectView),
-        Route("/rooms/{room}", RoomView, methods=["GET", "HEAD"]),
-        Route("/rooms/{room}", publish, methods=["POST"]),
-        Route("/multi", MultiView),
-    ],
-    lifespan=lifespan,
+app = app_for(
+    broadcast,
+    Route("/health", health),
+    Route("/debug", debug),
+    Route("/ticks", TickView),
+    Route("/idle", IdleView),
+    Route("/echo", EchoView),
+    Route("/flood", FloodView),
+    Route("/vanish", VanishView),
+    Route("/inject", InjectView),
+    Route("/rooms/{room}", RoomView, methods=["GET", "HEAD"]),
+    Route("/rooms/{room}", publish, methods=["POST"]),
+    Route("/multi", MultiView),
 )

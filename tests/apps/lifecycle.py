@@ -10,9 +10,7 @@ Each stream is tagged with its `?id=` query parameter.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,21 +21,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sseviews import DisconnectReason, Event, EventStreamView
+from tests.apps.recording import append_record
 
 RECORD_ENV = "SSEVIEWS_TEST_RECORD"
 
 
 def record(kind: str, **fields: Any) -> None:
-    """Append one JSON line; opened per write so it is on disk before the process exits."""
-    path = os.environ.get(RECORD_ENV)
-    if not path:
-        return
-    line = json.dumps({"kind": kind, "pid": os.getpid(), "t": time.time(), **fields})
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
+    append_record(RECORD_ENV, kind, **fields)
 
 
 class RecordingView(EventStreamView):

@@ -16,9 +16,7 @@ Two apps, the same routes:
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sseviews import DisconnectReason, Event, EventStreamView, ShutdownMiddleware
+from tests.apps.recording import append_record
 
 RECORD_ENV = "SSEVIEWS_MATRIX_RECORD"
 #: FloodView's pace: one CHUNK every PACE seconds (6.5 MB/s), at most LIMIT bytes in all,
@@ -39,16 +38,7 @@ LIMIT = 64 * 1024 * 1024
 
 
 def record(kind: str, **fields: Any) -> None:
-    """Append one JSON line; opened per write so it is on disk before the process exits."""
-    path = os.environ.get(RECORD_ENV)
-    if not path:
-        return
-    line = json.dumps({"kind": kind, "pid": os.getpid(), "t": time.time(), **fields})
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
+    append_record(RECORD_ENV, kind, **fields)
 
 
 class RecordingView(EventStreamView):

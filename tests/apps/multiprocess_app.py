@@ -21,15 +21,13 @@ Routes:
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sseviews import BackendError, Broadcast, EventStreamView
+from tests.support.apps import app_for
 
 URL_ENV = "SSEVIEWS_TEST_REDIS_URL"
 PREFIX_ENV = "SSEVIEWS_TEST_REDIS_PREFIX"
@@ -68,17 +66,9 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"pid": os.getpid()})
 
 
-@asynccontextmanager
-async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    async with broadcast:
-        yield
-
-
-app = Starlette(
-    routes=[
-        Route("/rooms/{room}", RoomView, methods=["GET", "HEAD"]),
-        Route("/rooms/{room}", publish, methods=["POST"]),
-        Route("/health", health, methods=["GET"]),
-    ],
-    lifespan=lifespan,
+app = app_for(
+    broadcast,
+    Route("/rooms/{room}", RoomView, methods=["GET", "HEAD"]),
+    Route("/rooms/{room}", publish, methods=["POST"]),
+    Route("/health", health, methods=["GET"]),
 )

@@ -17,11 +17,8 @@ Routes:
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -29,6 +26,7 @@ from starlette.routing import Route
 from sseviews import Broadcast, EventStreamView
 from sseviews.backends.postgres import PostgresBackend
 from sseviews.backends.redis import RedisBackend
+from tests.support.apps import app_for
 
 broadcast = Broadcast(
     os.environ.get("SSEVIEWS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -69,18 +67,10 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"pid": os.getpid()})
 
 
-@asynccontextmanager
-async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    async with broadcast:
-        yield
-
-
-app = Starlette(
-    routes=[
-        Route("/rooms/{room}", RoomView, methods=["GET", "HEAD"]),
-        Route("/rooms/{room}", publish, methods=["POST"]),
-        Route("/presence/{room}", presence, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-    ],
-    lifespan=lifespan,
+app = app_for(
+    broadcast,
+    Route("/rooms/{room}", RoomView, methods=["GET", "HEAD"]),
+    Route("/rooms/{room}", publish, methods=["POST"]),
+    Route("/presence/{room}", presence, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
 )

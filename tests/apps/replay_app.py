@@ -21,15 +21,13 @@ Routes:
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sseviews import Broadcast, EventStreamView
+from tests.support.apps import app_for
 
 broadcast = Broadcast(
     os.environ.get("SSEVIEWS_REPLAY_BROADCAST", "memory://"),
@@ -62,18 +60,10 @@ async def debug(request: Request) -> JSONResponse:
     return JSONResponse({"subscribers": broadcast.subscriber_count})
 
 
-@asynccontextmanager
-async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    async with broadcast:
-        yield
-
-
-app = Starlette(
-    routes=[
-        Route("/health", health),
-        Route("/debug", debug),
-        Route("/fill", fill, methods=["POST"]),
-        Route("/big", BigView),
-    ],
-    lifespan=lifespan,
+app = app_for(
+    broadcast,
+    Route("/health", health),
+    Route("/debug", debug),
+    Route("/fill", fill, methods=["POST"]),
+    Route("/big", BigView),
 )

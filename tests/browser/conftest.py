@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
-from process_helpers import clean_env, free_port, stop_process, wait_until_serving
+from support.processes import clean_env, free_port, stop_process, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"

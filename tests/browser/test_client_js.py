@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Page
-from process_helpers import clean_env, free_port, stop_process, wait_until_serving
+from support.processes import clean_env, free_port, stop_process, wait_until_serving
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ what a client receives must agree exactly, event by event (type, data, lastEvent
 - `sseviews.testing.EventParser` fed the exact bytes the server sent;
 - what Chromium's `EventSource` dispatched to the page.
 
-Run `pytest tests/browser/test_encoder_corpus.py`; screenshots land in `test-artifacts/`.
+Run `pytest -m "" tests/browser/test_encoder_corpus.py`; screenshots land in `test-artifacts/`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from corpus_app import CORPORA, END
 from playwright.sync_api import Page, Request
-from process_helpers import clean_env, free_port, stop_process, wait_until_serving
+from support.processes import clean_env, free_port, stop_process, wait_until_serving
 
 from sseviews import Event
 from sseviews._events import encode_data

@@ -1,6 +1,6 @@
 """The example project's pages in headless Chromium, against a real uvicorn.
 
-Run `pytest tests/browser`; screenshots land in `test-artifacts/`.
+Run `pytest -m "" tests/browser`; screenshots land in `test-artifacts/`.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Page
-from process_helpers import clean_env, free_port, stop_process, wait_until_serving
-from typescript_helpers import tsc
+from support.processes import clean_env, free_port, stop_process, wait_until_serving
+from support.typescript import tsc
 
 pytestmark = pytest.mark.slow
 

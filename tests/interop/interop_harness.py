@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import pytest
 from interop_app import PARSE_EVENTS, PING_INTERVAL, PING_SECONDS
-from process_helpers import clean_env, free_port, stop_process, wait_until_serving
+from support.processes import clean_env, free_port, stop_process, wait_until_serving
 
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"

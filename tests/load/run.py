@@ -64,7 +64,6 @@ import random
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,15 +74,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 import uvloop
 
 from .app import RECORD_ENV, raise_nofile_limit
 
 try:  # under pytest, tests/ is on sys.path
-    from process_helpers import clean_env, free_port, stop_process, wait_until_serving
+    from support.processes import clean_env
+    from support.servers import ServerProcess as Server
+    from support.servers import start_server, uvicorn
 except ImportError:  # `python -m tests.load.run` from the repo root
-    from tests.process_helpers import clean_env, free_port, stop_process, wait_until_serving
+    from tests.support.processes import clean_env
+    from tests.support.servers import ServerProcess as Server
+    from tests.support.servers import start_server, uvicorn
 
 T = TypeVar("T")
 
@@ -112,57 +114,11 @@ HELD_FRACTION = 0.8
 # -- the server process ---------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    """A uvicorn serving the load app in its own session."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            stop_process(self.proc)
-
-
-def _start_server(workdir: Path, record: Path | None) -> Server:
-    extra = {RECORD_ENV: str(record)} if record is not None else {}
-    env = clean_env(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **extra
-    )
-    for attempt in range(3):
-        port = free_port()
-        log = workdir / f"uvicorn-{port}.log"
-        with log.open("wb") as output:
-            proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "uvicorn", APP, "--factory",
-                    "--host", HOST, "--port", str(port),
-                    "--loop", "uvloop", "--http", "httptools",
-                    "--no-access-log", "--backlog", "4096",
-                ],
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        server = Server(proc, port, log)
-        try:
-            wait_until_serving(proc, f"http://{HOST}:{port}/debug/stats", server.output)
-        except BaseException as exc:
-            server.stop()
-            # free_port() races with other processes binding ports: try another one.
-            retry = isinstance(exc, pytest.fail.Exception) and attempt < 2
-            if retry and "address already in use" in server.output().lower():
-                continue
-            raise
-        return server
-    raise AssertionError("unreachable")
+#: The load app under uvicorn as production runs it: uvloop, httptools, a deep backlog.
+UVICORN = uvicorn(
+    APP, "--factory", "--loop", "uvloop", "--http", "httptools",
+    "--no-access-log", "--backlog", "4096",
+)  # fmt: skip
 
 
 @contextmanager
@@ -170,11 +126,12 @@ def uvicorn_server(workdir: Path, record: Path | None = None) -> Iterator[Server
     """Run the load app under uvicorn until the block ends; it is always stopped."""
     # The server inherits the raised limit too (and raises its own in create_app()).
     raise_nofile_limit()
-    server = _start_server(workdir, record)
-    try:
+    extra = {RECORD_ENV: str(record)} if record is not None else {}
+    env = clean_env(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **extra
+    )
+    with start_server(UVICORN, workdir, env, health="/debug/stats", seconds=20) as server:
         yield server
-    finally:
-        server.stop()
 
 
 async def request_json(port: int, method: str, path: str) -> Any:
@@ -1010,7 +967,7 @@ def run_shutdown(config: ShutdownConfig, workdir: Path) -> Report:
     record = workdir / "shutdown-record.json"
     with uvicorn_server(workdir, record) as server:
         result = _run(_shutdown(config, server), seconds=120)
-    log = server.output()  # complete: the server has exited, or been stopped
+    log = server.log()  # complete: the server has exited, or been stopped
     try:
         counts: dict[str, Any] | None = json.loads(record.read_text())
     except FileNotFoundError:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-TSC = Path(__file__).resolve().parent / "browser" / "node_modules" / ".bin" / "tsc"
+TSC = Path(__file__).resolve().parents[1] / "browser" / "node_modules" / ".bin" / "tsc"
 # What a front end would use: strict, ES modules, the DOM.
 TSC_OPTIONS = ["--strict", "--target", "es2020", "--module", "es2020", "--lib", "es2020,dom"]
 

@@ -1,7 +1,11 @@
-"""Helpers for the Broadcast tests."""
+"""Helpers for the tests of Broadcast, its live backends and its stores: a store that
+yields to other tasks, a recorder of what a backend dispatches, and id checks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import anyio
 import anyio.lowlevel
 
 from sseviews.stores.base import Page, Position, parse_cursor
@@ -48,3 +52,48 @@ def steps(start: str, ids: list[str]) -> list[tuple[int, Position]]:
         moved.append((index, new))
         positions = now
     return moved
+
+
+class Recorder:
+    """Records what a live backend dispatches, and the failures it reports."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, bytes]] = []
+        self.failures: list[BaseException] = []
+        self._changed = anyio.Event()
+
+    def dispatch(self, group: str, seq: int, wire: bytes) -> None:
+        self.events.append((group, seq, wire))
+        self._wake()
+
+    def on_failure(self, error: BaseException) -> None:
+        self.failures.append(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_until(self, check: Callable[[], bool]) -> None:
+        """Return once `check()` holds; callers bound the wait."""
+        while not check():
+            await self._changed.wait()
+
+    async def wait_events(self, count: int) -> None:
+        await self.wait_until(lambda: len(self.events) >= count)
+
+    async def wait_failures(self, count: int) -> None:
+        await self.wait_until(lambda: len(self.failures) >= count)
+
+    @property
+    def seqs(self) -> list[int]:
+        return [seq for _, seq, _ in self.events]
+
+
+async def no_deliver(seq: int, wire: bytes) -> None:
+    """A store's `deliver` callback for appends no subscriber waits for."""
+
+
+def data(text: str) -> bytes:
+    """`text` as one SSE message's wire bytes."""
+    return b"data: %s\n\n" % text.encode()
