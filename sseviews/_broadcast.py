@@ -786,7 +786,9 @@ class Subscription:
             if delivery.epoch is self._epoch:
                 # One group, live, in the epoch of its last event (the broadcast hands
                 # every subscription the same epoch object): the hot path.
-                if seq <= self._floor:
+                if seq != self._floor + 1:
+                    if seq > self._floor:
+                        self._gap(self._lane, delivery)
                     return
                 self._floor = seq
             elif not self._offer_other(delivery):
@@ -818,8 +820,10 @@ class Subscription:
         if not self._started:
             return epoch != lane.epoch or seq > lane.floor
         if epoch == lane.epoch:
-            if seq <= self._floor:
-                self._epoch = epoch
+            self._epoch = epoch
+            if seq != self._floor + 1:
+                if seq > self._floor:
+                    self._gap(lane, delivery)
                 return False
         else:
             # The group started a new epoch (its history was lost): go on in it.
@@ -836,6 +840,9 @@ class Subscription:
             return
         if delivery.epoch == lane.epoch and delivery.seq <= lane.floor:
             return
+        if self._started and delivery.epoch == lane.epoch and delivery.seq != lane.floor + 1:
+            self._gap(lane, delivery)
+            return
         if self._started:
             lane.epoch = delivery.epoch
             lane.seq = lane.floor = delivery.seq
@@ -846,6 +853,32 @@ class Subscription:
             self._overflow()
         elif self._started:
             self._ready()
+
+    def _gap(self, lane: _Lane | None, delivery: Delivery) -> None:
+        """A live event of `lane`'s epoch arrived beyond the next seq the stream
+        expects: the events in between were published (their ids are taken) but
+        arrive later, or never to this process. Read them from the history first."""
+        if lane is None:  # never: a lane is known once the subscription is live
+            return
+        if lane is self._lane:
+            # One group: the hot path moves only `_floor`.
+            lane.seq = lane.floor = self._floor
+        ready, self._live = self._live, []
+        self._fill(lane, delivery.seq, ready, [delivery])
+        self._ready()
+
+    def _fill(self, lane: _Lane, seq: int, ready: list[Delivery], held: list[Delivery]) -> None:
+        """Hold the live events from `held` on, and read `lane`'s history up to `seq - 1`
+        (the hole before `seq`) after the events of `ready`, as a replay does."""
+        if ready:
+            self._backlog = [*self._backlog, *[delivery.wire for delivery in ready]]
+        lane.cursor = lane.floor
+        lane.upto = lane.floor = seq - 1
+        self._replay = [lane]
+        self._live = held
+        self._bytes = sum(len(delivery.wire) for delivery in held)
+        self._started = False
+        self._epoch = None
 
     def _composite(self, group: str, seq: int, wire: bytes) -> Delivery:
         """A copy of a stored event (at its lane's position) with the stream's id."""
@@ -921,17 +954,25 @@ class Subscription:
         self._live = held
         self._bytes = sum(len(delivery.wire) for delivery in held)
 
-    def _go_live(self) -> list[Delivery]:
-        """End the replay: the held live events newer than it are ready."""
+    def _go_live(self) -> bool:
+        """End the replay: the held live events newer than it are ready, in order.
+        One beyond the next seq of its lane's epoch starts a read of the hole before
+        it instead (the events before it stay ready, those from it on held). True
+        when there is something to send or to read."""
         ready: list[Delivery] = []
+        held = self._live
         composite = self._by_group is not None
-        for delivery in self._live:
+        for index, delivery in enumerate(held):
             if delivery.seq != EPHEMERAL_SEQ:
                 lane = self._lane_of(delivery)
                 if lane is None:
                     continue
-                if delivery.epoch == lane.epoch and delivery.seq <= lane.floor:
-                    continue
+                if delivery.epoch == lane.epoch:
+                    if delivery.seq <= lane.floor:
+                        continue
+                    if delivery.seq != lane.floor + 1:
+                        self._fill(lane, delivery.seq, ready, held[index:])
+                        return True
                 lane.epoch = delivery.epoch
                 lane.seq = lane.floor = delivery.seq
                 if composite:
@@ -946,7 +987,7 @@ class Subscription:
             self._epoch = None
             self._floor = lane.floor
         self._started = True
-        return ready
+        return bool(ready)
 
     def _queue_page(self, lane: _Lane, page: Page) -> None:
         """Queue one page of `lane`'s replay, and go live after the last one."""
@@ -987,13 +1028,29 @@ class Subscription:
         """
         lane = self._replay[0]
         after = Position(lane.epoch.decode(), lane.cursor)
-        page = await broadcast._read_page(self, lane.group, after, lane.upto)
-        if self._error is not None or self._broadcast is None:
-            self._replay = _NO_LANES  # failed or closed meanwhile
-            return
-        if page is not None:
-            self._queue_page(lane, page)
-            return
+        for wait in _HOLE_WAITS:
+            page = await broadcast._read_page(self, lane.group, after, lane.upto)
+            if self._error is not None or self._broadcast is None:
+                self._replay = _NO_LANES  # failed or closed meanwhile
+                return
+            if page is None:
+                break
+            if _whole(page, lane.cursor, lane.upto):
+                self._queue_page(lane, page)
+                return
+            # A seq of the range is not in the history: an event whose successor was
+            # delivered first, still being stored by another process, or a store
+            # that lost it. Wait a little for the former.
+            if wait is None:
+                logger.warning(
+                    "the history of group %r lacks events after seq %d up to %d that "
+                    "later events were delivered after; the stream gets the reset event",
+                    lane.group,
+                    lane.cursor,
+                    min(page.end, lane.upto),
+                )
+                break
+            await anyio.sleep(wait)
         # Events the replay had not reached yet were dropped meanwhile.
         heads = await broadcast._heads([lane.group for lane in self._lanes])
         if self._error is not None or self._broadcast is None:
@@ -1100,6 +1157,21 @@ class Subscription:
             if waiter is None:
                 waiter = self._waiter = Waiter()
             await waiter.wait()
+
+
+# Seconds to wait before reading again a page that lacks an event, then None: give
+# up and send the reset event.
+_HOLE_WAITS = (0.01, 0.05, 0.25, None)
+
+
+def _whole(page: Page, cursor: int, upto: int) -> bool:
+    """Whether a page of the history after `cursor` holds every seq up to its end: a
+    group's seqs have no gap within its epoch, so a missing one was not stored."""
+    events, end = page
+    last = min(end, upto)
+    if not events:
+        return last <= cursor
+    return events[0][0] == cursor + 1 and events[-1][0] == last and len(events) == last - cursor
 
 
 _EMPTY: list[bytes] = []  # shared by every subscription with no replay; never mutated
