@@ -282,6 +282,8 @@ class Broadcast:
         self.replay_page_bytes = replay_page_bytes
         # Made by connect(), in the event loop that serves the streams.
         self._replays: anyio.CapacityLimiter | None = None
+        # The history reads under way, by group, position and end: see _read_page.
+        self._reads: dict[tuple[str, str, int, int], _SharedRead] = {}
         if isinstance(url, LiveBackend):
             self.live = url
             url_text = "memory://"
@@ -627,11 +629,31 @@ class Broadcast:
         limiter = self._replays
         if limiter is None:
             raise BroadcastNotConnected("the broadcast is not connected")
-        await limiter.acquire_on_behalf_of(borrower)
+        # Every stream of a group that receives the same event early reads the same
+        # hole, and clients resuming together the same pages: one read serves them.
+        key = (group, after.epoch, after.seq, upto)
+        shared = self._reads.get(key)
+        if shared is not None:
+            await shared.done.wait()
+            if shared.read:
+                return shared.page
+            # That read failed or was cancelled: this one reads on its own.
+        shared = None
+        if key not in self._reads:
+            shared = self._reads[key] = _SharedRead()
         try:
-            return await self.store.read_page(group, after, upto, self.replay_page_bytes)
+            await limiter.acquire_on_behalf_of(borrower)
+            try:
+                page = await self.store.read_page(group, after, upto, self.replay_page_bytes)
+            finally:
+                limiter.release_on_behalf_of(borrower)
+            if shared is not None:
+                shared.page, shared.read = page, True
+            return page
         finally:
-            limiter.release_on_behalf_of(borrower)
+            if shared is not None:
+                del self._reads[key]
+                shared.done.set()
 
     def _reset_event(self, reason: str, heads: Sequence[Position]) -> Event:
         head_id = format_cursor(heads)
@@ -673,6 +695,17 @@ class Broadcast:
             yield subscription
         finally:
             subscription.close()
+
+
+class _SharedRead:
+    """A read of a page of history that other subscriptions wait for."""
+
+    __slots__ = ("done", "page", "read")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.read = False
+        self.page: Page | None = None
 
 
 class Delivery:

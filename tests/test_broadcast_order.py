@@ -322,3 +322,41 @@ async def test_order_view_sending_from_its_subscription_reads_the_hole(tmp_path:
             got = [(await stream.next_event(timeout=TIMEOUT)).id for _ in ids]
             assert got == ids
     assert live.reordered > 30
+
+
+class SlowStore(MemoryStore):
+    """A memory store whose page reads take a while, and are counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def read_page(
+        self, group: str, after: Position, upto: int, limit_bytes: int
+    ) -> Page | None:
+        self.reads += 1
+        await anyio.sleep(0.02)
+        return await super().read_page(group, after, upto, limit_bytes)
+
+
+async def test_order_streams_that_see_one_hole_read_it_once() -> None:
+    store = SlowStore()
+    live = ShufflingBackend(window=1, seed=0, lost={2})
+    async with Broadcast(live, history=store) as broadcast:
+        first = await broadcast.publish("g", "1")
+        results: list[list[str]] = []
+
+        async def stream(ready: anyio.Event) -> None:
+            async with broadcast.subscribe("g", last_event_id=first) as subscription:
+                ready.set()
+                results.append([event.data for event in await take(subscription, 2)])
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(20):
+                ready = anyio.Event()
+                tasks.start_soon(stream, ready)
+                await ready.wait()
+            await broadcast.publish("g", "2")
+            await broadcast.publish("g", "3")
+    assert results == [["2", "3"]] * 20
+    assert store.reads == 1
