@@ -354,14 +354,29 @@ class Broadcast:
         self._connected = True
         self._ever_connected = True
         if self._in_process:
-            workers = _worker_count()
-            if workers > 1:
-                logger.warning(
-                    "Broadcast('memory://') under %d worker processes: each worker has its "
-                    "own groups and history, so events published in one worker never reach "
-                    "clients of the others. Use redis://host:port/db or postgresql+asyncpg://...",
-                    workers,
-                )
+            self._check_alone()
+
+    def _check_alone(self) -> None:
+        """Warn when this in-process broadcast is not alone: events published in other
+        processes never reach its streams live."""
+        if not self.store._claim_alone():
+            # A history shared by processes whose live layers do not meet.
+            logger.warning(
+                "Broadcast('memory://') with the history %s, which another process (or "
+                "broadcast) uses too: events published there reach this process's clients "
+                "only when they reconnect or when a later event shows they are missing, "
+                "never live. Use redis://host:port/db for the live layer",
+                self.store,
+            )
+            return
+        workers = _worker_count()
+        if workers > 1:
+            logger.warning(
+                "Broadcast('memory://') under %d worker processes: each worker has its "
+                "own groups and history, so events published in one worker never reach "
+                "clients of the others. Use redis://host:port/db or postgresql+asyncpg://...",
+                workers,
+            )
 
     async def disconnect(self) -> None:
         """End every subscription and close the backend and the store."""

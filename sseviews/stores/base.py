@@ -183,6 +183,16 @@ class HistoryStore(ABC):
             BackendError: The store cannot be reached.
         """
 
+    def _claim_alone(self) -> bool:
+        """Claim the history for this store instance, until `disconnect()`: False when
+        another instance, here or in another process, holds the claim.
+
+        An in-process broadcast (`memory://` live) asks it: streams of two instances
+        sharing a history never receive each other's events live. A store that
+        cannot tell says True.
+        """
+        return True
+
     @abstractmethod
     async def head(self, group: str) -> Position:
         """Return `group`'s epoch and latest seq (0 before its first event).

@@ -30,7 +30,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -159,7 +158,9 @@ class SQLAlchemyStore(HistoryStore):
         self._where = self._engine.url.render_as_string(hide_password=True)
         self._lock = anyio.Lock()  # SQLite: one append at a time in this instance...
         # ...and in every process (and instance) on the file: see _append_slot.
-        self._file_lock = None if self._postgres else _lock_file_for(self._engine.url)
+        self._file = None if self._postgres else _sqlite_file(self._engine.url)
+        self._file_lock = None if self._file is None else _FileLock(f"{self._file}-sseviews.lock")
+        self._claim: _FileLock | None = None  # see _claim_alone
         self._group_locks: dict[str, list[Any]] = {}  # PostgreSQL: [lock, users] per group
         self._appends = anyio.CapacityLimiter(_MAX_APPENDS)
         self._connected = False
@@ -242,6 +243,29 @@ class SQLAlchemyStore(HistoryStore):
             await self._engine.dispose()
         if self._file_lock is not None:
             self._file_lock.close()
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.close()
+
+    def _claim_alone(self) -> bool:
+        """On SQLite, hold a second lock file (`<database>-<prefix>-alone.lock`) until
+        `disconnect()`; False when another instance holds it (see
+        `HistoryStore._claim_alone`). On PostgreSQL it cannot tell: True."""
+        if self._file is None or self._claim is not None:
+            return True
+        # Per table prefix: two apps may keep their histories in one file.
+        claim = _FileLock(f"{self._file}-{self.table_prefix}-alone.lock")
+        try:
+            claim.open()
+            if not claim.try_acquire():
+                claim.close()
+                return False
+        except OSError as exc:
+            claim.close()
+            logger.warning("SQL history %s: could not open %s: %r", self, claim.path, exc)
+            return True
+        self._claim = claim
+        return True
 
     async def sweep(self) -> int:
         """Delete the groups with no event younger than the idle expiry; return how many.
@@ -578,14 +602,14 @@ class SQLAlchemyStore(HistoryStore):
         return f"{self._where} ({self.table_prefix}_*)"
 
 
-def _lock_file_for(url: URL) -> _FileLock | None:
-    """The lock file of a SQLite database file (none for a database in memory)."""
+def _sqlite_file(url: URL) -> str | None:
+    """The absolute path of a SQLite database file (None for a database in memory)."""
     database = url.database or ""
     if database.startswith("file:"):
         database = database[5:].split("?", 1)[0]
     if database in ("", ":memory:") or url.query.get("mode") == "memory":
         return None
-    return _FileLock(Path(os.path.abspath(database) + "-sseviews.lock"))
+    return os.path.abspath(database)
 
 
 class _FileLock:
@@ -598,7 +622,7 @@ class _FileLock:
     the process ends.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         self._fd: int | None = None
 
@@ -615,6 +639,9 @@ class _FileLock:
         if self._fd is None:
             raise BroadcastNotConnected(f"the lock file {self.path} is not open: call connect()")
         return self._fd
+
+    def try_acquire(self) -> bool:
+        return _try_lock(self._fileno())
 
     async def acquire(self) -> None:
         fd = self._fileno()
