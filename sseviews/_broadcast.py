@@ -22,6 +22,13 @@ its position up to its head, group after group, and the live events above the
 heads wait until the replay is sent. The replay is read a page at a time, as the
 stream's writer sends it, so a resume holds one page of history at most.
 
+Live events may arrive out of id order when one system assigns the ids and another
+delivers them (a history shared by processes, delivery through Redis): a stored
+event beyond the next seq its group's stream expects shows a hole. The
+subscription then holds the live events and reads the hole from the history, as
+a replay, and goes on live dropping the late copies; a hole the history no longer
+holds gets the reset event. Nothing is skipped silently.
+
 A stream of one group sends the ids the store gave, in the shared wire bytes. A
 stream of several groups sends composite ids, every group's position in the
 order of the group names (`<e1>-<s1>.<e2>-<s2>...`): its subscription rewrites
@@ -761,7 +768,10 @@ class Subscription:
     composite id.
 
     The replay is held one page at a time: once a page is taken, `pending_history`
-    is true and `fill()` reads the next one, in the reader's own task.
+    is true and `fill()` reads the next one, in the reader's own task. A live
+    event that arrives before an earlier one of its group starts such a read too:
+    the events in between are read from the history first (the late copies are
+    then dropped as duplicates).
 
     Iteration raises `SlowConsumer` when more than `max_events` or `max_bytes`
     of live events were waiting, and `BackendError` when the backend failed:
@@ -1126,7 +1136,8 @@ class Subscription:
         return bool(self._replay) and not self._backlog
 
     async def fill(self) -> None:
-        """Read the replay's next page (when `pending_history`), in the reader's own task.
+        """Read the replay's next page (when `pending_history`), in the reader's own task:
+        the replay of a resume, or the events missing before one that arrived early.
 
         It waits for a slot of the broadcast's `max_concurrent_replays`. A backend
         failure ends the subscription with `BackendError` (raised by iteration, and
