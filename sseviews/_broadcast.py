@@ -841,13 +841,9 @@ class Subscription:
         seq = delivery.seq
         # An ephemeral event (seq 0: join/leave) has no id and is never a duplicate.
         if seq != EPHEMERAL_SEQ:
-            if delivery.epoch is self._epoch:
-                # One group, live, in the epoch of its last event (the broadcast hands
-                # every subscription the same epoch object): the hot path.
-                if seq != self._floor + 1:
-                    if seq > self._floor:
-                        self._gap(self._lane, delivery)
-                    return
+            if delivery.epoch is self._epoch and seq == self._floor + 1:
+                # One group, live, the next event of the epoch of its last one (the
+                # broadcast hands every subscription the same epoch object): the hot path.
                 self._floor = seq
             elif not self._offer_other(delivery):
                 return
@@ -912,12 +908,10 @@ class Subscription:
         elif self._started:
             self._ready()
 
-    def _gap(self, lane: _Lane | None, delivery: Delivery) -> None:
+    def _gap(self, lane: _Lane, delivery: Delivery) -> None:
         """A live event of `lane`'s epoch arrived beyond the next seq the stream
         expects: the events in between were published (their ids are taken) but
         arrive later, or never to this process. Read them from the history first."""
-        if lane is None:  # never: a lane is known once the subscription is live
-            return
         if lane is self._lane:
             # One group: the hot path moves only `_floor`.
             lane.seq = lane.floor = self._floor
