@@ -26,8 +26,8 @@ b. **One group** (``apps/fanout_sseviews.py``, the fan-out benchmark's app) --
    event's scheduled publish time. Target: p99 through Redis at most 1.5x memory.
 c. **Redis Cluster** -- (a) and (b) again on a 3-shard Redis Cluster, started
    from ``redis-server`` on spare loopback ports (``--cluster start``, the
-   default) or reached at ``--cluster redis+cluster://HOST:PORT[,...]/``. Skipped,
-   with the reason, while sseviews does not accept that URL.
+   default) or reached at ``--cluster redis+cluster://HOST:PORT[,...]/``
+   (sharded pub/sub: each process holds one pub/sub connection per master).
 
 Every server process's Redis connections (established TCP connections to a
 Redis node's port, from psutil) are counted while it serves its subscribers.

@@ -59,7 +59,7 @@ from ._exceptions import (
 )
 from ._presence import DEFAULT_PRESENCE_LIMIT, PresenceEntry, entry_from_json
 from ._wait import Waiter
-from .backends.base import EPHEMERAL_SEQ, LiveBackend
+from .backends.base import EPHEMERAL_SEQ, GroupsLost, LiveBackend
 from .stores.base import (
     MAX_CURSOR_GROUPS,
     HistoryStore,
@@ -150,10 +150,26 @@ class Attachment:
 _POSTGRES_SCHEMES = ("postgresql", "postgresql+asyncpg", "postgres", "postgres+asyncpg")
 # URL schemes of the Redis backend and store (plain, TLS, unix socket, Sentinel).
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+# URL schemes of a Redis Cluster (the cluster backend, and the store).
+_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+_URL_EXAMPLES = (
+    "memory://, redis://host:port/db, postgresql+asyncpg://user@host:port/db, "
+    "redis+sentinel://host:port[,host:port...]/service[/db] "
+    "or redis+cluster://host:port[,host:port...]/"
+)
+
+
+def _scheme(url: str) -> str:
+    # urlsplit refuses some URLs (an unbalanced IPv6 bracket) that the scheme's own
+    # parser reports better.
+    try:
+        return urlsplit(url).scheme
+    except ValueError:
+        return url.partition(":")[0].lower()
 
 
 def _backend_for(url: str, prefix: str) -> LiveBackend:
-    scheme = urlsplit(url).scheme
+    scheme = _scheme(url)
     if scheme == "memory":
         from .backends.memory import MemoryBackend
 
@@ -162,16 +178,16 @@ def _backend_for(url: str, prefix: str) -> LiveBackend:
         from .backends.redis import RedisBackend
 
         return RedisBackend(url, prefix=prefix)
+    if scheme in _CLUSTER_SCHEMES:
+        from .backends.redis_cluster import RedisClusterBackend
+
+        return RedisClusterBackend(url, prefix=prefix)
     if scheme.split("+")[0] in ("postgresql", "postgres"):
         # It says what it expects of a URL with another driver (+psycopg).
         from .backends.postgres import PostgresBackend
 
         return PostgresBackend(url, prefix=prefix)
-    raise ValueError(
-        f"unsupported broadcast URL {url!r}: expected memory://, redis://host:port/db "
-        "or postgresql+asyncpg://user@host:port/db, "
-        "or redis+sentinel://host:port[,host:port...]/service[/db]"
-    )
+    raise ValueError(f"unsupported broadcast URL {url!r}: expected {_URL_EXAMPLES}")
 
 
 def _store_for(
@@ -183,12 +199,12 @@ def _store_for(
     idle_expiry: float | None,
     publish: bool,
 ) -> HistoryStore:
-    scheme = urlsplit(history).scheme
+    scheme = _scheme(history)
     if scheme == "memory":
         from .stores.memory import MemoryStore
 
         return MemoryStore(retention=retention, max_age=max_age, idle_expiry=idle_expiry)
-    if scheme in _REDIS_SCHEMES:
+    if scheme in _REDIS_SCHEMES or scheme in _CLUSTER_SCHEMES:
         from .stores.redis import RedisStore
 
         return RedisStore(
@@ -211,7 +227,7 @@ def _store_for(
         )
     raise ValueError(
         f"unsupported history {history!r}: expected memory://, redis://..., "
-        "sqlite+aiosqlite:///file.db or postgresql+asyncpg://..."
+        "redis+cluster://..., sqlite+aiosqlite:///file.db or postgresql+asyncpg://..."
     )
 
 
@@ -242,7 +258,9 @@ class Broadcast:
             in the same database by default: PostgreSQL only; a `listen_url=`
             query parameter names a direct connection when the URL is a pooler),
             `"redis+sentinel://host:port[,host:port...]/service[/db]"` (Redis
-            with Sentinel, following its failovers), or a `LiveBackend` instance.
+            with Sentinel, following its failovers),
+            `"redis+cluster://host:port[,host:port...]/"` (Redis Cluster, sharded
+            pub/sub: one connection per master), or a `LiveBackend` instance.
         history: Where the replay log lives. By default `memory://` keeps a bounded
             log in memory and `redis://` keeps it in Redis Streams. Give
             `"sqlite+aiosqlite:///events.db"`, `"postgresql+asyncpg://..."` or a
@@ -302,8 +320,8 @@ class Broadcast:
         # Redis live + Redis history publish in one atomic script (ids in live order).
         self._fused = False
         if history is None:
-            scheme = urlsplit(url_text).scheme
-            fused = scheme in _REDIS_SCHEMES
+            scheme = _scheme(url_text)
+            fused = scheme in _REDIS_SCHEMES or scheme in _CLUSTER_SCHEMES
             if scheme in _POSTGRES_SCHEMES:
                 from .backends.postgres import history_url
 
@@ -342,9 +360,7 @@ class Broadcast:
         # refuse it loudly, and log it once per broadcast (see EventStreamView._open).
         self._ever_connected = False
         self._reported_unconnected = False
-        self._in_process = urlsplit(url_text).scheme == "memory" and not isinstance(
-            url, LiveBackend
-        )
+        self._in_process = _scheme(url_text) == "memory" and not isinstance(url, LiveBackend)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -546,6 +562,20 @@ class Broadcast:
                 sink.offer(delivery)
 
     def _fail_all(self, error: BaseException) -> None:
+        if isinstance(error, GroupsLost):
+            # Only these groups' events may be lost (one shard of a Redis Cluster).
+            hub = self._hub
+            sinks = {sink for group in error.groups for sink in hub.get(group, ())}
+            if sinks:
+                logger.warning(
+                    "broadcast backend lost %d group(s); ending %d subscription(s) of them: %s",
+                    len(error.groups),
+                    len(sinks),
+                    error,
+                )
+            for sink in sinks:
+                sink.fail(error)
+            return
         if self._hub and not isinstance(error, BroadcastNotConnected):
             logger.warning(
                 "broadcast backend failed; ending %d subscriber(s): %s",

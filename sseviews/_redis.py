@@ -15,23 +15,30 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from ._exceptions import BackendError
 
 __all__ = [
+    "CLUSTER_SCHEMES",
     "REDIS_ERRORS",
     "REDIS_SCHEMES",
+    "ClusterURL",
     "SentinelURL",
+    "check_cluster",
     "check_not_cluster",
     "close_client",
     "cluster_node_error",
+    "cluster_pool_size",
     "describe",
     "group_key",
     "open_client",
+    "open_cluster_client",
+    "parse_cluster_url",
     "parse_sentinel_url",
     "redis_errors",
 ]
@@ -39,7 +46,9 @@ __all__ = [
 logger = logging.getLogger("sseviews.redis")
 
 #: What a lost or failing Redis raises; builtin ConnectionError is an OSError.
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+#: RedisClusterException (no RedisError) is what a cluster client raises when no
+#: node answers or the slot map does not cover a slot (a failover in progress).
+REDIS_ERRORS = (RedisError, OSError, TimeoutError, RedisClusterException)
 _URL_SCHEMES = ("redis", "rediss", "unix")
 _ESCAPE = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
 
@@ -56,8 +65,10 @@ def group_key(prefix: str, kind: str, group: str) -> str:
 
 
 _SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
-#: Every URL scheme `open_client` accepts.
-REDIS_SCHEMES = (*_URL_SCHEMES, *_SENTINEL_SCHEMES)
+#: The URL schemes of a Redis Cluster (`open_cluster_client`).
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+#: Every URL scheme `open_client` and `open_cluster_client` accept.
+REDIS_SCHEMES = (*_URL_SCHEMES, *_SENTINEL_SCHEMES, *CLUSTER_SCHEMES)
 _SENTINEL_EXAMPLE = "'redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster/0'"
 _SENTINEL_PORT = 26379
 # Query parameters of a Sentinel URL: name -> how to read the value.
@@ -144,7 +155,124 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     return SentinelURL(sentinels, path[0], db, tls, username, password, options)
 
 
+_CLUSTER_EXAMPLE = "'redis+cluster://10.0.0.1:6379,10.0.0.2:6379/'"
+_CLUSTER_FLOAT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
+_CLUSTER_STR_OPTIONS = ("ssl_ca_certs", "ssl_cert_reqs")
+
+
+@dataclass
+class ClusterURL:
+    """A parsed `redis+cluster://` URL."""
+
+    nodes: list[tuple[str, int]]
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_cluster_url(url: str) -> ClusterURL:
+    """Parse `redis[s]+cluster://[user:password@]HOST[:PORT][,HOST[:PORT]...][/]`.
+
+    The nodes are where the client first asks for the cluster's slot map: list a
+    few, any of them will do. A port left out is 6379. A cluster has only
+    database 0, so the path is empty or `/`. Query parameters: `socket_timeout`,
+    `socket_connect_timeout` (seconds), and with `rediss+cluster://`
+    `ssl_ca_certs` and `ssl_cert_reqs`.
+
+    Raises:
+        ValueError: The URL is malformed; the message says which part.
+    """
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"expected a Redis Cluster URL such as {_CLUSTER_EXAMPLE}")
+    userinfo, at, _ = rest.split("/", 1)[0].rpartition("@")
+    shown = url.replace(userinfo + at, "***@", 1) if at else url
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{what} in Redis Cluster URL {shown!r}: expected {_CLUSTER_EXAMPLE}")
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unbalanced [ or ]
+        raise bad(f"a malformed IPv6 address ({exc})") from None
+    hostlist = parts.netloc.rpartition("@")[2]
+    nodes = [_address(host, bad, 6379, "node") for host in hostlist.split(",")]
+    if parts.path not in ("", "/"):
+        raise bad("a path (a cluster has only database 0: end the URL with / or nothing)")
+    if parts.fragment:
+        raise bad("a #fragment")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in _CLUSTER_FLOAT_OPTIONS:
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = 0.0
+            if not seconds > 0:
+                raise bad(f"{name}={value!r} (not a number of seconds > 0)")
+            options[name] = seconds
+        elif name in _CLUSTER_STR_OPTIONS:
+            options[name] = value
+        else:
+            known = ", ".join((*_CLUSTER_FLOAT_OPTIONS, *_CLUSTER_STR_OPTIONS))
+            raise bad(f"an unknown query parameter {name!r} (known: {known})")
+    tls = scheme == "rediss+cluster"
+    if not tls and options.keys() & set(_CLUSTER_STR_OPTIONS):
+        raise bad("ssl_ca_certs or ssl_cert_reqs without rediss+cluster://")
+    if options.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
+        raise bad("ssl_cert_reqs other than none, optional or required")
+    return ClusterURL(nodes, tls, username, password, options)
+
+
+def open_cluster_client(
+    url_or_client: str | redis.asyncio.RedisCluster,
+) -> tuple[redis.asyncio.RedisCluster, bool]:
+    """Return (client, owned) for a `redis+cluster://` URL or a ready cluster client.
+
+    The client never retries a command that failed with a connection error or a
+    timeout: a script that appended an event may have run before the connection
+    broke, and running it again would append the event twice. A MOVED or ASK
+    redirection is still followed: the node refused the command, so it did not run.
+
+    Raises:
+        ValueError: A malformed URL.
+        TypeError: Neither a str nor a `redis.asyncio.RedisCluster`.
+    """
+    if isinstance(url_or_client, redis.asyncio.RedisCluster):
+        return url_or_client, False
+    if not isinstance(url_or_client, str):
+        raise TypeError(
+            "expected a redis+cluster:// URL or a redis.asyncio.RedisCluster client, "
+            f"got {type(url_or_client).__name__}"
+        )
+    parsed = parse_cluster_url(url_or_client)
+    options: dict[str, Any] = dict(parsed.options)
+    if parsed.tls:
+        options["ssl"] = True
+    client = redis.asyncio.RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
+        username=parsed.username,
+        password=parsed.password,
+        retry=Retry(NoBackoff(), 0),
+        protocol=2,
+        max_connections=MAX_CONNECTIONS,
+        **options,
+    )
+    return client, True
+
+
 def _sentinel_address(host: str, bad: Any) -> tuple[str, int]:
+    return _address(host, bad, _SENTINEL_PORT, "sentinel")
+
+
+def _address(host: str, bad: Any, default_port: int, what: str) -> tuple[str, int]:
     if host.startswith("["):
         name, bracket, rest = host[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
@@ -153,9 +281,9 @@ def _sentinel_address(host: str, bad: Any) -> tuple[str, int]:
     else:
         name, _, port_text = host.partition(":")
     if not name:
-        raise bad("an empty sentinel host")
+        raise bad(f"an empty {what} host")
     if not port_text:
-        return name, _SENTINEL_PORT
+        return name, default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise bad(f"a bad port in {host!r}")
     return name, int(port_text)
@@ -205,6 +333,11 @@ def open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio
             f"got {type(url_or_client).__name__}"
         )
     scheme = url_or_client.partition("://")[0].lower()
+    if scheme in CLUSTER_SCHEMES:
+        raise ValueError(
+            f"a {scheme}:// URL names a Redis Cluster: give it to Broadcast(), or use "
+            "RedisClusterBackend (sseviews.backends.redis_cluster) for the live layer"
+        )
     if scheme in _SENTINEL_SCHEMES:
         return _sentinel_client(url_or_client), True
     if urlsplit(url_or_client).scheme not in _URL_SCHEMES:
@@ -232,9 +365,12 @@ def open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio
     return client, True
 
 
-async def close_client(client: redis.asyncio.Redis) -> None:
-    """Close a client made by `open_client`, and its sentinels' clients if it has any."""
+async def close_client(client: redis.asyncio.Redis | redis.asyncio.RedisCluster) -> None:
+    """Close a client made by `open_client` (and its sentinels' clients if it has any)
+    or by `open_cluster_client`."""
     await client.aclose()
+    if isinstance(client, redis.asyncio.RedisCluster):
+        return
     pool = client.connection_pool
     if isinstance(pool, SentinelConnectionPool):
         await pool.sentinel_manager.aclose()
@@ -263,8 +399,43 @@ def cluster_node_error(where: str) -> BackendError:
     )
 
 
+def cluster_pool_size(client: redis.asyncio.RedisCluster) -> int:
+    """How many commands may run at once on `client` without one failing for want of
+    a connection: redis-py's cluster pools refuse a command beyond their size
+    (`MaxConnectionsError`) instead of making it wait, so callers hold a semaphore
+    of this size around each command."""
+    sizes = [
+        size
+        for node in client.get_nodes()
+        if isinstance(size := getattr(node, "max_connections", None), int) and size > 0
+    ]
+    return min(sizes, default=MAX_CONNECTIONS)
+
+
+async def check_cluster(client: redis.asyncio.RedisCluster, where: str) -> None:
+    """Load the cluster's slot map, refusing a server that is no cluster node.
+
+    Raises:
+        BackendError: The nodes cannot be reached, or are not in cluster mode.
+    """
+    try:
+        await client.initialize()
+    except RedisClusterException as exc:
+        if "not enabled" in str(exc).lower():
+            raise BackendError(
+                f"{where}: the server is not a Redis Cluster node (cluster mode is not "
+                "enabled); use a redis://host:port/db URL for a single Redis"
+            ) from exc
+        raise BackendError(f"connecting to {where} failed: {exc}") from exc
+    except REDIS_ERRORS as exc:
+        raise BackendError(f"connecting to {where} failed: {exc}") from exc
+
+
 # Where the client connects, for messages: never the URL, which may hold a password.
-def describe(client: redis.asyncio.Redis) -> str:
+def describe(client: redis.asyncio.Redis | redis.asyncio.RedisCluster) -> str:
+    if isinstance(client, redis.asyncio.RedisCluster):
+        hosts = ",".join(f"{node.host}:{node.port}" for node in client.get_nodes())
+        return f"Redis Cluster (nodes {hosts})"
     pool = client.connection_pool
     if isinstance(pool, SentinelConnectionPool):
         hosts = ",".join(

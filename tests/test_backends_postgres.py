@@ -176,7 +176,7 @@ async def test_postgres_backend_resubscribe_within_linger_costs_no_listen(pg_pre
             await backend.subscribe(["g"])
             backend.unsubscribe(["g"])
             await backend.subscribe(["g"])
-            assert backend._dirty == set()
+            assert backend._channels._dirty == set()
             assert await listening_channels(backend) == {f"{pg_prefix}:g"}
 
 

@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-__all__ = ["EPHEMERAL_SEQ", "Dispatch", "LiveBackend", "OnFailure"]
+from .._exceptions import BackendError
+
+__all__ = ["EPHEMERAL_SEQ", "Dispatch", "GroupsLost", "LiveBackend", "OnFailure"]
 
 #: Called, in the event loop thread, for every event delivered to this process:
 #: `dispatch(group, seq, wire)`, where `wire` is the full message including its `id:` line.
 Dispatch = Callable[[str, int, bytes], None]
-#: Called when the backend loses its connection; live subscribers must then end.
+#: Called when the backend loses its connection; live subscribers must then end
+#: (only those of `error.groups` when the error is a `GroupsLost`).
 OnFailure = Callable[[BaseException], None]
 #: The seq of an ephemeral event (join/leave): delivered live only, never stored,
 #: carrying no id, so it never moves a client's Last-Event-ID.
 EPHEMERAL_SEQ = 0
+
+
+class GroupsLost(BackendError):
+    """Given to `on_failure` when the backend may have lost the events of some groups
+    only (one Redis Cluster shard failed over, or a slot moved): the subscriptions
+    to these groups end, the others go on."""
+
+    def __init__(self, message: str, groups: Iterable[str]) -> None:
+        super().__init__(message)
+        #: The groups whose live subscribers must end.
+        self.groups = frozenset(groups)
 
 
 class LiveBackend(ABC):

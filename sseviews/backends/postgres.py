@@ -47,7 +47,6 @@ import hashlib
 import logging
 import re
 import secrets
-import time
 from base64 import b32encode
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -59,6 +58,7 @@ import asyncpg
 
 from .._exceptions import BackendError
 from .._presence import JOIN_EVENT, LEAVE_EVENT
+from ._channels import Channels, Send
 from .base import EPHEMERAL_SEQ, Dispatch, LiveBackend, OnFailure
 
 __all__ = ["PostgresBackend", "channel_name", "history_url"]
@@ -154,29 +154,12 @@ class _ListenConnection(asyncpg.Connection):  # type: ignore[misc]
 
 
 class _Link:
-    """One listening connection, and the channels it listens to."""
+    """One listening connection, and the notifications it received."""
 
-    __slots__ = (
-        "confirmed",
-        "conn",
-        "groups",
-        "inbox",
-        "listening",
-        "lost",
-        "received",
-        "recovering",
-    )
+    __slots__ = ("conn", "inbox", "lost", "received")
 
-    def __init__(self, conn: _ListenConnection, *, recovering: bool = False) -> None:
+    def __init__(self, conn: _ListenConnection) -> None:
         self.conn = conn
-        # A new connection after a loss: healthy again once the groups in use listen.
-        self.recovering = recovering
-        # group -> channel, for every group LISTENed (or being LISTENed) and not UNLISTENed.
-        self.listening: dict[str, str] = {}
-        # Those of them whose LISTEN ran.
-        self.confirmed: set[str] = set()
-        # channel -> groups, for every channel whose notifications may still arrive.
-        self.groups: dict[str, set[str]] = {}
         # Notifications not yet dispatched, in arrival order; `received` is set with them.
         self.inbox: list[tuple[str, str]] = []
         self.received = asyncio.Event()
@@ -273,15 +256,13 @@ class PostgresBackend(LiveBackend):
         self._sweeper: asyncio.Task[None] | None = None
         self._link: _Link | None = None  # None while disconnected or reconnecting
         self._healthy = False
-        # The groups some subscription of this process uses.
-        self._wanted: set[str] = set()
-        # Groups no longer used but still LISTENed: group -> when to UNLISTEN.
-        self._lingering: dict[str, float] = {}
-        # Groups whose LISTEN may differ from what they need: the writer's work.
-        self._dirty: set[str] = set()
-        self._wake: asyncio.Event | None = None
-        # Callers waiting for a group's LISTEN wait on its event.
-        self._confirming: dict[str, asyncio.Event] = {}
+        # The groups in use, and the channels the listening connection LISTENs to.
+        self._channels: Channels[str] = Channels(
+            self._channel,
+            linger=self.unsubscribe_linger,
+            attempt_timeout=self.attempt_timeout,
+            where=self._where,
+        )
 
     @property
     def healthy(self) -> bool:
@@ -291,8 +272,7 @@ class PostgresBackend(LiveBackend):
     @property
     def listening(self) -> frozenset[str]:
         """The groups the listening connection LISTENs to now (lingering ones included)."""
-        link = self._link
-        return frozenset(link.confirmed) if link is not None else frozenset()
+        return frozenset(self._channels.confirmed) if self._link is not None else frozenset()
 
     async def connect(self, dispatch: Dispatch, on_failure: OnFailure) -> None:
         """Open the publishing pool and the listening connection, check that LISTEN
@@ -329,7 +309,12 @@ class PostgresBackend(LiveBackend):
         except BaseException:
             await self._close_pool()
             raise
-        self._wake = asyncio.Event()
+        channels = self._channels
+        # Read now: an app (or a test) may change them after construction.
+        channels.linger = self.unsubscribe_linger
+        channels.attempt_timeout = self.attempt_timeout
+        channels.open()
+        channels.attach(self._sender(link))
         self._healthy = True
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(
@@ -360,8 +345,7 @@ class PostgresBackend(LiveBackend):
                 except BackendError as exc:
                     logger.warning("removing this process's presence failed: %s", exc)
         link, self._link = self._link, None
-        self._forget()
-        self._wanted.clear()
+        self._channels.close()
         if link is not None:
             link.conn.sink = None
             # A clean goodbye, so the server logs no lost client; bounded.
@@ -494,65 +478,38 @@ class PostgresBackend(LiveBackend):
         Raises:
             BackendError: Not connected, or the connection was lost before the LISTEN ran.
         """
-        wanted = self._wanted
-        link = self._link
-        if link is not None and self._healthy:
-            for group in groups:
-                if group not in link.confirmed or group not in wanted:
-                    break
-            else:
-                return
-        wake = self._wake
-        if self._task is None or wake is None:
-            raise BackendError(f"the backend is not connected to {self._where}")
-        for group in groups:
-            if group not in wanted:
-                wanted.add(group)
-                lingered = self._lingering.pop(group, None) is not None
-                if not (lingered and link is not None and group in link.listening):
-                    self._dirty.add(group)
-                    wake.set()
-        for group in groups:
-            await self._confirmation(group)
+        await self._channels.subscribe(groups)
 
     def unsubscribe(self, groups: Sequence[str]) -> None:
         """UNLISTEN the channels of `groups` after `unsubscribe_linger` seconds, unless
         they are subscribed to again meanwhile."""
-        link = self._link
-        wake = self._wake
-        deadline = time.monotonic() + self.unsubscribe_linger
-        for group in groups:
-            if group not in self._wanted:
-                continue
-            self._wanted.discard(group)
-            if link is not None and group in link.listening:
-                self._lingering[group] = deadline
-            else:
-                self._dirty.add(group)
-            if wake is not None:
-                wake.set()
+        self._channels.unsubscribe(groups)
 
-    async def _confirmation(self, group: str) -> None:
-        while True:
-            link = self._link
-            if link is None:
-                raise BackendError(f"lost the connection to {self._where}")
-            if group in link.confirmed:
-                return
-            if group not in self._wanted and group not in link.listening:
-                raise BackendError(f"group {group!r} was unsubscribed before its LISTEN ran")
-            event = self._confirming.get(group)
-            if event is None:
-                event = self._confirming[group] = asyncio.Event()
-            await event.wait()
+    def _channel(self, group: str) -> str:
+        return channel_name(self.prefix, group)
 
-    def _forget(self) -> None:
-        """Drop what belonged to the lost connection, and wake everyone waiting on it."""
-        self._lingering.clear()
-        self._dirty.clear()
-        confirming, self._confirming = self._confirming, {}
-        for event in confirming.values():
-            event.set()
+    def _sender(self, link: _Link) -> Send:
+        channels = self._channels
+
+        async def send(subscribe: list[str], unsubscribe: list[str]) -> None:
+            # UNLISTENs first: a channel given up by one group and taken by another
+            # (two groups may share one) ends up LISTENed.
+            statements = [f"UNLISTEN {_quote_ident(channel)}" for channel in unsubscribe]
+            statements += [f"LISTEN {_quote_ident(channel)}" for channel in subscribe]
+            async with asyncio.timeout(self.attempt_timeout):
+                await link.conn.execute(";".join(statements))
+            # The query ran: that is PostgreSQL's confirmation.
+            for channel in unsubscribe:
+                channels.confirmed_by_server(False, channel)
+            for channel in subscribe:
+                channels.confirmed_by_server(True, channel)
+
+        return send
+
+    def _recovered(self) -> None:
+        # Every group in use LISTENs again after a reconnection.
+        self._healthy = True
+        logger.info("listening again on %s", self._where)
 
     # -- the listening connection -------------------------------------------------------
 
@@ -612,7 +569,7 @@ class PostgresBackend(LiveBackend):
                 error = await self._serve(link, dispatch)
                 self._healthy = False
                 self._link = None
-                self._forget()
+                self._channels.detach()
                 link.conn.sink = None
                 link.conn.terminate()
                 logger.warning(
@@ -627,11 +584,9 @@ class PostgresBackend(LiveBackend):
                     on_failure(failure)
                 except Exception:
                     logger.exception("on_failure callback failed")
-                link = self._link = _Link(await self._reconnect(), recovering=True)
+                link = self._link = _Link(await self._reconnect())
                 # The writer LISTENs to every group still in use, then sets healthy.
-                self._dirty = set(self._wanted)
-                if self._wake is not None:
-                    self._wake.set()
+                self._channels.attach(self._sender(link), self._recovered)
         finally:
             # Cancelled by disconnect(), which closes the connection in use.
             link.conn.sink = None
@@ -652,7 +607,14 @@ class PostgresBackend(LiveBackend):
             link.lost.set()
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read(link, dispatch), name="sseviews postgres reader")
-        writer = loop.create_task(self._write(link), name="sseviews postgres writer")
+
+        async def check() -> None:
+            await link.conn.execute("SELECT 1")
+
+        writer = loop.create_task(
+            self._channels.run((self.health_check_interval, check)),
+            name="sseviews postgres writer",
+        )
         watcher = loop.create_task(link.lost.wait(), name="sseviews postgres watcher")
         tasks = {reader, writer, watcher}
         try:
@@ -671,6 +633,7 @@ class PostgresBackend(LiveBackend):
         return ConnectionError("the connection was closed")
 
     async def _read(self, link: _Link, dispatch: Dispatch) -> None:
+        channels = self._channels
         while True:
             await link.received.wait()
             link.received.clear()
@@ -688,7 +651,7 @@ class PostgresBackend(LiveBackend):
                     continue
                 # Another group of the same channel (a hash collision), or a channel
                 # UNLISTENed meanwhile: not for this process.
-                if group not in link.groups.get(channel, ()):
+                if not channels.carries(channel, group):
                     continue
                 parsed.append((group, seq, text if newline else None, ref))
             refs = [ref for _, _, _, ref in parsed if ref is not None]
@@ -719,96 +682,6 @@ class PostgresBackend(LiveBackend):
                 f"SELECT id, wire FROM {self._table} WHERE id = ANY($1::bigint[])", refs
             )
         return {int(row["id"]): bytes(row["wire"]) for row in rows}
-
-    async def _write(self, link: _Link) -> None:
-        wake = self._wake
-        assert wake is not None
-        checked = time.monotonic()
-        while True:
-            wake.clear()
-            delay = self._expire()
-            if self._dirty:
-                await self._send(link)
-                continue
-            if link.recovering:
-                link.recovering = False
-                self._healthy = True
-                logger.info("listening again on %s", self._where)
-            now = time.monotonic()
-            if now - checked >= self.health_check_interval:
-                checked = now
-                async with asyncio.timeout(self.attempt_timeout):
-                    await link.conn.execute("SELECT 1")
-                continue
-            until_check = checked + self.health_check_interval - now
-            delay = until_check if delay is None else min(delay, until_check)
-            try:
-                async with asyncio.timeout(delay):
-                    await wake.wait()
-            except TimeoutError:
-                pass
-
-    def _expire(self) -> float | None:
-        """Mark the lingering groups whose time is up; return the seconds until the
-        next one's, or None."""
-        lingering = self._lingering
-        if not lingering:
-            return None
-        now = time.monotonic()
-        expired = []
-        for group, deadline in lingering.items():
-            if deadline > now:
-                break
-            expired.append(group)
-        for group in expired:
-            del lingering[group]
-            self._dirty.add(group)
-        if not lingering:
-            return None
-        return next(iter(lingering.values())) - now
-
-    async def _send(self, link: _Link) -> None:
-        """Run what the dirty groups need as one query of LISTENs and UNLISTENs."""
-        dirty, self._dirty = self._dirty, set()
-        wanted, lingering = self._wanted, self._lingering
-        statements: list[str] = []
-        listened: list[str] = []
-        unlistened: list[tuple[str, str]] = []
-        for group in dirty:
-            if group in wanted or group in lingering:
-                if group not in link.listening:
-                    channel = channel_name(self.prefix, group)
-                    link.listening[group] = channel
-                    # Known before the LISTEN runs: a notification may come with its reply.
-                    link.groups.setdefault(channel, set()).add(group)
-                    statements.append(f"LISTEN {_quote_ident(channel)}")
-                    listened.append(group)
-            elif group in link.listening:
-                channel = link.listening.pop(group)
-                link.confirmed.discard(group)
-                unlistened.append((group, channel))
-                if channel not in link.listening.values():
-                    statements.append(f"UNLISTEN {_quote_ident(channel)}")
-            else:
-                # Given up before it was sent: wake whoever still waits for it.
-                event = self._confirming.pop(group, None)
-                if event is not None:
-                    event.set()
-        if statements:
-            async with asyncio.timeout(self.attempt_timeout):
-                await link.conn.execute(";".join(statements))
-        for group in listened:
-            if group in link.listening:
-                link.confirmed.add(group)
-            event = self._confirming.pop(group, None)
-            if event is not None:
-                event.set()
-        for group, channel in unlistened:
-            names = link.groups.get(channel)
-            if names is not None and group not in link.listening:
-                names.discard(group)
-                if not names:
-                    del link.groups[channel]
 
     async def _reconnect(self) -> _ListenConnection:
         delay = self.first_retry_delay

@@ -36,7 +36,6 @@ import asyncio
 import logging
 import math
 import secrets
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +56,7 @@ from .._redis import (
     open_client,
     redis_errors,
 )
+from ._channels import Channels, Send
 from .base import Dispatch, LiveBackend, OnFailure
 
 __all__ = ["RedisBackend"]
@@ -69,26 +69,18 @@ logger = logging.getLogger("sseviews.redis")
 _CHANNELS_PER_COMMAND = 1000
 
 
-class _Link:
-    """One pub/sub connection, and the channels it is subscribed to."""
-
-    __slots__ = ("confirmed", "conn", "groups", "outstanding", "recovering", "sent", "settled")
-
-    def __init__(self, conn: AbstractConnection, *, recovering: bool = False) -> None:
-        self.conn = conn
-        # A new connection after a loss: the backend is healthy again once the
-        # groups in use are subscribed on it.
-        self.recovering = recovering
-        # group -> channel, for every group SUBSCRIBEd and not UNSUBSCRIBEd since.
-        self.sent: dict[str, bytes] = {}
-        # Those of them that Redis confirmed.
-        self.confirmed: set[str] = set()
-        # channel -> group, for every channel whose messages may still arrive.
-        self.groups: dict[bytes, str] = {}
-        # Confirmations still to come for the commands sent; `settled` is set at 0.
-        self.outstanding = 0
-        self.settled = asyncio.Event()
-        self.settled.set()
+def dispatch_message(dispatch: Dispatch, group: str, channel: bytes, body: bytes) -> None:
+    """Hand one `seq \\0 wire` message of `group` to `dispatch`."""
+    seq, _, wire = body.partition(b"\0")
+    try:
+        seq_number = int(seq)
+    except ValueError:
+        logger.warning("ignoring a malformed message on %r", channel.decode(errors="replace"))
+        return
+    try:
+        dispatch(group, seq_number, wire)
+    except Exception:
+        logger.exception("dispatching event %d of %r failed", seq_number, group)
 
 
 class RedisBackend(LiveBackend):
@@ -150,21 +142,15 @@ class RedisBackend(LiveBackend):
         self.prefix = prefix
         self._where = describe(self._client)
         self._task: asyncio.Task[None] | None = None
-        self._link: _Link | None = None  # None while disconnected or reconnecting
+        self._conn: AbstractConnection | None = None  # None while disconnected or reconnecting
         self._healthy = False
-        # The groups some subscription of this process uses.
-        self._wanted: set[str] = set()
-        # Groups no longer used but still subscribed: group -> when to unsubscribe
-        # (time.monotonic()). Every entry gets the same linger, so the dict's order
-        # is the deadlines' order.
-        self._lingering: dict[str, float] = {}
-        # Groups whose subscription may differ from what they need: the writer's work.
-        self._dirty: set[str] = set()
-        # Set when the writer has work; made by connect(), in the serving event loop.
-        self._wake: asyncio.Event | None = None
-        # Callers waiting for a group's confirmation wait on its event, set when the
-        # group is confirmed, dropped, or the connection is lost.
-        self._confirming: dict[str, asyncio.Event] = {}
+        # The groups in use, and what the pub/sub connection is subscribed to.
+        self._channels = Channels(
+            self._channel,
+            linger=self.unsubscribe_linger,
+            attempt_timeout=self.attempt_timeout,
+            where=self._where,
+        )
 
     @property
     def healthy(self) -> bool:
@@ -190,12 +176,17 @@ class RedisBackend(LiveBackend):
                 with anyio.move_on_after(1, shield=True):
                     await close_client(self._client)
             raise
-        self._wake = asyncio.Event()
-        link = self._link = _Link(conn)
+        channels = self._channels
+        # Read now: an app (or a test) may change them after construction.
+        channels.linger = self.unsubscribe_linger
+        channels.attempt_timeout = self.attempt_timeout
+        channels.open()
+        self._conn = conn
+        channels.attach(self._sender(conn))
         self._healthy = True
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(
-            self._run(link, dispatch, on_failure), name=f"sseviews redis reader {self.prefix}"
+            self._run(conn, dispatch, on_failure), name=f"sseviews redis reader {self.prefix}"
         )
         self._heartbeat = loop.create_task(
             self._beat(), name=f"sseviews redis presence heartbeat {self.prefix}"
@@ -219,13 +210,12 @@ class RedisBackend(LiveBackend):
             if task is not None:
                 task.cancel()
                 await asyncio.wait({task})
-        link, self._link = self._link, None
-        self._forget()
-        self._wanted.clear()
+        conn, self._conn = self._conn, None
+        self._channels.close()
         # Closed even when a step above ran out of time: nothing may stay open.
         with anyio.move_on_after(1, shield=True):
-            if link is not None:
-                await link.conn.disconnect(nowait=True)
+            if conn is not None:
+                await conn.disconnect(nowait=True)
             if self._owned:
                 await close_client(self._client)
 
@@ -254,69 +244,15 @@ class RedisBackend(LiveBackend):
                 before Redis confirmed (the groups stay wanted, and are
                 subscribed again once it reconnects).
         """
-        link = self._link
-        wanted = self._wanted
-        if link is not None:
-            confirmed = link.confirmed
-            for group in groups:
-                if group not in confirmed or group not in wanted:
-                    break
-            else:
-                return  # the common case: every group in use already
-        wake = self._wake
-        if self._task is None or wake is None:
-            raise BackendError(f"the backend is not connected to {self._where}")
-        waiting = []
-        for group in groups:
-            if group not in wanted:
-                wanted.add(group)
-                lingered = self._lingering.pop(group, None) is not None
-                if not (lingered and link is not None and group in link.sent):
-                    self._dirty.add(group)
-                    wake.set()
-            if link is None or group not in link.confirmed:
-                waiting.append(group)
-        for group in waiting:
-            await self._confirmation(group)
+        await self._channels.subscribe(groups)
 
     def unsubscribe(self, groups: Sequence[str]) -> None:
         """Unsubscribe from the channels of `groups` after `unsubscribe_linger` seconds,
         unless they are subscribed to again meanwhile."""
-        link = self._link
-        wake = self._wake
-        deadline = time.monotonic() + self.unsubscribe_linger
-        for group in groups:
-            if group not in self._wanted:
-                continue
-            self._wanted.discard(group)
-            if link is not None and group in link.sent:
-                self._lingering[group] = deadline
-            else:
-                self._dirty.add(group)  # not sent yet: the writer drops it
-            if wake is not None:
-                wake.set()
+        self._channels.unsubscribe(groups)
 
-    async def _confirmation(self, group: str) -> None:
-        while True:
-            link = self._link
-            if link is None:
-                raise BackendError(f"lost the connection to {self._where}")
-            if group in link.confirmed:
-                return
-            if group not in self._wanted and group not in link.sent:
-                raise BackendError(f"group {group!r} was unsubscribed before Redis confirmed it")
-            event = self._confirming.get(group)
-            if event is None:
-                event = self._confirming[group] = asyncio.Event()
-            await event.wait()
-
-    def _forget(self) -> None:
-        """Drop what belonged to the lost connection, and wake everyone waiting on it."""
-        self._lingering.clear()
-        self._dirty.clear()
-        confirming, self._confirming = self._confirming, {}
-        for event in confirming.values():
-            event.set()
+    def _channel(self, group: str) -> bytes:
+        return group_key(self.prefix, "live", group).encode()
 
     # -- the pub/sub connection ------------------------------------------------------
 
@@ -364,14 +300,37 @@ class RedisBackend(LiveBackend):
             raise
         return conn
 
-    async def _run(self, link: _Link, dispatch: Dispatch, on_failure: OnFailure) -> None:
+    def _sender(self, conn: AbstractConnection) -> Send:
+        async def send(subscribe: list[bytes], unsubscribe: list[bytes]) -> None:
+            step = _CHANNELS_PER_COMMAND
+            commands: list[list[bytes | str]] = [
+                [name, *channels[i : i + step]]
+                for name, channels in (("UNSUBSCRIBE", unsubscribe), ("SUBSCRIBE", subscribe))
+                for i in range(0, len(channels), step)
+            ]
+            if not conn.is_connected:
+                # send_packed_command would open a new socket that nobody reads.
+                raise ConnectionError(f"the connection to {self._where} was closed")
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+
+        return send
+
+    def _recovered(self) -> None:
+        # Every group in use is subscribed again after a reconnection.
+        self._healthy = True
+        logger.info("subscribed again to %s", self._where)
+
+    async def _run(
+        self, conn: AbstractConnection, dispatch: Dispatch, on_failure: OnFailure
+    ) -> None:
+        channels = self._channels
         try:
             while True:
-                error = await self._serve(link, dispatch)
+                error = await self._serve(conn, dispatch)
                 self._healthy = False
-                self._link = None
-                self._forget()
-                await link.conn.disconnect(nowait=True)
+                self._conn = None
+                channels.detach()
+                await conn.disconnect(nowait=True)
                 logger.warning(
                     "lost the subscription to %s (%s); ending live subscribers and reconnecting",
                     self._where,
@@ -383,18 +342,18 @@ class RedisBackend(LiveBackend):
                     on_failure(failure)
                 except Exception:
                     logger.exception("on_failure callback failed")
-                link = self._link = _Link(await self._reconnect(), recovering=True)
+                conn = self._conn = await self._reconnect()
                 # The writer subscribes to every group still in use, then sets healthy.
-                self._dirty = set(self._wanted)
+                channels.attach(self._sender(conn), self._recovered)
         finally:
             with anyio.CancelScope(shield=True):
-                await link.conn.disconnect(nowait=True)
+                await conn.disconnect(nowait=True)
 
-    async def _serve(self, link: _Link, dispatch: Dispatch) -> Exception:
-        """Read and write on `link` until it fails; return why."""
+    async def _serve(self, conn: AbstractConnection, dispatch: Dispatch) -> Exception:
+        """Read and write on `conn` until it fails; return why."""
         loop = asyncio.get_running_loop()
-        reader = loop.create_task(self._read(link, dispatch), name="sseviews redis pubsub reader")
-        writer = loop.create_task(self._write(link), name="sseviews redis pubsub writer")
+        reader = loop.create_task(self._read(conn, dispatch), name="sseviews redis pubsub reader")
+        writer = loop.create_task(self._channels.run(), name="sseviews redis pubsub writer")
         tasks = {reader, writer}
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -411,9 +370,8 @@ class RedisBackend(LiveBackend):
                 return error
         return ConnectionError("the subscription ended")  # unreachable: both loop forever
 
-    async def _read(self, link: _Link, dispatch: Dispatch) -> None:
-        conn = link.conn
-        groups = link.groups
+    async def _read(self, conn: AbstractConnection, dispatch: Dispatch) -> None:
+        channels = self._channels
         while True:
             # math.inf: block without the client's socket_timeout, as PubSub does.
             reply = await conn.read_response(
@@ -423,119 +381,12 @@ class RedisBackend(LiveBackend):
                 continue
             kind, channel, body = reply
             if kind == b"message":
-                group = groups.get(channel)
+                group = channels.group_of(channel)
                 if group is None:
                     continue
-                seq, _, wire = body.partition(b"\0")
-                try:
-                    seq_number = int(seq)
-                except ValueError:
-                    logger.warning("ignoring a malformed message on %r", channel.decode())
-                    continue
-                try:
-                    dispatch(group, seq_number, wire)
-                except Exception:
-                    logger.exception("dispatching event %d of %r failed", seq_number, group)
+                dispatch_message(dispatch, group, channel, body)
             elif kind == b"subscribe" or kind == b"unsubscribe":
-                self._confirmed(link, kind, channel)
-
-    def _confirmed(self, link: _Link, kind: bytes, channel: bytes) -> None:
-        group = link.groups.get(channel)
-        if group is not None:
-            if kind == b"subscribe":
-                if group in link.sent:
-                    link.confirmed.add(group)
-                event = self._confirming.pop(group, None)
-                if event is not None:
-                    event.set()
-            elif group not in link.sent:
-                del link.groups[channel]
-        link.outstanding -= 1
-        if link.outstanding <= 0:
-            link.outstanding = 0
-            link.settled.set()
-
-    async def _write(self, link: _Link) -> None:
-        wake = self._wake
-        assert wake is not None
-        while True:
-            wake.clear()
-            delay = self._expire()
-            if self._dirty:
-                await self._send(link)
-                continue
-            if link.recovering:
-                # Every group in use is subscribed again after a reconnection.
-                link.recovering = False
-                self._healthy = True
-                logger.info("subscribed again to %s", self._where)
-            if delay is None:
-                await wake.wait()
-                continue
-            try:
-                async with asyncio.timeout(delay):
-                    await wake.wait()
-            except TimeoutError:
-                pass
-
-    def _expire(self) -> float | None:
-        """Mark the lingering groups whose time is up; return the seconds until the
-        next one's, or None."""
-        lingering = self._lingering
-        if not lingering:
-            return None
-        now = time.monotonic()
-        expired = []
-        for group, deadline in lingering.items():
-            if deadline > now:
-                break
-            expired.append(group)
-        for group in expired:
-            del lingering[group]
-            self._dirty.add(group)
-        if not lingering:
-            return None
-        return next(iter(lingering.values())) - now
-
-    async def _send(self, link: _Link) -> None:
-        """Send what the dirty groups need as one write, and wait for Redis to confirm."""
-        dirty, self._dirty = self._dirty, set()
-        wanted, lingering = self._wanted, self._lingering
-        subscribe: list[bytes] = []
-        unsubscribe: list[bytes] = []
-        for group in dirty:
-            if group in wanted or group in lingering:
-                if group not in link.sent:
-                    channel = group_key(self.prefix, "live", group).encode()
-                    link.sent[group] = channel
-                    link.groups[channel] = group
-                    subscribe.append(channel)
-            elif group in link.sent:
-                unsubscribe.append(link.sent.pop(group))
-                link.confirmed.discard(group)
-            else:
-                # Given up before it was sent: wake whoever still waits for it.
-                event = self._confirming.pop(group, None)
-                if event is not None:
-                    event.set()
-        if not subscribe and not unsubscribe:
-            return
-        step = _CHANNELS_PER_COMMAND
-        commands: list[list[bytes | str]] = [
-            [name, *channels[i : i + step]]
-            for name, channels in (("UNSUBSCRIBE", unsubscribe), ("SUBSCRIBE", subscribe))
-            for i in range(0, len(channels), step)
-        ]
-        conn = link.conn
-        if not conn.is_connected:
-            # send_packed_command would open a new socket that nobody reads.
-            raise ConnectionError(f"the connection to {self._where} was closed")
-        link.outstanding += len(subscribe) + len(unsubscribe)
-        link.settled.clear()
-        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-        # One batch in flight at a time: what is asked meanwhile goes in the next one.
-        async with asyncio.timeout(self.attempt_timeout):
-            await link.settled.wait()
+                channels.confirmed_by_server(kind == b"subscribe", channel)
 
     async def _reconnect(self) -> AbstractConnection:
         delay = self.first_retry_delay

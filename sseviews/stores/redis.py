@@ -33,6 +33,8 @@ the `RedisBackend` of every process that serves the group, in id order.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import math
 import re
@@ -41,9 +43,21 @@ from typing import Any
 
 import anyio
 import redis.asyncio
+from redis.exceptions import NoScriptError
 
 from .._exceptions import BackendError
-from .._redis import check_not_cluster, close_client, describe, group_key, open_client, redis_errors
+from .._redis import (
+    CLUSTER_SCHEMES,
+    check_cluster,
+    check_not_cluster,
+    close_client,
+    cluster_pool_size,
+    describe,
+    group_key,
+    open_client,
+    open_cluster_client,
+    redis_errors,
+)
 from .base import Deliver, HistoryStore, Page, Position, SeenPositions, check_idle_expiry, new_epoch
 
 __all__ = ["RedisStore", "group_key"]
@@ -110,8 +124,9 @@ end
 
 # Takes the group's next seq, stores the event and trims the group, atomically.
 # ARGV[5..8]: wire (without id line), retention (0: none), max age in ms (0: none),
-# the group's live channel ('': don't publish; it shares the group's hash tag, so
-# the group's slot). The message is `seq\0wire` (the wire with its id line).
+# how to publish ('': don't; 'PUBLISH', or 'SPUBLISH' on a Redis Cluster) on the
+# group's live channel, KEYS[3]: a key to the cluster, as it shares the group's hash
+# tag, so the group's slot. The message is `seq\0wire` (the wire with its id line).
 _APPEND = (
     _PRELUDE
     + """
@@ -166,7 +181,7 @@ if ttl > 0 then
 end
 
 if ARGV[8] ~= '' then
-  redis.call('PUBLISH', ARGV[8], seq .. '\\0' .. wire)
+  redis.call(ARGV[8], KEYS[3], seq .. '\\0' .. wire)
 end
 return {seq, epoch, renewed}
 """
@@ -233,6 +248,30 @@ return {epoch, string.format('%d', head), renewed}
 )
 
 
+class _ClusterScript:
+    """A script run on the master of its keys' slot only.
+
+    redis-py's `Script` loads a missing script on every master (`SCRIPT LOAD`), so
+    one master down (a failover) would fail the scripts of every group. This one
+    runs `EVALSHA` on the keys' master and, when that master does not know the
+    script (`NOSCRIPT`: it did not run), `EVAL` there, which caches it.
+    """
+
+    def __init__(self, client: Any, source: str, limiter: asyncio.Semaphore) -> None:
+        self._client = client
+        self._source = source
+        self._sha = hashlib.sha1(source.encode()).hexdigest()
+        # Commands wait here for a free connection (see cluster_pool_size).
+        self._limiter = limiter
+
+    async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
+        async with self._limiter:
+            try:
+                return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return await self._client.eval(self._source, len(keys), *keys, *args)
+
+
 class RedisStore(HistoryStore):
     """Keeps each group's recent events in a Redis Stream and assigns ids in Redis.
 
@@ -293,8 +332,19 @@ class RedisStore(HistoryStore):
                 f"max_age must be a positive number of seconds or None, got {max_age!r}"
             )
         check_idle_expiry(idle_expiry)
-        self._client, self._owned = open_client(url_or_client)
-        if self._client.connection_pool.connection_kwargs.get("decode_responses"):
+        self._client: Any
+        if isinstance(url_or_client, redis.asyncio.RedisCluster) or (
+            isinstance(url_or_client, str)
+            and url_or_client.partition("://")[0].lower() in CLUSTER_SCHEMES
+        ):
+            self._client, self._owned = open_cluster_client(url_or_client)
+            self._cluster = True
+            kwargs = self._client.get_connection_kwargs()
+        else:
+            self._client, self._owned = open_client(url_or_client)
+            self._cluster = False
+            kwargs = self._client.connection_pool.connection_kwargs
+        if kwargs.get("decode_responses"):
             raise ValueError(
                 "RedisStore needs a client without decode_responses=True: it stores bytes"
             )
@@ -303,14 +353,24 @@ class RedisStore(HistoryStore):
         self.max_age = max_age
         self.idle_expiry = idle_expiry
         self.publish = publish
+        self._publish_command = "" if not publish else "SPUBLISH" if self._cluster else "PUBLISH"
         self._retention_arg = retention or 0
         self._max_age_ms = max(1, round(max_age * 1000)) if max_age is not None else 0
         ttl = max_age if max_age is not None else idle_expiry
         self._ttl_ms = max(1, round(ttl * 1000)) if ttl is not None else 0
         self._where = describe(self._client)
-        self._append = self._client.register_script(_APPEND)
-        self._read = self._client.register_script(_READ)
-        self._head = self._client.register_script(_HEAD)
+        self._append: Any
+        self._read: Any
+        self._head: Any
+        if self._cluster:
+            limiter = asyncio.Semaphore(cluster_pool_size(self._client))
+            self._append, self._read, self._head = (
+                _ClusterScript(self._client, source, limiter) for source in (_APPEND, _READ, _HEAD)
+            )
+        else:
+            self._append = self._client.register_script(_APPEND)
+            self._read = self._client.register_script(_READ)
+            self._head = self._client.register_script(_HEAD)
         # Per group, the highest seq this instance issued or saw in its epoch: the
         # group's counter going below it means its history went back.
         self._seen = SeenPositions()
@@ -320,6 +380,10 @@ class RedisStore(HistoryStore):
 
     def _keys(self, group: str) -> list[str]:
         return [group_key(self.prefix, "m", group), group_key(self.prefix, "g", group)]
+
+    def _append_keys(self, group: str) -> list[str]:
+        # The channel is a key to the cluster: it routes the script to its slot.
+        return [*self._keys(group), group_key(self.prefix, "live", group)]
 
     def _prelude_args(self, group: str) -> list[Any]:
         seen = self._seen.get(group)
@@ -370,9 +434,13 @@ class RedisStore(HistoryStore):
             BackendError: Redis cannot be reached, or is a Redis Cluster node.
         """
         try:
-            with redis_errors(f"connecting to {self._where}"):
-                await self._client.ping()
-                await check_not_cluster(self._client, self._where)
+            if self._cluster:
+                await check_cluster(self._client, self._where)
+                self._where = describe(self._client)  # with every node it found
+            else:
+                with redis_errors(f"connecting to {self._where}"):
+                    await self._client.ping()
+                    await check_not_cluster(self._client, self._where)
             await self._check_eviction()
         except BaseException:
             if self._owned:
@@ -423,13 +491,13 @@ class RedisStore(HistoryStore):
     async def _append_and_deliver(self, group: str, wire: bytes, deliver: Deliver) -> Position:
         with redis_errors(f"storing an event in {self._where}"):
             raw_seq, raw_epoch, renewed = await self._append(
-                keys=self._keys(group),
+                keys=self._append_keys(group),
                 args=[
                     *self._prelude_args(group),
                     wire,
                     self._retention_arg,
                     self._max_age_ms,
-                    group_key(self.prefix, "live", group) if self.publish else "",
+                    self._publish_command,
                 ],
             )
         position = self._observe(group, raw_epoch, int(raw_seq), renewed)
@@ -456,6 +524,10 @@ class RedisStore(HistoryStore):
         """
         if len(groups) == 1:
             return [await self.head(groups[0])]
+        if self._cluster:
+            # Groups live in different slots, often on different nodes: one script
+            # each, concurrently (a cluster pipeline would split them the same way).
+            return list(await asyncio.gather(*(self.head(group) for group in groups)))
         with redis_errors(f"reading the heads of groups from {self._where}"):
             async with self._client.pipeline(transaction=False) as pipe:
                 for group in groups:

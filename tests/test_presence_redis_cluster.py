@@ -1,0 +1,309 @@
+"""Presence on a real Redis Cluster (3 masters, 3 replicas): `ClusterPresence`.
+
+Every group's presence keys and its live channel share the group's slot; the
+tests pick groups served by each master, listen to announcements with a raw
+`SSUBSCRIBE` connection to the master that serves the group's channel, and check
+where each key lives.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.lowlevel
+import pytest
+import redis.asyncio
+from redis.asyncio.connection import Connection
+from redis.crc import key_slot
+from redis_helpers import unique_prefix
+from support.redis_topology import HOST, RedisCluster, RedisNode
+
+from sseviews._redis import group_key
+from sseviews.backends._redis_presence import ClusterPresence
+
+pytestmark = pytest.mark.anyio
+
+TIMEOUT = 1.5  # presence_timeout of these tests' processes
+WAIT = 5.0  # bound on any single wait for a message
+
+
+def master_of(cluster: RedisCluster, name: str) -> RedisNode:
+    """The master that serves the slot of key or channel `name`."""
+    slot = key_slot(name.encode())
+    for master in cluster.masters():
+        if any(first <= slot <= last for first, last in cluster.slot_ranges(master)):
+            return master
+    raise AssertionError(f"no master serves slot {slot}")
+
+
+def groups_on_each_master(cluster: RedisCluster, prefix: str) -> list[str]:
+    """One group per master, the first served by masters[0], and so on."""
+    masters = cluster.masters()
+    found: dict[int, str] = {}
+    n = 0
+    while len(found) < len(masters):
+        group = f"room:{n}"
+        master = master_of(cluster, group_key(prefix, "live", group))
+        found.setdefault(masters.index(master), group)
+        n += 1
+    return [found[i] for i in range(len(masters))]
+
+
+@pytest.fixture
+async def cluster(redis_cluster: RedisCluster) -> AsyncIterator[tuple[RedisCluster, str]]:
+    """The cluster and a key prefix of this test's own (its keys deleted afterwards)."""
+    prefix = unique_prefix()
+    yield redis_cluster, prefix
+    for master in redis_cluster.masters():
+        with master.client() as node:
+            for key in node.scan_iter(match=f"{prefix}:*", count=1000):
+                node.delete(key)
+
+
+@asynccontextmanager
+async def cluster_client(cluster: RedisCluster) -> AsyncIterator[redis.asyncio.RedisCluster]:
+    client = redis.asyncio.RedisCluster(
+        host=HOST, port=cluster.nodes[0].port, decode_responses=False, protocol=2
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def shard_listener(cluster: RedisCluster, channel: str) -> AsyncIterator[Connection]:
+    """A raw connection to the master serving `channel`, subscribed with SSUBSCRIBE."""
+    conn = Connection(host=HOST, port=master_of(cluster, channel).port, protocol=2)
+    await conn.connect()
+    try:
+        await conn.send_command("SSUBSCRIBE", channel)
+        with anyio.fail_after(WAIT):
+            assert await conn.read_response() == [b"ssubscribe", channel.encode(), 1]
+        yield conn
+    finally:
+        await conn.disconnect()
+
+
+async def next_message(conn: Connection) -> bytes:
+    with anyio.fail_after(WAIT):
+        kind, _, data = await conn.read_response()
+    assert kind == b"smessage"
+    assert isinstance(data, bytes)
+    return data
+
+
+def announcement(event: str, entry: bytes) -> bytes:
+    return b"0\0event: %s\ndata: %s\n\n" % (event.encode(), entry)
+
+
+def entry(member: str) -> bytes:
+    return json.dumps({"id": member, "info": {"user": member}, "joined_at": 1.0}).encode()
+
+
+def keys_on(node: RedisNode, prefix: str) -> set[str]:
+    with node.client() as client:
+        return {key.decode() for key in client.scan_iter(match=f"{prefix}:*", count=1000)}
+
+
+@pytest.fixture
+def anyio_backend() -> Iterator[str]:
+    yield "asyncio"
+
+
+async def test_cluster_presence_lists_members_of_groups_on_every_shard(
+    cluster: tuple[RedisCluster, str],
+) -> None:
+    topology, prefix = cluster
+    groups = groups_on_each_master(topology, prefix)
+    async with cluster_client(topology) as client:
+        a = ClusterPresence(client, prefix, "process-a", TIMEOUT)
+        b = ClusterPresence(client, prefix, "process-b", TIMEOUT)
+        # One member in every group (one on each shard), another in one group.
+        await a.join("ann", groups, entry("ann"), False)
+        await b.join("bo", groups[1:2], entry("bo"), False)
+        for group in groups:
+            expected = [entry("ann"), entry("bo")] if group == groups[1] else [entry("ann")]
+            assert sorted(await a.list(group, 1000)) == sorted(expected)
+            assert await b.count(group) == len(expected)
+        assert len(await a.list(groups[1], 1)) == 1
+        assert await a.count("room:nobody") == 0
+        assert await a.list("room:nobody", 10) == []
+
+        # Each group's keys live on the master that serves its channel.
+        for group in groups:
+            master = master_of(topology, group_key(prefix, "live", group))
+            for kind in ("presence", "presence-owners"):
+                assert group_key(prefix, kind, group) in keys_on(master, prefix)
+
+        await a.leave("ann", groups[:2], False)
+        assert [await a.count(group) for group in groups] == [0, 1, 1]
+        assert await a.list(groups[1], 10) == [entry("bo")]
+        # Leaving again, or a member never joined, changes nothing.
+        await a.leave("ann", groups[:2], False)
+        await a.leave("zed", groups, True)
+        assert [await a.count(group) for group in groups] == [0, 1, 1]
+
+
+async def test_cluster_presence_announces_join_and_leave_on_the_groups_shard(
+    cluster: tuple[RedisCluster, str],
+) -> None:
+    topology, prefix = cluster
+    first, _, last = groups_on_each_master(topology, prefix)
+    async with (
+        cluster_client(topology) as client,
+        shard_listener(topology, group_key(prefix, "live", first)) as on_first,
+        shard_listener(topology, group_key(prefix, "live", last)) as on_last,
+    ):
+        presence = ClusterPresence(client, prefix, "process-a", TIMEOUT)
+        await presence.join("quiet", [first, last], entry("quiet"), False)
+        # One node forgot the script (restarted): only its share is run again, so
+        # no group hears a join twice.
+        master_of(topology, group_key(prefix, "live", last)).execute("SCRIPT", "FLUSH")
+        await presence.join("ann", [first, last], entry("ann"), True)
+        # Nothing was announced for the quiet member: ann's join comes first.
+        for conn in (on_first, on_last):
+            assert await next_message(conn) == announcement("sseviews.join", entry("ann"))
+        await presence.leave("quiet", [first, last], False)
+        await presence.leave("ann", [last], True)
+        assert await next_message(on_last) == announcement("sseviews.leave", entry("ann"))
+        await presence.leave("ann", [first], True)
+        assert await next_message(on_first) == announcement("sseviews.leave", entry("ann"))
+
+
+async def test_cluster_presence_sweeps_a_silent_process_within_the_timeout(
+    cluster: tuple[RedisCluster, str],
+) -> None:
+    """A process that stops beating (as if killed) loses its members, leave announced."""
+    topology, prefix = cluster
+    first, _, last = groups_on_each_master(topology, prefix)
+    async with (
+        cluster_client(topology) as client,
+        shard_listener(topology, group_key(prefix, "live", first)) as on_first,
+        shard_listener(topology, group_key(prefix, "live", last)) as on_last,
+    ):
+        alive = ClusterPresence(client, prefix, "alive", TIMEOUT)
+        dead = ClusterPresence(client, prefix, "dead", TIMEOUT)
+        await alive.join("ann", [first], entry("ann"), False)
+        await dead.join("bo", [first, last], entry("bo"), True)
+        assert await dead.beat(True) is True
+        last_beat = time.monotonic()
+        for conn in (on_first, on_last):
+            assert await next_message(conn) == announcement("sseviews.join", entry("bo"))
+
+        async def heartbeat() -> None:
+            while True:
+                assert await alive.beat(True) is True
+                await anyio.sleep(TIMEOUT / 6)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(heartbeat)
+            for conn in (on_first, on_last):
+                assert await next_message(conn) == announcement("sseviews.leave", entry("bo"))
+            swept = time.monotonic() - last_beat
+            tg.cancel_scope.cancel()
+        assert swept <= TIMEOUT
+        # The heartbeat may have been cancelled in mid-sweep: the next one finishes
+        # it (a sweep done twice removes and announces nothing twice).
+        assert await alive.beat(True) is True
+        assert await alive.list(first, 10) == [entry("ann")]
+        assert await alive.count(last) == 0
+        # Nothing of the dead process is left: its members, owners, groups set.
+        everything = set().union(*(keys_on(master, prefix) for master in topology.masters()))
+        assert not [key for key in everything if "dead" in key]
+        assert group_key(prefix, "presence", last) not in everything
+
+        # The silent process learns it was swept; its leave now announces nothing,
+        # and what it joins from now on is listed (and swept) again.
+        assert await dead.beat(True) is False
+        await dead.leave("bo", [first, last], True)
+        await dead.join("cy", [last], entry("cy"), True)
+        assert await next_message(on_last) == announcement("sseviews.join", entry("cy"))
+        assert await dead.beat(True) is True
+        assert await alive.list(last, 10) == [entry("cy")]
+        await anyio.sleep(TIMEOUT)
+        assert await alive.beat(True) is True
+        assert await next_message(on_last) == announcement("sseviews.leave", entry("cy"))
+        assert await alive.count(last) == 0
+
+
+async def test_cluster_presence_drop_removes_every_member_now(
+    cluster: tuple[RedisCluster, str],
+) -> None:
+    topology, prefix = cluster
+    groups = groups_on_each_master(topology, prefix)
+    async with (
+        cluster_client(topology) as client,
+        shard_listener(topology, group_key(prefix, "live", groups[1])) as listener,
+    ):
+        presence = ClusterPresence(client, prefix, "process-a", TIMEOUT)
+        other = ClusterPresence(client, prefix, "process-b", TIMEOUT)
+        await other.join("keeper", groups[1:2], entry("keeper"), False)
+        # More members in one group than one sweep call removes.
+        crowd = [f"m{n}" for n in range(1200)]
+        for member in crowd:
+            await presence.join(member, groups[1:2], entry(member), False)
+        await presence.join("ann", groups, entry("ann"), True)
+        assert await next_message(listener) == announcement("sseviews.join", entry("ann"))
+        assert await presence.count(groups[1]) == 1202
+        # Scripts forgotten (a restarted or promoted node): drop loads them again.
+        for master in topology.masters():
+            master.execute("SCRIPT", "FLUSH")
+        await presence.drop()
+        assert await next_message(listener) == announcement("sseviews.leave", entry("ann"))
+        assert [await presence.count(group) for group in groups] == [0, 1, 0]
+        assert await presence.list(groups[1], 10) == [entry("keeper")]
+        await other.drop()
+    for master in topology.masters():
+        assert keys_on(master, prefix) == set()
+
+
+async def test_cluster_presence_forgets_groups_left_at_the_next_beat(
+    cluster: tuple[RedisCluster, str],
+) -> None:
+    topology, prefix = cluster
+    groups = groups_on_each_master(topology, prefix)
+    processes_key = f"{prefix}:presence-processes"
+    groups_key = group_key(prefix, "presence-groups", "process-a")
+    async with cluster_client(topology) as client:
+        presence = ClusterPresence(client, prefix, "process-a", TIMEOUT)
+        await presence.join("ann", groups, entry("ann"), False)
+        await presence.join("bo", groups[:1], entry("bo"), False)
+        assert sorted(await client.smembers(groups_key)) == sorted(g.encode() for g in groups)
+        await presence.leave("ann", groups, False)
+        assert await presence.beat(True) is True
+        assert await client.smembers(groups_key) == {groups[0].encode()}
+        await presence.leave("bo", groups[:1], False)
+        assert await presence.beat(False) is True
+        assert await client.exists(groups_key) == 0
+        # Still registered until it drops: the next join needs no registration.
+        assert await client.zscore(processes_key, "process-a") is not None
+        await presence.drop()
+        assert await client.exists(processes_key) == 0
+
+
+async def test_cluster_presence_join_during_a_pruning_lists_its_group_again(
+    cluster: tuple[RedisCluster, str],
+) -> None:
+    """A group pruned from the process's groups set while a member joins it is added
+    back before the member is written, so a sweep would still find the member."""
+    topology, prefix = cluster
+    group = groups_on_each_master(topology, prefix)[0]
+    groups_key = group_key(prefix, "presence-groups", "process-a")
+    async with cluster_client(topology) as client:
+        presence = ClusterPresence(client, prefix, "process-a", TIMEOUT)
+        await presence.join("ann", [group], entry("ann"), False)
+        await presence.leave("ann", [group], False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(presence.beat, True)
+            # Until the SREM of the group is in flight (nothing signals it).
+            with anyio.fail_after(WAIT):
+                while presence._pruned.is_set():
+                    await anyio.lowlevel.checkpoint()
+            await presence.join("bo", [group], entry("bo"), False)
+        assert await client.smembers(groups_key) == {group.encode()}
+        assert await presence.list(group, 10) == [entry("bo")]
