@@ -381,6 +381,42 @@ async def test_store_sqlite_append_cancelled_waiting_for_the_lock_file_leaves_it
     assert (tmp_path / f"{db.prefix}.db-sseviews.lock").exists()
 
 
+async def test_store_sqlite_disconnect_during_an_append_frees_the_lock_file_after_it(
+    tmp_path: Path,
+) -> None:
+    db = Database("sqlite", tmp_path)
+    # An engine of the test's own: the store's disconnect() leaves it (and the
+    # append's connection) alone, and closes only the lock file.
+    engine = create_async_engine(db.url)
+    first, second = SQLAlchemyStore(engine, table_prefix=db.prefix), db.store()
+    started, release = anyio.Event(), anyio.Event()
+    delivered: list[int] = []
+
+    async def slow(seq: int, wire: bytes) -> None:
+        started.set()
+        await release.wait()
+        delivered.append(seq)
+
+    async def fast(seq: int, wire: bytes) -> None:
+        delivered.append(seq)
+
+    async with connected(second):
+        with anyio.fail_after(20):
+            await first.connect()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first.append, "a", b"data: 1\n\n", slow)
+                await started.wait()
+                await first.disconnect()  # while the append holds the lock
+                # Still held until the delivery returns.
+                assert second._file_lock is not None
+                assert not second._file_lock.try_acquire()
+                release.set()
+            # The append gave the lock back through its own descriptor, then closed it.
+            await second.append("a", b"data: 2\n\n", fast)
+    await engine.dispose()
+    assert delivered == [1, 2]
+
+
 async def connect_together(stores: list[SQLAlchemyStore]) -> None:
     """Connect every store at once; they must agree on every group's epoch. All are
     disconnected."""

@@ -296,11 +296,11 @@ class SQLAlchemyStore(HistoryStore):
                     yield
                     return
                 async with self._wrap("lock the history file"):
-                    await file_lock.acquire()
+                    fd = await file_lock.acquire()
                 try:
                     yield
                 finally:
-                    file_lock.release()
+                    file_lock.release(fd)
             return
         entry = self._group_locks.get(group)
         if entry is None:
@@ -625,6 +625,11 @@ class _FileLock:
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd: int | None = None
+        # An append that holds or awaits the lock keeps its descriptor open: closed
+        # meanwhile, it is closed once that append is over, so the lock is never
+        # released through a descriptor number the system gave to another file.
+        self._users = 0
+        self._closing: int | None = None
 
     def open(self) -> None:
         if self._fd is None:
@@ -632,7 +637,11 @@ class _FileLock:
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
-        if fd is not None:
+        if fd is None:
+            return
+        if self._users:
+            self._closing = fd
+        else:
             os.close(fd)
 
     def _fileno(self) -> int:
@@ -643,36 +652,54 @@ class _FileLock:
     def try_acquire(self) -> bool:
         return _try_lock(self._fileno())
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> int:
+        """Take the lock; return the descriptor to give back to `release`."""
         fd = self._fileno()
-        if _try_lock(fd):
-            return
-        if _flock is not None:
-            # Taken by another process: wait in a thread, woken by the system when it
-            # is released. A cancelled wait lasts until the thread has it (one append
-            # of the other process), then gives it back.
-            taken = False
+        self._users += 1
+        try:
+            if not _try_lock(fd):
+                await _wait_for_lock(fd)
+        except BaseException:
+            self._done(fd)
+            raise
+        return fd
 
-            def wait() -> None:
-                nonlocal taken
-                _flock(fd)
-                taken = True
+    def release(self, fd: int) -> None:
+        try:
+            _unlock(fd)
+        finally:
+            self._done(fd)
 
-            try:
-                await anyio.to_thread.run_sync(wait)
-            except BaseException:
-                if taken:
-                    _unlock(fd)
-                raise
-            return
+    def _done(self, fd: int) -> None:
+        self._users -= 1
+        if not self._users and self._closing == fd:
+            self._closing = None
+            os.close(fd)
+
+
+async def _wait_for_lock(fd: int) -> None:
+    """Wait until the lock of `fd`, taken by another process or open, is ours."""
+    if _flock is None:
         while True:  # Windows: no waiting lock call that the system wakes
             await anyio.sleep(0.001)
             if _try_lock(fd):
                 return
+    # Wait in a thread, woken by the system when the lock is released. A cancelled
+    # wait lasts until the thread has it (one append of the other process), then
+    # gives it back.
+    taken = False
 
-    def release(self) -> None:
-        if self._fd is not None:
-            _unlock(self._fd)
+    def wait() -> None:
+        nonlocal taken
+        _flock(fd)
+        taken = True
+
+    try:
+        await anyio.to_thread.run_sync(wait)
+    except BaseException:
+        if taken:
+            _unlock(fd)
+        raise
 
 
 try:
