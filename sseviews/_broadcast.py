@@ -22,6 +22,13 @@ its position up to its head, group after group, and the live events above the
 heads wait until the replay is sent. The replay is read a page at a time, as the
 stream's writer sends it, so a resume holds one page of history at most.
 
+Live events may arrive out of id order when one system assigns the ids and another
+delivers them (a history shared by processes, delivery through Redis): a stored
+event beyond the next seq its group's stream expects shows a hole. The
+subscription then holds the live events and reads the hole from the history, as
+a replay, and goes on live dropping the late copies; a hole the history no longer
+holds gets the reset event. Nothing is skipped silently.
+
 A stream of one group sends the ids the store gave, in the shared wire bytes. A
 stream of several groups sends composite ids, every group's position in the
 order of the group names (`<e1>-<s1>.<e2>-<s2>...`): its subscription rewrites
@@ -306,6 +313,8 @@ class Broadcast:
         self.replay_page_bytes = replay_page_bytes
         # Made by connect(), in the event loop that serves the streams.
         self._replays: anyio.CapacityLimiter | None = None
+        # The history reads under way, by group, position and end: see _read_page.
+        self._reads: dict[tuple[str, str, int, int], _SharedRead] = {}
         if isinstance(url, LiveBackend):
             self.live = url
             url_text = "memory://"
@@ -381,14 +390,29 @@ class Broadcast:
             # already under way when a first transaction publishes included.
             self._transactions()
         if self._in_process:
-            workers = _worker_count()
-            if workers > 1:
-                logger.warning(
-                    "Broadcast('memory://') under %d worker processes: each worker has its "
-                    "own groups and history, so events published in one worker never reach "
-                    "clients of the others. Use redis://host:port/db or postgresql+asyncpg://...",
-                    workers,
-                )
+            self._check_alone()
+
+    def _check_alone(self) -> None:
+        """Warn when this in-process broadcast is not alone: events published in other
+        processes never reach its streams live."""
+        if not self.store._claim_alone():
+            # A history shared by processes whose live layers do not meet.
+            logger.warning(
+                "Broadcast('memory://') with the history %s, which another process (or "
+                "broadcast) uses too: events published there reach this process's clients "
+                "only when they reconnect or when a later event shows they are missing, "
+                "never live. Use redis://host:port/db for the live layer",
+                self.store,
+            )
+            return
+        workers = _worker_count()
+        if workers > 1:
+            logger.warning(
+                "Broadcast('memory://') under %d worker processes: each worker has its "
+                "own groups and history, so events published in one worker never reach "
+                "clients of the others. Use redis://host:port/db or postgresql+asyncpg://...",
+                workers,
+            )
 
     async def disconnect(self) -> None:
         """End every subscription and close the backend and the store."""
@@ -734,11 +758,31 @@ class Broadcast:
         limiter = self._replays
         if limiter is None:
             raise BroadcastNotConnected("the broadcast is not connected")
-        await limiter.acquire_on_behalf_of(borrower)
+        # Every stream of a group that receives the same event early reads the same
+        # hole, and clients resuming together the same pages: one read serves them.
+        key = (group, after.epoch, after.seq, upto)
+        shared = self._reads.get(key)
+        if shared is not None:
+            await shared.done.wait()
+            if shared.read:
+                return shared.page
+            # That read failed or was cancelled: this one reads on its own.
+        shared = None
+        if key not in self._reads:
+            shared = self._reads[key] = _SharedRead()
         try:
-            return await self.store.read_page(group, after, upto, self.replay_page_bytes)
+            await limiter.acquire_on_behalf_of(borrower)
+            try:
+                page = await self.store.read_page(group, after, upto, self.replay_page_bytes)
+            finally:
+                limiter.release_on_behalf_of(borrower)
+            if shared is not None:
+                shared.page, shared.read = page, True
+            return page
         finally:
-            limiter.release_on_behalf_of(borrower)
+            if shared is not None:
+                del self._reads[key]
+                shared.done.set()
 
     def _reset_event(self, reason: str, heads: Sequence[Position]) -> Event:
         head_id = format_cursor(heads)
@@ -782,6 +826,17 @@ class Broadcast:
             subscription.close()
 
 
+class _SharedRead:
+    """A read of a page of history that other subscriptions wait for."""
+
+    __slots__ = ("done", "page", "read")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.read = False
+        self.page: Page | None = None
+
+
 class Delivery:
     """One published event as this process received it, shared by all its subscribers.
 
@@ -820,7 +875,10 @@ class Subscription:
     composite id.
 
     The replay is held one page at a time: once a page is taken, `pending_history`
-    is true and `fill()` reads the next one, in the reader's own task.
+    is true and `fill()` reads the next one, in the reader's own task. A live
+    event that arrives before an earlier one of its group starts such a read too:
+    the events in between are read from the history first (the late copies are
+    then dropped as duplicates).
 
     Iteration raises `SlowConsumer` when more than `max_events` or `max_bytes`
     of live events were waiting, and `BackendError` when the backend failed:
@@ -890,11 +948,9 @@ class Subscription:
         seq = delivery.seq
         # An ephemeral event (seq 0: join/leave) has no id and is never a duplicate.
         if seq != EPHEMERAL_SEQ:
-            if delivery.epoch is self._epoch:
-                # One group, live, in the epoch of its last event (the broadcast hands
-                # every subscription the same epoch object): the hot path.
-                if seq <= self._floor:
-                    return
+            if delivery.epoch is self._epoch and seq == self._floor + 1:
+                # One group, live, the next event of the epoch of its last one (the
+                # broadcast hands every subscription the same epoch object): the hot path.
                 self._floor = seq
             elif not self._offer_other(delivery):
                 return
@@ -925,8 +981,10 @@ class Subscription:
         if not self._started:
             return epoch != lane.epoch or seq > lane.floor
         if epoch == lane.epoch:
-            if seq <= self._floor:
-                self._epoch = epoch
+            self._epoch = epoch
+            if seq != self._floor + 1:
+                if seq > self._floor:
+                    self._gap(lane, delivery)
                 return False
         else:
             # The group started a new epoch (its history was lost): go on in it.
@@ -943,6 +1001,9 @@ class Subscription:
             return
         if delivery.epoch == lane.epoch and delivery.seq <= lane.floor:
             return
+        if self._started and delivery.epoch == lane.epoch and delivery.seq != lane.floor + 1:
+            self._gap(lane, delivery)
+            return
         if self._started:
             lane.epoch = delivery.epoch
             lane.seq = lane.floor = delivery.seq
@@ -953,6 +1014,30 @@ class Subscription:
             self._overflow()
         elif self._started:
             self._ready()
+
+    def _gap(self, lane: _Lane, delivery: Delivery) -> None:
+        """A live event of `lane`'s epoch arrived beyond the next seq the stream
+        expects: the events in between were published (their ids are taken) but
+        arrive later, or never to this process. Read them from the history first."""
+        if lane is self._lane:
+            # One group: the hot path moves only `_floor`.
+            lane.seq = lane.floor = self._floor
+        ready, self._live = self._live, []
+        self._fill(lane, delivery.seq, ready, [delivery])
+        self._ready()
+
+    def _fill(self, lane: _Lane, seq: int, ready: list[Delivery], held: list[Delivery]) -> None:
+        """Hold the live events from `held` on, and read `lane`'s history up to `seq - 1`
+        (the hole before `seq`) after the events of `ready`, as a replay does."""
+        if ready:
+            self._backlog = [*self._backlog, *[delivery.wire for delivery in ready]]
+        lane.cursor = lane.floor
+        lane.upto = lane.floor = seq - 1
+        self._replay = [lane]
+        self._live = held
+        self._bytes = sum(len(delivery.wire) for delivery in held)
+        self._started = False
+        self._epoch = None
 
     def _composite(self, group: str, seq: int, wire: bytes) -> Delivery:
         """A copy of a stored event (at its lane's position) with the stream's id."""
@@ -1028,17 +1113,25 @@ class Subscription:
         self._live = held
         self._bytes = sum(len(delivery.wire) for delivery in held)
 
-    def _go_live(self) -> list[Delivery]:
-        """End the replay: the held live events newer than it are ready."""
+    def _go_live(self) -> bool:
+        """End the replay: the held live events newer than it are ready, in order.
+        One beyond the next seq of its lane's epoch starts a read of the hole before
+        it instead (the events before it stay ready, those from it on held). True
+        when there is something to send or to read."""
         ready: list[Delivery] = []
+        held = self._live
         composite = self._by_group is not None
-        for delivery in self._live:
+        for index, delivery in enumerate(held):
             if delivery.seq != EPHEMERAL_SEQ:
                 lane = self._lane_of(delivery)
                 if lane is None:
                     continue
-                if delivery.epoch == lane.epoch and delivery.seq <= lane.floor:
-                    continue
+                if delivery.epoch == lane.epoch:
+                    if delivery.seq <= lane.floor:
+                        continue
+                    if delivery.seq != lane.floor + 1:
+                        self._fill(lane, delivery.seq, ready, held[index:])
+                        return True
                 lane.epoch = delivery.epoch
                 lane.seq = lane.floor = delivery.seq
                 if composite:
@@ -1053,7 +1146,7 @@ class Subscription:
             self._epoch = None
             self._floor = lane.floor
         self._started = True
-        return ready
+        return bool(ready)
 
     def _queue_page(self, lane: _Lane, page: Page) -> None:
         """Queue one page of `lane`'s replay, and go live after the last one."""
@@ -1094,13 +1187,29 @@ class Subscription:
         """
         lane = self._replay[0]
         after = Position(lane.epoch.decode(), lane.cursor)
-        page = await broadcast._read_page(self, lane.group, after, lane.upto)
-        if self._error is not None or self._broadcast is None:
-            self._replay = _NO_LANES  # failed or closed meanwhile
-            return
-        if page is not None:
-            self._queue_page(lane, page)
-            return
+        for wait in _HOLE_WAITS:
+            page = await broadcast._read_page(self, lane.group, after, lane.upto)
+            if self._error is not None or self._broadcast is None:
+                self._replay = _NO_LANES  # failed or closed meanwhile
+                return
+            if page is None:
+                break
+            if _whole(page, lane.cursor, lane.upto):
+                self._queue_page(lane, page)
+                return
+            # A seq of the range is not in the history: an event whose successor was
+            # delivered first, still being stored by another process, or a store
+            # that lost it. Wait a little for the former.
+            if wait is None:
+                logger.warning(
+                    "the history of group %r lacks events after seq %d up to %d that "
+                    "later events were delivered after; the stream gets the reset event",
+                    lane.group,
+                    lane.cursor,
+                    min(page.end, lane.upto),
+                )
+                break
+            await anyio.sleep(wait)
         # Events the replay had not reached yet were dropped meanwhile.
         heads = await broadcast._heads([lane.group for lane in self._lanes])
         if self._error is not None or self._broadcast is None:
@@ -1128,7 +1237,8 @@ class Subscription:
         return bool(self._replay) and not self._backlog
 
     async def fill(self) -> None:
-        """Read the replay's next page (when `pending_history`), in the reader's own task.
+        """Read the replay's next page (when `pending_history`), in the reader's own task:
+        the replay of a resume, or the events missing before one that arrived early.
 
         It waits for a slot of the broadcast's `max_concurrent_replays`. A backend
         failure ends the subscription with `BackendError` (raised by iteration, and
@@ -1207,6 +1317,21 @@ class Subscription:
             if waiter is None:
                 waiter = self._waiter = Waiter()
             await waiter.wait()
+
+
+# Seconds to wait before reading again a page that lacks an event, then None: give
+# up and send the reset event.
+_HOLE_WAITS = (0.01, 0.05, 0.25, None)
+
+
+def _whole(page: Page, cursor: int, upto: int) -> bool:
+    """Whether a page of the history after `cursor` holds every seq up to its end: a
+    group's seqs have no gap within its epoch, so a missing one was not stored."""
+    events, end = page
+    last = min(end, upto)
+    if not events:
+        return last <= cursor
+    return events[0][0] == cursor + 1 and events[-1][0] == last and len(events) == last - cursor
 
 
 _EMPTY: list[bytes] = []  # shared by every subscription with no replay; never mutated

@@ -278,8 +278,8 @@ async def test_store_age_retention_expires_old_events(database: Database) -> Non
 
 
 async def test_store_deliver_in_seq_order_under_concurrency(database: Database) -> None:
-    # PostgreSQL: two stores (as two processes would) share one history.
-    count = 2 if database.kind == "postgresql" else 1
+    # Two stores (as two processes would) share one history.
+    count = 2
     stores = [database.store() for _ in range(count)]
     delivered: dict[str, list[int]] = {"g0": [], "g1": [], "g2": []}
     returned: list[Position] = []
@@ -308,9 +308,14 @@ async def test_store_deliver_in_seq_order_under_concurrency(database: Database) 
     assert len({p.epoch for p in returned}) == 3
 
 
-async def test_store_append_holds_the_lock_until_deliver_returns(pg_tables: list[str]) -> None:
-    db = Database("postgresql", Path())
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_store_append_holds_the_lock_until_deliver_returns(
+    kind: str, tmp_path: Path, pg_tables: list[str]
+) -> None:
+    db = Database(kind, tmp_path)
     pg_tables.append(db.prefix)
+    # Two stores on one database, as two processes: SQLite's own write lock ends at
+    # commit, the history's lock file goes on until the delivery returns.
     first, second = db.store(), db.store()
     events: list[str] = []
     started, release = anyio.Event(), anyio.Event()
@@ -330,11 +335,86 @@ async def test_store_append_holds_the_lock_until_deliver_returns(pg_tables: list
                 tg.start_soon(first.append, "a", b"data: 1\n\n", slow)
                 await started.wait()
                 tg.start_soon(second.append, "a", b"data: 2\n\n", fast)
-                # The second append waits on the first's advisory lock.
+                # The second append waits on the first's lock (advisory or file).
                 await anyio.sleep(0.3)
                 assert events == ["deliver 1 start"]
                 release.set()
     assert events == ["deliver 1 start", "deliver 1 end", "deliver 2"]
+
+
+async def test_store_sqlite_append_cancelled_waiting_for_the_lock_file_leaves_it_free(
+    tmp_path: Path,
+) -> None:
+    db = Database("sqlite", tmp_path)
+    first, second = db.store(), db.store()
+    started, release = anyio.Event(), anyio.Event()
+    delivered: list[int] = []
+
+    async def slow(seq: int, wire: bytes) -> None:
+        started.set()
+        await release.wait()
+        delivered.append(seq)
+
+    async def fast(seq: int, wire: bytes) -> None:
+        delivered.append(seq)
+
+    async with connected(first), connected(second):
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first.append, "a", b"data: 1\n\n", slow)
+                await started.wait()
+
+                async def release_later() -> None:
+                    await anyio.sleep(0.5)
+                    release.set()
+
+                tg.start_soon(release_later)
+                # Cancelled while another holds the lock: it ends once the lock is
+                # taken (the other's append is over), and gives it back.
+                with anyio.move_on_after(0.2) as waiting:
+                    await second.append("a", b"data: 2\n\n", fast)
+                assert waiting.cancelled_caught
+            # The cancelled wait gave the lock back: both stores append again.
+            await second.append("a", b"data: 2\n\n", fast)
+            await first.append("a", b"data: 3\n\n", fast)
+    assert delivered == [1, 2, 3]
+    assert (tmp_path / f"{db.prefix}.db-sseviews.lock").exists()
+
+
+async def test_store_sqlite_disconnect_during_an_append_frees_the_lock_file_after_it(
+    tmp_path: Path,
+) -> None:
+    db = Database("sqlite", tmp_path)
+    # An engine of the test's own: the store's disconnect() leaves it (and the
+    # append's connection) alone, and closes only the lock file.
+    engine = create_async_engine(db.url)
+    first, second = SQLAlchemyStore(engine, table_prefix=db.prefix), db.store()
+    started, release = anyio.Event(), anyio.Event()
+    delivered: list[int] = []
+
+    async def slow(seq: int, wire: bytes) -> None:
+        started.set()
+        await release.wait()
+        delivered.append(seq)
+
+    async def fast(seq: int, wire: bytes) -> None:
+        delivered.append(seq)
+
+    async with connected(second):
+        with anyio.fail_after(20):
+            await first.connect()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first.append, "a", b"data: 1\n\n", slow)
+                await started.wait()
+                await first.disconnect()  # while the append holds the lock
+                # Still held until the delivery returns.
+                assert second._file_lock is not None
+                assert not second._file_lock.try_acquire()
+                release.set()
+            # The append gave the lock back through its own descriptor, then closed it.
+            await second.append("a", b"data: 2\n\n", fast)
+    await engine.dispose()
+    assert delivered == [1, 2]
 
 
 async def connect_together(stores: list[SQLAlchemyStore]) -> None:

@@ -34,7 +34,9 @@ class GroupsLost(BackendError):
 class LiveBackend(ABC):
     """Carries events that were already given an id to the subscribers of every process.
 
-    Events for one broadcast must reach `dispatch` in the order of their `seq`.
+    Events of one group should reach `dispatch` in the order of their `seq`. One
+    that arrives early costs its subscribers a read of the history (they read the
+    events before it there, and drop the late copies), never an event.
 
     A backend may deliver only the groups this process serves: the broadcast calls
     `subscribe()` before a subscription reads its groups' history, and

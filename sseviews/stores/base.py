@@ -175,13 +175,24 @@ class HistoryStore(ABC):
         `wire` is the encoded event without an `id:` line; the store keeps
         `id_line(epoch, seq) + wire`, applies retention to `group` (remembering the
         highest seq it trimmed from it), then awaits `deliver(seq, stored_wire)`.
-        Appends to one group are serialised from assigning the seq until `deliver`
-        returns, across every process sharing the store, so a group's live order is
-        its id order.
+        Appends to one group should be serialised from assigning the seq until
+        `deliver` returns, across every process sharing the store, so a group's live
+        order is its id order. A store that cannot (or a live layer that reorders)
+        costs the streams a read of the history for each event delivered early.
 
         Raises:
             BackendError: The store cannot be reached.
         """
+
+    def _claim_alone(self) -> bool:
+        """Claim the history for this store instance, until `disconnect()`: False when
+        another instance, here or in another process, holds the claim.
+
+        An in-process broadcast (`memory://` live) asks it: streams of two instances
+        sharing a history never receive each other's events live. A store that
+        cannot tell says True.
+        """
+        return True
 
     @abstractmethod
     async def head(self, group: str) -> Position:

@@ -8,9 +8,11 @@ and give `Broadcast` a URL or a store:
 PostgreSQL serves any number of processes and machines: an append takes its group's
 lock (an advisory lock per group, held until the event is delivered, and the group's
 counter row), so a group's ids and live delivery keep one order everywhere, and
-appends to different groups never wait for each other. A SQLite history is for one
-process (one `SQLAlchemyStore` instance): appends are serialised by a lock in that
-instance only.
+appends to different groups never wait for each other. A SQLite history serves
+the processes of one machine: an append holds a lock on the file
+`<database>-sseviews.lock` (beside the database) from taking its seq until the
+event is delivered, so its ids and live delivery keep one order too; appends to
+every group of the file take turns.
 
 The tables are `<prefix>_v2_groups` and `<prefix>_v2_events`: per-group ids came
 with new tables, and the tables of sseviews 0.x before them (`<prefix>_meta`,
@@ -31,6 +33,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -153,7 +156,11 @@ class SQLAlchemyStore(HistoryStore):
         self._postgres = dialect == "postgresql"
         self._errors = _database_errors(self._engine)
         self._where = self._engine.url.render_as_string(hide_password=True)
-        self._lock = anyio.Lock()  # SQLite: one append at a time
+        self._lock = anyio.Lock()  # SQLite: one append at a time in this instance...
+        # ...and in every process (and instance) on the file: see _append_slot.
+        self._file = None if self._postgres else _sqlite_file(self._engine.url)
+        self._file_lock = None if self._file is None else _FileLock(f"{self._file}-sseviews.lock")
+        self._claim: _FileLock | None = None  # see _claim_alone
         self._group_locks: dict[str, list[Any]] = {}  # PostgreSQL: [lock, users] per group
         self._appends = anyio.CapacityLimiter(_MAX_APPENDS)
         self._connected = False
@@ -195,6 +202,8 @@ class SQLAlchemyStore(HistoryStore):
         async with self._wrap("connect"):
             if not self._postgres and self._owns_engine:
                 await self._use_wal()
+            if self._file_lock is not None:
+                self._file_lock.open()
         async with self._wrap("connect"), self._engine.begin() as conn:
             # Two stores starting together would race in CREATE TABLE.
             if self._postgres:
@@ -232,6 +241,31 @@ class SQLAlchemyStore(HistoryStore):
             await sweeper.stop()
         if self._owns_engine:
             await self._engine.dispose()
+        if self._file_lock is not None:
+            self._file_lock.close()
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.close()
+
+    def _claim_alone(self) -> bool:
+        """On SQLite, hold a second lock file (`<database>-<prefix>-alone.lock`) until
+        `disconnect()`; False when another instance holds it (see
+        `HistoryStore._claim_alone`). On PostgreSQL it cannot tell: True."""
+        if self._file is None or self._claim is not None:
+            return True
+        # Per table prefix: two apps may keep their histories in one file.
+        claim = _FileLock(f"{self._file}-{self.table_prefix}-alone.lock")
+        try:
+            claim.open()
+            if not claim.try_acquire():
+                claim.close()
+                return False
+        except OSError as exc:
+            claim.close()
+            logger.warning("SQL history %s: could not open %s: %r", self, claim.path, exc)
+            return True
+        self._claim = claim
+        return True
 
     async def sweep(self) -> int:
         """Delete the groups with no event younger than the idle expiry; return how many.
@@ -257,7 +291,16 @@ class SQLAlchemyStore(HistoryStore):
         on PostgreSQL (at most `_MAX_APPENDS` at once)."""
         if not self._postgres:
             async with self._lock:
-                yield
+                file_lock = self._file_lock
+                if file_lock is None:
+                    yield
+                    return
+                async with self._wrap("lock the history file"):
+                    fd = await file_lock.acquire()
+                try:
+                    yield
+                finally:
+                    file_lock.release(fd)
             return
         entry = self._group_locks.get(group)
         if entry is None:
@@ -610,6 +653,141 @@ def _database_key(url: URL) -> tuple[str, str | None, int | None, str | None]:
             database = os.path.abspath(database)
         return (backend, None, None, database)
     return (backend, url.host or "localhost", url.port or 5432, database)
+
+
+def _sqlite_file(url: URL) -> str | None:
+    """The absolute path of a SQLite database file (None for a database in memory)."""
+    database = url.database or ""
+    if database.startswith("file:"):
+        database = database[5:].split("?", 1)[0]
+    if database in ("", ":memory:") or url.query.get("mode") == "memory":
+        return None
+    return os.path.abspath(database)
+
+
+class _FileLock:
+    """An exclusive lock shared by every process (and every open of it) on one machine.
+
+    SQLite releases its write lock at commit, before the event is delivered; this
+    lock is held from before the seq is taken until the delivery returns, so two
+    processes on one file deliver a group's events in id order. It is `flock` on
+    POSIX systems, `msvcrt.locking` on Windows; either is freed by the system when
+    the process ends.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        # An append that holds or awaits the lock keeps its descriptor open: closed
+        # meanwhile, it is closed once that append is over, so the lock is never
+        # released through a descriptor number the system gave to another file.
+        self._users = 0
+        self._closing: int | None = None
+
+    def open(self) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if self._users:
+            self._closing = fd
+        else:
+            os.close(fd)
+
+    def _fileno(self) -> int:
+        if self._fd is None:
+            raise BroadcastNotConnected(f"the lock file {self.path} is not open: call connect()")
+        return self._fd
+
+    def try_acquire(self) -> bool:
+        return _try_lock(self._fileno())
+
+    async def acquire(self) -> int:
+        """Take the lock; return the descriptor to give back to `release`."""
+        fd = self._fileno()
+        self._users += 1
+        try:
+            if not _try_lock(fd):
+                await _wait_for_lock(fd)
+        except BaseException:
+            self._done(fd)
+            raise
+        return fd
+
+    def release(self, fd: int) -> None:
+        try:
+            _unlock(fd)
+        finally:
+            self._done(fd)
+
+    def _done(self, fd: int) -> None:
+        self._users -= 1
+        if not self._users and self._closing == fd:
+            self._closing = None
+            os.close(fd)
+
+
+async def _wait_for_lock(fd: int) -> None:
+    """Wait until the lock of `fd`, taken by another process or open, is ours."""
+    if _flock is None:
+        while True:  # Windows: no waiting lock call that the system wakes
+            await anyio.sleep(0.001)
+            if _try_lock(fd):
+                return
+    # Wait in a thread, woken by the system when the lock is released. A cancelled
+    # wait lasts until the thread has it (one append of the other process), then
+    # gives it back.
+    taken = False
+
+    def wait() -> None:
+        nonlocal taken
+        _flock(fd)
+        taken = True
+
+    try:
+        await anyio.to_thread.run_sync(wait)
+    except BaseException:
+        if taken:
+            _unlock(fd)
+        raise
+
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    import msvcrt
+
+    _flock = None
+
+    def _try_lock(fd: int) -> bool:
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError:
+            return False
+        return True
+
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+
+else:
+
+    def _flock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _create_engine(url: str | URL) -> AsyncEngine:
