@@ -325,6 +325,18 @@ class Broadcast:
             raise TypeError(f"url must be a URL str or a LiveBackend, got {type(url).__name__}")
         # Redis live + Redis history publish in one atomic script (ids in live order).
         self._fused = False
+        if (
+            isinstance(history, str)
+            and history == url_text
+            and _scheme(url_text)
+            in (
+                *_REDIS_SCHEMES,
+                *_CLUSTER_SCHEMES,
+            )
+        ):
+            # The same Redis named twice: the default, fused (else its events could
+            # reach other processes out of order, and each disorder costs a read).
+            history = None
         if history is None:
             scheme = _scheme(url_text)
             fused = scheme in _REDIS_SCHEMES or scheme in _CLUSTER_SCHEMES

@@ -44,14 +44,20 @@ TIMEOUT = 5.0
 # -- the server processes ---------------------------------------------------------
 
 
+#: A Redis history apart from the live layer's Redis (database 1 of the same server):
+#: a history URL equal to the live URL would be fused with it, as the default is.
+SEPARATE_REDIS_HISTORY = REDIS_URL.rsplit("/", 1)[0] + "/1"
+
+
 def _delete_keys(prefix: str) -> None:
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=TIMEOUT)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    for url in (REDIS_URL, SEPARATE_REDIS_HISTORY):
+        client = redis.Redis.from_url(url, socket_timeout=TIMEOUT)
+        try:
+            keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
 
 
 @pytest.fixture
@@ -329,7 +335,7 @@ def history(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     urls = {
         "sqlite": f"sqlite+aiosqlite:///{tmp_path}/history.db",
         "postgresql": "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
-        "redis": REDIS_URL,
+        "redis": SEPARATE_REDIS_HISTORY,
     }
     return urls[request.param]
 

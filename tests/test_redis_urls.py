@@ -175,3 +175,13 @@ def test_redis_url_max_connections_can_be_set_in_the_url() -> None:
     client, owned = open_client("redis://127.0.0.1:6379/0?max_connections=200")
     assert owned
     assert client.connection_pool.max_connections == 200
+
+
+def test_redis_history_named_like_the_live_url_is_fused_with_it() -> None:
+    # The same Redis given twice publishes from the append script, as the default
+    # does (ids reach every process in order); another Redis does not.
+    url = "redis://127.0.0.1:6379/0"
+    assert Broadcast(url, history=url, retention=50).store.publish
+    store = Broadcast(url, history="redis://127.0.0.1:6379/1").store
+    assert isinstance(store, RedisStore)
+    assert not store.publish
