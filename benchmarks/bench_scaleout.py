@@ -18,6 +18,17 @@ a. **Per-user groups** (``apps/scaleout_sseviews.py``) -- ``--users`` (4000)
    delivered; every event must reach its user's stream exactly once (lost,
    duplicated and misrouted events are counted and reported). Target: at the
    largest P (8), at most 1.3x the figure at P=1.
+
+   Side by side, at each P, the same job runs on the **raw ASGI floor**
+   (``apps/scaleout_raw.py``: no Starlette, no sseviews; redis-py's pub/sub
+   connection, SUBSCRIBE/UNSUBSCRIBE per user, the publisher's script sends the
+   whole SSE message), the least code that does it, so the table can tell what
+   adding processes costs on this machine (idle event loops, wake-ups, cores
+   shared with Redis and the client) from what it costs sseviews. The floor
+   speaks plain Redis only: it is measured on the ``redis`` layer, and its
+   column is ``-`` on the others. ``--servers`` picks ``raw``, ``sseviews`` or
+   both (the default); the two alternate at each P, in an order rotated from
+   run to run.
 b. **One group** (``apps/fanout_sseviews.py``, the fan-out benchmark's app) --
    ``--subscribers`` (2000) streams of one group receive ``--events`` (20)
    events published ``--interval-ms`` (20) ms apart: in one process on
@@ -39,15 +50,19 @@ Redis node's or PostgreSQL's port, from psutil) are counted while it serves its 
 Every measurement runs ``--runs`` times (fresh servers and a fresh prefix each
 time; the order of the P values and of the layers rotated from run to run), and
 the medians are reported as a markdown table with the same columns as the other
-benchmarks (``report.py --scaleout`` joins its rows into the README's table),
-followed by a detail table per case, and written with every per-run figure to
-``benchmarks/results/scaleout-<timestamp>.json``.
+benchmarks (``report.py --scaleout`` joins its rows into the README's table; the
+floor's figures of case (a) in the raw ASGI column, with (info) rows for its
+ratio at the largest P to P=1 and for sseviews' ratio to it there),
+followed by a detail table per case (case (a): a line per layer, P and server,
+with each server's ratio to its own P=1 and sseviews' ratio to the floor), and
+written with every per-run figure to ``benchmarks/results/scaleout-<timestamp>.json``.
 
 Usage (from anywhere; paths are resolved from this file)::
 
     python benchmarks/bench_scaleout.py                  # full size, 3 runs
     python benchmarks/bench_scaleout.py --quick          # smoke test
     python benchmarks/bench_scaleout.py --runs 1 --cases per-user --procs 1,8
+    python benchmarks/bench_scaleout.py --cases per-user --layers redis --servers raw
     python benchmarks/bench_scaleout.py --layers cluster --cluster redis+cluster://127.0.0.1:7000/
 """
 
@@ -98,7 +113,16 @@ from benchmarks.bench_fanout import (  # noqa: E402
 from benchmarks.harness import HOST, BenchError, ServerSpec, UvicornServer  # noqa: E402
 from benchmarks.loadclient import run  # noqa: E402
 
-PER_USER_SPEC = ServerSpec("scaleout", "sseviews per-user", "benchmarks.apps.scaleout_sseviews:app")
+#: Case (a)'s servers: the raw ASGI floor and sseviews, measured side by side.
+PER_USER_SPECS = {
+    "raw": ServerSpec("scaleout-raw", "raw ASGI per-user", "benchmarks.apps.scaleout_raw:app"),
+    "sseviews": ServerSpec(
+        "scaleout", "sseviews per-user", "benchmarks.apps.scaleout_sseviews:app"
+    ),
+}
+SERVERS = tuple(PER_USER_SPECS)
+#: The layers the raw floor runs on: it speaks plain Redis pub/sub only.
+RAW_LAYERS = ("redis",)
 ONE_GROUP_SPEC = ServerSpec("one-group", "sseviews one group", fanout.SSEVIEWS_APP)
 CASES = ("per-user", "one-group")
 LAYERS = ("redis", "cluster", "postgres")
@@ -535,8 +559,16 @@ async def measure_per_user(
 # -- orchestration -----------------------------------------------------------------------------
 
 
-def per_user_key(layer: str, processes: int) -> str:
-    return f"per-user-{layer}-p{processes}"
+def per_user_key(layer: str, processes: int, server: str = "sseviews") -> str:
+    """The result key of case (a) (sseviews' keys are those of results without the floor)."""
+    if server == "sseviews":
+        return f"per-user-{layer}-p{processes}"
+    return f"per-user-{server}-{layer}-p{processes}"
+
+
+def per_user_servers(layer: str, servers: Sequence[str]) -> list[str]:
+    """The servers of ``servers`` that case (a) runs on ``layer``."""
+    return [server for server in servers if server != "raw" or layer in RAW_LAYERS]
 
 
 def one_group_key(layer: str) -> str:
@@ -557,27 +589,30 @@ class Runner:
             FANOUT_BROADCAST_URL=url, FANOUT_PREFIX=prefix, SCALEOUT_USERS=str(self.sizes.users)
         )
 
-    def per_user(self, layer: Layer, processes: int, run_index: int) -> None:
+    def per_user(self, layer: Layer, processes: int, run_index: int, server: str) -> None:
         sizes = self.sizes
-        prefix = f"{self.prefix}-r{run_index}-{layer.key}-p{processes}"
+        spec = PER_USER_SPECS[server]
+        prefix = f"{self.prefix}-r{run_index}-{layer.key}-p{processes}-{server}"
         env = self._env(layer.url, layer.prefix_for(prefix))
 
         def body() -> dict[str, float]:
             with ExitStack() as stack:
-                servers = [
-                    UvicornServer(PER_USER_SPEC, env, self.log_dir) for _ in range(processes + 1)
-                ]
+                servers = [UvicornServer(spec, env, self.log_dir) for _ in range(processes + 1)]
                 harness.start_all(stack, servers)
                 *subscribers, publisher = servers
                 return run(measure_per_user(subscribers, publisher, sizes, layer.ports))
 
         what = (
-            f"{sizes.users} per-user subscribers over {processes} process(es), "
+            f"{spec.label}: {sizes.users} subscribers over {processes} process(es), "
             f"{sizes.rate:g} events/s for {sizes.seconds:g} s through {layer.label}"
         )
         try:
             harness.attempt(
-                self.results[per_user_key(layer.key, processes)], what, run_index, sizes.runs, body
+                self.results[per_user_key(layer.key, processes, server)],
+                what,
+                run_index,
+                sizes.runs,
+                body,
             )
         finally:
             layer.delete_keys(prefix)
@@ -623,13 +658,20 @@ class Runner:
 
 
 def run_benchmark(
-    cases: Sequence[str], layers: Sequence[Layer], sizes: Sizes, runner: Runner
+    cases: Sequence[str],
+    layers: Sequence[Layer],
+    sizes: Sizes,
+    runner: Runner,
+    servers: Sequence[str] = SERVERS,
 ) -> None:
     for run_index in range(sizes.runs):
         if "per-user" in cases:
             for layer in harness.rotated(layers, run_index):
                 for processes in harness.rotated(sizes.procs, run_index):
-                    runner.per_user(layer, processes, run_index)
+                    # The floor and sseviews one after the other at each P, so both
+                    # see the same machine.
+                    for server in harness.rotated(per_user_servers(layer.key, servers), run_index):
+                        runner.per_user(layer, processes, run_index, server)
         if "one-group" in cases:
             for layer_or_memory in harness.rotated([None, *layers], run_index):
                 runner.one_group(layer_or_memory, run_index)
@@ -646,29 +688,63 @@ def _plural(count: int, noun: str) -> str:
     return f"{count:,} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
-def rows(sizes: Sizes, layers: Sequence[tuple[str, str]]) -> list[Row]:
-    """The table's rows for ``layers`` (key, label) that ran."""
+def rows(
+    sizes: Sizes, layers: Sequence[tuple[str, str]], servers: Sequence[str] = SERVERS
+) -> list[Row]:
+    """The table's rows for ``layers`` (key, label) that ran, with case (a) on ``servers``.
+
+    Case (a)'s rows show the raw ASGI floor in the raw column (``-`` on a layer
+    it does not run on) and sseviews in its own; the ratio to P=1 and the target
+    are sseviews' (the floor's when sseviews did not run). Two (info) rows per
+    layer give the floor's ratio at the largest P and sseviews' ratio to it there.
+    """
     table: list[Row] = []
     base, top = min(sizes.procs), max(sizes.procs)
+    metric = "server_cpu_us_per_event"
     for layer, label in layers:
+        ran = per_user_servers(layer, servers)
+        if not ran:
+            continue
+        ours = "sseviews" in ran
+
+        def cell(
+            processes: int, server: str, layer: str = layer, ran: list[str] = ran
+        ) -> str | None:
+            return per_user_key(layer, processes, server) if server in ran else None
+
+        ratio_of = "sseviews" if ours else "raw"
         for processes in sizes.procs:
-            key = per_user_key(layer, processes)
+            this, first = (
+                per_user_key(layer, processes, ratio_of),
+                per_user_key(layer, base, ratio_of),
+            )
             table.append(
                 Row(
                     f"per-user groups through {label}, {sizes.users:,} subscribers over "
                     f"{_plural(processes, 'process')}, {sizes.rate:,.0f} events/s to random "
                     "users, server CPU per delivered event, us",
-                    "server_cpu_us_per_event",
-                    _ours(key),
+                    metric,
+                    (cell(processes, "raw"), None, None, cell(processes, "sseviews")),
                     1,
-                    None
-                    if processes == base
-                    else (key, per_user_key(layer, base), "server_cpu_us_per_event"),
+                    None if processes == base else (this, first, metric),
                     f"P={base}",
-                    1.3 if processes == top and top > base else None,
+                    1.3 if ours and processes == top and top > base else None,
                     headline=processes == base,
                 )
             )
+        raw_top, raw_base, ours_top = cell(top, "raw"), cell(base, "raw"), cell(top, "sseviews")
+        if raw_top is not None and raw_base is not None and top > base:
+            table.append(
+                Row(f"(info) per-user groups through {label}, raw ASGI floor, server CPU per "
+                    f"delivered event at P={top}, us", metric, (raw_top, None, None, None), 1,
+                    (raw_top, raw_base, metric), f"P={base}")
+            )  # fmt: skip
+        if raw_top is not None and ours_top is not None:
+            table.append(
+                Row(f"(info) per-user groups through {label}, sseviews over the raw ASGI floor "
+                    f"at P={top}, server CPU per delivered event, us", metric,
+                    (raw_top, None, None, ours_top), 1, (ours_top, raw_top, metric), "raw")
+            )  # fmt: skip
     half = sizes.subscribers // 2
     group = f"one group, {sizes.subscribers:,} subscribers"
     memory = one_group_key("memory")
@@ -717,49 +793,68 @@ def _connections(results: dict[str, CaseResults], key: str) -> str:
 
 
 def detail_tables(
-    results: dict[str, CaseResults], sizes: Sizes, layers: Sequence[tuple[str, str]]
+    results: dict[str, CaseResults],
+    sizes: Sizes,
+    layers: Sequence[tuple[str, str]],
+    servers: Sequence[str] = SERVERS,
 ) -> str:
-    """Per-P and per-layer figures that do not fit the shared columns (medians; counts summed)."""
+    """Per-P and per-layer figures that do not fit the shared columns (medians; counts summed).
+
+    Case (a) has a line per layer, P and server: "vs P=1" compares a server with
+    itself at the smallest P, "sseviews / raw" sseviews with the raw ASGI floor
+    at the same P.
+    """
+    metric = "server_cpu_us_per_event"
     lines = [
         f"Per-user groups: {sizes.users:,} subscribers, {sizes.rate:,.0f} events/s for "
-        f"{sizes.seconds:g} s to random users (medians; event counts summed over the runs).",
+        f"{sizes.seconds:g} s to random users (medians; event counts summed over the runs)."
+        + (
+            " The raw ASGI floor (`apps/scaleout_raw.py`) runs on the plain Redis layer only."
+            if "raw" in servers
+            else ""
+        ),
         "",
-        "| layer | processes | server CPU per delivered event, us | vs P="
-        f"{min(sizes.procs)} | server CPU, cores | p50 / p99 from schedule, ms "
+        "| layer | processes | server | server CPU per delivered event, us | vs P="
+        f"{min(sizes.procs)} | sseviews / raw | server CPU, cores | p50 / p99 from schedule, ms "
         "| servers idle, CPU ms/s | publisher behind schedule, most, ms "
         "| delivered / lost / duplicated / misrouted / out of order "
         "| connections to the live layer per server process (publisher) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for layer, label in layers:
-        base = _median(results, per_user_key(layer, min(sizes.procs)), "server_cpu_us_per_event")
         for processes in sizes.procs:
-            key = per_user_key(layer, processes)
-            if key not in results:
-                continue
-            cpu = _median(results, key, "server_cpu_us_per_event")
-            counts = " / ".join(
-                harness.fmt(_sum(results, key, name), 0)
-                for name in ("delivered", "lost", "duplicated", "misrouted", "out_of_order")
-            )
-            publisher = _median(results, key, "publisher_redis_connections")
-            cells = [
-                label,
-                str(processes),
-                harness.fmt(cpu, 1),
-                harness.fmt_ratio(cpu / base if cpu is not None and base else None),
-                harness.fmt(_median(results, key, "server_cpu_cores"), 3),
-                _pair(
-                    _median(results, key, "p50_ms_from_schedule"),
-                    _median(results, key, "p99_ms_from_schedule"),
-                    1,
-                ),
-                harness.fmt(_median(results, key, "idle_server_cpu_ms_per_s"), 1),
-                harness.fmt(_median(results, key, "publish_lag_max_ms"), 1),
-                counts,
-                f"{_connections(results, key)} ({harness.fmt(publisher, 0)})",
-            ]
-            lines.append(harness.table_row(cells))
+            raw = _median(results, per_user_key(layer, processes, "raw"), metric)
+            for server in per_user_servers(layer, servers):
+                key = per_user_key(layer, processes, server)
+                if key not in results:
+                    continue
+                base = _median(results, per_user_key(layer, min(sizes.procs), server), metric)
+                cpu = _median(results, key, metric)
+                over_raw = cpu / raw if server == "sseviews" and cpu is not None and raw else None
+                counts = " / ".join(
+                    harness.fmt(_sum(results, key, name), 0)
+                    for name in ("delivered", "lost", "duplicated", "misrouted", "out_of_order")
+                )
+                publisher = _median(results, key, "publisher_redis_connections")
+                cells = [
+                    label,
+                    str(processes),
+                    "raw ASGI" if server == "raw" else server,
+                    harness.fmt(cpu, 1),
+                    harness.fmt_ratio(cpu / base if cpu is not None and base else None),
+                    "" if over_raw is None else harness.fmt_ratio(over_raw),
+                    harness.fmt(_median(results, key, "server_cpu_cores"), 3),
+                    _pair(
+                        _median(results, key, "p50_ms_from_schedule"),
+                        _median(results, key, "p99_ms_from_schedule"),
+                        1,
+                    ),
+                    harness.fmt(_median(results, key, "idle_server_cpu_ms_per_s"), 1),
+                    harness.fmt(_median(results, key, "publish_lag_max_ms"), 1),
+                    counts,
+                    f"{_connections(results, key)} ({harness.fmt(publisher, 0)})",
+                ]
+                lines.append(harness.table_row(cells))
     lines += [
         "",
         f"One group: {sizes.subscribers:,} subscribers, {sizes.events} events "
@@ -827,6 +922,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--cases", help="comma-separated subset of: " + ",".join(CASES))
     parser.add_argument(
         "--layers", help="comma-separated subset of: " + ",".join(LAYERS) + " (default all)"
+    )
+    parser.add_argument(
+        "--servers",
+        help="(a) comma-separated subset of: " + ",".join(SERVERS) + " (default both; the raw "
+        "ASGI floor runs on the " + ",".join(RAW_LAYERS) + " layer only)",
     )
     parser.add_argument("--procs", type=_procs, help="(a) process counts, e.g. 1,2,4,8")
     parser.add_argument("--users", type=int, help="(a) subscribers, each in its own group")
@@ -896,16 +996,18 @@ def open_layers(
 
 
 def new_results(
-    cases: Sequence[str], layers: Sequence[Layer], sizes: Sizes
+    cases: Sequence[str], layers: Sequence[Layer], sizes: Sizes, servers: Sequence[str] = SERVERS
 ) -> dict[str, CaseResults]:
     """An empty result per measurement to take, in the order of the table."""
     results: dict[str, CaseResults] = {}
     for layer in layers:
         if "per-user" in cases:
             for processes in sizes.procs:
-                results[per_user_key(layer.key, processes)] = CaseResults(
-                    f"per-user, {layer.label}, P={processes}"
-                )
+                for server in per_user_servers(layer.key, servers):
+                    name = "" if server == "sseviews" else f" ({PER_USER_SPECS[server].label})"
+                    results[per_user_key(layer.key, processes, server)] = CaseResults(
+                        f"per-user, {layer.label}, P={processes}{name}"
+                    )
         if "one-group" in cases:
             results[one_group_key(layer.key)] = CaseResults(f"one group, {layer.label}")
     if "one-group" in cases:
@@ -928,6 +1030,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("sizes and --runs must be >= 1 (--subscribers >= 2), --rate and "
                          "--seconds > 0, --interval-ms >= 0")  # fmt: skip
     cases = _split(args.cases, CASES, "case(s)")
+    servers = _split(args.servers, SERVERS, "server(s)")
     layer_keys = _split(args.layers, LAYERS, "layer(s)")
     explicit = args.layers is not None
     needed = max(sizes.users, sizes.subscribers) + 500
@@ -938,10 +1041,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as tmp, ExitStack() as stack:
         layers, skipped = open_layers(layer_keys, args, Path(tmp), stack, explicit)
-        results = new_results(cases, layers, sizes)
+        results = new_results(cases, layers, sizes, servers)
         runner = Runner(sizes, Path(tmp), prefix, results)
         try:
-            run_benchmark(cases, layers, sizes, runner)
+            run_benchmark(cases, layers, sizes, runner, servers)
         finally:
             for layer in layers:
                 layer.delete_keys(prefix)
@@ -949,9 +1052,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ran = [(layer.key, layer.label) for layer in layers]
     table, summary = fanout.build_table(
         results,
-        [row for row in rows(sizes, ran) if all(k is None or k in results for k in row.cells)],
+        [
+            row
+            for row in rows(sizes, ran, servers)
+            if all(k is None or k in results for k in row.cells)
+        ],
     )
-    details = detail_tables(results, sizes, ran)
+    details = detail_tables(results, sizes, ran, servers)
     output = args.output or harness.default_output("scaleout", started)
     harness.write_json(
         output,
@@ -972,6 +1079,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     notes = [details]
     notes += [f"{key} layer skipped: {reason}" for key, reason in skipped.items()]
+    no_floor = [label for key, label in ran if "raw" in servers and key not in RAW_LAYERS]
+    if "per-user" in cases and no_floor:
+        notes.append(
+            "The raw ASGI floor of case (a) speaks plain Redis pub/sub only: not measured "
+            f"through {', '.join(no_floor)} ('-' in its column)."
+        )
     if (note := loss_note(results)) is not None:
         notes.append(note)
     loads = [v for o in results.values() for v in o.runs.get("loadavg_1min_before", [])]

@@ -1,7 +1,8 @@
-"""Shared pieces of the hand-written ASGI benchmark apps (``raw_app``, ``fanout_raw``).
+"""Shared pieces of the hand-written ASGI apps (``raw_app``, ``fanout_raw``, ``scaleout_raw``).
 
 Standard library only, so a raw app loads nothing a framework would: the ASGI
-types, the SSE response head, the end-of-body message, query parsing,
+types, the SSE response head, the end-of-body message, query parsing, a JSON answer
+(:func:`send_json`),
 :func:`queue_stream` (the hand-written stream: a queue, a disconnect listener
 and one ``send`` per queued message) and :func:`asgi_app`, which answers the
 lifespan protocol and dispatches HTTP requests on their exact path.
@@ -14,6 +15,7 @@ lifespan protocol and dispatches HTTP requests on their exact path.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
@@ -38,6 +40,22 @@ END_MESSAGE: Message = {"type": "http.response.body", "body": b"", "more_body": 
 def query(scope: Scope) -> dict[str, list[str]]:
     """The request's query string, parsed (``parse_qs``)."""
     return parse_qs(scope.get("query_string", b"").decode("latin-1"))
+
+
+async def send_json(send: Send, body: Any, status: int = 200) -> None:
+    """Answer with ``body`` as compact JSON (the whole response, in two sends)."""
+    data = json.dumps(body, separators=(",", ":")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
 
 
 async def queue_stream(receive: Receive, send: Send, queue: asyncio.Queue[Message | None]) -> None:

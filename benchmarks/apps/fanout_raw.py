@@ -21,9 +21,17 @@ Run with ``python -m uvicorn benchmarks.apps.fanout_raw:app`` from the repo root
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-from benchmarks.apps.common import Message, Receive, Scope, Send, asgi_app, query, queue_stream
+from benchmarks.apps.common import (
+    Message,
+    Receive,
+    Scope,
+    Send,
+    asgi_app,
+    query,
+    queue_stream,
+    send_json,
+)
 from benchmarks.apps.fanout_common import Publisher, dumps, payload, start_publishing, stats
 
 # The registry: one queue per open stream. ``None`` in a queue ends its stream.
@@ -49,32 +57,17 @@ async def events(scope: Scope, receive: Receive, send: Send) -> None:
         subscribers.discard(queue)
 
 
-async def _json(send: Send, body: Any, status: int = 200) -> None:
-    data = dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
-
-
 async def start_route(scope: Scope, receive: Receive, send: Send) -> None:
     status, body = start_publishing(publisher, len(subscribers), query(scope))
-    await _json(send, body, status)
+    await send_json(send, body, status)
 
 
 async def stats_route(scope: Scope, receive: Receive, send: Send) -> None:
-    await _json(send, stats(len(subscribers), publisher, query(scope)))
+    await send_json(send, stats(len(subscribers), publisher, query(scope)))
 
 
 async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
-    await _json(send, {"error": "not found"}, 404)
+    await send_json(send, {"error": "not found"}, 404)
 
 
 def end_streams() -> None:
