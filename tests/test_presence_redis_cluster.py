@@ -307,3 +307,50 @@ async def test_cluster_presence_join_during_a_pruning_lists_its_group_again(
             await presence.join("bo", [group], entry("bo"), False)
         assert await client.smembers(groups_key) == {group.encode()}
         assert await presence.list(group, 10) == [entry("bo")]
+
+
+async def test_cluster_presence_works_in_the_other_masters_groups_while_one_is_down(
+    cluster: tuple[RedisCluster, str],
+) -> None:
+    """A master SIGKILLed, before its replica takes over: joins, lists and counts of
+    the groups the other masters serve go on, whether the masters know the scripts
+    or not (a script is run on its keys' master only, never loaded on every one)."""
+    topology, prefix = cluster
+    groups = groups_on_each_master(topology, prefix)
+    masters = topology.masters()
+    # Liveness is per process, in keys of their own slots: the registrations and
+    # this process's groups set must be on masters that stay up.
+    process = "process-a"
+    home = {
+        master_of(topology, f"{prefix}:presence-processes").port,
+        master_of(topology, group_key(prefix, "presence-groups", process)).port,
+    }
+    victim = next(master for master in reversed(masters) if master.port not in home)
+    kept = [g for g in groups if master_of(topology, group_key(prefix, "live", g)) != victim]
+    assert len(kept) == 2
+    replica = topology.replica_of(victim)
+    async with cluster_client(topology) as client:
+        presence = ClusterPresence(client, prefix, process, TIMEOUT)
+        await presence.join("ann", kept[:1], entry("ann"), False)  # registered
+        try:
+            for master in masters:
+                master.execute("SCRIPT", "FLUSH")
+            await anyio.to_thread.run_sync(topology.kill_master, victim)
+            with anyio.fail_after(WAIT):
+                # One group (one script call), then both (a pipeline across masters).
+                await presence.join("bo", kept[1:], entry("bo"), False)
+                await presence.join("cy", kept, entry("cy"), True)
+                assert sorted(await presence.list(kept[0], 10)) == sorted(
+                    [entry("ann"), entry("cy")]
+                )
+                assert sorted(await presence.list(kept[1], 10)) == sorted(
+                    [entry("bo"), entry("cy")]
+                )
+                assert [await presence.count(group) for group in kept] == [2, 2]
+                await presence.leave("cy", kept, True)
+                assert [await presence.count(group) for group in kept] == [1, 1]
+            # All of it ran while the victim was down and not replaced, not once a
+            # failover had given its slots a master again.
+            assert replica.info("replication")["role"] == "slave"
+        finally:
+            await anyio.to_thread.run_sync(topology.heal)
