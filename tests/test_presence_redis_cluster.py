@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -21,9 +22,14 @@ from redis.asyncio.connection import Connection
 from redis.crc import key_slot
 from redis_helpers import unique_prefix
 from support.redis_topology import HOST, RedisCluster, RedisNode
+from test_presence_redis import member_app
+from test_redis_cluster import FAILOVER_TIMEOUT
 
+from sseviews import BackendError, Broadcast
 from sseviews._redis import group_key
 from sseviews.backends._redis_presence import ClusterPresence
+from sseviews.backends.redis_cluster import RedisClusterBackend
+from sseviews.testing import EventStreamClient
 
 pytestmark = pytest.mark.anyio
 
@@ -354,3 +360,104 @@ async def test_cluster_presence_works_in_the_other_masters_groups_while_one_is_d
             assert replica.info("replication")["role"] == "slave"
         finally:
             await anyio.to_thread.run_sync(topology.heal)
+
+
+async def present(
+    client: EventStreamClient, room: str, user: str, open_streams: dict[str, Any], stop: anyio.Event
+) -> None:
+    """A browser-like member of `room`: it reconnects whenever its stream ends.
+    `open_streams[user]` lists its streams, the last one open (or ending)."""
+    while not stop.is_set():
+        try:
+            async with client.stream(f"/room/{room}?user={user}") as stream:
+                open_streams[user].append(stream)
+                while not stream.ended and not stop.is_set():  # noqa: ASYNC110 (two conditions)
+                    await anyio.sleep(0.05)
+        except TimeoutError:
+            pass  # no response head in time: try again, as EventSource does
+        await anyio.sleep(0.1)
+
+
+async def users(broadcast: Broadcast, group: str) -> list[str] | None:
+    """The users listed in `group` (None while its master cannot answer), after
+    checking that the count agrees."""
+    try:
+        entries = await broadcast.presence(group)
+        count = await broadcast.presence_count(group)
+    except BackendError:
+        return None
+    assert count == len(entries), (count, entries)
+    return sorted(entry.info["user"] for entry in entries)
+
+
+@pytest.mark.slow
+async def test_cluster_presence_lists_the_reconnected_members_of_lost_groups_once(
+    cluster: tuple[RedisCluster, str],
+) -> None:
+    """A master SIGKILLed and its replica promoted: the streams of its groups end and
+    reconnect, and its groups list each reconnected member once (the entries of
+    the ended streams, replicated to the new master, are removed), while the other
+    masters' groups keep their members throughout."""
+    topology, prefix = cluster
+    lost, kept = groups_on_each_master(topology, prefix)[:2]
+    victim = master_of(topology, group_key(prefix, "live", lost))
+    replica = topology.replica_of(victim)
+    timeout = 3.0
+    broadcast = Broadcast(topology.url(), prefix=prefix)
+    assert isinstance(broadcast.live, RedisClusterBackend)
+    broadcast.live.presence_timeout = timeout
+    room = {group: group.removeprefix("room:") for group in (lost, kept)}
+    members = {lost: ["ann", "bo"], kept: ["cy"]}
+    streams: dict[str, Any] = {user: [] for names in members.values() for user in names}
+    stop = anyio.Event()
+
+    def reconnected() -> bool:
+        return all(
+            len(streams[user]) >= 2
+            and streams[user][-1].status_code == 200
+            and not streams[user][-1].ended
+            for user in members[lost]
+        )
+
+    async def listed(group: str, expected: list[str], seconds: float) -> None:
+        with anyio.fail_after(seconds):
+            while (seen := await users(broadcast, group)) != expected:  # noqa: ASYNC110 (polls Redis)
+                await anyio.sleep(0.1)
+        assert seen == expected
+
+    try:
+        async with EventStreamClient(member_app(broadcast), timeout=WAIT) as client:
+            async with anyio.create_task_group() as tg:
+                for group, names in members.items():
+                    for user in names:
+                        tg.start_soon(present, client, room[group], user, streams, stop)
+                for group, names in members.items():
+                    await listed(group, names, WAIT)
+                # The entries of the streams about to end are on the replica too.
+                probe = group_key(prefix, "probe", lost)
+                assert await anyio.to_thread.run_sync(lambda: victim.wait_replicated(probe=probe))
+                await anyio.to_thread.run_sync(topology.kill_master, victim)
+                await anyio.to_thread.run_sync(
+                    topology.wait_for_failover, victim, replica, FAILOVER_TIMEOUT
+                )
+                with anyio.fail_after(FAILOVER_TIMEOUT):
+                    while not reconnected():  # noqa: ASYNC110 (polls the streams)
+                        await anyio.sleep(0.05)
+                # Each member of the lost group is listed once: the entries of its
+                # ended stream (on the new master too) go, by the leave retried.
+                await listed(lost, members[lost], timeout)
+                # And stays so: no entry of an ended stream comes back, no sweep
+                # removes a live member, no stream ends again.
+                count = {user: len(streams[user]) for user in streams}
+                for _ in range(int(timeout * 2 / 0.25)):
+                    assert await users(broadcast, lost) == members[lost]
+                    assert await users(broadcast, kept) == members[kept]
+                    await anyio.sleep(0.25)
+                assert {user: len(streams[user]) for user in streams} == count
+                assert count["cy"] == 1, count
+                stop.set()
+            for group in members:
+                await listed(group, [], WAIT)
+    finally:
+        stop.set()
+        await broadcast.disconnect()
