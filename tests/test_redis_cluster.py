@@ -418,6 +418,79 @@ async def test_redis_cluster_backend_failover_ends_only_the_killed_masters_group
         await store.disconnect()
 
 
+@pytest.mark.slow
+async def test_redis_cluster_failover_resets_the_lost_group_of_a_stream_and_replays_the_other(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A stream of two groups on two masters; one master is SIGKILLed and its replica
+    promoted. The browser resumes with its last id: the lost group (a new epoch)
+    gets the reset, and the other group's events after that id are replayed
+    exactly, none missed and none twice, then live."""
+    prefix = unique_prefix()
+    by_master = groups_by_master(redis_cluster, prefix, per_master=1)
+    victim = redis_cluster.masters()[0]
+    replica = redis_cluster.replica_of(victim)
+    [lost] = by_master[victim.port]
+    [kept] = next(names for port, names in by_master.items() if port != victim.port)
+    async with Broadcast(redis_cluster.url(), prefix=prefix) as broadcast:
+        start = await broadcast.last_id(lost, kept)
+        async with broadcast.subscribe(lost, kept, last_event_id=start) as stream:
+            for n in range(3):
+                await broadcast.publish(lost, f"lost {n}")
+                await broadcast.publish(kept, f"kept {n}")
+            with anyio.fail_after(TIMEOUT):
+                seen = [await stream.__anext__() for _ in range(6)]
+            await anyio.to_thread.run_sync(redis_cluster.kill_master, victim)
+            # The lost group's stream ends; the kept group's events go on meanwhile.
+            with anyio.fail_after(TIMEOUT), pytest.raises(GroupsLost):
+                await stream.__anext__()
+        last = seen[-1].id
+        assert last is not None
+        missed = [await broadcast.publish(kept, f"kept {n}") for n in range(3, 6)]
+        await anyio.to_thread.run_sync(
+            redis_cluster.wait_for_failover, victim, replica, FAILOVER_TIMEOUT
+        )
+        with anyio.fail_after(FAILOVER_TIMEOUT):
+            while True:
+                try:
+                    new = await broadcast.publish(lost, "lost new")
+                    break
+                except BackendError:
+                    await anyio.sleep(0.1)
+        # The promoted replica gave the lost group a new epoch.
+        assert new.split("-")[0] != seen[0].id.split(".")[0].split("-")[0]
+        order = sorted([lost, kept])
+        with anyio.fail_after(FAILOVER_TIMEOUT):
+            while True:
+                try:
+                    resumed = broadcast.subscribe(lost, kept, last_event_id=last)
+                    stream = await resumed.__aenter__()
+                    break
+                except BackendError:
+                    await anyio.sleep(0.1)
+        try:
+            with anyio.fail_after(TIMEOUT):
+                reset = await stream.__anext__()
+                replayed = [await stream.__anext__() for _ in missed]
+            assert reset.event == "sseviews.reset"
+            assert reset.json()["groups"] == [lost]
+            assert reset.json()["reason"] == "unknown_epoch"
+            positions = dict(zip(order, (reset.id or "").split("."), strict=True))
+            assert positions[lost] == new
+            assert positions[kept] == last.split(".")[order.index(kept)]
+            assert [e.data for e in replayed] == ["kept 3", "kept 4", "kept 5"]
+            assert [(e.id or "").split(".")[order.index(kept)] for e in replayed] == missed
+            live = await broadcast.publish(kept, "kept live")
+            with anyio.fail_after(TIMEOUT):
+                event = await stream.__anext__()
+            assert (event.data, (event.id or "").split(".")[order.index(kept)]) == (
+                "kept live",
+                live,
+            )
+        finally:
+            await resumed.__aexit__(None, None, None)
+
+
 # -- two uvicorn processes: the failover guarantee ---------------------------------------
 
 
