@@ -31,8 +31,9 @@ _RESET_SCHEMA: dict[str, Any] = {
     "properties": {
         "reason": {"type": "string", "enum": ["expired", "unknown_epoch", "ahead"]},
         "head": {"type": "string"},
+        "groups": {"type": "array", "items": {"type": "string"}},
     },
-    "required": ["reason", "head"],
+    "required": ["reason", "head", "groups"],
 }
 
 

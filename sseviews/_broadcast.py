@@ -733,26 +733,25 @@ class Broadcast:
             ]
             if cursor is None:
                 return Attachment(lanes)
-            reason = None
+            # The groups that cannot resume start at their heads, behind the reset
+            # event; the others resume exactly after their own positions.
+            reset: dict[str, str] = {}
             if len(cursor) != len(groups):
                 # Not an id of a stream of these groups (or of the previous format).
-                reason = "unknown_epoch"
+                reset = dict.fromkeys(groups, "unknown_epoch")
             else:
                 for lane, head, position in zip(lanes, heads, cursor, strict=True):
                     if position.epoch != head.epoch:
-                        reason = "unknown_epoch"
-                        break
-                    if position.seq > head.seq:
+                        reset[lane.group] = "unknown_epoch"
+                    elif position.seq > head.seq:
                         # An id of this epoch that was never issued here: the history
                         # lost events (a restored snapshot, a failover). A 400 would
                         # stop EventSource for good; the reset lets it reload and go on.
-                        reason = "ahead"
-                        break
-                    lane.seq = lane.cursor = position.seq
-            if reason is not None:
-                for lane, head in zip(lanes, heads, strict=True):
-                    lane.move_to(head)
-                return Attachment(lanes, self._reset_event(reason, heads))
+                        reset[lane.group] = "ahead"
+                    else:
+                        lane.seq = lane.cursor = position.seq
+            if reset:
+                return Attachment(lanes, self._reset_event(lanes, reset))
             return Attachment(lanes)
         except BaseException:
             self._unregister(sink, groups)
@@ -796,9 +795,16 @@ class Broadcast:
                 del self._reads[key]
                 shared.done.set()
 
-    def _reset_event(self, reason: str, heads: Sequence[Position]) -> Event:
-        head_id = format_cursor(heads)
-        return Event({"reason": reason, "head": head_id}, event=RESET_EVENT, id=head_id)
+    def _reset_event(self, lanes: Sequence[_Lane], reset: dict[str, str]) -> Event:
+        """The reset event of the groups in `reset` (group -> reason), its id the
+        stream's position: those groups at their heads, the others where they stand."""
+        head_id = ".".join([f"{lane.epoch.decode()}-{lane.seq}" for lane in lanes])
+        reason = next(iter(reset.values()))
+        return Event(
+            {"reason": reason, "head": head_id, "groups": list(reset)},
+            event=RESET_EVENT,
+            id=head_id,
+        )
 
     # -- subscribing ---------------------------------------------------------------
 
@@ -1222,17 +1228,18 @@ class Subscription:
                 )
                 break
             await anyio.sleep(wait)
-        # Events the replay had not reached yet were dropped meanwhile.
-        heads = await broadcast._heads([lane.group for lane in self._lanes])
+        # Events the replay had not reached yet were dropped meanwhile: this group
+        # starts at its head, behind the reset event; the others' replay goes on.
+        [head] = await broadcast._heads([lane.group])
         if self._error is not None or self._broadcast is None:
             self._replay = _NO_LANES
             return
-        index = self._lanes.index(lane)
-        reason = "expired" if heads[index].epoch == after.epoch else "unknown_epoch"
-        self._backlog = [broadcast._reset_event(reason, heads).encode()]
-        for each, head in zip(self._lanes, heads, strict=True):
-            each.move_to(head)
-        self._go_live()
+        reason = "expired" if head.epoch == after.epoch else "unknown_epoch"
+        lane.move_to(head)
+        self._backlog = [broadcast._reset_event(self._lanes, {lane.group: reason}).encode()]
+        self._replay.remove(lane)
+        if not self._replay:
+            self._go_live()
         self._ready()
 
     # -- read by the stream (in the stream's own task) ----------------------------

@@ -7,8 +7,10 @@ the `redis` extra.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +21,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from ._exceptions import BackendError
 
@@ -27,6 +29,7 @@ __all__ = [
     "CLUSTER_SCHEMES",
     "REDIS_ERRORS",
     "REDIS_SCHEMES",
+    "ClusterScript",
     "ClusterURL",
     "SentinelURL",
     "check_cluster",
@@ -410,6 +413,67 @@ def cluster_pool_size(client: redis.asyncio.RedisCluster) -> int:
         if isinstance(size := getattr(node, "max_connections", None), int) and size > 0
     ]
     return min(sizes, default=MAX_CONNECTIONS)
+
+
+class ClusterScript:
+    """A Lua script run on the master of its keys' slot only.
+
+    redis-py's `Script` loads a missing script on every master (`SCRIPT LOAD`), so
+    one master down (a failover) would fail the scripts of every group. This one
+    runs `EVALSHA` on the keys' master and, when that master does not know the
+    script (`NOSCRIPT`: it did not run), `EVAL` there, which caches it.
+
+    Args:
+        client: The cluster client.
+        source: The script.
+        limiter: Held around each call, if given (see `cluster_pool_size`).
+    """
+
+    def __init__(self, client: Any, source: str, limiter: asyncio.Semaphore | None = None) -> None:
+        self._client = client
+        self._source = source
+        self._sha = hashlib.sha1(source.encode()).hexdigest()
+        self._limiter = limiter
+
+    async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
+        if self._limiter is None:
+            return await self._run(keys, args)
+        async with self._limiter:
+            return await self._run(keys, args)
+
+    async def _run(self, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._client.eval(self._source, len(keys), *keys, *args)
+
+    async def pipelined(self, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run the script once per `(keys, args)` call, in one cluster pipeline (each
+        master's share in one round trip), and return the replies in order: a call
+        that failed has its exception as its reply.
+
+        The calls a master refused with `NOSCRIPT` run again with `EVAL`, each on its
+        own master, so a master down fails its own calls only.
+        """
+        replies = await self._pipeline(calls, self._sha)
+        refused = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if refused:
+            again = await self._pipeline([calls[i] for i in refused], None)
+            for i, reply in zip(refused, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(
+        self, calls: Sequence[tuple[list[str], list[Any]]], sha: str | None
+    ) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args in calls:
+            if sha is None:
+                pipe.eval(self._source, len(keys), *keys, *args)
+            else:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
 
 async def check_cluster(client: redis.asyncio.RedisCluster, where: str) -> None:

@@ -101,6 +101,8 @@ export interface ResetData {
   reason: "expired" | "unknown_epoch" | "ahead";
   /** The id the stream goes on from (a composite id for several groups). */
   head: string;
+  /** The groups reset, sorted by name; a stream's other groups go on exactly. */
+  groups: string[];
 }
 
 /** The data of `sseviews.error`: the stream failed; sseviews.js backs off and reconnects. */

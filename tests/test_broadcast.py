@@ -10,6 +10,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 from support.broadcast import YieldingStore, steps
+from support.redis import REDIS_URL, delete_prefix, redis_client, unique_prefix
 
 from sseviews import (
     RESET_EVENT,
@@ -25,6 +26,7 @@ from sseviews._broadcast import MAX_GROUP_LENGTH, check_group
 from sseviews.backends.memory import MemoryBackend
 from sseviews.stores.base import MAX_CURSOR_GROUPS, Position, format_id, parse_cursor
 from sseviews.stores.memory import MemoryStore
+from sseviews.stores.redis import RedisStore
 
 pytestmark = pytest.mark.anyio
 
@@ -409,7 +411,7 @@ async def test_expired_cursor_gets_one_reset_event_then_live_only() -> None:
         async with broadcast.subscribe("a", last_event_id=ids[0]) as sub:
             (reset,) = await take(sub, 1)
             assert reset.event == RESET_EVENT == "sseviews.reset"
-            assert reset.json() == {"reason": "expired", "head": ids[-1]}
+            assert reset.json() == {"reason": "expired", "head": ids[-1], "groups": ["a"]}
             assert reset.id == ids[-1]
             # No partial replay of the retained ids[3:], only what comes next.
             assert await nothing_more(sub)
@@ -418,7 +420,7 @@ async def test_expired_cursor_gets_one_reset_event_then_live_only() -> None:
             assert (event.id, event.data) == (live, "live")
 
 
-async def test_expired_cursor_in_one_group_resets_the_whole_subscription_when_reached() -> None:
+async def test_expired_cursor_in_one_group_resets_only_that_group_when_reached() -> None:
     async with Broadcast("memory://", retention=1) as broadcast:
         await broadcast.publish("a", "a0")
         cursor = await broadcast.last_id("a", "b")
@@ -430,12 +432,98 @@ async def test_expired_cursor_in_one_group_resets_the_whole_subscription_when_re
             replayed, reset = await take(sub, 2)
             assert (replayed.data, replayed.id) == ("a1", f"{a1}.{cursor.split('.')[1]}")
             assert reset.event == RESET_EVENT
-            # The reset's id is the composite of the current heads.
-            assert reset.json() == {"reason": "expired", "head": f"{a1}.{b1}"}
+            # The reset covers b alone; its id is the composite of the lanes: a where
+            # its replay ended, b at its head.
+            assert reset.json() == {"reason": "expired", "head": f"{a1}.{b1}", "groups": ["b"]}
             assert reset.id == f"{a1}.{b1}"
             assert await nothing_more(sub)
             b2 = await broadcast.publish("b", "b2")
             assert [e.id for e in await take(sub, 1)] == [f"{a1}.{b2}"]
+
+
+async def test_expired_cursor_in_the_first_group_keeps_the_replay_of_the_others() -> None:
+    async with Broadcast("memory://", retention=1) as broadcast:
+        cursor = await broadcast.last_id("a", "b")
+        await broadcast.publish("a", "a1")
+        a2 = await broadcast.publish("a", "a2")  # trims a1, which is after the cursor
+        b1 = await broadcast.publish("b", "b1")
+        b_start = cursor.split(".")[1]
+        async with broadcast.subscribe("a", "b", last_event_id=cursor) as sub:
+            # a is reached first and cannot resume: its reset, then b's exact replay.
+            reset, replayed = await take(sub, 2)
+            assert reset.json() == {"reason": "expired", "head": f"{a2}.{b_start}", "groups": ["a"]}
+            assert reset.id == f"{a2}.{b_start}"
+            assert (replayed.data, replayed.id) == ("b1", f"{a2}.{b1}")
+            assert await nothing_more(sub)
+            a3 = await broadcast.publish("a", "a3")
+            assert [e.id for e in await take(sub, 1)] == [f"{a3}.{b1}"]
+
+
+async def drop_group_memory(broadcast: Broadcast, group: str) -> None:
+    store = broadcast.store
+    assert isinstance(store, MemoryStore)
+    del store._groups[group]
+
+
+async def drop_group_redis(broadcast: Broadcast, group: str) -> None:
+    store = broadcast.store
+    assert isinstance(store, RedisStore)
+    async with redis_client() as client:
+        assert await client.delete(*store._keys(group)) == 2
+
+
+@pytest.mark.parametrize("history", ["memory", "redis"])
+async def test_new_epoch_of_one_group_resets_it_alone_and_the_others_resume_exactly(
+    history: str, anyio_backend: str
+) -> None:
+    """One group of a stream lost its history (keys expired or evicted, a failover
+    to a promoted replica): a browser's id resets that group, and the other groups
+    resume after their own positions, with no gap and no duplicate."""
+    if history == "redis" and anyio_backend != "asyncio":
+        pytest.skip("redis-py runs on asyncio only")
+    prefix = unique_prefix()
+    if history == "memory":
+        broadcast, drop = Broadcast("memory://"), drop_group_memory
+    else:
+        broadcast, drop = Broadcast(REDIS_URL, prefix=prefix), drop_group_redis
+    try:
+        async with broadcast:
+            a1 = await broadcast.publish("a", "a1")
+            b1 = await broadcast.publish("b", "b1")
+            async with broadcast.subscribe("a", "b", last_event_id=f"{a1}.{b1}") as sub:
+                a2 = await broadcast.publish("a", "a2")
+                (seen,) = await take(sub, 1)
+            # The browser's last id; then b goes on, and a loses its history.
+            assert seen.id == f"{a2}.{b1}"
+            b2 = await broadcast.publish("b", "b2")
+            b3 = await broadcast.publish("b", "b3")
+            await drop(broadcast, "a")
+            a_new = await broadcast.publish("a", "a-new")
+            assert a_new.split("-")[0] != a1.split("-")[0] and seq_of(a_new) == 1
+            async with broadcast.subscribe("a", "b", last_event_id=seen.id) as sub:
+                reset, *replayed = await take(sub, 3)
+                assert reset.event == RESET_EVENT
+                assert reset.json() == {
+                    "reason": "unknown_epoch",
+                    "head": f"{a_new}.{b1}",
+                    "groups": ["a"],
+                }
+                assert reset.id == f"{a_new}.{b1}"
+                assert [(e.data, e.id) for e in replayed] == [
+                    ("b2", f"{a_new}.{b2}"),
+                    ("b3", f"{a_new}.{b3}"),
+                ]
+                assert await nothing_more(sub)
+                b4 = await broadcast.publish("b", "b4")
+                a_next = await broadcast.publish("a", "a-next")
+                assert [(e.data, e.id) for e in await take(sub, 2)] == [
+                    ("b4", f"{a_new}.{b4}"),
+                    ("a-next", f"{a_next}.{b4}"),
+                ]
+                assert await nothing_more(sub)
+    finally:
+        if history == "redis":
+            await delete_prefix(prefix)
 
 
 def foreign_epoch(*known: str) -> str:
@@ -452,7 +540,7 @@ async def test_unknown_epoch_gets_reset_event(broadcast: Broadcast) -> None:
     async with broadcast.subscribe("a", last_event_id=f"{foreign}-1") as sub:
         (reset,) = await take(sub, 1)
         assert reset.event == RESET_EVENT
-        assert reset.json() == {"reason": "unknown_epoch", "head": head}
+        assert reset.json() == {"reason": "unknown_epoch", "head": head, "groups": ["a"]}
         assert reset.id == head
         assert await nothing_more(sub)
         live = await broadcast.publish("a", "3")
@@ -479,7 +567,11 @@ async def test_id_of_the_previous_format_on_a_stream_of_several_groups_gets_rese
         async with broadcast.subscribe(*groups, last_event_id=old) as sub:
             (reset,) = await take(sub, 1)
             head = a if groups == ("a",) else f"{a}.{b}"
-            assert reset.json() == {"reason": "unknown_epoch", "head": head}
+            assert reset.json() == {
+                "reason": "unknown_epoch",
+                "head": head,
+                "groups": list(groups),
+            }
             assert reset.id == head
             assert await nothing_more(sub)
 
@@ -497,9 +589,16 @@ async def test_composite_id_of_the_wrong_count_or_epochs_gets_reset(
         "one foreign epoch": f"{a}.{foreign_epoch(a, b, c)}-1",
         "swapped": f"{b}.{a}",
     }[case]
+    # Only b's epoch is foreign in one case: a stands at its head there, and only b
+    # is reset. A count that does not match resets every group.
+    reset_groups = ["b"] if case == "one foreign epoch" else ["a", "b"]
     async with broadcast.subscribe("a", "b", last_event_id=cursor) as sub:
         (reset,) = await take(sub, 1)
-        assert reset.json() == {"reason": "unknown_epoch", "head": f"{a}.{b}"}
+        assert reset.json() == {
+            "reason": "unknown_epoch",
+            "head": f"{a}.{b}",
+            "groups": reset_groups,
+        }
         assert await nothing_more(sub)
         a2 = await broadcast.publish("a", "4")
         assert [e.id for e in await take(sub, 1)] == [f"{a2}.{b}"]
@@ -511,7 +610,7 @@ async def test_composite_id_position_ahead_of_its_group_gets_reset(broadcast: Br
     ahead = f"{a}.{b[:8]}-{seq_of(b) + 1}"
     async with broadcast.subscribe("a", "b", last_event_id=ahead) as sub:
         (reset,) = await take(sub, 1)
-    assert reset.json() == {"reason": "ahead", "head": f"{a}.{b}"}
+    assert reset.json() == {"reason": "ahead", "head": f"{a}.{b}", "groups": ["b"]}
 
 
 async def test_subscribe_to_more_groups_than_an_id_can_carry_raises(broadcast: Broadcast) -> None:
@@ -559,7 +658,7 @@ async def test_last_event_id_ahead_of_head_gets_reset_event(broadcast: Broadcast
     async with broadcast.subscribe("a", last_event_id=ahead) as sub:
         (reset,) = await take(sub, 1)
         assert reset.event == RESET_EVENT
-        assert reset.json() == {"reason": "ahead", "head": head}
+        assert reset.json() == {"reason": "ahead", "head": head, "groups": ["a"]}
         assert reset.id == head
         assert await nothing_more(sub)
         live = await broadcast.publish("a", "y")

@@ -215,7 +215,7 @@ async def test_order_hole_trimmed_from_history_gets_the_reset_event(
             (reset,) = await take(subscription, 1)
             assert reset.event == RESET_EVENT
             head = await broadcast.last_id(*groups)
-            assert reset.json() == {"reason": "expired", "head": head}
+            assert reset.json() == {"reason": "expired", "head": head, "groups": ["g"]}
             assert reset.id == head
             # Then live from the head.
             live.window = 1

@@ -105,7 +105,11 @@ async def test_history_redis_restored_snapshot_starts_a_new_epoch(
                 async with broadcast.subscribe("room", last_event_id=old) as sub:
                     (reset,) = await take(sub, 1)
                     assert reset.event == RESET_EVENT
-                    assert reset.json() == {"reason": "unknown_epoch", "head": more[-1]}
+                    assert reset.json() == {
+                        "reason": "unknown_epoch",
+                        "head": more[-1],
+                        "groups": ["room"],
+                    }
     print(f"\nFIGURE snapshot restore: last id before {issued[-1]}, first after {after}")
 
 

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -19,11 +20,16 @@ import pytest
 import redis.asyncio
 from redis.asyncio.connection import Connection
 from redis.crc import key_slot
+from support.apps import member_app
+from support.failover import FAILOVER_TIMEOUT
 from support.redis import unique_prefix
 from support.redis_topology import HOST, RedisCluster, RedisNode
 
+from sseviews import BackendError, Broadcast
 from sseviews._redis import group_key
 from sseviews.backends._redis_presence import ClusterPresence
+from sseviews.backends.redis_cluster import RedisClusterBackend
+from sseviews.testing import EventStreamClient
 
 pytestmark = pytest.mark.anyio
 
@@ -307,3 +313,157 @@ async def test_cluster_presence_join_during_a_pruning_lists_its_group_again(
             await presence.join("bo", [group], entry("bo"), False)
         assert await client.smembers(groups_key) == {group.encode()}
         assert await presence.list(group, 10) == [entry("bo")]
+
+
+async def test_cluster_presence_works_in_the_other_masters_groups_while_one_is_down(
+    cluster: tuple[RedisCluster, str],
+) -> None:
+    """A master SIGKILLed, before its replica takes over: joins, lists and counts of
+    the groups the other masters serve go on, whether the masters know the scripts
+    or not (a script is run on its keys' master only, never loaded on every one)."""
+    topology, prefix = cluster
+    groups = groups_on_each_master(topology, prefix)
+    masters = topology.masters()
+    # Liveness is per process, in keys of their own slots: the registrations and
+    # this process's groups set must be on masters that stay up.
+    process = "process-a"
+    home = {
+        master_of(topology, f"{prefix}:presence-processes").port,
+        master_of(topology, group_key(prefix, "presence-groups", process)).port,
+    }
+    victim = next(master for master in reversed(masters) if master.port not in home)
+    kept = [g for g in groups if master_of(topology, group_key(prefix, "live", g)) != victim]
+    assert len(kept) == 2
+    replica = topology.replica_of(victim)
+    async with cluster_client(topology) as client:
+        presence = ClusterPresence(client, prefix, process, TIMEOUT)
+        await presence.join("ann", kept[:1], entry("ann"), False)  # registered
+        try:
+            for master in masters:
+                master.execute("SCRIPT", "FLUSH")
+            await anyio.to_thread.run_sync(topology.kill_master, victim)
+            with anyio.fail_after(WAIT):
+                # One group (one script call), then both (a pipeline across masters).
+                await presence.join("bo", kept[1:], entry("bo"), False)
+                await presence.join("cy", kept, entry("cy"), True)
+                assert sorted(await presence.list(kept[0], 10)) == sorted(
+                    [entry("ann"), entry("cy")]
+                )
+                assert sorted(await presence.list(kept[1], 10)) == sorted(
+                    [entry("bo"), entry("cy")]
+                )
+                assert [await presence.count(group) for group in kept] == [2, 2]
+                await presence.leave("cy", kept, True)
+                assert [await presence.count(group) for group in kept] == [1, 1]
+            # All of it ran while the victim was down and not replaced, not once a
+            # failover had given its slots a master again.
+            assert replica.info("replication")["role"] == "slave"
+        finally:
+            # Restarted only once its replica took over, as after any failover: a
+            # master back before that may rejoin the cluster in an odd state.
+            if not victim.running:
+                await anyio.to_thread.run_sync(
+                    topology.wait_for_failover, victim, replica, FAILOVER_TIMEOUT
+                )
+            await anyio.to_thread.run_sync(topology.heal)
+
+
+async def present(
+    client: EventStreamClient, room: str, user: str, open_streams: dict[str, Any], stop: anyio.Event
+) -> None:
+    """A browser-like member of `room`: it reconnects whenever its stream ends.
+    `open_streams[user]` lists its streams, the last one open (or ending)."""
+    while not stop.is_set():
+        try:
+            async with client.stream(f"/room/{room}?user={user}") as stream:
+                open_streams[user].append(stream)
+                while not stream.ended and not stop.is_set():  # noqa: ASYNC110 (two conditions)
+                    await anyio.sleep(0.05)
+        except TimeoutError:
+            pass  # no response head in time: try again, as EventSource does
+        await anyio.sleep(0.1)
+
+
+async def users(broadcast: Broadcast, group: str) -> list[str] | None:
+    """The users listed in `group` (None while its master cannot answer), after
+    checking that the count agrees."""
+    try:
+        entries = await broadcast.presence(group)
+        count = await broadcast.presence_count(group)
+    except BackendError:
+        return None
+    assert count == len(entries), (count, entries)
+    return sorted(entry.info["user"] for entry in entries)
+
+
+@pytest.mark.slow
+async def test_cluster_presence_lists_the_reconnected_members_of_lost_groups_once(
+    cluster: tuple[RedisCluster, str],
+) -> None:
+    """A master SIGKILLed and its replica promoted: the streams of its groups end and
+    reconnect, and its groups list each reconnected member once (the entries of
+    the ended streams, replicated to the new master, are removed), while the other
+    masters' groups keep their members throughout."""
+    topology, prefix = cluster
+    lost, kept = groups_on_each_master(topology, prefix)[:2]
+    victim = master_of(topology, group_key(prefix, "live", lost))
+    replica = topology.replica_of(victim)
+    timeout = 3.0
+    broadcast = Broadcast(topology.url(), prefix=prefix)
+    assert isinstance(broadcast.live, RedisClusterBackend)
+    broadcast.live.presence_timeout = timeout
+    room = {group: group.removeprefix("room:") for group in (lost, kept)}
+    members = {lost: ["ann", "bo"], kept: ["cy"]}
+    streams: dict[str, Any] = {user: [] for names in members.values() for user in names}
+    stop = anyio.Event()
+
+    def reconnected() -> bool:
+        return all(
+            len(streams[user]) >= 2
+            and streams[user][-1].status_code == 200
+            and not streams[user][-1].ended
+            for user in members[lost]
+        )
+
+    async def listed(group: str, expected: list[str], seconds: float) -> None:
+        with anyio.fail_after(seconds):
+            while (seen := await users(broadcast, group)) != expected:  # noqa: ASYNC110 (polls Redis)
+                await anyio.sleep(0.1)
+        assert seen == expected
+
+    try:
+        async with EventStreamClient(member_app(broadcast), timeout=WAIT) as client:
+            async with anyio.create_task_group() as tg:
+                for group, names in members.items():
+                    for user in names:
+                        tg.start_soon(present, client, room[group], user, streams, stop)
+                for group, names in members.items():
+                    await listed(group, names, WAIT)
+                # The entries of the streams about to end are on the replica too.
+                probe = group_key(prefix, "probe", lost)
+                assert await anyio.to_thread.run_sync(lambda: victim.wait_replicated(probe=probe))
+                await anyio.to_thread.run_sync(topology.kill_master, victim)
+                await anyio.to_thread.run_sync(
+                    topology.wait_for_failover, victim, replica, FAILOVER_TIMEOUT
+                )
+                with anyio.fail_after(FAILOVER_TIMEOUT):
+                    while not reconnected():  # noqa: ASYNC110 (polls the streams)
+                        await anyio.sleep(0.05)
+                # Each member of the lost group is listed once: the entries of its
+                # ended stream (on the new master too) go, by the leave retried.
+                await listed(lost, members[lost], timeout)
+                # And stays so: no entry of an ended stream comes back, no sweep
+                # removes a live member, no stream ends again.
+                count = {user: len(streams[user]) for user in streams}
+                for _ in range(int(timeout * 2 / 0.25)):
+                    assert await users(broadcast, lost) == members[lost]
+                    assert await users(broadcast, kept) == members[kept]
+                    await anyio.sleep(0.25)
+                assert {user: len(streams[user]) for user in streams} == count
+                assert count["cy"] == 1, count
+                stop.set()
+            for group in members:
+                await listed(group, [], WAIT)
+    finally:
+        stop.set()
+        await broadcast.disconnect()

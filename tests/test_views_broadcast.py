@@ -344,7 +344,7 @@ async def test_view_unknown_epoch_gets_reset_event_then_live() -> None:
             assert stream.status_code == 200
             (reset,) = await read(stream, 1)
             assert reset.event == RESET_EVENT
-            assert reset.json() == {"reason": "unknown_epoch", "head": head}
+            assert reset.json() == {"reason": "unknown_epoch", "head": head, "groups": ["room"]}
             live = await broadcast.publish("room", "live")
             assert [e.id for e in await read(stream, 1)] == [live]
 

@@ -32,10 +32,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio
-from redis.exceptions import NoScriptError
 
 from .._exceptions import BackendError
-from .._redis import group_key
+from .._redis import ClusterScript, group_key
 
 __all__ = ["ClusterPresence"]
 
@@ -87,8 +86,10 @@ class ClusterPresence:
         # once it passes, the next heartbeat of any process (at most timeout/6
         # later) sweeps the members, within the timeout.
         self._lifetime = presence_timeout * 2 / 3
-        self._group_script = client.register_script(_GROUP_SCRIPT)
-        self._process_script = client.register_script(_PROCESS_SCRIPT)
+        # Each call runs on its keys' master only: a master down fails the groups
+        # it serves, never the others'.
+        self._group_script = ClusterScript(client, _GROUP_SCRIPT)
+        self._process_script = ClusterScript(client, _PROCESS_SCRIPT)
         self._processes_key = f"{prefix}:presence-processes"
         self._groups_key = self._groups_key_of(process)
         self._registered = False
@@ -222,25 +223,10 @@ class ClusterPresence:
         return replies
 
     async def _pipelined(self, calls: _Calls) -> _Replies:
-        replies = await self._send(calls)
-        # Nodes that never saw the script (new, or promoted after a failover): load
-        # it on every primary and run again the calls those nodes refused.
-        refused = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if refused:
-            await self._client.script_load(_GROUP_SCRIPT)
-            again = await self._send([calls[i] for i in refused])
-            for i, reply in zip(refused, again, strict=True):
-                replies[i] = reply
+        replies = await self._group_script.pipelined(calls)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return replies
-
-    async def _send(self, calls: _Calls) -> _Replies:
-        pipe = self._client.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.evalsha(self._group_script.sha, len(keys), *keys, *args)
-        replies: _Replies = await pipe.execute(raise_on_error=False)
         return replies
 
     async def _sweep(self, process: str) -> None:

@@ -34,7 +34,6 @@ the `RedisBackend` of every process that serves the group, in id order.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import re
@@ -43,11 +42,11 @@ from typing import Any
 
 import anyio
 import redis.asyncio
-from redis.exceptions import NoScriptError
 
 from .._exceptions import BackendError
 from .._redis import (
     CLUSTER_SCHEMES,
+    ClusterScript,
     check_cluster,
     check_not_cluster,
     close_client,
@@ -248,30 +247,6 @@ return {epoch, string.format('%d', head), renewed}
 )
 
 
-class _ClusterScript:
-    """A script run on the master of its keys' slot only.
-
-    redis-py's `Script` loads a missing script on every master (`SCRIPT LOAD`), so
-    one master down (a failover) would fail the scripts of every group. This one
-    runs `EVALSHA` on the keys' master and, when that master does not know the
-    script (`NOSCRIPT`: it did not run), `EVAL` there, which caches it.
-    """
-
-    def __init__(self, client: Any, source: str, limiter: asyncio.Semaphore) -> None:
-        self._client = client
-        self._source = source
-        self._sha = hashlib.sha1(source.encode()).hexdigest()
-        # Commands wait here for a free connection (see cluster_pool_size).
-        self._limiter = limiter
-
-    async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
-        async with self._limiter:
-            try:
-                return await self._client.evalsha(self._sha, len(keys), *keys, *args)
-            except NoScriptError:
-                return await self._client.eval(self._source, len(keys), *keys, *args)
-
-
 class RedisStore(HistoryStore):
     """Keeps each group's recent events in a Redis Stream and assigns ids in Redis.
 
@@ -365,7 +340,7 @@ class RedisStore(HistoryStore):
         if self._cluster:
             limiter = asyncio.Semaphore(cluster_pool_size(self._client))
             self._append, self._read, self._head = (
-                _ClusterScript(self._client, source, limiter) for source in (_APPEND, _READ, _HEAD)
+                ClusterScript(self._client, source, limiter) for source in (_APPEND, _READ, _HEAD)
             )
         else:
             self._append = self._client.register_script(_APPEND)

@@ -372,7 +372,8 @@ def check_reset_event(start: StartClient, server: InteropServer) -> None:
     assert data["reason"] == "unknown_epoch"
     assert reset["id"] == data["head"]
     # The stream goes on from the group's own epoch, not the one it was sent.
-    assert set(data) == {"reason", "head"}
+    assert set(data) == {"reason", "head", "groups"}
+    assert data["groups"] == ["room"]
     assert not data["head"].startswith("00000000-")
     assert (live["event"], live["data"], live["id"]) == ("message", "m1000", published)
 

@@ -23,7 +23,8 @@ from sseviews.testing import EventParser
 
 from .servers import ServerProcess
 
-#: Bound on a failover: the sentinels' down-after (1 s), their vote, the promotion.
+#: Bound on a failover: the sentinels' down-after (1 s), their vote, the promotion;
+#: on a cluster, cluster-node-timeout (1 s), the replicas' election, the new slot map.
 FAILOVER_TIMEOUT = 25.0
 
 
