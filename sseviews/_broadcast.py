@@ -51,6 +51,7 @@ from ._exceptions import (
     SlowConsumer,
 )
 from ._presence import DEFAULT_PRESENCE_LIMIT, PresenceEntry, entry_from_json
+from ._reserved import RESET_EVENT
 from ._wait import Waiter
 from .backends.base import EPHEMERAL_SEQ, LiveBackend
 from .stores.base import (
@@ -75,8 +76,6 @@ __all__ = [
 
 logger = logging.getLogger("sseviews")
 
-#: The name of the event sent instead of a replay when a cursor cannot be resumed.
-RESET_EVENT = "sseviews.reset"
 #: Longest group name accepted, in characters.
 MAX_GROUP_LENGTH = 200
 #: The default bytes of history a resuming subscription reads at a time.

@@ -18,13 +18,13 @@ from starlette.types import Scope
 
 from ._events import Event
 from ._exceptions import InvalidToken
-from ._lifecycle import EXPIRED_EVENT, DisconnectReason
+from ._lifecycle import DisconnectReason
+from ._reserved import EXPIRED_EVENT
 
 if TYPE_CHECKING:
     from ._connection import Connection
-    from ._views import EventStreamView
 
-__all__ = ["check_token", "read_token", "schedule_end"]
+__all__ = ["check_token", "check_token_group", "read_token", "schedule_end"]
 
 # Long enough for any JWT a browser would carry; anything longer is not ours.
 MAX_TOKEN_BYTES = 8192
@@ -62,21 +62,22 @@ def read_token(scope: Scope, cookie: str | None) -> str | None:
     return None
 
 
-def check_token(view: EventStreamView) -> None:
-    """Verify the request's token and keep its claims on the view.
+def check_token(scope: Scope, tokens: Any, cookie: str | None) -> dict[str, Any]:
+    """Verify the request's token with `tokens` (a `StreamTokens`): its claims.
 
     Raises:
         HTTPException: 401 when the token is missing or `verify()` rejects it.
     """
-    token = read_token(view.scope, view.token_cookie)
+    token = read_token(scope, cookie)
     if token is None:
         raise HTTPException(401, "a stream token is required", headers=_UNAUTHORIZED)
     if len(token) > MAX_TOKEN_BYTES:
         raise HTTPException(401, "invalid stream token: too long", headers=_UNAUTHORIZED)
     try:
-        view.token_claims = view.tokens.verify(token)
+        claims: dict[str, Any] = tokens.verify(token)
     except InvalidToken as exc:
         raise HTTPException(401, f"invalid stream token: {exc}", headers=_UNAUTHORIZED) from None
+    return claims
 
 
 def check_token_group(claims: dict[str, Any], group: str) -> None:
@@ -86,15 +87,15 @@ def check_token_group(claims: dict[str, Any], group: str) -> None:
         raise HTTPException(403, f"the stream token does not allow group {group!r}")
 
 
-def schedule_end(view: EventStreamView, connection: Connection) -> None:
-    """Tell `connection` when to end: at the token's expiry, or after `max_lifetime`."""
-    claims = view.token_claims
+def schedule_end(
+    connection: Connection, claims: dict[str, Any] | None, lifetime: float | None
+) -> None:
+    """Tell `connection` when to end: at the token's expiry, or after `lifetime` seconds."""
     if claims is not None:
         exp = claims.get("exp")
         if isinstance(exp, int | float):
             remaining = exp - time.time()
             connection.end_at(connection.clock() + remaining, DisconnectReason.EXPIRED, _FAREWELL)
-    lifetime = view.max_lifetime
     if lifetime is not None:
         # ±10 % jitter: streams opened together (after a deploy) do not all end together.
         lifetime *= random.uniform(0.9, 1.1)

@@ -26,8 +26,9 @@ import anyio
 import sniffio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._reserved import SHUTDOWN_KEY
+
 __all__ = [
-    "EXPIRED_EVENT",
     "DisconnectReason",
     "ShutdownMiddleware",
     "ShutdownSignal",
@@ -35,9 +36,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("sseviews")
-
-#: The ASGI scope extension under which a `ShutdownSignal` is looked up.
-SCOPE_KEY = "sseviews.shutdown"
 
 # How often the uvicorn watcher looks at `Server.should_exit`, in seconds. uvicorn
 # waits 0.1 s after should_exit before it starts waiting on connections, so polling
@@ -75,16 +73,6 @@ class DisconnectReason(enum.StrEnum):
     #: The stream reached its `max_lifetime`; the browser reconnects with its
     #: `Last-Event-ID`, maybe to another worker.
     LIFETIME = "lifetime"
-
-
-#: The name of the event a stream sends last when it ends because its token
-#: expired: the client fetches a new token before it reconnects.
-EXPIRED_EVENT = "sseviews.expired"
-
-#: The name of the event a stream sends last when its `events()` raised: its data
-#: is `{"reason": "error"}`, never the exception, and it carries a `retry:` field
-#: (the view's `error_retry`) so that clients come back later, not at once.
-ERROR_EVENT = "sseviews.error"
 
 
 class _Stoppable(Protocol):
@@ -205,7 +193,7 @@ class ShutdownMiddleware:
             extensions = scope.get("extensions")
             if extensions is None:
                 extensions = scope["extensions"] = {}
-            extensions[SCOPE_KEY] = self.signal
+            extensions[SHUTDOWN_KEY] = self.signal
         elif scope["type"] == "lifespan":
             receive = self._lifespan_receive(receive)
         await self.app(scope, receive, send)
@@ -320,7 +308,7 @@ def find_shutdown_signal(scope: Scope) -> ShutdownSignal | None:
     """Return the `ShutdownSignal` of the server that runs this request, if any."""
     extensions = scope.get("extensions")
     if extensions:
-        found = extensions.get(SCOPE_KEY)
+        found = extensions.get(SHUTDOWN_KEY)
         if found is not None:
             return found  # type: ignore[no-any-return]
     return _uvicorn_signal()

@@ -39,9 +39,10 @@ from ._exceptions import (
     SettingNameWarning,
     SlowConsumer,
 )
-from ._lifecycle import ERROR_EVENT, DisconnectReason, find_shutdown_signal
+from ._lifecycle import DisconnectReason, find_shutdown_signal
 from ._metrics import Metrics
 from ._presence import encode_entry
+from ._reserved import ERROR_EVENT
 from .stores.base import MAX_CURSOR_GROUPS
 
 if TYPE_CHECKING:
@@ -547,8 +548,8 @@ class EventStreamView:
             await self._end_at_once()
             return None
         try:
-            if self.tokens is not None:
-                check_token(self)  # before on_connect(), which may read token_claims
+            if self.tokens is not None:  # before on_connect(), which may read token_claims
+                self.token_claims = check_token(scope, self.tokens, self.token_cookie)
             refusal = await self.on_connect()
             if refusal is None:
                 _ = self.last_event_id  # 400 for a bad one, after authentication
@@ -589,7 +590,7 @@ class EventStreamView:
             return None
         connection = self._connection = Connection(self, receive, send, shutdown, self._counters)
         if self.token_claims is not None or self.max_lifetime is not None:
-            schedule_end(self, connection)
+            schedule_end(connection, self.token_claims, self.max_lifetime)
         direct = type(self).events is EventStreamView.events
         if not groups:
             if broadcast is not None and direct:

@@ -20,6 +20,7 @@ import pytest
 
 from sseviews import ShutdownMiddleware, ShutdownSignal
 from sseviews import _lifecycle as lifecycle
+from sseviews._reserved import SHUTDOWN_KEY
 
 pytestmark = pytest.mark.anyio
 
@@ -148,7 +149,7 @@ async def test_shutdown_middleware_installs_once_and_keeps_the_signal_in_the_sco
     seen: list[object] = []
 
     async def app(scope: dict[str, object], receive: object, send: object) -> None:
-        seen.append(scope["extensions"][lifecycle.SCOPE_KEY])  # type: ignore[index]
+        seen.append(scope["extensions"][SHUTDOWN_KEY])  # type: ignore[index]
 
     middleware = ShutdownMiddleware(app, shutdown, handle_signals=True)
     await middleware({"type": "http"}, _noop_receive, _noop_send)
