@@ -71,7 +71,10 @@ __all__ = [
     "Delivery",
     "Subscription",
     "check_group",
+    "claim_unconnected_report",
+    "new_member_id",
     "open_subscription",
+    "was_connected",
 ]
 
 logger = logging.getLogger("sseviews")
@@ -329,7 +332,7 @@ class Broadcast:
         # Presence connection ids: this broadcast's random name, then a counter.
         self._member_ids = map(f"{secrets.token_hex(6)}-{{}}".format, itertools.count(1))
         # A stream of a broadcast never connected means a missing lifespan: views
-        # refuse it loudly, and log it once per broadcast (see EventStreamView._open).
+        # refuse it loudly, and log it once per broadcast (see claim_unconnected_report).
         self._ever_connected = False
         self._reported_unconnected = False
         self._in_process = urlsplit(url_text).scheme == "memory" and not isinstance(
@@ -419,7 +422,7 @@ class Broadcast:
             if not self._fused:
                 await live.deliver(group, seq, wire)
 
-        position = await self.store.append(group, event._wire, deliver)
+        position = await self.store.append(group, event.encode(), deliver)
         # Let the writers run between publishes: a burst must not starve them.
         await anyio.lowlevel.checkpoint()
         return format_id(*position)
@@ -459,7 +462,7 @@ class Broadcast:
         elif event.id is not None:
             raise ValueError(f"an ephemeral event carries no id (got id={event.id!r})")
         self._check_connected()
-        await self.live.deliver(group, EPHEMERAL_SEQ, event._wire)
+        await self.live.deliver(group, EPHEMERAL_SEQ, event.encode())
 
     # -- presence ----------------------------------------------------------------
 
@@ -497,9 +500,6 @@ class Broadcast:
         check_group(group)
         self._check_connected()
         return await self.live.presence_count(group)
-
-    def _new_member_id(self) -> str:
-        return next(self._member_ids)
 
     # -- local fan-out -----------------------------------------------------------
 
@@ -1138,3 +1138,22 @@ async def open_subscription(
             subscription.close()
             raise
     return subscription
+
+
+def was_connected(broadcast: Broadcast) -> bool:
+    """Whether `broadcast` was ever connected (never: the app's lifespan is missing)."""
+    return broadcast._ever_connected
+
+
+def claim_unconnected_report(broadcast: Broadcast) -> bool:
+    """True the first time it is asked for `broadcast`: the caller logs that it was
+    never connected, once per broadcast rather than once per refused stream."""
+    if broadcast._reported_unconnected:
+        return False
+    broadcast._reported_unconnected = True
+    return True
+
+
+def new_member_id(broadcast: Broadcast) -> str:
+    """A new presence connection id: the broadcast's random name, then a counter."""
+    return next(broadcast._member_ids)

@@ -40,7 +40,7 @@ import anyio.lowlevel
 from starlette.types import Message, Receive, Send
 
 from ._events import Event, encode_comment
-from ._lifecycle import DisconnectReason
+from ._lifecycle import DisconnectReason, register_stream, unregister_stream
 from ._tasks import CancelRegion, StreamTasks
 from ._wait import Waiter, running_loop
 
@@ -202,7 +202,7 @@ class Connection:
         """
         shutdown = self.shutdown
         if shutdown is not None:
-            shutdown._register(self)
+            register_stream(shutdown, self)
         try:
             async with StreamTasks(self._loop is not None) as tasks:
                 tasks.start(self._write)
@@ -235,7 +235,7 @@ class Connection:
         """
         shutdown = self.shutdown
         if shutdown is not None:
-            shutdown._unregister(self)
+            unregister_stream(shutdown, self)
 
     def push(self, data: bytes) -> bool:
         """Buffer one encoded message; True when the caller must `wait_for_space()`."""

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol, Union
 
 from starlette.types import Scope
 
-from ._events import Event, _check_line, _dumps
+from ._events import Event, check_line, dumps
 from ._reserved import EVENT_CHECKS_KEY
 
 __all__ = [
@@ -385,7 +385,7 @@ class _Payload:
                 data = bytes(data).decode("utf-8")
             except UnicodeDecodeError:
                 return "the data is not UTF-8 text"
-        text = data if isinstance(data, str) else _dumps(data)
+        text = data if isinstance(data, str) else dumps(data)
         try:
             self._adapter.validate_json(text, strict=True)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
@@ -512,7 +512,7 @@ def compile_event_types(cls: type) -> EventTypes | None:
                 "for unnamed events"
             )
         try:
-            _check_line("event", name)
+            check_line("event", name)
         except ValueError:
             raise ValueError(
                 f"{cls.__name__}.event_types has the event name {name!r}, which holds "

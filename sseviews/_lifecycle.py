@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import importlib
 import logging
 import signal
 import threading
@@ -32,7 +31,10 @@ __all__ = [
     "DisconnectReason",
     "ShutdownMiddleware",
     "ShutdownSignal",
+    "Stoppable",
     "find_shutdown_signal",
+    "register_stream",
+    "unregister_stream",
 ]
 
 logger = logging.getLogger("sseviews")
@@ -42,14 +44,6 @@ logger = logging.getLogger("sseviews")
 # at half that ends the streams before it looks.
 _UVICORN_POLL = 0.05
 _UVICORN_ATTR = "_sseviews_shutdown_signal"
-
-# signal.getsignal() turns every handler into a `Handlers` enum member when it can,
-# and for a bound method the failed lookup raises and catches an exception (~2.5 us)
-# on every stream opened; the C function it wraps returns the handler as it is.
-try:
-    _getsignal: Any = importlib.import_module("_signal").getsignal
-except ImportError:  # pragma: no cover - CPython has _signal
-    _getsignal = signal.getsignal
 
 
 class DisconnectReason(enum.StrEnum):
@@ -75,7 +69,9 @@ class DisconnectReason(enum.StrEnum):
     LIFETIME = "lifetime"
 
 
-class _Stoppable(Protocol):
+class Stoppable(Protocol):
+    """What a shutdown signal needs of an open stream."""
+
     def begin_shutdown(self) -> None: ...
 
 
@@ -96,7 +92,7 @@ class ShutdownSignal:
     __slots__ = ("__weakref__", "_drained", "_streams", "_triggered", "_watcher")
 
     def __init__(self) -> None:
-        self._streams: set[_Stoppable] = set()
+        self._streams: set[Stoppable] = set()
         self._triggered = False
         self._watcher: asyncio.Task[None] | None = None
         self._drained: list[Callable[[], object]] = []
@@ -121,17 +117,6 @@ class ShutdownSignal:
         for stream in list(self._streams):
             stream.begin_shutdown()
         self._notify_drained()
-
-    def _register(self, stream: _Stoppable) -> None:
-        self._streams.add(stream)
-        if self._triggered:
-            stream.begin_shutdown()
-
-    def _unregister(self, stream: _Stoppable) -> None:
-        streams = self._streams
-        streams.discard(stream)
-        if not streams and self._drained:
-            self._notify_drained()
 
     def _when_drained(self, callback: Callable[[], object]) -> None:
         """Call `callback` once shutdown has started and every stream has ended."""
@@ -304,6 +289,21 @@ class _SignalChain:
             self._previous[signum](signum, frame)
 
 
+def register_stream(signal: ShutdownSignal, stream: Stoppable) -> None:
+    """List an open stream: `signal` calls its `begin_shutdown()` (at once if triggered)."""
+    signal._streams.add(stream)
+    if signal._triggered:
+        stream.begin_shutdown()
+
+
+def unregister_stream(signal: ShutdownSignal, stream: Stoppable) -> None:
+    """Unlist a stream that has ended (after its `on_disconnect()`)."""
+    streams = signal._streams
+    streams.discard(stream)
+    if not streams and signal._drained:
+        signal._notify_drained()
+
+
 def find_shutdown_signal(scope: Scope) -> ShutdownSignal | None:
     """Return the `ShutdownSignal` of the server that runs this request, if any."""
     extensions = scope.get("extensions")
@@ -318,7 +318,7 @@ def _uvicorn_server() -> Any | None:
     # uvicorn's Server.serve() installs its bound method `handle_exit` as the
     # SIGTERM/SIGINT handler for as long as it runs, and restores the previous
     # handler afterwards, so the handler leads to the server running right now.
-    handler = _getsignal(signal.SIGTERM)
+    handler = signal.getsignal(signal.SIGTERM)
     server = getattr(handler, "__self__", None)
     if server is None or not hasattr(server, "should_exit") or not hasattr(server, "handle_exit"):
         return None

@@ -18,7 +18,15 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ._broadcast import Broadcast, Subscription, check_group, open_subscription
+from ._broadcast import (
+    Broadcast,
+    Subscription,
+    check_group,
+    claim_unconnected_report,
+    new_member_id,
+    open_subscription,
+    was_connected,
+)
 from ._checks import (
     check_hook_names,
     check_hooks,
@@ -320,8 +328,8 @@ class EventStreamView:
     payload type, for example `{"tick": Tick}`. Each event sent is checked against it
     (see Typed streams); None declares nothing and checks nothing."""
     _event_types: ClassVar[EventTypes | None] = None  # event_types, compiled
-    # (connection id, entry JSON) while the stream is listed in its groups' presence.
-    _presence: tuple[str, bytes] | None = None
+    # (connection id, entry JSON, groups) while the stream is listed in its groups' presence.
+    _presence: tuple[str, bytes, list[str]] | None = None
     # Streams (and requests being answered) of this class open in this process: the
     # limit protects this process, so it counts here (see __init_subclass__).
     _open_streams: ClassVar[int] = 0
@@ -536,7 +544,7 @@ class EventStreamView:
             if subscription is not None:
                 subscription.close()
                 if self._presence is not None:
-                    await self._leave_presence(subscription)
+                    await self._leave_presence()
 
     async def _open(self) -> Connection | None:
         """Run the checks and `on_connect`, join the groups: the stream's Connection, or
@@ -632,7 +640,7 @@ class EventStreamView:
             await self._refuse(PlainTextResponse(str(exc), status_code=400))
             return None
         except (BackendError, BroadcastNotConnected) as exc:
-            if isinstance(exc, BroadcastNotConnected) and not broadcast._ever_connected:
+            if isinstance(exc, BroadcastNotConnected) and not was_connected(broadcast):
                 await self._refuse_unconnected(broadcast)
                 return None
             logger.warning("%s: broadcast unavailable: %s", self.describe(), exc)
@@ -642,7 +650,7 @@ class EventStreamView:
         if presence is not None:
             try:
                 await broadcast.live.presence_join(
-                    presence[0], subscription._groups, presence[1], self.announce_presence
+                    presence[0], groups, presence[1], self.announce_presence
                 )
             except BackendError as exc:
                 logger.warning("%s: presence unavailable: %s", self.describe(), exc)
@@ -655,7 +663,7 @@ class EventStreamView:
                     detail=str(exc),
                 )
                 return None
-            self._presence = presence  # dispatch() leaves at the end
+            self._presence = (*presence, groups)  # dispatch() leaves at the end
         return connection
 
     async def _presence_entry(self, broadcast: Broadcast) -> tuple[str, bytes] | None:
@@ -670,20 +678,18 @@ class EventStreamView:
             info = await info
         if info is None:
             return None
-        member = broadcast._new_member_id()
+        member = new_member_id(broadcast)
         return member, encode_entry(member, info, self.presence_info_max_bytes)
 
-    async def _leave_presence(self, subscription: Subscription) -> None:
+    async def _leave_presence(self) -> None:
         """Remove the stream from its groups' presence: shielded, bounded, in this task."""
-        member, entry = self._presence or ("", b"")
+        member, entry, groups = self._presence or ("", b"", [])
         self._presence = None
         broadcast = self.broadcast
         assert broadcast is not None
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.disconnect_timeout):
             try:
-                await broadcast.live.presence_leave(
-                    member, subscription._groups, entry, self.announce_presence
-                )
+                await broadcast.live.presence_leave(member, groups, entry, self.announce_presence)
             except BackendError as exc:
                 logger.warning("%s: leaving presence failed: %s", self.describe(), exc)
 
@@ -706,8 +712,7 @@ class EventStreamView:
         A 200 that ends at once would make browsers reconnect forever to a stream
         that can never work; a 503 makes `EventSource` stop and show the error.
         """
-        if not broadcast._reported_unconnected:
-            broadcast._reported_unconnected = True
+        if claim_unconnected_report(broadcast):
             logger.error(
                 "%s: the view's broadcast was never connected, so none of its streams can "
                 "be served (503); connect it in the app's lifespan with "
@@ -816,9 +821,7 @@ class EventStreamView:
         try:
             with connection.open_events_scope():
                 async for item in agen:
-                    if type(item) is Event:
-                        data = item._wire
-                    elif isinstance(item, Event):
+                    if isinstance(item, Event):
                         data = item.encode()
                     else:
                         if look:

@@ -86,14 +86,14 @@ async def test_shutdown_middleware_signal_ends_streams_before_the_server_hears_i
     middleware = ShutdownMiddleware(_noop_app, handle_signals=True)
     await _install(middleware)
     stream = Stream()
-    middleware.signal._register(stream)
+    lifecycle.register_stream(middleware.signal, stream)
 
     await _deliver(signal.SIGTERM)
     assert middleware.signal.is_set
     assert stream.stopping
     assert server_handler.received == []  # held back while a stream is open
 
-    middleware.signal._unregister(stream)
+    lifecycle.unregister_stream(middleware.signal, stream)
     assert server_handler.received == [signal.SIGTERM]
 
     # Later signals go straight to the server.
@@ -116,7 +116,7 @@ async def test_shutdown_middleware_second_signal_passes_both_on_at_once(
 ) -> None:
     middleware = ShutdownMiddleware(_noop_app, handle_signals=True)
     await _install(middleware)
-    middleware.signal._register(Stream())  # never ends
+    lifecycle.register_stream(middleware.signal, Stream())  # never ends
 
     await _deliver(signal.SIGTERM)
     assert server_handler.received == []
@@ -132,7 +132,7 @@ async def test_shutdown_middleware_signal_passes_on_after_the_drain_limit(
     monkeypatch.setattr(lifecycle, "_DRAIN_LIMIT", 0.1)
     middleware = ShutdownMiddleware(_noop_app, handle_signals=True)
     await _install(middleware)
-    middleware.signal._register(Stream())  # never ends
+    lifecycle.register_stream(middleware.signal, Stream())  # never ends
 
     await _deliver(signal.SIGTERM)
     assert server_handler.received == []
@@ -206,7 +206,7 @@ async def test_shutdown_middleware_lifespan_shutdown_reaches_the_app_after_the_s
 
     middleware = ShutdownMiddleware(app)
     stream = Stream()
-    middleware.signal._register(stream)
+    lifecycle.register_stream(middleware.signal, stream)
     async with anyio.create_task_group() as tg:
         tg.start_soon(middleware, {"type": "lifespan"}, server_receive, _noop_send)
         await anyio.sleep(0.05)
@@ -214,7 +214,7 @@ async def test_shutdown_middleware_lifespan_shutdown_reaches_the_app_after_the_s
         assert middleware.signal.is_set
         assert stream.stopping
         assert received == ["lifespan.startup"]
-        middleware.signal._unregister(stream)
+        lifecycle.unregister_stream(middleware.signal, stream)
         with anyio.fail_after(2):
             while len(received) < 2:  # noqa: ASYNC110 - the app's task appends
                 await anyio.sleep(0.01)
