@@ -52,7 +52,7 @@ from ._exceptions import (
 )
 from ._presence import DEFAULT_PRESENCE_LIMIT, PresenceEntry, entry_from_json
 from ._reserved import RESET_EVENT
-from ._wait import Waiter
+from ._runtime import Waiter, current_runtime
 from .backends.base import EPHEMERAL_SEQ, LiveBackend
 from .stores.base import (
     MAX_CURSOR_GROUPS,
@@ -1097,7 +1097,7 @@ class Subscription:
                 continue
             waiter = self._waiter
             if waiter is None:
-                waiter = self._waiter = Waiter()
+                waiter = self._waiter = current_runtime().waiter()
             await waiter.wait()
 
 

@@ -19,7 +19,9 @@ has no producer, so its request task is the listener; a view with `events()`
 runs the listener in a second child task. The children are started by the
 request task, run in a copy of the request's contextvars context, and are
 awaited before the request task returns (`StreamTasks`). Each ASGI call is
-awaited to completion in the task that started it.
+awaited to completion in the task that started it. The tasks, waits and deadlines
+come from the runtime seam (`sseviews._runtime`): this module is the same on
+asyncio and trio.
 
 Publishers never write: `Broadcast.publish()` appends a reference to the event's
 bytes to each subscription and wakes that stream's writer. So middleware that
@@ -29,7 +31,6 @@ ordinary calls in the request's own task tree.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Callable, Coroutine
@@ -41,8 +42,7 @@ from starlette.types import Message, Receive, Send
 
 from ._events import Event, encode_comment
 from ._lifecycle import DisconnectReason, register_stream, unregister_stream
-from ._tasks import CancelRegion, StreamTasks
-from ._wait import Waiter, running_loop
+from ._runtime import CancelRegion, current_runtime
 
 if TYPE_CHECKING:
     from ._broadcast import Subscription
@@ -88,13 +88,12 @@ class Connection:
         "_ending",
         "_finishing",
         "_listening",
-        "_loop",
         "_request",
+        "_runtime",
         "_scope",
         "_send_deadline",
         "_sending",
         "_shutdown_deadline",
-        "_timer",
         "_writer",
         "_written",
         "buffer",
@@ -146,18 +145,17 @@ class Connection:
         self.last_write = 0.0
         # The scope that stops events(); made by open_events_scope().
         self.events_scope: anyio.CancelScope | None = None
-        self._loop = running_loop()
-        self._writer = Waiter(self._loop)  # the writer waits here for something to send
+        runtime = self._runtime = current_runtime()
+        self._writer = runtime.waiter()  # the writer waits here for something to send
         #: Wake the writer: events are waiting in the source (the Waiter's own method,
         #: so a publisher's wake-up is one call).
         self.wake = self._writer.wake
         # The request task waits here: for room in the buffer, or for the writer to end.
-        self._request = Waiter(self._loop)
+        self._request = runtime.waiter()
         self._listening: CancelRegion | None = None  # the request task's receive()
         self._scope: CancelRegion | None = None  # the writer's; bounds each send
         self._sending = False
         self._send_deadline = math.inf
-        self._timer: asyncio.TimerHandle | None = None  # asyncio: sends overdue, pings due
         self._finishing = False
         self._written = False  # the writer has returned
         self._shutdown_deadline = math.inf
@@ -165,9 +163,8 @@ class Connection:
         self._ending: tuple[float, DisconnectReason, bytes] | None = None
 
     def clock(self) -> float:
-        """Anyio's clock, read cheaply (`loop.time()` on asyncio)."""
-        loop = self._loop
-        return loop.time() if loop is not None else anyio.current_time()
+        """Anyio's clock."""
+        return self._runtime.clock()
 
     # -- the request task -------------------------------------------------------------
 
@@ -177,7 +174,7 @@ class Connection:
         The first chunk (the `retry:` line, or empty) makes every server flush the
         head at once: ASGI lets a server hold the head until the first body message.
         """
-        with CancelRegion(self._loop is not None) as region:
+        with self._runtime.region() as region:
             self._scope = region
             try:
                 if await self._send(head):
@@ -188,7 +185,6 @@ class Connection:
                     return False
             finally:
                 self._scope = None
-                self._disarm()
         if self.reason is None:
             self.reason = DisconnectReason.SEND_TIMEOUT
         return False
@@ -204,12 +200,12 @@ class Connection:
         if shutdown is not None:
             register_stream(shutdown, self)
         try:
-            async with StreamTasks(self._loop is not None) as tasks:
+            async with self._runtime.tasks() as tasks:
                 tasks.start(self._write)
                 if produce is None:
                     # The request task listens, and the writer (woken once per burst
                     # of group events) runs in a task with a shallow stack of its own.
-                    with CancelRegion(self._loop is not None) as listening:
+                    with self._runtime.region() as listening:
                         self._listening = listening  # cancelled when the writer ends
                         await self._listen()
                 else:
@@ -289,7 +285,7 @@ class Connection:
 
         The earliest of several calls wins. What is buffered is written first, then
         `farewell` (complete messages) with the terminal chunk, so the stream ends on
-        an event boundary. The writer arms the timer, so a stream that never
+        an event boundary. The writer watches for it, so a stream that never
         starts leaves nothing behind.
         """
         ending = self._ending
@@ -341,22 +337,14 @@ class Connection:
         ping_interval = self.ping_interval
         source = self.source
         writer = self._writer
-        loop = self._loop
         ending = self._ending
-        end_at = math.inf
-        end_timer: asyncio.TimerHandle | None = None
-        if ending is not None:
-            end_at = ending[0]
-            if loop is not None:
-                end_timer = loop.call_at(end_at, self._end_now)
-        # Other backends have no timer: the writer looks at the clock between writes.
-        watch_end = ending is not None and loop is None
+        end_at = math.inf if ending is None else ending[0]
         try:
             # Cancelled when a send times out, or when nobody reads any more.
-            with CancelRegion(loop is not None) as scope:
+            with self._runtime.region() as scope:
                 self._scope = scope
                 while True:
-                    if watch_end and self.reason is None and self.clock() >= end_at:
+                    if ending is not None and self.reason is None and self.clock() >= end_at:
                         self._end_now()
                     reason = self.reason
                     if reason in DROP_REASONS:
@@ -394,21 +382,9 @@ class Connection:
                         counters = self.counters
                         if counters is not None:
                             counters.pings += 1
-                    else:  # idle until woken, or until the next ping is due
+                    else:  # idle until woken, or until the next ping or the planned end
                         due = math.inf if ping_interval is None else self.last_write + ping_interval
-                        if loop is None:
-                            # No timer on these backends: the wait's own deadline (the
-                            # end of the stream is looked at at the top of the loop).
-                            await writer.wait(min(due, end_at))
-                            continue
-                        if due != math.inf:
-                            # One timer per connection, moved only when it would be
-                            # late: it fires early at most once per interval, and
-                            # re-arms itself.
-                            timer = self._timer
-                            if timer is None or timer.when() > due:
-                                self._arm(due)
-                        await writer.wait()
+                        await writer.wait(min(due, end_at))
                         continue
                     body: Message = {"type": "http.response.body", "body": data, "more_body": True}
                     if not await self._send(body):
@@ -428,9 +404,7 @@ class Connection:
             listening = self._listening
             if listening is not None:
                 listening.cancel()  # the request task waits on receive(): the stream is over
-            self._disarm()
-            if end_timer is not None:
-                end_timer.cancel()
+            writer.close()
             if self.reason is DisconnectReason.SEND_TIMEOUT:
                 self.stop(DisconnectReason.SEND_TIMEOUT)  # stops events() too
             self._request.wake()
@@ -461,10 +435,10 @@ class Connection:
             return False
         finally:
             self._sending = False
-        if timeout is not None and self._loop is None:
+        if timeout is not None:
             scope = self._scope
             if scope is not None:
-                scope.set_deadline(math.inf)
+                scope.set_deadline(math.inf)  # no send in flight: nothing to bound
         # From the start of the write: a ping is due an interval after it, which
         # saves reading the clock again on every write (the fan-out's hot path).
         self.last_write = now
@@ -474,52 +448,9 @@ class Connection:
         """Let the send in flight run until `deadline` at most; then the writer's scope is
         cancelled (SEND_TIMEOUT, unless the stream already ended for another reason)."""
         self._send_deadline = deadline
-        if self._loop is None:
-            # Other backends: the region's own deadline (cheap on trio).
-            scope = self._scope
-            if scope is not None:
-                scope.set_deadline(deadline)
-            return
-        # asyncio: the connection's one timer. Moving an anyio deadline costs two timer
-        # handles per send (about 15 us per delivery in a 2,000-stream fan-out); this
-        # arms a timer only when none is due before `deadline`.
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            self._arm(deadline)
-
-    def _arm(self, when: float) -> None:
-        assert self._loop is not None
-        timer = self._timer
-        if timer is not None:
-            timer.cancel()
-        self._timer = self._loop.call_at(when, self._on_timer)
-
-    def _disarm(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
-
-    def _on_timer(self) -> None:
-        """(asyncio) The connection's timer: a send overdue, or a ping due."""
-        self._timer = None
-        if self._written:
-            return
-        now = self.clock()
-        if self._sending:
-            if now >= self._send_deadline:
-                scope = self._scope
-                if scope is not None:
-                    scope.cancel()
-            else:
-                self._arm(self._send_deadline)
-            return
-        interval = self.ping_interval
-        if interval is not None:
-            due = self.last_write + interval
-            if now >= due - 0.001:
-                self._writer.wake()  # the writer sends the ping, and re-arms when idle
-            else:
-                self._arm(due)
+        scope = self._scope
+        if scope is not None:
+            scope.set_deadline(deadline)
 
     def _count(self, events: int, size: int) -> None:
         counters = self.counters

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import random
@@ -12,7 +11,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl
 
 import anyio
-import sniffio
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -51,6 +49,7 @@ from ._lifecycle import DisconnectReason, find_shutdown_signal
 from ._metrics import Metrics
 from ._presence import encode_entry
 from ._reserved import ERROR_EVENT
+from ._runtime import current_runtime
 from .stores.base import MAX_CURSOR_GROUPS
 
 if TYPE_CHECKING:
@@ -225,13 +224,6 @@ def _read_last_event_id(scope: Scope) -> str | None:
                 raise _bad_request("lastEventId contains NUL")
             return value or None
     return None
-
-
-def _current_task_key() -> int:
-    """Identify the running task cheaply (anyio's TaskInfo costs an allocation)."""
-    if sniffio.current_async_library() == "asyncio":
-        return id(asyncio.current_task())
-    return anyio.get_current_task().id
 
 
 def _printable(text: str) -> str:
@@ -476,7 +468,7 @@ class EventStreamView:
                 "(for example session_factory = async_sessionmaker(engine))"
             )
         owner = self._stream_task
-        if owner is None or _current_task_key() != owner:
+        if owner is None or current_runtime().task_key() != owner:
             raise RuntimeError(
                 "self.session is only available inside events() and on_disconnect(), in the "
                 "task that iterates events(): it is created and closed in that task so that it "
@@ -523,7 +515,7 @@ class EventStreamView:
             if counters is not None:
                 counters.open += 1
                 counters.streams += 1
-            self._stream_task = _current_task_key()
+            self._stream_task = current_runtime().task_key()
             try:
                 if await connection.start(self._response_start(), self._first_chunk()):
                     produce = None if connection.source is not None else self._produce
