@@ -41,6 +41,7 @@ import anyio.lowlevel
 from starlette.types import Message, Receive, Send
 
 from ._events import Event, encode_comment
+from ._exceptions import SlowConsumer
 from ._lifecycle import DisconnectReason, register_stream, unregister_stream
 from ._runtime import CancelRegion, current_runtime
 
@@ -104,6 +105,7 @@ class Connection:
         "last_write",
         "max_pending",
         "ping_interval",
+        "presence",
         "reason",
         "receive",
         "send",
@@ -111,6 +113,7 @@ class Connection:
         "shutdown",
         "shutting_down",
         "source",
+        "subscription",
         "view",
         "wake",
     )
@@ -132,6 +135,11 @@ class Connection:
         self.send_timeout: float | None = view.send_timeout
         #: The view's subscription, when it streams its groups directly.
         self.source: Subscription | None = None
+        #: The view's subscription, streamed directly or relayed by `events()`.
+        self.subscription: Subscription | None = None
+        #: (connection id, entry JSON, groups) while the stream is listed in its
+        #: groups' presence.
+        self.presence: tuple[str, bytes, list[str]] | None = None
         self.buffer: list[bytes] = []
         self.buffered = 0
         #: Events the producer may buffer ahead of the writer (a view that relays
@@ -221,6 +229,32 @@ class Connection:
             if self.reason is None:
                 # Cancelled from outside (the server gave up on its graceful shutdown).
                 self.reason = DisconnectReason.SHUTDOWN
+
+    def send_from(self, subscription: Subscription) -> None:
+        """Write straight from `subscription` (a view without `events()`)."""
+        self.subscription = self.source = subscription
+        subscription.on_ready = self.wake
+        subscription.on_error = self._subscription_failed
+
+    def relay(self, subscription: Subscription, max_pending: int) -> None:
+        """Let `events()` relay `subscription`, buffering at most `max_pending` events.
+
+        events() may not get further ahead of the client than the subscription
+        itself may.
+        """
+        self.subscription = subscription
+        self.max_pending = max_pending
+        subscription.on_error = self._subscription_failed
+
+    def _subscription_failed(self, error: BaseException) -> None:
+        # events() may be parked behind a blocked write and never see the error.
+        if self.reason is not None:
+            return
+        if isinstance(error, SlowConsumer):
+            logger.warning("%s: %s; disconnecting", self.view.describe(), error)
+            self.stop(DisconnectReason.SLOW_CONSUMER)
+        else:
+            self.stop(DisconnectReason.ERROR)
 
     def release(self) -> None:
         """Tell the server's shutdown that this stream is done (after `on_disconnect`).

@@ -8,46 +8,36 @@ import random
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qsl
 
 import anyio
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
+from ._admission import admit, first_chunk, read_last_event_id, response_start
 from ._broadcast import (
     Broadcast,
     Subscription,
     check_group,
-    claim_unconnected_report,
-    new_member_id,
-    open_subscription,
-    was_connected,
 )
 from ._checks import (
     check_hook_names,
     check_hooks,
     lookalike_problem,
-    on_connect_result_problem,
     resembled,
     warn_lookalike,
-    wiring_problem,
 )
 from ._connection import Connection
-from ._ending import check_token, check_token_group, schedule_end
 from ._events import Event, encode_data
 from ._eventtypes import EventTypes, compile_event_types
 from ._exceptions import (
     BackendError,
-    BroadcastNotConnected,
-    InvalidLastEventId,
     SettingNameWarning,
     SlowConsumer,
 )
-from ._lifecycle import DisconnectReason, find_shutdown_signal
+from ._lifecycle import DisconnectReason
+from ._logging import printable
 from ._metrics import Metrics
-from ._presence import encode_entry
 from ._reserved import ERROR_EVENT
 from ._runtime import current_runtime
 from .stores.base import MAX_CURSOR_GROUPS
@@ -59,16 +49,6 @@ __all__ = ["EventStreamView"]
 
 logger = logging.getLogger("sseviews")
 
-# A composite id of a stream of the most groups (256 positions of at most 29 bytes)
-# fits in it.
-MAX_LAST_EVENT_ID_BYTES = 8192
-
-_DEFAULT_HEADERS: dict[str, str] = {
-    "content-type": "text/event-stream; charset=utf-8",
-    "cache-control": "no-store",
-    "x-accel-buffering": "no",
-}
-_DEFAULT_RAW_HEADERS = [(k.encode(), v.encode()) for k, v in _DEFAULT_HEADERS.items()]
 _UNSET: Any = object()
 
 
@@ -185,60 +165,6 @@ def _check_setting_names(cls: type[EventStreamView]) -> None:
             )
 
 
-def _bad_request(detail: str) -> HTTPException:
-    return HTTPException(status_code=400, detail=detail)
-
-
-def _read_last_event_id(scope: Scope) -> str | None:
-    """Return the client's Last-Event-ID (header first, then `?lastEventId=`)."""
-    raw: bytes | None = None
-    for name, value in scope["headers"]:
-        if name == b"last-event-id":
-            raw = value
-            break
-    if raw is not None:
-        if len(raw) > MAX_LAST_EVENT_ID_BYTES:
-            raise _bad_request(f"Last-Event-ID is longer than {MAX_LAST_EVENT_ID_BYTES} bytes")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _bad_request("Last-Event-ID is not valid UTF-8") from None
-        if text:
-            if "\0" in text:
-                raise _bad_request("Last-Event-ID contains NUL")
-            return text
-    query: bytes = scope.get("query_string", b"")
-    if b"lastEventId" not in query:
-        return None
-    try:
-        pairs = parse_qsl(
-            query.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="strict"
-        )
-    except UnicodeDecodeError:
-        raise _bad_request("the query string is not valid UTF-8") from None
-    for key, value in pairs:
-        if key == "lastEventId":
-            if len(value.encode("utf-8")) > MAX_LAST_EVENT_ID_BYTES:
-                raise _bad_request(f"lastEventId is longer than {MAX_LAST_EVENT_ID_BYTES} bytes")
-            if "\0" in value:
-                raise _bad_request("lastEventId contains NUL")
-            return value or None
-    return None
-
-
-def _printable(text: str) -> str:
-    """Escape what would break a log line: request text may hold CR, LF, NEL, ..."""
-    if text.isprintable():
-        return text or "(empty)"
-    return text.encode("unicode_escape").decode("ascii")
-
-
-def _refusal(exc: HTTPException) -> Response:
-    if exc.status_code in (204, 304):
-        return Response(status_code=exc.status_code, headers=exc.headers)
-    return PlainTextResponse(str(exc.detail), status_code=exc.status_code, headers=exc.headers)
-
-
 class EventStreamView:
     """A Server-Sent Events endpoint: subclass it, override the hooks, route to the class.
 
@@ -320,8 +246,6 @@ class EventStreamView:
     payload type, for example `{"tick": Tick}`. Each event sent is checked against it
     (see Typed streams); None declares nothing and checks nothing."""
     _event_types: ClassVar[EventTypes | None] = None  # event_types, compiled
-    # (connection id, entry JSON, groups) while the stream is listed in its groups' presence.
-    _presence: tuple[str, bytes, list[str]] | None = None
     # Streams (and requests being answered) of this class open in this process: the
     # limit protects this process, so it counts here (see __init_subclass__).
     _open_streams: ClassVar[int] = 0
@@ -351,7 +275,6 @@ class EventStreamView:
         self._connection: Connection | None = None
         self._stream_task: int | None = None
         self._session: AsyncSession | None = None
-        self._subscription: Subscription | None = None
         metrics = self.metrics
         self._counters = metrics.for_view(type(self).__name__) if metrics is not None else None
 
@@ -415,7 +338,7 @@ class EventStreamView:
                 contains NUL, or is not valid UTF-8.
         """
         if self._last_event_id is _UNSET:
-            self._last_event_id = _read_last_event_id(self.scope)
+            self._last_event_id = read_last_event_id(self.scope)
         return self._last_event_id
 
     @property
@@ -429,18 +352,20 @@ class EventStreamView:
             RuntimeError: The view has no `broadcast`/`groups`, or the stream has
                 not started.
         """
-        if self._subscription is None:
+        connection = self._connection
+        subscription = connection.subscription if connection is not None else None
+        if subscription is None:
             raise RuntimeError(
                 f"{type(self).__name__}.subscription needs broadcast and groups set on the "
                 "view, and exists only inside events()"
             )
-        return self._subscription
+        return subscription
 
     def describe(self) -> str:
         """Name this connection in log lines: view, path and client address."""
         client = self.scope.get("client")
         who = f"{client[0]}:{client[1]}" if client else "unknown client"
-        return f"{type(self).__name__} {_printable(self.scope.get('path', ''))} ({who})"
+        return f"{type(self).__name__} {printable(self.scope.get('path', ''))} ({who})"
 
     @property
     def is_shutting_down(self) -> bool:
@@ -483,200 +408,53 @@ class EventStreamView:
 
     async def dispatch(self) -> None:
         """Serve the request: refuse it, answer HEAD, or run the stream."""
-        if self.scope["method"] not in ("GET", "HEAD"):
-            await self._refuse(
-                PlainTextResponse(
-                    "Method Not Allowed", status_code=405, headers={"Allow": "GET, HEAD"}
-                )
-            )
-            return
         view = type(self)
-        limit = self.max_connections
-        if limit is not None and view._open_streams >= limit:
-            await self._refuse(
-                PlainTextResponse(
-                    "Too many open streams",
-                    status_code=503,
-                    headers={"Retry-After": str(self.retry_after)},
-                ),
-                level=logging.WARNING,
-                detail=f"{limit} streams open (max_connections)",
-            )
-            return
-        # The slot is taken before any await, so a burst cannot overshoot the limit.
+        # The slot is taken before any await, so a burst cannot overshoot max_connections.
         view._open_streams += 1
         try:
-            # _open() returns before the stream starts, so its frame is freed: only
+            # admit() returns before the stream starts, so its frame is freed: only
             # this frame (and the connection's) stays alive while the stream is open.
-            connection = await self._open()
-            if connection is None:
-                return
-            counters = self._counters
-            if counters is not None:
-                counters.open += 1
-                counters.streams += 1
-            self._stream_task = current_runtime().task_key()
-            try:
-                if await connection.start(self._response_start(), self._first_chunk()):
-                    produce = None if connection.source is not None else self._produce
-                    await connection.run(produce)
-            finally:
-                try:
-                    await self._teardown(connection.reason or DisconnectReason.SHUTDOWN)
-                finally:
-                    connection.release()
-                if not connection.shutting_down:  # is_shutting_down stays True after one
-                    # The view and its connection refer to each other: unlinked, a
-                    # closed stream is freed at once by reference counting instead of
-                    # waiting, with all it holds, for a full garbage collection.
-                    self._connection = None
+            answer = await admit(self, EventStreamView, view._open_streams, self._counters)
+            if isinstance(answer, Connection):
+                await self._serve(answer)
+            else:
+                await answer(self.scope, self.receive, self.send)
         finally:
             view._open_streams -= 1
-            subscription = self._subscription
-            if subscription is not None:
-                subscription.close()
-                if self._presence is not None:
-                    await self._leave_presence()
 
-    async def _open(self) -> Connection | None:
-        """Run the checks and `on_connect`, join the groups: the stream's Connection, or
-        None when the request was answered without a stream (refused, HEAD, ...)."""
-        scope, receive, send = self.scope, self.receive, self.send
-        shutdown = find_shutdown_signal(scope)
-        if shutdown is not None and shutdown.is_set:
-            logger.info("%s: refused a new stream during shutdown", self.describe())
-            await self._end_at_once()
-            return None
+    async def _serve(self, connection: Connection) -> None:
+        """Run the admitted stream, then tear it down in this task."""
+        self._connection = connection
+        subscription = connection.subscription
+        if connection.source is not None and self._event_types is not None:
+            self._event_types.relayed(self)  # checked by a test client, if any
+        counters = self._counters
+        if counters is not None:
+            counters.open += 1
+            counters.streams += 1
+        self._stream_task = current_runtime().task_key()
         try:
-            if self.tokens is not None:  # before on_connect(), which may read token_claims
-                self.token_claims = check_token(scope, self.tokens, self.token_cookie)
-            refusal = await self.on_connect()
-            if refusal is None:
-                _ = self.last_event_id  # 400 for a bad one, after authentication
-        except HTTPException as exc:
-            refusal = _refusal(exc)
-        if refusal is not None:
-            if not isinstance(refusal, Response):
-                await self._refuse(
-                    PlainTextResponse("Internal Server Error", status_code=500),
-                    level=logging.ERROR,
-                    detail=on_connect_result_problem(type(self).__name__, refusal),
-                )
-                return None
-            await self._refuse(refusal)
-            return None
-        groups: list[str] = []
-        broadcast = self.broadcast
-        if broadcast is None:
-            # After on_connect(): a view that only ever refuses (a 204 that tells old
-            # clients to stop, say) needs nothing to stream.
-            problem = wiring_problem(type(self), EventStreamView)
-            if problem is not None:
-                await self._refuse(
-                    PlainTextResponse("Internal Server Error", status_code=500),
-                    level=logging.ERROR,
-                    detail=problem,
-                )
-                return None
-        else:
+            if await connection.start(response_start(self.headers), first_chunk(self.retry)):
+                produce = None if connection.source is not None else self._produce
+                await connection.run(produce)
+        finally:
             try:
-                groups = await self._resolve_groups()
-            except HTTPException as exc:
-                await self._refuse(_refusal(exc))
-                return None
-        if scope["method"] == "HEAD":  # answered as GET would be, without a stream
-            await send(self._response_start())
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return None
-        connection = self._connection = Connection(self, receive, send, shutdown, self._counters)
-        if self.token_claims is not None or self.max_lifetime is not None:
-            schedule_end(connection, self.token_claims, self.max_lifetime)
-        direct = type(self).events is EventStreamView.events
-        if not groups:
-            if broadcast is not None and direct:
-                # A view that only streams groups has nothing to stream without one.
-                await self._refuse(
-                    PlainTextResponse("this stream needs at least one group", status_code=400)
-                )
-                return None
-            return connection
-        assert broadcast is not None
-        subscription = Subscription(
-            max_events=self.max_buffer_events, max_bytes=self.max_buffer_bytes
-        )
-        subscription.on_error = self._subscription_failed
-        if direct:
-            # No events(): the writer sends straight from the subscription.
-            subscription.on_ready = connection.wake
-            if self._event_types is not None:
-                self._event_types.relayed(self)  # checked by a test client, if any
-            connection.source = subscription
-        else:
-            # events() relays the subscription: it may not get further ahead of the
-            # client than the subscription itself may.
-            connection.max_pending = self.max_buffer_events
-        presence: tuple[str, bytes] | None = None
-        if type(self).presence_info is not EventStreamView.presence_info:
-            try:
-                presence = await self._presence_entry(broadcast)
-            except (TypeError, ValueError) as exc:
-                await self._refuse(
-                    PlainTextResponse("Internal Server Error", status_code=500),
-                    level=logging.ERROR,
-                    detail=str(exc),
-                )
-                return None
-        try:
-            await open_subscription(broadcast, groups, self.last_event_id, subscription)
-        except InvalidLastEventId as exc:
-            await self._refuse(PlainTextResponse(str(exc), status_code=400))
-            return None
-        except (BackendError, BroadcastNotConnected) as exc:
-            if isinstance(exc, BroadcastNotConnected) and not was_connected(broadcast):
-                await self._refuse_unconnected(broadcast)
-                return None
-            logger.warning("%s: broadcast unavailable: %s", self.describe(), exc)
-            await self._end_at_once()
-            return None
-        self._subscription = subscription  # dispatch() closes it at the end
-        if presence is not None:
-            try:
-                await broadcast.live.presence_join(
-                    presence[0], groups, presence[1], self.announce_presence
-                )
-            except BackendError as exc:
-                logger.warning("%s: presence unavailable: %s", self.describe(), exc)
-                await self._end_at_once()
-                return None
-            except NotImplementedError as exc:
-                await self._refuse(
-                    PlainTextResponse("Internal Server Error", status_code=500),
-                    level=logging.ERROR,
-                    detail=str(exc),
-                )
-                return None
-            self._presence = (*presence, groups)  # dispatch() leaves at the end
-        return connection
+                await self._teardown(connection.reason or DisconnectReason.SHUTDOWN)
+            finally:
+                connection.release()
+                if subscription is not None:
+                    subscription.close()
+                    if connection.presence is not None:
+                        await self._leave_presence(connection.presence)
+            if not connection.shutting_down:  # is_shutting_down stays True after one
+                # The view and its connection refer to each other: unlinked, a
+                # closed stream is freed at once by reference counting instead of
+                # waiting, with all it holds, for a full garbage collection.
+                self._connection = None
 
-    async def _presence_entry(self, broadcast: Broadcast) -> tuple[str, bytes] | None:
-        """Call `presence_info()`: the connection id and entry JSON, or None.
-
-        Raises:
-            TypeError: The info is not a JSON-serialisable mapping.
-            ValueError: It is larger than `presence_info_max_bytes`.
-        """
-        info = self.presence_info()
-        if inspect.isawaitable(info):
-            info = await info
-        if info is None:
-            return None
-        member = new_member_id(broadcast)
-        return member, encode_entry(member, info, self.presence_info_max_bytes)
-
-    async def _leave_presence(self) -> None:
+    async def _leave_presence(self, presence: tuple[str, bytes, list[str]]) -> None:
         """Remove the stream from its groups' presence: shielded, bounded, in this task."""
-        member, entry, groups = self._presence or ("", b"", [])
-        self._presence = None
+        member, entry, groups = presence
         broadcast = self.broadcast
         assert broadcast is not None
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.disconnect_timeout):
@@ -684,112 +462,6 @@ class EventStreamView:
                 await broadcast.live.presence_leave(member, groups, entry, self.announce_presence)
             except BackendError as exc:
                 logger.warning("%s: leaving presence failed: %s", self.describe(), exc)
-
-    async def _refuse(
-        self, response: Response, *, level: int = logging.INFO, detail: str | None = None
-    ) -> None:
-        """Answer without a stream: count it, log why (`detail`, else the body), send it."""
-        counters = self._counters
-        if counters is not None:
-            counters.refuse(response.status_code)
-        if detail is None:
-            detail = bytes(response.body[:1000]).decode("utf-8", "replace")
-        reason = _printable(detail)
-        logger.log(level, "%s: refused with %d: %s", self.describe(), response.status_code, reason)
-        await response(self.scope, self.receive, self.send)
-
-    async def _refuse_unconnected(self, broadcast: Broadcast) -> None:
-        """Refuse a stream whose broadcast was never connected: 503, and an ERROR once.
-
-        A 200 that ends at once would make browsers reconnect forever to a stream
-        that can never work; a 503 makes `EventSource` stop and show the error.
-        """
-        if claim_unconnected_report(broadcast):
-            logger.error(
-                "%s: the view's broadcast was never connected, so none of its streams can "
-                "be served (503); connect it in the app's lifespan with "
-                "`async with broadcast: yield`",
-                self.describe(),
-            )
-        await self._refuse(
-            PlainTextResponse(
-                "the stream's broadcast is not connected (the app's lifespan must run "
-                "`async with broadcast:`)",
-                status_code=503,
-                headers={"Retry-After": str(self.retry_after)},
-            )
-        )
-
-    def _subscription_failed(self, error: BaseException) -> None:
-        # events() may be parked behind a blocked write and never see the error.
-        connection = self._connection
-        if connection is None or connection.reason is not None:
-            return
-        if isinstance(error, SlowConsumer):
-            logger.warning("%s: %s; disconnecting", self.describe(), error)
-            connection.stop(DisconnectReason.SLOW_CONSUMER)
-        else:
-            connection.stop(DisconnectReason.ERROR)
-
-    async def _resolve_groups(self) -> list[str]:
-        value = self.groups
-        if callable(value):
-            value = value()
-            if inspect.isawaitable(value):
-                value = await value
-        if isinstance(value, str):
-            raise TypeError(f"{type(self).__name__}.groups must return a list of names, not a str")
-        groups = list(dict.fromkeys(value))  # unique, in order
-        if len(groups) > self.max_groups:
-            raise HTTPException(
-                400, f"too many groups for one stream ({len(groups)} > {self.max_groups})"
-            )
-        for group in groups:
-            try:
-                check_group(group)
-            except (TypeError, ValueError) as exc:
-                raise HTTPException(400, f"invalid group name: {exc}") from None
-        claims = self.token_claims
-        for group in groups:
-            if claims is not None:
-                check_token_group(claims, group)
-            allowed = self.authorize_group(group)
-            if inspect.isawaitable(allowed):
-                allowed = await allowed
-            if not allowed:
-                raise HTTPException(403, f"not allowed to join group {group!r}")
-        return groups
-
-    async def _end_at_once(self) -> None:
-        """Answer 200 and end the stream at once, so that EventSource retries later.
-
-        Browsers give up for good on any status but 200, so a stream that cannot
-        be served right now (shutdown, backend reconnecting) ends cleanly instead:
-        the browser reconnects after its retry delay, with its Last-Event-ID.
-        """
-        counters = self._counters
-        if counters is not None:
-            counters.refuse(200)
-        await self.send(self._response_start())
-        body = b"retry: %d\n" % self.retry if self.retry is not None else b""
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
-
-    def _response_start(self) -> Message:
-        extra = self.headers
-        if not extra:
-            # A copy: ASGI lets middleware edit the message (GZipMiddleware adds
-            # content-encoding to its headers), and no response may see another's edits.
-            headers = list(_DEFAULT_RAW_HEADERS)
-        else:
-            merged = dict(_DEFAULT_HEADERS)
-            merged.update({key.lower(): value for key, value in extra.items()})
-            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in merged.items()]
-        return {"type": "http.response.start", "status": 200, "headers": headers}
-
-    def _first_chunk(self) -> bytes:
-        # No blank line after it: a `retry:` line takes effect as it is parsed, and a
-        # blank line would make httpx-sse and fetch-event-source dispatch an empty event.
-        return b"retry: %d\n" % self.retry if self.retry is not None else b""
 
     async def _produce(self) -> None:
         """Iterate `events()` in this task, encoding each item into the connection's buffer."""
