@@ -5,7 +5,7 @@ shutdown; the stream token; `on_connect()`; `Last-Event-ID`; the groups (each
 through the token's groups and `authorize_group()`); HEAD; the presence entry;
 the subscription (its replay position); the presence join. Each refusal is
 logged and counted here, and returned as an ASGI app for the view to send. A
-request that passes gets its `Connection`, with its source, its planned end and
+request that passes gets its `Stream`, with its source, its planned end and
 its presence set, and not yet started.
 
 Admission depends on the view only through `Applicant`, the few settings, hooks
@@ -37,7 +37,6 @@ from ._broadcast import (
     was_connected,
 )
 from ._checks import on_connect_result_problem, wiring_problem
-from ._connection import Connection
 from ._events import Event
 from ._exceptions import BackendError, BroadcastNotConnected, InvalidLastEventId, InvalidToken
 from ._lifecycle import DisconnectReason, find_shutdown_signal
@@ -45,15 +44,14 @@ from ._logging import printable
 from ._metrics import ViewCounters
 from ._presence import encode_entry
 from ._reserved import EXPIRED_EVENT
+from ._stream import Stream, StreamOwner, first_chunk, response_start
 
 __all__ = [
     "MAX_LAST_EVENT_ID_BYTES",
     "Applicant",
     "admit",
-    "first_chunk",
     "read_last_event_id",
     "read_token",
-    "response_start",
 ]
 
 logger = logging.getLogger("sseviews")
@@ -64,36 +62,24 @@ MAX_LAST_EVENT_ID_BYTES = 8192
 # Long enough for any JWT a browser would carry; anything longer is not ours.
 MAX_TOKEN_BYTES = 8192
 
-_DEFAULT_HEADERS: dict[str, str] = {
-    "content-type": "text/event-stream; charset=utf-8",
-    "cache-control": "no-store",
-    "x-accel-buffering": "no",
-}
-_DEFAULT_RAW_HEADERS = [(k.encode(), v.encode()) for k, v in _DEFAULT_HEADERS.items()]
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 _EXPIRED_FAREWELL = Event({"reason": "expired"}, event=EXPIRED_EVENT).encode()
 
 
-class Applicant(Protocol):
-    """What admission reads of the view (`EventStreamView` is one)."""
+class Applicant(StreamOwner, Protocol):
+    """What admission reads of the view (`EventStreamView` is one), besides what
+    the stream it admits reads."""
 
-    retry: ClassVar[int | None]
-    headers: ClassVar[Mapping[str, str]]
     max_connections: ClassVar[int | None]
     retry_after: ClassVar[int]
     tokens: ClassVar[Any]
     token_cookie: ClassVar[str | None]
     max_lifetime: ClassVar[float | None]
-    broadcast: ClassVar[Broadcast | None]
     groups: ClassVar[Any]
     max_groups: ClassVar[int]
     max_buffer_events: ClassVar[int]
     max_buffer_bytes: ClassVar[int]
-    announce_presence: ClassVar[bool]
     presence_info_max_bytes: ClassVar[int]
-    ping_interval: ClassVar[float | None]
-    send_timeout: ClassVar[float | None]
-    shutdown_grace_period: ClassVar[float]
     scope: Scope
     receive: Receive
     send: Send
@@ -107,30 +93,6 @@ class Applicant(Protocol):
     def authorize_group(self, group: str) -> bool | Awaitable[bool]: ...
 
     def presence_info(self) -> Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None: ...
-
-    def ping_message(self) -> Event | str: ...
-
-    def describe(self) -> str: ...
-
-
-def response_start(extra: Mapping[str, str]) -> Message:
-    """The stream's `http.response.start`: the SSE headers, with `extra` over them."""
-    if not extra:
-        # A copy: ASGI lets middleware edit the message (GZipMiddleware adds
-        # content-encoding to its headers), and no response may see another's edits.
-        headers = list(_DEFAULT_RAW_HEADERS)
-    else:
-        merged = dict(_DEFAULT_HEADERS)
-        merged.update({key.lower(): value for key, value in extra.items()})
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in merged.items()]
-    return {"type": "http.response.start", "status": 200, "headers": headers}
-
-
-def first_chunk(retry: int | None) -> bytes:
-    """The stream's first body chunk: the `retry:` line, or nothing."""
-    # No blank line after it: a `retry:` line takes effect as it is parsed, and a
-    # blank line would make httpx-sse and fetch-event-source dispatch an empty event.
-    return b"retry: %d\n" % retry if retry is not None else b""
 
 
 class _HeadOnly:
@@ -149,7 +111,7 @@ class _HeadOnly:
 
 async def admit(
     view: Applicant, base: type, open_streams: int, counters: ViewCounters | None
-) -> ASGIApp | Connection:
+) -> ASGIApp | Stream:
     """Decide what to answer: an ASGI app to send (a refusal, HEAD), or the stream.
 
     Args:
@@ -223,7 +185,14 @@ async def admit(
             return _refuse(view, counters, _refusal(exc))
     if scope["method"] == "HEAD":  # answered as GET would be, without a stream
         return _HeadOnly(response_start(view.headers), b"")
-    connection = Connection(view, view.receive, view.send, shutdown, counters)
+    connection = Stream(
+        view,
+        view.receive,
+        view.send,
+        shutdown,
+        counters,
+        hooked=type(view).on_disconnect is not base.on_disconnect,  # type: ignore[attr-defined]
+    )
     if view.token_claims is not None or view.max_lifetime is not None:
         schedule_end(connection, view.token_claims, view.max_lifetime)
     direct = type(view).events is base.events  # type: ignore[attr-defined]
@@ -447,9 +416,7 @@ def check_token_group(claims: dict[str, Any], group: str) -> None:
         raise HTTPException(403, f"the stream token does not allow group {group!r}")
 
 
-def schedule_end(
-    connection: Connection, claims: dict[str, Any] | None, lifetime: float | None
-) -> None:
+def schedule_end(connection: Stream, claims: dict[str, Any] | None, lifetime: float | None) -> None:
     """Tell `connection` when to end: at the token's expiry, or after `lifetime` seconds."""
     if claims is not None:
         exp = claims.get("exp")

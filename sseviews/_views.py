@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-import random
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ._admission import admit, first_chunk, read_last_event_id, response_start
+from ._admission import admit, read_last_event_id
 from ._broadcast import (
     Broadcast,
     Subscription,
@@ -27,19 +25,16 @@ from ._checks import (
     resembled,
     warn_lookalike,
 )
-from ._connection import Connection
-from ._events import Event, encode_data
+from ._events import Event
 from ._eventtypes import EventTypes, compile_event_types
 from ._exceptions import (
-    BackendError,
     SettingNameWarning,
-    SlowConsumer,
 )
 from ._lifecycle import DisconnectReason
 from ._logging import printable
 from ._metrics import Metrics
-from ._reserved import ERROR_EVENT
 from ._runtime import current_runtime
+from ._stream import Stream
 from .stores.base import MAX_CURSOR_GROUPS
 
 if TYPE_CHECKING:
@@ -272,9 +267,7 @@ class EventStreamView:
         self.send = send
         self._request: Request | None = None
         self._last_event_id: str | None = _UNSET
-        self._connection: Connection | None = None
-        self._stream_task: int | None = None
-        self._session: AsyncSession | None = None
+        self._connection: Stream | None = None
         metrics = self.metrics
         self._counters = metrics.for_view(type(self).__name__) if metrics is not None else None
 
@@ -392,17 +385,14 @@ class EventStreamView:
                 f"{type(self).__name__}.session needs a session_factory "
                 "(for example session_factory = async_sessionmaker(engine))"
             )
-        owner = self._stream_task
-        if owner is None or current_runtime().task_key() != owner:
+        stream = self._connection
+        if stream is None or stream.task is None or current_runtime().task_key() != stream.task:
             raise RuntimeError(
                 "self.session is only available inside events() and on_disconnect(), in the "
                 "task that iterates events(): it is created and closed in that task so that it "
                 "is never shared between tasks (on_connect() runs before the stream exists)"
             )
-        session = self._session
-        if session is None:
-            session = self._session = factory()
-        return session
+        return stream.session_from(factory)  # type: ignore[no-any-return]
 
     # -- the ASGI endpoint ----------------------------------------------------
 
@@ -415,58 +405,34 @@ class EventStreamView:
             # admit() returns before the stream starts, so its frame is freed: only
             # this frame (and the connection's) stays alive while the stream is open.
             answer = await admit(self, EventStreamView, view._open_streams, self._counters)
-            if isinstance(answer, Connection):
+            if isinstance(answer, Stream):
                 await self._serve(answer)
             else:
                 await answer(self.scope, self.receive, self.send)
         finally:
             view._open_streams -= 1
 
-    async def _serve(self, connection: Connection) -> None:
-        """Run the admitted stream, then tear it down in this task."""
-        self._connection = connection
-        subscription = connection.subscription
-        if connection.source is not None and self._event_types is not None:
+    async def _serve(self, stream: Stream) -> None:
+        """Hand the admitted stream what `events()` yields, and run it in this task."""
+        self._connection = stream
+        events = None
+        if stream.source is None:
+            events = self._events(stream)
+        elif self._event_types is not None:
             self._event_types.relayed(self)  # checked by a test client, if any
-        counters = self._counters
-        if counters is not None:
-            counters.open += 1
-            counters.streams += 1
-        self._stream_task = current_runtime().task_key()
+        look_at = None if type(self)._lookalike_warned else self._look_at
         try:
-            if await connection.start(response_start(self.headers), first_chunk(self.retry)):
-                produce = None if connection.source is not None else self._produce
-                await connection.run(produce)
+            await stream.serve(events, look_at)
         finally:
-            try:
-                await self._teardown(connection.reason or DisconnectReason.SHUTDOWN)
-            finally:
-                connection.release()
-                if subscription is not None:
-                    subscription.close()
-                    if connection.presence is not None:
-                        await self._leave_presence(connection.presence)
-            if not connection.shutting_down:  # is_shutting_down stays True after one
-                # The view and its connection refer to each other: unlinked, a
-                # closed stream is freed at once by reference counting instead of
-                # waiting, with all it holds, for a full garbage collection.
+            if not stream.shutting_down:  # is_shutting_down stays True after one
+                # The view and its stream refer to each other: unlinked, a closed
+                # stream is freed at once by reference counting instead of waiting,
+                # with all it holds, for a full garbage collection.
                 self._connection = None
 
-    async def _leave_presence(self, presence: tuple[str, bytes, list[str]]) -> None:
-        """Remove the stream from its groups' presence: shielded, bounded, in this task."""
-        member, entry, groups = presence
-        broadcast = self.broadcast
-        assert broadcast is not None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.disconnect_timeout):
-            try:
-                await broadcast.live.presence_leave(member, groups, entry, self.announce_presence)
-            except BackendError as exc:
-                logger.warning("%s: leaving presence failed: %s", self.describe(), exc)
-
-    async def _produce(self) -> None:
-        """Iterate `events()` in this task, encoding each item into the connection's buffer."""
-        connection = self._connection
-        assert connection is not None
+    def _events(self, stream: Stream) -> AsyncIterator[Any] | None:
+        """`events()`, checked against `event_types`; None (the stream fails) if it
+        is not an async generator."""
         agen = self.events()
         if not hasattr(agen, "__anext__"):
             if inspect.iscoroutine(agen):
@@ -475,54 +441,12 @@ class EventStreamView:
                 "%s: events() must be an async generator (an async def with yield)",
                 self.describe(),
             )
-            self._fail(connection)
-            return
+            stream.fail()
+            return None
         event_types = self._event_types
         if event_types is not None:  # views without a declaration pay nothing per event
             agen = event_types.checked(self, agen)
-        # Only the first value that is not an Event is looked at, once per class.
-        look = not type(self)._lookalike_warned
-        try:
-            with connection.open_events_scope():
-                async for item in agen:
-                    if isinstance(item, Event):
-                        data = item.encode()
-                    else:
-                        if look:
-                            look = False
-                            self._look_at(item)
-                        data = encode_data(item)
-                    if connection.push(data):
-                        await connection.wait_for_space()
-            ended = connection.shutting_down
-            connection.stop(DisconnectReason.SHUTDOWN if ended else DisconnectReason.COMPLETED)
-        except SlowConsumer as exc:
-            if connection.reason is None:
-                logger.warning("%s: %s; disconnecting", self.describe(), exc)
-                connection.stop(DisconnectReason.SLOW_CONSUMER)
-        except Exception:
-            if connection.reason is None:
-                logger.exception("%s: events() raised; ending the stream", self.describe())
-                self._fail(connection)
-            else:
-                logger.exception("%s: events() raised while closing", self.describe())
-        finally:
-            # A generator that returned, raised, or was cancelled at an await has
-            # already finished: only one left at a yield has finally blocks to run.
-            if getattr(agen, "ag_frame", True) is not None:
-                await self._close_events(agen)
-
-    def _fail(self, connection: Connection) -> None:
-        """End the stream with `ERROR`: the `sseviews.error` event last, no details.
-
-        Its `retry:` (`error_retry`, jittered) makes clients back off instead of
-        reconnecting to a failing stream at once; the traceback goes to the log only.
-        """
-        retry = self.error_retry
-        if retry is not None:
-            retry = round(retry * random.uniform(0.5, 1.5))
-        connection.farewell = Event({"reason": "error"}, event=ERROR_EVENT, retry=retry).encode()
-        connection.stop(DisconnectReason.ERROR)
+        return agen
 
     def _look_at(self, item: object) -> None:
         """Warn (once per class) when `item` is shaped like another SSE library's event."""
@@ -531,57 +455,6 @@ class EventStreamView:
             view = type(self)
             view._lookalike_warned = True
             warn_lookalike(view, view.events, problem)
-
-    async def _close_events(self, agen: Any) -> None:
-        """Close `events()` left at a yield: shielded, and bounded by disconnect_timeout."""
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.disconnect_timeout) as closing:
-                try:
-                    await agen.aclose()
-                except Exception:
-                    logger.exception("%s: events() raised while closing", self.describe())
-            if closing.cancelled_caught:
-                logger.warning(
-                    "%s: events() took longer than %ss to close",
-                    self.describe(),
-                    self.disconnect_timeout,
-                )
-
-    async def _teardown(self, reason: DisconnectReason) -> None:
-        """Run `on_disconnect`, then close the session, shielded and bounded, in this task."""
-        counters = self._counters
-        if counters is not None:
-            counters.open -= 1
-            counters.disconnects[reason] += 1
-        session = self._session
-        # Views that keep the no-op hook and open no session have nothing to bound.
-        if session is not None or type(self).on_disconnect is not EventStreamView.on_disconnect:
-            await self._run_on_disconnect(reason)
-        self._stream_task = None
-        log = logger.warning if reason is DisconnectReason.SEND_TIMEOUT else logger.debug
-        log("%s: stream ended (%s)", self.describe(), reason.value)
-
-    async def _run_on_disconnect(self, reason: DisconnectReason) -> None:
-        """Run `on_disconnect`, then close the session: shielded and bounded, in this task."""
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.disconnect_timeout) as bounded:
-                try:
-                    await self.on_disconnect(reason)
-                except Exception:
-                    logger.exception("%s: on_disconnect() raised", self.describe())
-            if bounded.cancelled_caught:
-                logger.warning(
-                    "%s: on_disconnect() took longer than %ss and was cancelled",
-                    self.describe(),
-                    self.disconnect_timeout,
-                )
-            session, self._session = self._session, None
-            if session is not None:
-                with anyio.move_on_after(self.disconnect_timeout):
-                    try:
-                        await session.close()
-                    except Exception:
-                        logger.exception("%s: closing the session failed", self.describe())
 
 
 # The names a view subclass may set on purpose: settings, and the hooks and helpers

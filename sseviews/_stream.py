@@ -1,12 +1,12 @@
-"""`Connection`: the per-connection loop of one open stream.
+"""`Stream`: one open stream, from its first write to its teardown.
 
 Every stream runs the same way, under every server, middleware and async backend:
 
 - **the writer** is the only code that calls the stream's ASGI `send`. It takes
-  everything that is ready (the buffer that `events()` fills, or the events
-  waiting in the view's `Subscription`) and writes it in one `send`, under
-  `send_timeout`; it sends a keep-alive ping after `ping_interval` of silence,
-  and the final empty chunk that ends the response;
+  everything that is ready from the stream's one `Source` (the stream's own
+  buffer, which `events()` fills, or the view's `Subscription`) and writes it in
+  one `send`, under `send_timeout`; it sends a keep-alive ping after
+  `ping_interval` of silence, and the final chunk that ends the response;
 - **the listener** is the only code that calls `receive`. It waits for
   `http.disconnect` and stops the stream when it comes;
 - **the producer**, for a view with `events()`, is the request task itself: it
@@ -23,6 +23,10 @@ awaited to completion in the task that started it. The tasks, waits and deadline
 come from the runtime seam (`sseviews._runtime`): this module is the same on
 asyncio and trio.
 
+When the stream ends, the request task closes `events()`, runs `on_disconnect()`,
+closes the view's session and leaves the groups' presence: each shielded and
+bounded by `disconnect_timeout`.
+
 Publishers never write: `Broadcast.publish()` appends a reference to the event's
 bytes to each subscription and wakes that stream's writer. So middleware that
 wrap `send` or `receive` (tracing, error reporting, `anyio.fail_after`) see
@@ -33,24 +37,26 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Coroutine
+import random
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import anyio
 import anyio.lowlevel
 from starlette.types import Message, Receive, Send
 
-from ._events import Event, encode_comment
-from ._exceptions import SlowConsumer
+from ._events import Event, encode_comment, encode_data
+from ._exceptions import BackendError, SlowConsumer
 from ._lifecycle import DisconnectReason, register_stream, unregister_stream
+from ._reserved import ERROR_EVENT
 from ._runtime import CancelRegion, current_runtime
 
 if TYPE_CHECKING:
-    from ._broadcast import Subscription
+    from ._broadcast import Broadcast, Subscription
     from ._lifecycle import ShutdownSignal
     from ._metrics import ViewCounters
 
-__all__ = ["HIGH_WATER", "Connection"]
+__all__ = ["HIGH_WATER", "Source", "Stream", "StreamOwner", "first_chunk", "response_start"]
 
 logger = logging.getLogger("sseviews")
 
@@ -70,20 +76,74 @@ DROP_REASONS = frozenset(
 SHUTDOWN_WRITE_TIMEOUT = 1.0
 
 
+_DEFAULT_HEADERS: dict[str, str] = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-store",
+    "x-accel-buffering": "no",
+}
+_DEFAULT_RAW_HEADERS = [(k.encode(), v.encode()) for k, v in _DEFAULT_HEADERS.items()]
+
+
+def response_start(extra: Mapping[str, str]) -> Message:
+    """The stream's `http.response.start`: the SSE headers, with `extra` over them."""
+    if not extra:
+        # A copy: ASGI lets middleware edit the message (GZipMiddleware adds
+        # content-encoding to its headers), and no response may see another's edits.
+        headers = list(_DEFAULT_RAW_HEADERS)
+    else:
+        merged = dict(_DEFAULT_HEADERS)
+        merged.update({key.lower(): value for key, value in extra.items()})
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in merged.items()]
+    return {"type": "http.response.start", "status": 200, "headers": headers}
+
+
+def first_chunk(retry: int | None) -> bytes:
+    """The stream's first body chunk: the `retry:` line, or nothing."""
+    # No blank line after it: a `retry:` line takes effect as it is parsed, and a
+    # blank line would make httpx-sse and fetch-event-source dispatch an empty event.
+    return b"retry: %d\n" % retry if retry is not None else b""
+
+
 class StreamOwner(Protocol):
-    """What a connection needs of the view that serves it (`EventStreamView` is one)."""
+    """What a stream needs of the view that serves it (`EventStreamView` is one)."""
 
     ping_interval: ClassVar[float | None]
     send_timeout: ClassVar[float | None]
     shutdown_grace_period: ClassVar[float]
+    disconnect_timeout: ClassVar[float]
+    error_retry: ClassVar[int | None]
+    retry: ClassVar[int | None]
+    headers: ClassVar[Mapping[str, str]]
+    broadcast: ClassVar[Broadcast | None]
+    announce_presence: ClassVar[bool]
 
     def describe(self) -> str: ...
 
     def ping_message(self) -> Event | str: ...
 
+    async def on_disconnect(self, reason: DisconnectReason) -> None: ...
 
-class Connection:
-    """The state of one open stream: its buffer, its writer and its listener."""
+
+class Source(Protocol):
+    """What the writer reads: the stream's own buffer, or the view's `Subscription`."""
+
+    #: How many events the last `take()` returned.
+    taken: int
+
+    @property
+    def pending_history(self) -> bool:
+        """Whether `fill()` has more to read (a replay's next page)."""
+
+    def take(self, limit: int) -> bytes:
+        """Everything ready to write, as one chunk (at least `limit` bytes are taken
+        whole); empty when nothing is ready."""
+
+    async def fill(self) -> None:
+        """Read what `pending_history` announces, in the writer's task."""
+
+
+class Stream:
+    """One open stream: its source, its writer and listener, its producer and teardown."""
 
     __slots__ = (
         "_ending",
@@ -102,6 +162,7 @@ class Connection:
         "counters",
         "events_scope",
         "farewell",
+        "hooked",
         "last_write",
         "max_pending",
         "ping_interval",
@@ -110,10 +171,13 @@ class Connection:
         "receive",
         "send",
         "send_timeout",
+        "session",
         "shutdown",
         "shutting_down",
         "source",
         "subscription",
+        "taken",
+        "task",
         "view",
         "wake",
     )
@@ -125,6 +189,8 @@ class Connection:
         send: Send,
         shutdown: ShutdownSignal | None,
         counters: ViewCounters | None,
+        *,
+        hooked: bool = True,
     ) -> None:
         self.view = view
         self.receive = receive
@@ -133,13 +199,23 @@ class Connection:
         self.counters = counters
         self.ping_interval: float | None = view.ping_interval
         self.send_timeout: float | None = view.send_timeout
-        #: The view's subscription, when it streams its groups directly.
-        self.source: Subscription | None = None
+        #: What the writer reads when the view streams its groups directly: the
+        #: view's subscription. None: this stream's own buffer, which `events()`
+        #: fills (not a reference to itself, which would keep a closed stream for
+        #: the garbage collector instead of freeing it at once).
+        self.source: Source | None = None
+        self.taken = 0
         #: The view's subscription, streamed directly or relayed by `events()`.
         self.subscription: Subscription | None = None
         #: (connection id, entry JSON, groups) while the stream is listed in its
         #: groups' presence.
         self.presence: tuple[str, bytes, list[str]] | None = None
+        #: Whether the view overrides `on_disconnect()` (else there is nothing to run).
+        self.hooked = hooked
+        #: The view's database session, made on first use in the stream's task.
+        self.session: Any = None
+        #: The key of the task that iterates `events()` (see `EventStreamView.session`).
+        self.task: int | None = None
         self.buffer: list[bytes] = []
         self.buffered = 0
         #: Events the producer may buffer ahead of the writer (a view that relays
@@ -197,20 +273,50 @@ class Connection:
             self.reason = DisconnectReason.SEND_TIMEOUT
         return False
 
-    async def run(self, produce: Callable[[], Coroutine[Any, Any, None]] | None) -> None:
-        """Serve the stream until it ends; `self.reason` then says why.
+    async def serve(
+        self,
+        events: AsyncIterator[Any] | None,
+        look_at: Callable[[object], None] | None = None,
+    ) -> None:
+        """Run the stream in this task until it ends, then tear it down in this task.
 
         Args:
-            produce: Iterates `events()` into the buffer (run in this task), or
-                None for a view that streams its `source` directly.
+            events: What the view's `events()` yields (already checked against its
+                `event_types`), iterated into the buffer in this task; None for a
+                view that streams its subscription directly.
+            look_at: Called with the first yielded value that is not an `Event`.
         """
+        counters = self.counters
+        if counters is not None:
+            counters.open += 1
+            counters.streams += 1
+        self.task = self._runtime.task_key()
+        view = self.view
+        try:
+            if await self.start(response_start(view.headers), first_chunk(view.retry)):
+                await self._run(events, look_at)
+        finally:
+            try:
+                await self._teardown(self.reason or DisconnectReason.SHUTDOWN)
+            finally:
+                self.release()
+                subscription = self.subscription
+                if subscription is not None:
+                    subscription.close()
+                    if self.presence is not None:
+                        await self._leave_presence(self.presence)
+
+    async def _run(
+        self, events: AsyncIterator[Any] | None, look_at: Callable[[object], None] | None
+    ) -> None:
+        """Write, listen and produce until the stream ends; `self.reason` then says why."""
         shutdown = self.shutdown
         if shutdown is not None:
             register_stream(shutdown, self)
         try:
             async with self._runtime.tasks() as tasks:
                 tasks.start(self._write)
-                if produce is None:
+                if events is None:
                     # The request task listens, and the writer (woken once per burst
                     # of group events) runs in a task with a shallow stack of its own.
                     with self._runtime.region() as listening:
@@ -219,7 +325,7 @@ class Connection:
                 else:
                     tasks.start(self._listen)
                     try:
-                        await produce()
+                        await self._produce(events, look_at)
                     finally:
                         self._finishing = True
                         self._writer.wake()
@@ -229,6 +335,26 @@ class Connection:
             if self.reason is None:
                 # Cancelled from outside (the server gave up on its graceful shutdown).
                 self.reason = DisconnectReason.SHUTDOWN
+
+    def fail(self) -> None:
+        """End the stream with `ERROR`: the `sseviews.error` event last, no details.
+
+        Its `retry:` (the view's `error_retry`, jittered) makes clients back off
+        instead of reconnecting to a failing stream at once; the traceback goes to
+        the log only.
+        """
+        retry = self.view.error_retry
+        if retry is not None:
+            retry = round(retry * random.uniform(0.5, 1.5))
+        self.farewell = Event({"reason": "error"}, event=ERROR_EVENT, retry=retry).encode()
+        self.stop(DisconnectReason.ERROR)
+
+    def session_from(self, factory: Callable[[], Any]) -> Any:
+        """The view's session: made by `factory` on first use, closed in the teardown."""
+        session = self.session
+        if session is None:
+            session = self.session = factory()
+        return session
 
     def send_from(self, subscription: Subscription) -> None:
         """Write straight from `subscription` (a view without `events()`)."""
@@ -267,6 +393,25 @@ class Connection:
         if shutdown is not None:
             unregister_stream(shutdown, self)
 
+    # -- the stream's own buffer, as a Source -----------------------------------------
+
+    pending_history = False  # events() has no history to read
+
+    def take(self, limit: int) -> bytes:
+        """Take the whole buffer (`limit` aside), and wake a producer waiting for room."""
+        buffer = self.buffer
+        count = self.taken = len(buffer)
+        if not count:
+            return b""
+        data = buffer[0] if count == 1 else b"".join(buffer)
+        buffer.clear()
+        self.buffered = 0
+        self._request.wake()
+        return data
+
+    async def fill(self) -> None:
+        """Nothing to read: the buffer is filled by `events()`."""
+
     def push(self, data: bytes) -> bool:
         """Buffer one encoded message; True when the caller must `wait_for_space()`."""
         self.buffer.append(data)
@@ -294,6 +439,110 @@ class Connection:
         if self.reason is not None:
             scope.cancel()
         return scope
+
+    # -- the producer -----------------------------------------------------------------
+
+    async def _produce(
+        self, agen: AsyncIterator[Any], look_at: Callable[[object], None] | None
+    ) -> None:
+        """Iterate `events()` in this task, encoding each item into the buffer."""
+        describe = self.view.describe
+        try:
+            with self.open_events_scope():
+                async for item in agen:
+                    if isinstance(item, Event):
+                        data = item.encode()
+                    else:
+                        if look_at is not None:
+                            look_at(item)  # only the first value that is not an Event
+                            look_at = None
+                        data = encode_data(item)
+                    if self.push(data):
+                        await self.wait_for_space()
+            ended = self.shutting_down
+            self.stop(DisconnectReason.SHUTDOWN if ended else DisconnectReason.COMPLETED)
+        except SlowConsumer as exc:
+            if self.reason is None:
+                logger.warning("%s: %s; disconnecting", describe(), exc)
+                self.stop(DisconnectReason.SLOW_CONSUMER)
+        except Exception:
+            if self.reason is None:
+                logger.exception("%s: events() raised; ending the stream", describe())
+                self.fail()
+            else:
+                logger.exception("%s: events() raised while closing", describe())
+        finally:
+            # A generator that returned, raised, or was cancelled at an await has
+            # already finished: only one left at a yield has finally blocks to run.
+            if getattr(agen, "ag_frame", True) is not None:
+                await self._close_events(agen)
+
+    async def _close_events(self, agen: Any) -> None:
+        """Close `events()` left at a yield: shielded, and bounded by disconnect_timeout."""
+        view = self.view
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(view.disconnect_timeout) as closing:
+                try:
+                    await agen.aclose()
+                except Exception:
+                    logger.exception("%s: events() raised while closing", view.describe())
+            if closing.cancelled_caught:
+                logger.warning(
+                    "%s: events() took longer than %ss to close",
+                    view.describe(),
+                    view.disconnect_timeout,
+                )
+
+    # -- the teardown, in the request task -------------------------------------------
+
+    async def _teardown(self, reason: DisconnectReason) -> None:
+        """Run `on_disconnect`, then close the session, shielded and bounded, in this task."""
+        counters = self.counters
+        if counters is not None:
+            counters.open -= 1
+            counters.disconnects[reason] += 1
+        # Views that keep the no-op hook and open no session have nothing to bound.
+        if self.session is not None or self.hooked:
+            await self._run_on_disconnect(reason)
+        self.task = None
+        log = logger.warning if reason is DisconnectReason.SEND_TIMEOUT else logger.debug
+        log("%s: stream ended (%s)", self.view.describe(), reason.value)
+
+    async def _run_on_disconnect(self, reason: DisconnectReason) -> None:
+        view = self.view
+        timeout = view.disconnect_timeout
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(timeout) as bounded:
+                try:
+                    await view.on_disconnect(reason)
+                except Exception:
+                    logger.exception("%s: on_disconnect() raised", view.describe())
+            if bounded.cancelled_caught:
+                logger.warning(
+                    "%s: on_disconnect() took longer than %ss and was cancelled",
+                    view.describe(),
+                    timeout,
+                )
+            session, self.session = self.session, None
+            if session is not None:
+                with anyio.move_on_after(timeout):
+                    try:
+                        await session.close()
+                    except Exception:
+                        logger.exception("%s: closing the session failed", view.describe())
+
+    async def _leave_presence(self, presence: tuple[str, bytes, list[str]]) -> None:
+        """Remove the stream from its groups' presence: shielded, bounded, in this task."""
+        member, entry, groups = presence
+        self.presence = None
+        view = self.view
+        broadcast = view.broadcast
+        assert broadcast is not None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(view.disconnect_timeout):
+            try:
+                await broadcast.live.presence_leave(member, groups, entry, view.announce_presence)
+            except BackendError as exc:
+                logger.warning("%s: leaving presence failed: %s", view.describe(), exc)
 
     # -- called from any task of the event loop thread -----------------------------------
 
@@ -369,7 +618,7 @@ class Connection:
     async def _write(self) -> None:
         """Write what is ready, and pings, until the stream ends; then end the response."""
         ping_interval = self.ping_interval
-        source = self.source
+        source = self.source if self.source is not None else self
         writer = self._writer
         ending = self._ending
         end_at = math.inf if ending is None else ending[0]
@@ -383,14 +632,7 @@ class Connection:
                     reason = self.reason
                     if reason in DROP_REASONS:
                         break
-                    buffer = self.buffer
-                    if buffer:
-                        count = len(buffer)
-                        data = buffer[0] if count == 1 else b"".join(buffer)
-                        buffer.clear()
-                        self.buffered = 0
-                        self._request.wake()
-                    elif source is not None and (data := source.take(HIGH_WATER)):
+                    if data := source.take(HIGH_WATER):
                         count = source.taken
                     elif self._finishing or reason is not None:
                         if ending is not None and reason is ending[1]:
@@ -401,7 +643,7 @@ class Connection:
                         if await self._send(end):
                             self._count(0, len(last))
                         break
-                    elif source is not None and source.pending_history:
+                    elif source.pending_history:
                         await source.fill()  # the replay's next page, read in this task
                         continue
                     elif (
