@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -13,29 +12,23 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ._admission import admit, read_last_event_id
-from ._broadcast import (
-    Broadcast,
-    Subscription,
-    check_group,
-)
+from ._broadcast import Broadcast, Subscription
 from ._checks import (
+    check_events,
     check_hook_names,
     check_hooks,
+    check_setting_names,
+    check_settings,
     lookalike_problem,
-    resembled,
     warn_lookalike,
 )
 from ._events import Event
 from ._eventtypes import EventTypes, compile_event_types
-from ._exceptions import (
-    SettingNameWarning,
-)
 from ._lifecycle import DisconnectReason
 from ._logging import printable
 from ._metrics import Metrics
 from ._runtime import current_runtime
 from ._stream import Stream
-from .stores.base import MAX_CURSOR_GROUPS
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -45,119 +38,6 @@ __all__ = ["EventStreamView"]
 logger = logging.getLogger("sseviews")
 
 _UNSET: Any = object()
-
-
-def _check_seconds(cls: type, name: str, *, allow_none: bool, allow_zero: bool) -> None:
-    value = getattr(cls, name)
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        expected = "a number of seconds" + (" or None" if allow_none else "")
-        raise TypeError(f"{cls.__name__}.{name} must be {expected}, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{cls.__name__}.{name} must be {bound}, got {value!r}")
-
-
-def _check_settings(cls: type[EventStreamView]) -> None:
-    _check_seconds(cls, "ping_interval", allow_none=True, allow_zero=False)
-    _check_seconds(cls, "send_timeout", allow_none=True, allow_zero=False)
-    _check_seconds(cls, "shutdown_grace_period", allow_none=False, allow_zero=True)
-    _check_seconds(cls, "disconnect_timeout", allow_none=False, allow_zero=False)
-    _check_seconds(cls, "max_lifetime", allow_none=True, allow_zero=False)
-    if cls.tokens is not None and not callable(getattr(cls.tokens, "verify", None)):
-        raise TypeError(f"{cls.__name__}.tokens must be a StreamTokens, got {cls.tokens!r}")
-    if cls.token_cookie is not None and not isinstance(cls.token_cookie, str):
-        raise TypeError(f"{cls.__name__}.token_cookie must be a str, got {cls.token_cookie!r}")
-    for name in ("retry", "error_retry"):
-        retry = getattr(cls, name)
-        if retry is not None:
-            if not isinstance(retry, int) or isinstance(retry, bool):
-                raise TypeError(
-                    f"{cls.__name__}.{name} must be None or an int of ms, got {retry!r}"
-                )
-            if retry < 0:
-                raise ValueError(f"{cls.__name__}.{name} must be >= 0 (ms), got {retry!r}")
-    headers = cls.headers
-    if not isinstance(headers, Mapping) or not all(
-        isinstance(key, str) and isinstance(value, str) for key, value in headers.items()
-    ):
-        raise TypeError(f"{cls.__name__}.headers must be a mapping of str to str, got {headers!r}")
-    if cls.broadcast is not None and not isinstance(cls.broadcast, Broadcast):
-        raise TypeError(f"{cls.__name__}.broadcast must be a Broadcast, got {cls.broadcast!r}")
-    if cls.metrics is not None and not isinstance(cls.metrics, Metrics):
-        raise TypeError(f"{cls.__name__}.metrics must be a Metrics, got {cls.metrics!r}")
-    if not isinstance(cls.announce_presence, bool):
-        raise TypeError(f"{cls.__name__}.announce_presence must be a bool")
-    names = ["max_buffer_events", "max_buffer_bytes", "max_groups", "retry_after"]
-    names.append("presence_info_max_bytes")
-    if cls.max_connections is not None:
-        names.append("max_connections")
-    for name in names:
-        value = getattr(cls, name)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{cls.__name__}.{name} must be an int, got {value!r}")
-        if value < 1:
-            raise ValueError(f"{cls.__name__}.{name} must be >= 1, got {value!r}")
-    if cls.max_groups > MAX_CURSOR_GROUPS:
-        raise ValueError(
-            f"{cls.__name__}.max_groups must be <= {MAX_CURSOR_GROUPS} (a stream's id "
-            f"carries a position per group), got {cls.max_groups!r}"
-        )
-    groups = cls.__dict__.get("groups")
-    if isinstance(groups, str):
-        raise TypeError(f"{cls.__name__}.groups must be a list of names or a method, not a str")
-    if groups is not None and not callable(groups) and not isinstance(groups, property):
-        for group in groups:
-            check_group(group)
-
-
-def _check_events(cls: type[EventStreamView]) -> None:
-    events = cls.events
-    if events is EventStreamView.events:
-        return
-    if inspect.isasyncgenfunction(inspect.unwrap(events)):
-        return
-    if inspect.iscoroutinefunction(events):
-        got = "an async def without yield (a coroutine function)"
-    elif inspect.isgeneratorfunction(events):
-        got = "a def with yield (a sync generator)"
-    elif callable(events):
-        got = "a plain def" if inspect.isfunction(events) else repr(events)
-    else:
-        got = repr(events)
-    raise TypeError(
-        f"{cls.__name__}.events() must be an async generator: `async def events(self):` "
-        f"with `yield` in its body; got {got}"
-    )
-
-
-def _resembled_setting(name: str) -> str | None:
-    """The setting `name` looks like a misspelling of, if any."""
-    return resembled(name, _SETTING_NAMES)
-
-
-def _check_setting_names(cls: type[EventStreamView]) -> None:
-    for name in cls.__dict__:
-        if name.startswith("_") or name in _SETTING_NAMES or name in _HOOK_NAMES:
-            continue
-        if any(name in vars(base) for base in cls.__mro__[1:]):
-            continue  # inherited: warned about where it was first set
-        setting = _resembled_setting(name)
-        value = cls.__dict__[name]
-        if inspect.isfunction(value) or isinstance(value, staticmethod | classmethod | property):
-            # A method is a helper of the view's own, unless it resembles `groups`,
-            # the one setting that may be a method.
-            if setting != "groups":
-                continue
-        if setting is not None:
-            warnings.warn(
-                f"{cls.__name__}.{name} looks like a misspelling of the setting "
-                f"{setting!r}, which it leaves at its default ({getattr(cls, setting)!r}); "
-                f"rename it to {setting}",
-                SettingNameWarning,
-                stacklevel=3,  # this, __init_subclass__, then the class statement
-            )
 
 
 class EventStreamView:
@@ -250,9 +130,9 @@ class EventStreamView:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _check_setting_names(cls)  # first: a misspelt name explains a check below
-        _check_settings(cls)
-        _check_events(cls)
+        check_setting_names(cls, EventStreamView)  # first: it explains a check below
+        check_settings(cls)
+        check_events(cls, EventStreamView)
         check_hooks(cls)
         check_hook_names(cls, EventStreamView)
         cls._event_types = compile_event_types(cls)
@@ -455,12 +335,3 @@ class EventStreamView:
             view = type(self)
             view._lookalike_warned = True
             warn_lookalike(view, view.events, problem)
-
-
-# The names a view subclass may set on purpose: settings, and the hooks and helpers
-# it may override. An attribute close to a setting's name, but not one of these, is
-# most likely a misspelt setting (see _check_setting_names).
-_SETTING_NAMES = frozenset(
-    name for name in EventStreamView.__annotations__ if not name.startswith("_")
-)
-_HOOK_NAMES = frozenset(name for name in vars(EventStreamView) if not name.startswith("_"))
