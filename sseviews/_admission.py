@@ -185,7 +185,7 @@ async def admit(
             return _refuse(view, counters, _refusal(exc))
     if scope["method"] == "HEAD":  # answered as GET would be, without a stream
         return _HeadOnly(response_start(view.headers), b"")
-    connection = Stream(
+    stream = Stream(
         view,
         view.receive,
         view.send,
@@ -194,7 +194,7 @@ async def admit(
         hooked=type(view).on_disconnect is not base.on_disconnect,  # type: ignore[attr-defined]
     )
     if view.token_claims is not None or view.max_lifetime is not None:
-        schedule_end(connection, view.token_claims, view.max_lifetime)
+        schedule_end(stream, view.token_claims, view.max_lifetime)
     direct = type(view).events is base.events  # type: ignore[attr-defined]
     if not groups:
         if broadcast is not None and direct:
@@ -204,13 +204,13 @@ async def admit(
                 counters,
                 PlainTextResponse("this stream needs at least one group", status_code=400),
             )
-        return connection
+        return stream
     assert broadcast is not None
     subscription = Subscription(max_events=view.max_buffer_events, max_bytes=view.max_buffer_bytes)
     if direct:
-        connection.send_from(subscription)  # no events(): the writer reads it
+        stream.send_from(subscription)  # no events(): the writer reads it
     else:
-        connection.relay(subscription, view.max_buffer_events)
+        stream.relay(subscription, view.max_buffer_events)
     entry: tuple[str, bytes] | None = None
     if type(view).presence_info is not base.presence_info:  # type: ignore[attr-defined]
         try:
@@ -248,8 +248,8 @@ async def admit(
                 level=logging.ERROR,
                 detail=str(exc),
             )
-        connection.presence = (*entry, groups)
-    return connection
+        stream.presence = (*entry, groups)
+    return stream
 
 
 async def _resolve_groups(view: Applicant) -> list[str]:
@@ -416,19 +416,17 @@ def check_token_group(claims: dict[str, Any], group: str) -> None:
         raise HTTPException(403, f"the stream token does not allow group {group!r}")
 
 
-def schedule_end(connection: Stream, claims: dict[str, Any] | None, lifetime: float | None) -> None:
-    """Tell `connection` when to end: at the token's expiry, or after `lifetime` seconds."""
+def schedule_end(stream: Stream, claims: dict[str, Any] | None, lifetime: float | None) -> None:
+    """Tell `stream` when to end: at the token's expiry, or after `lifetime` seconds."""
     if claims is not None:
         exp = claims.get("exp")
         if isinstance(exp, int | float):
             remaining = exp - time.time()
-            connection.end_at(
-                connection.clock() + remaining, DisconnectReason.EXPIRED, _EXPIRED_FAREWELL
-            )
+            stream.end_at(stream.clock() + remaining, DisconnectReason.EXPIRED, _EXPIRED_FAREWELL)
     if lifetime is not None:
         # ±10 % jitter: streams opened together (after a deploy) do not all end together.
         lifetime *= random.uniform(0.9, 1.1)
-        connection.end_at(connection.clock() + lifetime, DisconnectReason.LIFETIME)
+        stream.end_at(stream.clock() + lifetime, DisconnectReason.LIFETIME)
 
 
 def _bad_request(detail: str) -> HTTPException:

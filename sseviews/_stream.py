@@ -293,8 +293,36 @@ class Stream:
         self.task = self._runtime.task_key()
         view = self.view
         try:
-            if await self.start(response_start(view.headers), first_chunk(view.retry)):
-                await self._run(events, look_at)
+            # One frame for the whole stream: the request task's stack is what every
+            # open stream keeps while it waits.
+            if not await self.start(response_start(view.headers), first_chunk(view.retry)):
+                return  # the client is gone: only the teardown is left
+            shutdown = self.shutdown
+            if shutdown is not None:
+                register_stream(shutdown, self)
+            try:
+                async with self._runtime.tasks() as tasks:
+                    tasks.start(self._write)
+                    if events is None:
+                        # The request task listens, and the writer (woken once per
+                        # burst of group events) runs in a task with a shallow stack.
+                        with self._runtime.region() as listening:
+                            self._listening = listening  # cancelled when the writer ends
+                            await self._listen()
+                    else:
+                        tasks.start(self._listen)
+                        try:
+                            await self._produce(events, look_at)
+                        finally:
+                            self._finishing = True
+                            self._writer.wake()
+                    while not self._written:
+                        await self._request.wait()
+            finally:
+                if self.reason is None:
+                    # Cancelled from outside (the server gave up on its graceful
+                    # shutdown).
+                    self.reason = DisconnectReason.SHUTDOWN
         finally:
             try:
                 await self._teardown(self.reason or DisconnectReason.SHUTDOWN)
@@ -305,36 +333,6 @@ class Stream:
                     subscription.close()
                     if self.presence is not None:
                         await self._leave_presence(self.presence)
-
-    async def _run(
-        self, events: AsyncIterator[Any] | None, look_at: Callable[[object], None] | None
-    ) -> None:
-        """Write, listen and produce until the stream ends; `self.reason` then says why."""
-        shutdown = self.shutdown
-        if shutdown is not None:
-            register_stream(shutdown, self)
-        try:
-            async with self._runtime.tasks() as tasks:
-                tasks.start(self._write)
-                if events is None:
-                    # The request task listens, and the writer (woken once per burst
-                    # of group events) runs in a task with a shallow stack of its own.
-                    with self._runtime.region() as listening:
-                        self._listening = listening  # cancelled when the writer ends
-                        await self._listen()
-                else:
-                    tasks.start(self._listen)
-                    try:
-                        await self._produce(events, look_at)
-                    finally:
-                        self._finishing = True
-                        self._writer.wake()
-                while not self._written:
-                    await self._request.wait()
-        finally:
-            if self.reason is None:
-                # Cancelled from outside (the server gave up on its graceful shutdown).
-                self.reason = DisconnectReason.SHUTDOWN
 
     def fail(self) -> None:
         """End the stream with `ERROR`: the `sseviews.error` event last, no details.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from starlette.requests import Request
@@ -283,32 +283,35 @@ class EventStreamView:
         view._open_streams += 1
         try:
             # admit() returns before the stream starts, so its frame is freed: only
-            # this frame (and the connection's) stays alive while the stream is open.
+            # this frame (and the stream's) stays alive while the stream is open.
             answer = await admit(self, EventStreamView, view._open_streams, self._counters)
-            if isinstance(answer, Stream):
-                await self._serve(answer)
-            else:
+            if not isinstance(answer, Stream):
                 await answer(self.scope, self.receive, self.send)
+                return
+            self._connection = answer
+            try:
+                await answer.serve(*self._handover(answer))
+            finally:
+                if not answer.shutting_down:  # is_shutting_down stays True after one
+                    # The view and its stream refer to each other: unlinked, a closed
+                    # stream is freed at once by reference counting instead of waiting,
+                    # with all it holds, for a full garbage collection.
+                    self._connection = None
         finally:
             view._open_streams -= 1
 
-    async def _serve(self, stream: Stream) -> None:
-        """Hand the admitted stream what `events()` yields, and run it in this task."""
-        self._connection = stream
+    def _handover(
+        self, stream: Stream
+    ) -> tuple[AsyncIterator[Any] | None, Callable[[object], None] | None]:
+        """What the stream needs of `events()`: the checked iterator (None: the view
+        streams its subscription directly, or the stream failed), and the look at
+        the first value that is not an `Event` (None once the class has warned)."""
         events = None
         if stream.source is None:
             events = self._events(stream)
         elif self._event_types is not None:
             self._event_types.relayed(self)  # checked by a test client, if any
-        look_at = None if type(self)._lookalike_warned else self._look_at
-        try:
-            await stream.serve(events, look_at)
-        finally:
-            if not stream.shutting_down:  # is_shutting_down stays True after one
-                # The view and its stream refer to each other: unlinked, a closed
-                # stream is freed at once by reference counting instead of waiting,
-                # with all it holds, for a full garbage collection.
-                self._connection = None
+        return events, None if type(self)._lookalike_warned else self._look_at
 
     def _events(self, stream: Stream) -> AsyncIterator[Any] | None:
         """`events()`, checked against `event_types`; None (the stream fails) if it
