@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ._asyncapi import asyncapi as asyncapi
-from ._broadcast import RESET_EVENT as RESET_EVENT
 from ._broadcast import Broadcast as Broadcast
 from ._broadcast import Subscription as Subscription
 from ._events import Event as Event
@@ -18,16 +17,17 @@ from ._exceptions import SettingNameWarning as SettingNameWarning
 from ._exceptions import SlowConsumer as SlowConsumer
 from ._exceptions import SSEViewsError as SSEViewsError
 from ._exceptions import StreamEnded as StreamEnded
-from ._lifecycle import ERROR_EVENT as ERROR_EVENT
-from ._lifecycle import EXPIRED_EVENT as EXPIRED_EVENT
 from ._lifecycle import DisconnectReason as DisconnectReason
 from ._lifecycle import ShutdownMiddleware as ShutdownMiddleware
 from ._lifecycle import ShutdownSignal as ShutdownSignal
 from ._logging import install_fallback as _install_fallback
 from ._metrics import Metrics as Metrics
-from ._presence import JOIN_EVENT as JOIN_EVENT
-from ._presence import LEAVE_EVENT as LEAVE_EVENT
 from ._presence import PresenceEntry as PresenceEntry
+from ._reserved import ERROR_EVENT as ERROR_EVENT
+from ._reserved import EXPIRED_EVENT as EXPIRED_EVENT
+from ._reserved import JOIN_EVENT as JOIN_EVENT
+from ._reserved import LEAVE_EVENT as LEAVE_EVENT
+from ._reserved import RESET_EVENT as RESET_EVENT
 from ._routing import StreamRouter as StreamRouter
 from ._static import js_route as js_route
 from ._views import EventStreamView as EventStreamView

@@ -9,11 +9,11 @@ from typing import Any, NamedTuple
 
 from starlette.routing import Host, Mount
 
-from ._broadcast import RESET_EVENT
+from ._admission import MAX_LAST_EVENT_ID_BYTES
 from ._eventtypes import UNNAMED
-from ._lifecycle import ERROR_EVENT
+from ._reserved import ERROR_EVENT, RESET_EVENT
 from ._schema import content_type, generate_schemas
-from ._views import MAX_LAST_EVENT_ID_BYTES, EventStreamView
+from ._views import EventStreamView
 
 __all__ = ["asyncapi", "stream_routes"]
 

@@ -59,7 +59,8 @@ from ._exceptions import (
     SlowConsumer,
 )
 from ._presence import DEFAULT_PRESENCE_LIMIT, PresenceEntry, entry_from_json
-from ._wait import Waiter
+from ._reserved import RESET_EVENT
+from ._runtime import Waiter, current_runtime
 from .backends.base import EPHEMERAL_SEQ, GroupsLost, LiveBackend
 from .stores.base import (
     MAX_CURSOR_GROUPS,
@@ -83,13 +84,14 @@ __all__ = [
     "Delivery",
     "Subscription",
     "check_group",
+    "claim_unconnected_report",
+    "new_member_id",
     "open_subscription",
+    "was_connected",
 ]
 
 logger = logging.getLogger("sseviews")
 
-#: The name of the event sent instead of a replay when a cursor cannot be resumed.
-RESET_EVENT = "sseviews.reset"
 #: Longest group name accepted, in characters.
 MAX_GROUP_LENGTH = 200
 #: The default bytes of history a resuming subscription reads at a time.
@@ -377,7 +379,7 @@ class Broadcast:
         # Presence connection ids: this broadcast's random name, then a counter.
         self._member_ids = map(f"{secrets.token_hex(6)}-{{}}".format, itertools.count(1))
         # A stream of a broadcast never connected means a missing lifespan: views
-        # refuse it loudly, and log it once per broadcast (see EventStreamView._open).
+        # refuse it loudly, and log it once per broadcast (see claim_unconnected_report).
         self._ever_connected = False
         self._reported_unconnected = False
         self._in_process = _scheme(url_text) == "memory" and not isinstance(url, LiveBackend)
@@ -501,7 +503,7 @@ class Broadcast:
             )
         self._check_connected()
         if session is not None:
-            position = await self._transactions().publish(group, event._wire, session)
+            position = await self._transactions().publish(group, event.encode(), session)
             return format_id(*position)
         live = self.live
         transactions = self._txn
@@ -519,7 +521,7 @@ class Broadcast:
             else:
                 await live.deliver(group, seq, wire)
 
-        position = await self.store.append(group, event._wire, deliver)
+        position = await self.store.append(group, event.encode(), deliver)
         # Let the writers run between publishes: a burst must not starve them.
         await anyio.lowlevel.checkpoint()
         return format_id(*position)
@@ -589,7 +591,7 @@ class Broadcast:
         elif event.id is not None:
             raise ValueError(f"an ephemeral event carries no id (got id={event.id!r})")
         self._check_connected()
-        await self.live.deliver(group, EPHEMERAL_SEQ, event._wire)
+        await self.live.deliver(group, EPHEMERAL_SEQ, event.encode())
 
     # -- presence ----------------------------------------------------------------
 
@@ -627,9 +629,6 @@ class Broadcast:
         check_group(group)
         self._check_connected()
         return await self.live.presence_count(group)
-
-    def _new_member_id(self) -> str:
-        return next(self._member_ids)
 
     # -- local fan-out -----------------------------------------------------------
 
@@ -1334,7 +1333,7 @@ class Subscription:
                 continue
             waiter = self._waiter
             if waiter is None:
-                waiter = self._waiter = Waiter()
+                waiter = self._waiter = current_runtime().waiter()
             await waiter.wait()
 
 
@@ -1390,3 +1389,22 @@ async def open_subscription(
             subscription.close()
             raise
     return subscription
+
+
+def was_connected(broadcast: Broadcast) -> bool:
+    """Whether `broadcast` was ever connected (never: the app's lifespan is missing)."""
+    return broadcast._ever_connected
+
+
+def claim_unconnected_report(broadcast: Broadcast) -> bool:
+    """True the first time it is asked for `broadcast`: the caller logs that it was
+    never connected, once per broadcast rather than once per refused stream."""
+    if broadcast._reported_unconnected:
+        return False
+    broadcast._reported_unconnected = True
+    return True
+
+
+def new_member_id(broadcast: Broadcast) -> str:
+    """A new presence connection id: the broadcast's random name, then a counter."""
+    return next(broadcast._member_ids)

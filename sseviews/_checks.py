@@ -1,6 +1,10 @@
 """Mistakes in a view, caught as early as each can be, with an error that names the fix.
 
-- **When the class is created** (`check_hooks`, `check_hook_names`): a hook of the
+- **When the class is created** (`check_settings`, `check_events`,
+  `check_setting_names`): a setting of the wrong type or out of range, an
+  `events` that is not an async generator, and an attribute whose name is a
+  near miss of a setting's (`ping_intreval`), which would leave it at its
+  default. Also (`check_hooks`, `check_hook_names`): a hook of the
   wrong kind (a plain `def on_connect`, an `async def ping_message`), and a method
   whose name is a near miss of a hook's (`event`, `on_disconect`), which would
   otherwise never be called.
@@ -23,14 +27,20 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._exceptions import EventShapeWarning, HookNameWarning
+from ._broadcast import Broadcast, check_group
+from ._exceptions import EventShapeWarning, HookNameWarning, SettingNameWarning
+from ._metrics import Metrics
+from .stores.base import MAX_CURSOR_GROUPS
 
 __all__ = [
+    "check_events",
     "check_hook_names",
     "check_hooks",
+    "check_setting_names",
+    "check_settings",
     "edit_distance",
     "lookalike_problem",
     "nothing_to_stream",
@@ -299,3 +309,118 @@ def warn_lookalike(cls: type, events: Callable[..., Any], problem: str) -> None:
         lineno,
         module=cls.__module__,
     )
+
+
+def _check_seconds(cls: type, name: str, *, allow_none: bool, allow_zero: bool) -> None:
+    value = getattr(cls, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        expected = "a number of seconds" + (" or None" if allow_none else "")
+        raise TypeError(f"{cls.__name__}.{name} must be {expected}, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{cls.__name__}.{name} must be {bound}, got {value!r}")
+
+
+def check_settings(cls: Any) -> None:
+    """Check the view's settings when its class is created: a TypeError or ValueError
+    that names the setting and what it expects."""
+    _check_seconds(cls, "ping_interval", allow_none=True, allow_zero=False)
+    _check_seconds(cls, "send_timeout", allow_none=True, allow_zero=False)
+    _check_seconds(cls, "shutdown_grace_period", allow_none=False, allow_zero=True)
+    _check_seconds(cls, "disconnect_timeout", allow_none=False, allow_zero=False)
+    _check_seconds(cls, "max_lifetime", allow_none=True, allow_zero=False)
+    if cls.tokens is not None and not callable(getattr(cls.tokens, "verify", None)):
+        raise TypeError(f"{cls.__name__}.tokens must be a StreamTokens, got {cls.tokens!r}")
+    if cls.token_cookie is not None and not isinstance(cls.token_cookie, str):
+        raise TypeError(f"{cls.__name__}.token_cookie must be a str, got {cls.token_cookie!r}")
+    for name in ("retry", "error_retry"):
+        retry = getattr(cls, name)
+        if retry is not None:
+            if not isinstance(retry, int) or isinstance(retry, bool):
+                raise TypeError(
+                    f"{cls.__name__}.{name} must be None or an int of ms, got {retry!r}"
+                )
+            if retry < 0:
+                raise ValueError(f"{cls.__name__}.{name} must be >= 0 (ms), got {retry!r}")
+    headers = cls.headers
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in headers.items()
+    ):
+        raise TypeError(f"{cls.__name__}.headers must be a mapping of str to str, got {headers!r}")
+    if cls.broadcast is not None and not isinstance(cls.broadcast, Broadcast):
+        raise TypeError(f"{cls.__name__}.broadcast must be a Broadcast, got {cls.broadcast!r}")
+    if cls.metrics is not None and not isinstance(cls.metrics, Metrics):
+        raise TypeError(f"{cls.__name__}.metrics must be a Metrics, got {cls.metrics!r}")
+    if not isinstance(cls.announce_presence, bool):
+        raise TypeError(f"{cls.__name__}.announce_presence must be a bool")
+    names = ["max_buffer_events", "max_buffer_bytes", "max_groups", "retry_after"]
+    names.append("presence_info_max_bytes")
+    if cls.max_connections is not None:
+        names.append("max_connections")
+    for name in names:
+        value = getattr(cls, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{cls.__name__}.{name} must be an int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{cls.__name__}.{name} must be >= 1, got {value!r}")
+    if cls.max_groups > MAX_CURSOR_GROUPS:
+        raise ValueError(
+            f"{cls.__name__}.max_groups must be <= {MAX_CURSOR_GROUPS} (a stream's id "
+            f"carries a position per group), got {cls.max_groups!r}"
+        )
+    groups = cls.__dict__.get("groups")
+    if isinstance(groups, str):
+        raise TypeError(f"{cls.__name__}.groups must be a list of names or a method, not a str")
+    if groups is not None and not callable(groups) and not isinstance(groups, property):
+        for group in groups:
+            check_group(group)
+
+
+def check_events(cls: Any, base: type) -> None:
+    """Raise TypeError when the view's `events` is not an async generator function."""
+    events = cls.events
+    if events is getattr(base, "events", None):
+        return
+    if inspect.isasyncgenfunction(inspect.unwrap(events)):
+        return
+    if inspect.iscoroutinefunction(events):
+        got = "an async def without yield (a coroutine function)"
+    elif inspect.isgeneratorfunction(events):
+        got = "a def with yield (a sync generator)"
+    elif callable(events):
+        got = "a plain def" if inspect.isfunction(events) else repr(events)
+    else:
+        got = repr(events)
+    raise TypeError(
+        f"{cls.__name__}.events() must be an async generator: `async def events(self):` "
+        f"with `yield` in its body; got {got}"
+    )
+
+
+def check_setting_names(cls: type, base: type) -> None:
+    """Warn (`SettingNameWarning`) about a class attribute that looks like a misspelt
+    setting of `base`, which would leave the real setting at its default."""
+    settings = frozenset(name for name in base.__annotations__ if not name.startswith("_"))
+    hooks = frozenset(name for name in vars(base) if not name.startswith("_"))
+    for name in cls.__dict__:
+        if name.startswith("_") or name in settings or name in hooks:
+            continue
+        if any(name in vars(base) for base in cls.__mro__[1:]):
+            continue  # inherited: warned about where it was first set
+        setting = resembled(name, settings)
+        value = cls.__dict__[name]
+        if inspect.isfunction(value) or isinstance(value, staticmethod | classmethod | property):
+            # A method is a helper of the view's own, unless it resembles `groups`,
+            # the one setting that may be a method.
+            if setting != "groups":
+                continue
+        if setting is not None:
+            warnings.warn(
+                f"{cls.__name__}.{name} looks like a misspelling of the setting "
+                f"{setting!r}, which it leaves at its default ({getattr(cls, setting)!r}); "
+                f"rename it to {setting}",
+                SettingNameWarning,
+                stacklevel=3,  # this, __init_subclass__, then the class statement
+            )

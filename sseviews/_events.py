@@ -16,7 +16,7 @@ import json
 import uuid
 from typing import Any
 
-__all__ = ["Event", "encode_comment", "encode_data", "event_from_wire"]
+__all__ = ["Event", "check_line", "dumps", "encode_comment", "encode_data", "event_from_wire"]
 
 _SEPARATORS = (",", ":")
 
@@ -42,7 +42,7 @@ def _json_default(value: Any) -> Any:
     )
 
 
-def _dumps(value: Any) -> str:
+def dumps(value: Any) -> str:
     try:
         # allow_nan=False: NaN and Infinity are not JSON, and browsers'
         # JSON.parse rejects them even though Python's json.loads accepts them.
@@ -71,7 +71,7 @@ def _data_text(data: Any) -> str:
             return bytes(data).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ValueError(f"bytes event data must be valid UTF-8 text: {exc}") from None
-    return _dumps(data)
+    return dumps(data)
 
 
 def _split_lines(text: str) -> list[str]:
@@ -127,7 +127,7 @@ def encode_comment(text: str) -> bytes:
     return _encode_utf8("".join([": " + line + "\n" for line in _split_lines(text)]))
 
 
-def _check_line(name: str, value: str | None, *, allow_nul: bool = True) -> None:
+def check_line(name: str, value: str | None, *, allow_nul: bool = True) -> None:
     if value is None:
         return
     if not isinstance(value, str):
@@ -184,8 +184,8 @@ class Event:
     ) -> None:
         if isinstance(id, int) and not isinstance(id, bool):
             id = str(id)
-        _check_line("event", event)
-        _check_line("id", id, allow_nul=False)  # type: ignore[arg-type]
+        check_line("event", event)
+        check_line("id", id, allow_nul=False)  # type: ignore[arg-type]
         assert id is None or isinstance(id, str)
         if retry is not None:
             if not isinstance(retry, int) or isinstance(retry, bool):

@@ -22,16 +22,16 @@ import sys
 import types
 import typing
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import Any, Literal, Protocol, Union
 
-from ._events import Event, _check_line, _dumps
+from starlette.types import Scope
 
-if TYPE_CHECKING:
-    from ._views import EventStreamView
+from ._events import Event, check_line, dumps
+from ._reserved import EVENT_CHECKS_KEY
 
 __all__ = [
-    "EVENT_CHECKS_KEY",
     "UNNAMED",
+    "CheckedStream",
     "EventTypes",
     "compile_event_types",
     "is_pydantic_type",
@@ -40,10 +40,17 @@ __all__ = [
 
 logger = logging.getLogger("sseviews")
 
+
+class CheckedStream(Protocol):
+    """What the check needs of the view whose events it checks (`EventStreamView` is one)."""
+
+    scope: Scope
+
+    def describe(self) -> str: ...
+
+
 #: The name that stands for unnamed events: the browser dispatches them as "message".
 UNNAMED = "message"
-#: Scope extension under which a test client collects mismatches instead of the log.
-EVENT_CHECKS_KEY = "sseviews.event_checks"
 
 # A check returns None when `value` fits, else what is wrong (`path` names where).
 _Check = Callable[[Any, str], "str | None"]
@@ -378,7 +385,7 @@ class _Payload:
                 data = bytes(data).decode("utf-8")
             except UnicodeDecodeError:
                 return "the data is not UTF-8 text"
-        text = data if isinstance(data, str) else _dumps(data)
+        text = data if isinstance(data, str) else dumps(data)
         try:
             self._adapter.validate_json(text, strict=True)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
@@ -414,7 +421,7 @@ class EventTypes:
         except (TypeError, ValueError) as exc:  # data that cannot even be encoded
             return str(exc)
 
-    def report(self, view: EventStreamView, name: str | None, data: Any, problem: str) -> None:
+    def report(self, view: CheckedStream, name: str | None, data: Any, problem: str) -> None:
         """Report a mismatch: to the test client when there is one, else log it once."""
         view_name = type(view).__qualname__
         event_name = name or UNNAMED
@@ -442,7 +449,7 @@ class EventTypes:
             message,
         )
 
-    def relayed(self, view: EventStreamView) -> None:
+    def relayed(self, view: CheckedStream) -> None:
         """Hand the check to a test client: this stream relays group events as bytes.
 
         In production those bytes are not decoded again (check what you publish);
@@ -453,7 +460,7 @@ class EventTypes:
         if recorder is not None:
             recorder.check_relayed(self, type(view).__qualname__)
 
-    async def checked(self, view: EventStreamView, events: Any) -> AsyncIterator[Any]:
+    async def checked(self, view: CheckedStream, events: Any) -> AsyncIterator[Any]:
         """Relay `events` (the view's `events()`), dropping and reporting mismatches."""
         payloads = self._payloads
         try:
@@ -505,7 +512,7 @@ def compile_event_types(cls: type) -> EventTypes | None:
                 "for unnamed events"
             )
         try:
-            _check_line("event", name)
+            check_line("event", name)
         except ValueError:
             raise ValueError(
                 f"{cls.__name__}.event_types has the event name {name!r}, which holds "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import importlib
 import logging
 import signal
 import threading
@@ -26,32 +25,25 @@ import anyio
 import sniffio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._reserved import SHUTDOWN_KEY
+
 __all__ = [
-    "EXPIRED_EVENT",
     "DisconnectReason",
     "ShutdownMiddleware",
     "ShutdownSignal",
+    "Stoppable",
     "find_shutdown_signal",
+    "register_stream",
+    "unregister_stream",
 ]
 
 logger = logging.getLogger("sseviews")
-
-#: The ASGI scope extension under which a `ShutdownSignal` is looked up.
-SCOPE_KEY = "sseviews.shutdown"
 
 # How often the uvicorn watcher looks at `Server.should_exit`, in seconds. uvicorn
 # waits 0.1 s after should_exit before it starts waiting on connections, so polling
 # at half that ends the streams before it looks.
 _UVICORN_POLL = 0.05
 _UVICORN_ATTR = "_sseviews_shutdown_signal"
-
-# signal.getsignal() turns every handler into a `Handlers` enum member when it can,
-# and for a bound method the failed lookup raises and catches an exception (~2.5 us)
-# on every stream opened; the C function it wraps returns the handler as it is.
-try:
-    _getsignal: Any = importlib.import_module("_signal").getsignal
-except ImportError:  # pragma: no cover - CPython has _signal
-    _getsignal = signal.getsignal
 
 
 class DisconnectReason(enum.StrEnum):
@@ -77,17 +69,9 @@ class DisconnectReason(enum.StrEnum):
     LIFETIME = "lifetime"
 
 
-#: The name of the event a stream sends last when it ends because its token
-#: expired: the client fetches a new token before it reconnects.
-EXPIRED_EVENT = "sseviews.expired"
+class Stoppable(Protocol):
+    """What a shutdown signal needs of an open stream."""
 
-#: The name of the event a stream sends last when its `events()` raised: its data
-#: is `{"reason": "error"}`, never the exception, and it carries a `retry:` field
-#: (the view's `error_retry`) so that clients come back later, not at once.
-ERROR_EVENT = "sseviews.error"
-
-
-class _Stoppable(Protocol):
     def begin_shutdown(self) -> None: ...
 
 
@@ -108,7 +92,7 @@ class ShutdownSignal:
     __slots__ = ("__weakref__", "_drained", "_streams", "_triggered", "_watcher")
 
     def __init__(self) -> None:
-        self._streams: set[_Stoppable] = set()
+        self._streams: set[Stoppable] = set()
         self._triggered = False
         self._watcher: asyncio.Task[None] | None = None
         self._drained: list[Callable[[], object]] = []
@@ -133,17 +117,6 @@ class ShutdownSignal:
         for stream in list(self._streams):
             stream.begin_shutdown()
         self._notify_drained()
-
-    def _register(self, stream: _Stoppable) -> None:
-        self._streams.add(stream)
-        if self._triggered:
-            stream.begin_shutdown()
-
-    def _unregister(self, stream: _Stoppable) -> None:
-        streams = self._streams
-        streams.discard(stream)
-        if not streams and self._drained:
-            self._notify_drained()
 
     def _when_drained(self, callback: Callable[[], object]) -> None:
         """Call `callback` once shutdown has started and every stream has ended."""
@@ -205,7 +178,7 @@ class ShutdownMiddleware:
             extensions = scope.get("extensions")
             if extensions is None:
                 extensions = scope["extensions"] = {}
-            extensions[SCOPE_KEY] = self.signal
+            extensions[SHUTDOWN_KEY] = self.signal
         elif scope["type"] == "lifespan":
             receive = self._lifespan_receive(receive)
         await self.app(scope, receive, send)
@@ -316,11 +289,26 @@ class _SignalChain:
             self._previous[signum](signum, frame)
 
 
+def register_stream(signal: ShutdownSignal, stream: Stoppable) -> None:
+    """List an open stream: `signal` calls its `begin_shutdown()` (at once if triggered)."""
+    signal._streams.add(stream)
+    if signal._triggered:
+        stream.begin_shutdown()
+
+
+def unregister_stream(signal: ShutdownSignal, stream: Stoppable) -> None:
+    """Unlist a stream that has ended (after its `on_disconnect()`)."""
+    streams = signal._streams
+    streams.discard(stream)
+    if not streams and signal._drained:
+        signal._notify_drained()
+
+
 def find_shutdown_signal(scope: Scope) -> ShutdownSignal | None:
     """Return the `ShutdownSignal` of the server that runs this request, if any."""
     extensions = scope.get("extensions")
     if extensions:
-        found = extensions.get(SCOPE_KEY)
+        found = extensions.get(SHUTDOWN_KEY)
         if found is not None:
             return found  # type: ignore[no-any-return]
     return _uvicorn_signal()
@@ -330,7 +318,7 @@ def _uvicorn_server() -> Any | None:
     # uvicorn's Server.serve() installs its bound method `handle_exit` as the
     # SIGTERM/SIGINT handler for as long as it runs, and restores the previous
     # handler afterwards, so the handler leads to the server running right now.
-    handler = _getsignal(signal.SIGTERM)
+    handler = signal.getsignal(signal.SIGTERM)
     server = getattr(handler, "__self__", None)
     if server is None or not hasattr(server, "should_exit") or not hasattr(server, "handle_exit"):
         return None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 
-__all__ = ["FallbackHandler", "install_fallback"]
+__all__ = ["FallbackHandler", "install_fallback", "printable"]
 
 
 class FallbackHandler(logging.Handler):
@@ -60,3 +60,10 @@ def install_fallback() -> None:
     logger = logging.getLogger("sseviews")
     if not any(isinstance(handler, FallbackHandler) for handler in logger.handlers):
         logger.addHandler(FallbackHandler())
+
+
+def printable(text: str) -> str:
+    """Escape what would break a log line: request text may hold CR, LF, NEL, ..."""
+    if text.isprintable():
+        return text or "(empty)"
+    return text.encode("unicode_escape").decode("ascii")

@@ -16,6 +16,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from ._reserved import JOIN_EVENT, LEAVE_EVENT
+
 __all__ = [
     "DEFAULT_PRESENCE_LIMIT",
     "JOIN_EVENT",
@@ -26,10 +28,6 @@ __all__ = [
     "presence_wire",
 ]
 
-#: The name of the ephemeral event published when a connection joins a group.
-JOIN_EVENT = "sseviews.join"
-#: The name of the ephemeral event published when a connection leaves a group.
-LEAVE_EVENT = "sseviews.leave"
 #: How many entries `Broadcast.presence()` returns unless told otherwise.
 DEFAULT_PRESENCE_LIMIT = 1000
 

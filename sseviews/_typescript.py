@@ -18,8 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._asyncapi import asyncapi, stream_routes
-from ._broadcast import RESET_EVENT
-from ._lifecycle import ERROR_EVENT
+from ._reserved import ERROR_EVENT, RESET_EVENT
 
 __all__ = ["typescript"]
 

@@ -2,47 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
-import random
-import warnings
-from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qsl
 
-import anyio
-import sniffio
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from ._broadcast import Broadcast, Subscription, check_group, open_subscription
+from ._admission import admit, read_last_event_id
+from ._broadcast import Broadcast, Subscription
 from ._checks import (
+    check_events,
     check_hook_names,
     check_hooks,
+    check_setting_names,
+    check_settings,
     lookalike_problem,
-    on_connect_result_problem,
-    resembled,
     warn_lookalike,
-    wiring_problem,
 )
-from ._connection import Connection
-from ._ending import check_token, check_token_group, schedule_end
-from ._events import Event, encode_data
+from ._events import Event
 from ._eventtypes import EventTypes, compile_event_types
-from ._exceptions import (
-    BackendError,
-    BroadcastNotConnected,
-    InvalidLastEventId,
-    SettingNameWarning,
-    SlowConsumer,
-)
-from ._lifecycle import ERROR_EVENT, DisconnectReason, find_shutdown_signal
+from ._lifecycle import DisconnectReason
+from ._logging import printable
 from ._metrics import Metrics
-from ._presence import encode_entry
-from .stores.base import MAX_CURSOR_GROUPS
+from ._runtime import current_runtime
+from ._stream import Stream
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -51,191 +37,7 @@ __all__ = ["EventStreamView"]
 
 logger = logging.getLogger("sseviews")
 
-# A composite id of a stream of the most groups (256 positions of at most 29 bytes)
-# fits in it.
-MAX_LAST_EVENT_ID_BYTES = 8192
-
-_DEFAULT_HEADERS: dict[str, str] = {
-    "content-type": "text/event-stream; charset=utf-8",
-    "cache-control": "no-store",
-    "x-accel-buffering": "no",
-}
-_DEFAULT_RAW_HEADERS = [(k.encode(), v.encode()) for k, v in _DEFAULT_HEADERS.items()]
 _UNSET: Any = object()
-
-
-def _check_seconds(cls: type, name: str, *, allow_none: bool, allow_zero: bool) -> None:
-    value = getattr(cls, name)
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        expected = "a number of seconds" + (" or None" if allow_none else "")
-        raise TypeError(f"{cls.__name__}.{name} must be {expected}, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{cls.__name__}.{name} must be {bound}, got {value!r}")
-
-
-def _check_settings(cls: type[EventStreamView]) -> None:
-    _check_seconds(cls, "ping_interval", allow_none=True, allow_zero=False)
-    _check_seconds(cls, "send_timeout", allow_none=True, allow_zero=False)
-    _check_seconds(cls, "shutdown_grace_period", allow_none=False, allow_zero=True)
-    _check_seconds(cls, "disconnect_timeout", allow_none=False, allow_zero=False)
-    _check_seconds(cls, "max_lifetime", allow_none=True, allow_zero=False)
-    if cls.tokens is not None and not callable(getattr(cls.tokens, "verify", None)):
-        raise TypeError(f"{cls.__name__}.tokens must be a StreamTokens, got {cls.tokens!r}")
-    if cls.token_cookie is not None and not isinstance(cls.token_cookie, str):
-        raise TypeError(f"{cls.__name__}.token_cookie must be a str, got {cls.token_cookie!r}")
-    for name in ("retry", "error_retry"):
-        retry = getattr(cls, name)
-        if retry is not None:
-            if not isinstance(retry, int) or isinstance(retry, bool):
-                raise TypeError(
-                    f"{cls.__name__}.{name} must be None or an int of ms, got {retry!r}"
-                )
-            if retry < 0:
-                raise ValueError(f"{cls.__name__}.{name} must be >= 0 (ms), got {retry!r}")
-    headers = cls.headers
-    if not isinstance(headers, Mapping) or not all(
-        isinstance(key, str) and isinstance(value, str) for key, value in headers.items()
-    ):
-        raise TypeError(f"{cls.__name__}.headers must be a mapping of str to str, got {headers!r}")
-    if cls.broadcast is not None and not isinstance(cls.broadcast, Broadcast):
-        raise TypeError(f"{cls.__name__}.broadcast must be a Broadcast, got {cls.broadcast!r}")
-    if cls.metrics is not None and not isinstance(cls.metrics, Metrics):
-        raise TypeError(f"{cls.__name__}.metrics must be a Metrics, got {cls.metrics!r}")
-    if not isinstance(cls.announce_presence, bool):
-        raise TypeError(f"{cls.__name__}.announce_presence must be a bool")
-    names = ["max_buffer_events", "max_buffer_bytes", "max_groups", "retry_after"]
-    names.append("presence_info_max_bytes")
-    if cls.max_connections is not None:
-        names.append("max_connections")
-    for name in names:
-        value = getattr(cls, name)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{cls.__name__}.{name} must be an int, got {value!r}")
-        if value < 1:
-            raise ValueError(f"{cls.__name__}.{name} must be >= 1, got {value!r}")
-    if cls.max_groups > MAX_CURSOR_GROUPS:
-        raise ValueError(
-            f"{cls.__name__}.max_groups must be <= {MAX_CURSOR_GROUPS} (a stream's id "
-            f"carries a position per group), got {cls.max_groups!r}"
-        )
-    groups = cls.__dict__.get("groups")
-    if isinstance(groups, str):
-        raise TypeError(f"{cls.__name__}.groups must be a list of names or a method, not a str")
-    if groups is not None and not callable(groups) and not isinstance(groups, property):
-        for group in groups:
-            check_group(group)
-
-
-def _check_events(cls: type[EventStreamView]) -> None:
-    events = cls.events
-    if events is EventStreamView.events:
-        return
-    if inspect.isasyncgenfunction(inspect.unwrap(events)):
-        return
-    if inspect.iscoroutinefunction(events):
-        got = "an async def without yield (a coroutine function)"
-    elif inspect.isgeneratorfunction(events):
-        got = "a def with yield (a sync generator)"
-    elif callable(events):
-        got = "a plain def" if inspect.isfunction(events) else repr(events)
-    else:
-        got = repr(events)
-    raise TypeError(
-        f"{cls.__name__}.events() must be an async generator: `async def events(self):` "
-        f"with `yield` in its body; got {got}"
-    )
-
-
-def _resembled_setting(name: str) -> str | None:
-    """The setting `name` looks like a misspelling of, if any."""
-    return resembled(name, _SETTING_NAMES)
-
-
-def _check_setting_names(cls: type[EventStreamView]) -> None:
-    for name in cls.__dict__:
-        if name.startswith("_") or name in _SETTING_NAMES or name in _HOOK_NAMES:
-            continue
-        if any(name in vars(base) for base in cls.__mro__[1:]):
-            continue  # inherited: warned about where it was first set
-        setting = _resembled_setting(name)
-        value = cls.__dict__[name]
-        if inspect.isfunction(value) or isinstance(value, staticmethod | classmethod | property):
-            # A method is a helper of the view's own, unless it resembles `groups`,
-            # the one setting that may be a method.
-            if setting != "groups":
-                continue
-        if setting is not None:
-            warnings.warn(
-                f"{cls.__name__}.{name} looks like a misspelling of the setting "
-                f"{setting!r}, which it leaves at its default ({getattr(cls, setting)!r}); "
-                f"rename it to {setting}",
-                SettingNameWarning,
-                stacklevel=3,  # this, __init_subclass__, then the class statement
-            )
-
-
-def _bad_request(detail: str) -> HTTPException:
-    return HTTPException(status_code=400, detail=detail)
-
-
-def _read_last_event_id(scope: Scope) -> str | None:
-    """Return the client's Last-Event-ID (header first, then `?lastEventId=`)."""
-    raw: bytes | None = None
-    for name, value in scope["headers"]:
-        if name == b"last-event-id":
-            raw = value
-            break
-    if raw is not None:
-        if len(raw) > MAX_LAST_EVENT_ID_BYTES:
-            raise _bad_request(f"Last-Event-ID is longer than {MAX_LAST_EVENT_ID_BYTES} bytes")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _bad_request("Last-Event-ID is not valid UTF-8") from None
-        if text:
-            if "\0" in text:
-                raise _bad_request("Last-Event-ID contains NUL")
-            return text
-    query: bytes = scope.get("query_string", b"")
-    if b"lastEventId" not in query:
-        return None
-    try:
-        pairs = parse_qsl(
-            query.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="strict"
-        )
-    except UnicodeDecodeError:
-        raise _bad_request("the query string is not valid UTF-8") from None
-    for key, value in pairs:
-        if key == "lastEventId":
-            if len(value.encode("utf-8")) > MAX_LAST_EVENT_ID_BYTES:
-                raise _bad_request(f"lastEventId is longer than {MAX_LAST_EVENT_ID_BYTES} bytes")
-            if "\0" in value:
-                raise _bad_request("lastEventId contains NUL")
-            return value or None
-    return None
-
-
-def _current_task_key() -> int:
-    """Identify the running task cheaply (anyio's TaskInfo costs an allocation)."""
-    if sniffio.current_async_library() == "asyncio":
-        return id(asyncio.current_task())
-    return anyio.get_current_task().id
-
-
-def _printable(text: str) -> str:
-    """Escape what would break a log line: request text may hold CR, LF, NEL, ..."""
-    if text.isprintable():
-        return text or "(empty)"
-    return text.encode("unicode_escape").decode("ascii")
-
-
-def _refusal(exc: HTTPException) -> Response:
-    if exc.status_code in (204, 304):
-        return Response(status_code=exc.status_code, headers=exc.headers)
-    return PlainTextResponse(str(exc.detail), status_code=exc.status_code, headers=exc.headers)
 
 
 class EventStreamView:
@@ -319,8 +121,6 @@ class EventStreamView:
     payload type, for example `{"tick": Tick}`. Each event sent is checked against it
     (see Typed streams); None declares nothing and checks nothing."""
     _event_types: ClassVar[EventTypes | None] = None  # event_types, compiled
-    # (connection id, entry JSON) while the stream is listed in its groups' presence.
-    _presence: tuple[str, bytes] | None = None
     # Streams (and requests being answered) of this class open in this process: the
     # limit protects this process, so it counts here (see __init_subclass__).
     _open_streams: ClassVar[int] = 0
@@ -330,9 +130,9 @@ class EventStreamView:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _check_setting_names(cls)  # first: a misspelt name explains a check below
-        _check_settings(cls)
-        _check_events(cls)
+        check_setting_names(cls, EventStreamView)  # first: it explains a check below
+        check_settings(cls)
+        check_events(cls, EventStreamView)
         check_hooks(cls)
         check_hook_names(cls, EventStreamView)
         cls._event_types = compile_event_types(cls)
@@ -347,10 +147,7 @@ class EventStreamView:
         self.send = send
         self._request: Request | None = None
         self._last_event_id: str | None = _UNSET
-        self._connection: Connection | None = None
-        self._stream_task: int | None = None
-        self._session: AsyncSession | None = None
-        self._subscription: Subscription | None = None
+        self._connection: Stream | None = None
         metrics = self.metrics
         self._counters = metrics.for_view(type(self).__name__) if metrics is not None else None
 
@@ -414,7 +211,7 @@ class EventStreamView:
                 contains NUL, or is not valid UTF-8.
         """
         if self._last_event_id is _UNSET:
-            self._last_event_id = _read_last_event_id(self.scope)
+            self._last_event_id = read_last_event_id(self.scope)
         return self._last_event_id
 
     @property
@@ -428,18 +225,20 @@ class EventStreamView:
             RuntimeError: The view has no `broadcast`/`groups`, or the stream has
                 not started.
         """
-        if self._subscription is None:
+        connection = self._connection
+        subscription = connection.subscription if connection is not None else None
+        if subscription is None:
             raise RuntimeError(
                 f"{type(self).__name__}.subscription needs broadcast and groups set on the "
                 "view, and exists only inside events()"
             )
-        return self._subscription
+        return subscription
 
     def describe(self) -> str:
         """Name this connection in log lines: view, path and client address."""
         client = self.scope.get("client")
         who = f"{client[0]}:{client[1]}" if client else "unknown client"
-        return f"{type(self).__name__} {_printable(self.scope.get('path', ''))} ({who})"
+        return f"{type(self).__name__} {printable(self.scope.get('path', ''))} ({who})"
 
     @property
     def is_shutting_down(self) -> bool:
@@ -466,337 +265,57 @@ class EventStreamView:
                 f"{type(self).__name__}.session needs a session_factory "
                 "(for example session_factory = async_sessionmaker(engine))"
             )
-        owner = self._stream_task
-        if owner is None or _current_task_key() != owner:
+        stream = self._connection
+        if stream is None or stream.task is None or current_runtime().task_key() != stream.task:
             raise RuntimeError(
                 "self.session is only available inside events() and on_disconnect(), in the "
                 "task that iterates events(): it is created and closed in that task so that it "
                 "is never shared between tasks (on_connect() runs before the stream exists)"
             )
-        session = self._session
-        if session is None:
-            session = self._session = factory()
-        return session
+        return stream.session_from(factory)  # type: ignore[no-any-return]
 
     # -- the ASGI endpoint ----------------------------------------------------
 
     async def dispatch(self) -> None:
         """Serve the request: refuse it, answer HEAD, or run the stream."""
-        if self.scope["method"] not in ("GET", "HEAD"):
-            await self._refuse(
-                PlainTextResponse(
-                    "Method Not Allowed", status_code=405, headers={"Allow": "GET, HEAD"}
-                )
-            )
-            return
         view = type(self)
-        limit = self.max_connections
-        if limit is not None and view._open_streams >= limit:
-            await self._refuse(
-                PlainTextResponse(
-                    "Too many open streams",
-                    status_code=503,
-                    headers={"Retry-After": str(self.retry_after)},
-                ),
-                level=logging.WARNING,
-                detail=f"{limit} streams open (max_connections)",
-            )
-            return
-        # The slot is taken before any await, so a burst cannot overshoot the limit.
+        # The slot is taken before any await, so a burst cannot overshoot max_connections.
         view._open_streams += 1
         try:
-            # _open() returns before the stream starts, so its frame is freed: only
-            # this frame (and the connection's) stays alive while the stream is open.
-            connection = await self._open()
-            if connection is None:
+            # admit() returns before the stream starts, so its frame is freed: only
+            # this frame (and the stream's) stays alive while the stream is open.
+            answer = await admit(self, EventStreamView, view._open_streams, self._counters)
+            if not isinstance(answer, Stream):
+                await answer(self.scope, self.receive, self.send)
                 return
-            counters = self._counters
-            if counters is not None:
-                counters.open += 1
-                counters.streams += 1
-            self._stream_task = _current_task_key()
+            self._connection = answer
             try:
-                if await connection.start(self._response_start(), self._first_chunk()):
-                    produce = None if connection.source is not None else self._produce
-                    await connection.run(produce)
+                await answer.serve(*self._handover(answer))
             finally:
-                try:
-                    await self._teardown(connection.reason or DisconnectReason.SHUTDOWN)
-                finally:
-                    connection.release()
-                if not connection.shutting_down:  # is_shutting_down stays True after one
-                    # The view and its connection refer to each other: unlinked, a
-                    # closed stream is freed at once by reference counting instead of
-                    # waiting, with all it holds, for a full garbage collection.
+                if not answer.shutting_down:  # is_shutting_down stays True after one
+                    # The view and its stream refer to each other: unlinked, a closed
+                    # stream is freed at once by reference counting instead of waiting,
+                    # with all it holds, for a full garbage collection.
                     self._connection = None
         finally:
             view._open_streams -= 1
-            subscription = self._subscription
-            if subscription is not None:
-                subscription.close()
-                if self._presence is not None:
-                    await self._leave_presence(subscription)
 
-    async def _open(self) -> Connection | None:
-        """Run the checks and `on_connect`, join the groups: the stream's Connection, or
-        None when the request was answered without a stream (refused, HEAD, ...)."""
-        scope, receive, send = self.scope, self.receive, self.send
-        shutdown = find_shutdown_signal(scope)
-        if shutdown is not None and shutdown.is_set:
-            logger.info("%s: refused a new stream during shutdown", self.describe())
-            await self._end_at_once()
-            return None
-        try:
-            if self.tokens is not None:
-                check_token(self)  # before on_connect(), which may read token_claims
-            refusal = await self.on_connect()
-            if refusal is None:
-                _ = self.last_event_id  # 400 for a bad one, after authentication
-        except HTTPException as exc:
-            refusal = _refusal(exc)
-        if refusal is not None:
-            if not isinstance(refusal, Response):
-                await self._refuse(
-                    PlainTextResponse("Internal Server Error", status_code=500),
-                    level=logging.ERROR,
-                    detail=on_connect_result_problem(type(self).__name__, refusal),
-                )
-                return None
-            await self._refuse(refusal)
-            return None
-        groups: list[str] = []
-        broadcast = self.broadcast
-        if broadcast is None:
-            # After on_connect(): a view that only ever refuses (a 204 that tells old
-            # clients to stop, say) needs nothing to stream.
-            problem = wiring_problem(type(self), EventStreamView)
-            if problem is not None:
-                await self._refuse(
-                    PlainTextResponse("Internal Server Error", status_code=500),
-                    level=logging.ERROR,
-                    detail=problem,
-                )
-                return None
-        else:
-            try:
-                groups = await self._resolve_groups()
-            except HTTPException as exc:
-                await self._refuse(_refusal(exc))
-                return None
-        if scope["method"] == "HEAD":  # answered as GET would be, without a stream
-            await send(self._response_start())
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return None
-        connection = self._connection = Connection(self, receive, send, shutdown, self._counters)
-        if self.token_claims is not None or self.max_lifetime is not None:
-            schedule_end(self, connection)
-        direct = type(self).events is EventStreamView.events
-        if not groups:
-            if broadcast is not None and direct:
-                # A view that only streams groups has nothing to stream without one.
-                await self._refuse(
-                    PlainTextResponse("this stream needs at least one group", status_code=400)
-                )
-                return None
-            return connection
-        assert broadcast is not None
-        subscription = Subscription(
-            max_events=self.max_buffer_events, max_bytes=self.max_buffer_bytes
-        )
-        subscription.on_error = self._subscription_failed
-        if direct:
-            # No events(): the writer sends straight from the subscription.
-            subscription.on_ready = connection.wake
-            if self._event_types is not None:
-                self._event_types.relayed(self)  # checked by a test client, if any
-            connection.source = subscription
-        else:
-            # events() relays the subscription: it may not get further ahead of the
-            # client than the subscription itself may.
-            connection.max_pending = self.max_buffer_events
-        presence: tuple[str, bytes] | None = None
-        if type(self).presence_info is not EventStreamView.presence_info:
-            try:
-                presence = await self._presence_entry(broadcast)
-            except (TypeError, ValueError) as exc:
-                await self._refuse(
-                    PlainTextResponse("Internal Server Error", status_code=500),
-                    level=logging.ERROR,
-                    detail=str(exc),
-                )
-                return None
-        try:
-            await open_subscription(broadcast, groups, self.last_event_id, subscription)
-        except InvalidLastEventId as exc:
-            await self._refuse(PlainTextResponse(str(exc), status_code=400))
-            return None
-        except (BackendError, BroadcastNotConnected) as exc:
-            if isinstance(exc, BroadcastNotConnected) and not broadcast._ever_connected:
-                await self._refuse_unconnected(broadcast)
-                return None
-            logger.warning("%s: broadcast unavailable: %s", self.describe(), exc)
-            await self._end_at_once()
-            return None
-        self._subscription = subscription  # dispatch() closes it at the end
-        if presence is not None:
-            try:
-                await broadcast.live.presence_join(
-                    presence[0], subscription._groups, presence[1], self.announce_presence
-                )
-            except BackendError as exc:
-                logger.warning("%s: presence unavailable: %s", self.describe(), exc)
-                await self._end_at_once()
-                return None
-            except NotImplementedError as exc:
-                await self._refuse(
-                    PlainTextResponse("Internal Server Error", status_code=500),
-                    level=logging.ERROR,
-                    detail=str(exc),
-                )
-                return None
-            self._presence = presence  # dispatch() leaves at the end
-        return connection
+    def _handover(
+        self, stream: Stream
+    ) -> tuple[AsyncIterator[Any] | None, Callable[[object], None] | None]:
+        """What the stream needs of `events()`: the checked iterator (None: the view
+        streams its subscription directly, or the stream failed), and the look at
+        the first value that is not an `Event` (None once the class has warned)."""
+        events = None
+        if stream.source is None:
+            events = self._events(stream)
+        elif self._event_types is not None:
+            self._event_types.relayed(self)  # checked by a test client, if any
+        return events, None if type(self)._lookalike_warned else self._look_at
 
-    async def _presence_entry(self, broadcast: Broadcast) -> tuple[str, bytes] | None:
-        """Call `presence_info()`: the connection id and entry JSON, or None.
-
-        Raises:
-            TypeError: The info is not a JSON-serialisable mapping.
-            ValueError: It is larger than `presence_info_max_bytes`.
-        """
-        info = self.presence_info()
-        if inspect.isawaitable(info):
-            info = await info
-        if info is None:
-            return None
-        member = broadcast._new_member_id()
-        return member, encode_entry(member, info, self.presence_info_max_bytes)
-
-    async def _leave_presence(self, subscription: Subscription) -> None:
-        """Remove the stream from its groups' presence: shielded, bounded, in this task."""
-        member, entry = self._presence or ("", b"")
-        self._presence = None
-        broadcast = self.broadcast
-        assert broadcast is not None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.disconnect_timeout):
-            try:
-                await broadcast.live.presence_leave(
-                    member, subscription._groups, entry, self.announce_presence
-                )
-            except BackendError as exc:
-                logger.warning("%s: leaving presence failed: %s", self.describe(), exc)
-
-    async def _refuse(
-        self, response: Response, *, level: int = logging.INFO, detail: str | None = None
-    ) -> None:
-        """Answer without a stream: count it, log why (`detail`, else the body), send it."""
-        counters = self._counters
-        if counters is not None:
-            counters.refuse(response.status_code)
-        if detail is None:
-            detail = bytes(response.body[:1000]).decode("utf-8", "replace")
-        reason = _printable(detail)
-        logger.log(level, "%s: refused with %d: %s", self.describe(), response.status_code, reason)
-        await response(self.scope, self.receive, self.send)
-
-    async def _refuse_unconnected(self, broadcast: Broadcast) -> None:
-        """Refuse a stream whose broadcast was never connected: 503, and an ERROR once.
-
-        A 200 that ends at once would make browsers reconnect forever to a stream
-        that can never work; a 503 makes `EventSource` stop and show the error.
-        """
-        if not broadcast._reported_unconnected:
-            broadcast._reported_unconnected = True
-            logger.error(
-                "%s: the view's broadcast was never connected, so none of its streams can "
-                "be served (503); connect it in the app's lifespan with "
-                "`async with broadcast: yield`",
-                self.describe(),
-            )
-        await self._refuse(
-            PlainTextResponse(
-                "the stream's broadcast is not connected (the app's lifespan must run "
-                "`async with broadcast:`)",
-                status_code=503,
-                headers={"Retry-After": str(self.retry_after)},
-            )
-        )
-
-    def _subscription_failed(self, error: BaseException) -> None:
-        # events() may be parked behind a blocked write and never see the error.
-        connection = self._connection
-        if connection is None or connection.reason is not None:
-            return
-        if isinstance(error, SlowConsumer):
-            logger.warning("%s: %s; disconnecting", self.describe(), error)
-            connection.stop(DisconnectReason.SLOW_CONSUMER)
-        else:
-            connection.stop(DisconnectReason.ERROR)
-
-    async def _resolve_groups(self) -> list[str]:
-        value = self.groups
-        if callable(value):
-            value = value()
-            if inspect.isawaitable(value):
-                value = await value
-        if isinstance(value, str):
-            raise TypeError(f"{type(self).__name__}.groups must return a list of names, not a str")
-        groups = list(dict.fromkeys(value))  # unique, in order
-        if len(groups) > self.max_groups:
-            raise HTTPException(
-                400, f"too many groups for one stream ({len(groups)} > {self.max_groups})"
-            )
-        for group in groups:
-            try:
-                check_group(group)
-            except (TypeError, ValueError) as exc:
-                raise HTTPException(400, f"invalid group name: {exc}") from None
-        claims = self.token_claims
-        for group in groups:
-            if claims is not None:
-                check_token_group(claims, group)
-            allowed = self.authorize_group(group)
-            if inspect.isawaitable(allowed):
-                allowed = await allowed
-            if not allowed:
-                raise HTTPException(403, f"not allowed to join group {group!r}")
-        return groups
-
-    async def _end_at_once(self) -> None:
-        """Answer 200 and end the stream at once, so that EventSource retries later.
-
-        Browsers give up for good on any status but 200, so a stream that cannot
-        be served right now (shutdown, backend reconnecting) ends cleanly instead:
-        the browser reconnects after its retry delay, with its Last-Event-ID.
-        """
-        counters = self._counters
-        if counters is not None:
-            counters.refuse(200)
-        await self.send(self._response_start())
-        body = b"retry: %d\n" % self.retry if self.retry is not None else b""
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
-
-    def _response_start(self) -> Message:
-        extra = self.headers
-        if not extra:
-            # A copy: ASGI lets middleware edit the message (GZipMiddleware adds
-            # content-encoding to its headers), and no response may see another's edits.
-            headers = list(_DEFAULT_RAW_HEADERS)
-        else:
-            merged = dict(_DEFAULT_HEADERS)
-            merged.update({key.lower(): value for key, value in extra.items()})
-            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in merged.items()]
-        return {"type": "http.response.start", "status": 200, "headers": headers}
-
-    def _first_chunk(self) -> bytes:
-        # No blank line after it: a `retry:` line takes effect as it is parsed, and a
-        # blank line would make httpx-sse and fetch-event-source dispatch an empty event.
-        return b"retry: %d\n" % self.retry if self.retry is not None else b""
-
-    async def _produce(self) -> None:
-        """Iterate `events()` in this task, encoding each item into the connection's buffer."""
-        connection = self._connection
-        assert connection is not None
+    def _events(self, stream: Stream) -> AsyncIterator[Any] | None:
+        """`events()`, checked against `event_types`; None (the stream fails) if it
+        is not an async generator."""
         agen = self.events()
         if not hasattr(agen, "__anext__"):
             if inspect.iscoroutine(agen):
@@ -805,56 +324,12 @@ class EventStreamView:
                 "%s: events() must be an async generator (an async def with yield)",
                 self.describe(),
             )
-            self._fail(connection)
-            return
+            stream.fail()
+            return None
         event_types = self._event_types
         if event_types is not None:  # views without a declaration pay nothing per event
             agen = event_types.checked(self, agen)
-        # Only the first value that is not an Event is looked at, once per class.
-        look = not type(self)._lookalike_warned
-        try:
-            with connection.open_events_scope():
-                async for item in agen:
-                    if type(item) is Event:
-                        data = item._wire
-                    elif isinstance(item, Event):
-                        data = item.encode()
-                    else:
-                        if look:
-                            look = False
-                            self._look_at(item)
-                        data = encode_data(item)
-                    if connection.push(data):
-                        await connection.wait_for_space()
-            ended = connection.shutting_down
-            connection.stop(DisconnectReason.SHUTDOWN if ended else DisconnectReason.COMPLETED)
-        except SlowConsumer as exc:
-            if connection.reason is None:
-                logger.warning("%s: %s; disconnecting", self.describe(), exc)
-                connection.stop(DisconnectReason.SLOW_CONSUMER)
-        except Exception:
-            if connection.reason is None:
-                logger.exception("%s: events() raised; ending the stream", self.describe())
-                self._fail(connection)
-            else:
-                logger.exception("%s: events() raised while closing", self.describe())
-        finally:
-            # A generator that returned, raised, or was cancelled at an await has
-            # already finished: only one left at a yield has finally blocks to run.
-            if getattr(agen, "ag_frame", True) is not None:
-                await self._close_events(agen)
-
-    def _fail(self, connection: Connection) -> None:
-        """End the stream with `ERROR`: the `sseviews.error` event last, no details.
-
-        Its `retry:` (`error_retry`, jittered) makes clients back off instead of
-        reconnecting to a failing stream at once; the traceback goes to the log only.
-        """
-        retry = self.error_retry
-        if retry is not None:
-            retry = round(retry * random.uniform(0.5, 1.5))
-        connection.farewell = Event({"reason": "error"}, event=ERROR_EVENT, retry=retry).encode()
-        connection.stop(DisconnectReason.ERROR)
+        return agen
 
     def _look_at(self, item: object) -> None:
         """Warn (once per class) when `item` is shaped like another SSE library's event."""
@@ -863,63 +338,3 @@ class EventStreamView:
             view = type(self)
             view._lookalike_warned = True
             warn_lookalike(view, view.events, problem)
-
-    async def _close_events(self, agen: Any) -> None:
-        """Close `events()` left at a yield: shielded, and bounded by disconnect_timeout."""
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.disconnect_timeout) as closing:
-                try:
-                    await agen.aclose()
-                except Exception:
-                    logger.exception("%s: events() raised while closing", self.describe())
-            if closing.cancelled_caught:
-                logger.warning(
-                    "%s: events() took longer than %ss to close",
-                    self.describe(),
-                    self.disconnect_timeout,
-                )
-
-    async def _teardown(self, reason: DisconnectReason) -> None:
-        """Run `on_disconnect`, then close the session, shielded and bounded, in this task."""
-        counters = self._counters
-        if counters is not None:
-            counters.open -= 1
-            counters.disconnects[reason] += 1
-        session = self._session
-        # Views that keep the no-op hook and open no session have nothing to bound.
-        if session is not None or type(self).on_disconnect is not EventStreamView.on_disconnect:
-            await self._run_on_disconnect(reason)
-        self._stream_task = None
-        log = logger.warning if reason is DisconnectReason.SEND_TIMEOUT else logger.debug
-        log("%s: stream ended (%s)", self.describe(), reason.value)
-
-    async def _run_on_disconnect(self, reason: DisconnectReason) -> None:
-        """Run `on_disconnect`, then close the session: shielded and bounded, in this task."""
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.disconnect_timeout) as bounded:
-                try:
-                    await self.on_disconnect(reason)
-                except Exception:
-                    logger.exception("%s: on_disconnect() raised", self.describe())
-            if bounded.cancelled_caught:
-                logger.warning(
-                    "%s: on_disconnect() took longer than %ss and was cancelled",
-                    self.describe(),
-                    self.disconnect_timeout,
-                )
-            session, self._session = self._session, None
-            if session is not None:
-                with anyio.move_on_after(self.disconnect_timeout):
-                    try:
-                        await session.close()
-                    except Exception:
-                        logger.exception("%s: closing the session failed", self.describe())
-
-
-# The names a view subclass may set on purpose: settings, and the hooks and helpers
-# it may override. An attribute close to a setting's name, but not one of these, is
-# most likely a misspelt setting (see _check_setting_names).
-_SETTING_NAMES = frozenset(
-    name for name in EventStreamView.__annotations__ if not name.startswith("_")
-)
-_HOOK_NAMES = frozenset(name for name in vars(EventStreamView) if not name.startswith("_"))

@@ -30,11 +30,11 @@ import anyio.abc
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Scope
 
-from ._broadcast import RESET_EVENT
 from ._events import Event
-from ._eventtypes import EVENT_CHECKS_KEY, EventTypes
+from ._eventtypes import EventTypes
 from ._exceptions import StreamEnded
-from ._lifecycle import SCOPE_KEY, ShutdownSignal
+from ._lifecycle import ShutdownSignal
+from ._reserved import EVENT_CHECKS_KEY, RESET_EVENT, SHUTDOWN_KEY
 
 __all__ = ["EventParser", "EventStream", "EventStreamClient", "StreamEnded", "TestResponse"]
 
@@ -609,7 +609,7 @@ class EventStreamClient:
             "client": ("testclient", 50000),
             "server": (self._host, self._port),
             "state": dict(self.state),
-            "extensions": {SCOPE_KEY: self.shutdown_signal},
+            "extensions": {SHUTDOWN_KEY: self.shutdown_signal},
         }
 
     def _start(self, scope: Scope, body: bytes) -> _Exchange:

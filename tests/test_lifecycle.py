@@ -20,6 +20,7 @@ import pytest
 
 from sseviews import ShutdownMiddleware, ShutdownSignal
 from sseviews import _lifecycle as lifecycle
+from sseviews._reserved import SHUTDOWN_KEY
 
 pytestmark = pytest.mark.anyio
 
@@ -85,14 +86,14 @@ async def test_shutdown_middleware_signal_ends_streams_before_the_server_hears_i
     middleware = ShutdownMiddleware(_noop_app, handle_signals=True)
     await _install(middleware)
     stream = Stream()
-    middleware.signal._register(stream)
+    lifecycle.register_stream(middleware.signal, stream)
 
     await _deliver(signal.SIGTERM)
     assert middleware.signal.is_set
     assert stream.stopping
     assert server_handler.received == []  # held back while a stream is open
 
-    middleware.signal._unregister(stream)
+    lifecycle.unregister_stream(middleware.signal, stream)
     assert server_handler.received == [signal.SIGTERM]
 
     # Later signals go straight to the server.
@@ -115,7 +116,7 @@ async def test_shutdown_middleware_second_signal_passes_both_on_at_once(
 ) -> None:
     middleware = ShutdownMiddleware(_noop_app, handle_signals=True)
     await _install(middleware)
-    middleware.signal._register(Stream())  # never ends
+    lifecycle.register_stream(middleware.signal, Stream())  # never ends
 
     await _deliver(signal.SIGTERM)
     assert server_handler.received == []
@@ -131,7 +132,7 @@ async def test_shutdown_middleware_signal_passes_on_after_the_drain_limit(
     monkeypatch.setattr(lifecycle, "_DRAIN_LIMIT", 0.1)
     middleware = ShutdownMiddleware(_noop_app, handle_signals=True)
     await _install(middleware)
-    middleware.signal._register(Stream())  # never ends
+    lifecycle.register_stream(middleware.signal, Stream())  # never ends
 
     await _deliver(signal.SIGTERM)
     assert server_handler.received == []
@@ -148,7 +149,7 @@ async def test_shutdown_middleware_installs_once_and_keeps_the_signal_in_the_sco
     seen: list[object] = []
 
     async def app(scope: dict[str, object], receive: object, send: object) -> None:
-        seen.append(scope["extensions"][lifecycle.SCOPE_KEY])  # type: ignore[index]
+        seen.append(scope["extensions"][SHUTDOWN_KEY])  # type: ignore[index]
 
     middleware = ShutdownMiddleware(app, shutdown, handle_signals=True)
     await middleware({"type": "http"}, _noop_receive, _noop_send)
@@ -205,7 +206,7 @@ async def test_shutdown_middleware_lifespan_shutdown_reaches_the_app_after_the_s
 
     middleware = ShutdownMiddleware(app)
     stream = Stream()
-    middleware.signal._register(stream)
+    lifecycle.register_stream(middleware.signal, stream)
     async with anyio.create_task_group() as tg:
         tg.start_soon(middleware, {"type": "lifespan"}, server_receive, _noop_send)
         await anyio.sleep(0.05)
@@ -213,7 +214,7 @@ async def test_shutdown_middleware_lifespan_shutdown_reaches_the_app_after_the_s
         assert middleware.signal.is_set
         assert stream.stopping
         assert received == ["lifespan.startup"]
-        middleware.signal._unregister(stream)
+        lifecycle.unregister_stream(middleware.signal, stream)
         with anyio.fail_after(2):
             while len(received) < 2:  # noqa: ASYNC110 - the app's task appends
                 await anyio.sleep(0.01)

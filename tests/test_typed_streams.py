@@ -20,7 +20,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from support.apps import app_for
 
 from sseviews import Broadcast, Event, EventStreamView
-from sseviews._eventtypes import EVENT_CHECKS_KEY, EventTypes
+from sseviews._eventtypes import EventTypes
+from sseviews._reserved import EVENT_CHECKS_KEY
 from sseviews._schema import content_type, event_schemas
 from sseviews.testing import EventStreamClient
 
