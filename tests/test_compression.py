@@ -18,7 +18,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.routing import Route
 from support.apps import app_for
 
-from sseviews import Broadcast, Event, EventStreamView
+from sseviews import Broadcast, Event, EventStreamView, Metrics
 from sseviews import _compression as compression
 from sseviews._compression import Decoder, make_encoder, negotiate
 from sseviews.testing import EventStreamClient
@@ -304,3 +304,15 @@ async def test_view_under_gzip_middleware_is_compressed_once() -> None:
             # One layer: the body inflates once to the plain stream.
             assert zlib.decompress(stream.wire, 16 + zlib.MAX_WBITS) == stream.raw
             assert stream.raw.startswith(b"retry: 1500\n")
+
+
+async def test_view_metrics_count_the_bytes_as_sent() -> None:
+    metrics = Metrics()
+    view = readings_view(30, compress=("gzip",), metrics=metrics)
+    async with EventStreamClient(view, timeout=TIMEOUT) as client:
+        async with client.stream("/", headers={"Accept-Encoding": "gzip"}) as stream:
+            await stream.wait_ended()
+            wire = len(stream.wire)
+    counted = metrics.snapshot()["Readings"]
+    assert counted["events"] == 30
+    assert counted["bytes"] == wire
