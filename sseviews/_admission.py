@@ -37,7 +37,13 @@ from ._broadcast import (
     was_connected,
 )
 from ._checks import on_connect_result_problem, wiring_problem
-from ._compression import accept_encoding, make_encoder, negotiate, offered_encodings
+from ._compression import (
+    accept_encoding,
+    make_encoder,
+    mark_negotiated,
+    negotiate,
+    offered_encodings,
+)
 from ._events import Event
 from ._exceptions import BackendError, BroadcastNotConnected, InvalidLastEventId, InvalidToken
 from ._lifecycle import DisconnectReason, find_shutdown_signal
@@ -190,9 +196,7 @@ async def admit(
     if scope["method"] == "HEAD":  # answered as GET would be, without a stream
         head = response_start(view.headers)
         if view.compress:
-            head["headers"].append((b"vary", b"Accept-Encoding"))
-            if encoding is not None:
-                head["headers"].append((b"content-encoding", encoding.encode()))
+            mark_negotiated(head, encoding)
         return _HeadOnly(head, b"")
     stream = Stream(
         view,

@@ -54,6 +54,7 @@ __all__ = [
     "available_encodings",
     "compressed_start",
     "make_encoder",
+    "mark_negotiated",
     "negotiate",
     "offered_encodings",
 ]
@@ -177,14 +178,22 @@ def negotiate(accept: str | None, offered: Iterable[str]) -> str | None:
     return best
 
 
-def compressed_start(head: Message, first: bytes, encoder: Encoder | None) -> tuple[Message, bytes]:
-    """The head and first chunk of a view that compresses: `Vary: Accept-Encoding`
-    always, `Content-Encoding` and the encoded preamble when `encoder` is set."""
+def mark_negotiated(head: Message, encoding: str | None) -> None:
+    """Add `Vary: Accept-Encoding`, and `Content-Encoding` unless `encoding` is None,
+    to the head of a view that compresses."""
     headers = head["headers"]
     headers.append((b"vary", b"Accept-Encoding"))
+    if encoding is not None:
+        headers.append((b"content-encoding", encoding.encode("latin-1")))
+
+
+def compressed_start(head: Message, first: bytes, encoder: Encoder | None) -> tuple[Message, bytes]:
+    """The head and first chunk of a view that compresses (`encoder` None: the
+    client accepts none of its encodings)."""
     if encoder is None:
+        mark_negotiated(head, None)
         return head, first
-    headers.append((b"content-encoding", encoder.name.encode()))
+    mark_negotiated(head, encoder.name)
     return head, encoder.start(first)
 
 
