@@ -356,7 +356,8 @@ class ZstdEncoder:
     def finish(self, last: bytes) -> bytes:
         frame, self._frame = self._frame, None
         if frame is None:
-            whole: bytes = _zstd_compressor().compress(last) if last else b""
+            # A whole frame, even an empty one: a body that ends with a frame's end.
+            whole: bytes = _zstd_compressor().compress(last)
             return whole
         return frame.compress(last) + frame.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)  # type: ignore[no-any-return]
 

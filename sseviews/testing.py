@@ -264,7 +264,11 @@ class _Exchange:
             chunk: bytes = message.get("body", b"")
             self.wire += chunk
             if chunk and self.decoder is not None:
-                chunk = self.decoder.decode(chunk)
+                try:
+                    chunk = self.decoder.decode(chunk)
+                except ValueError as exc:
+                    self.fail_decoding(str(exc))
+                    chunk = b""
             if chunk:
                 self.raw += chunk
                 parsed = self.parser.feed(chunk)
@@ -273,12 +277,17 @@ class _Exchange:
                 self.events.extend(parsed)
             if not message.get("more_body", False):
                 self.ended = True
-                if self.decoder is not None and not self.decoder.ended:
-                    self.mismatches.append(
-                        f"the app ended a {self.decoder.name} response before the end "
-                        "of its encoding"
+                decoder = self.decoder
+                if decoder is not None and not decoder.ended and self.scope["method"] != "HEAD":
+                    self.fail_decoding(
+                        f"the app ended a {decoder.name} response before the end of its encoding"
                     )
         self.notify()
+
+    def fail_decoding(self, problem: str) -> None:
+        """A compressed body that does not decode: raised to the test at its next read."""
+        if self.error is None:
+            self.error = AssertionError(problem)
 
     async def run(self, app: ASGIApp) -> None:
         try:

@@ -205,9 +205,9 @@ async def test_view_without_accept_encoding_sends_identity_with_vary() -> None:
         async with client.stream("/") as stream:
             assert "content-encoding" not in stream.headers
             assert stream.headers["vary"] == "Accept-Encoding"
+            assert [(await stream.next_event()).id for _ in range(3)] == ["0", "1", "2"]
             await stream.wait_ended()
             assert stream.wire == stream.raw
-            assert [e.id for e in [*stream._exchange.events]] == ["0", "1", "2"]
 
 
 async def test_view_true_prefers_gzip_then_zstd_then_br() -> None:
@@ -316,3 +316,41 @@ async def test_view_metrics_count_the_bytes_as_sent() -> None:
     counted = metrics.snapshot()["Readings"]
     assert counted["events"] == 30
     assert counted["bytes"] == wire
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (
+            gzip.compress(b"data: x\n\n")[:-8],
+            "ended a gzip response before the end of its encoding",
+        ),
+        (b"plain text", "invalid gzip body"),
+    ],
+)
+async def test_client_fails_a_body_that_does_not_decode(body: bytes, problem: str) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-type", b"text/event-stream"), (b"content-encoding", b"gzip")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async with EventStreamClient(app, lifespan=False, timeout=TIMEOUT) as client:
+        with pytest.raises(AssertionError, match=problem):
+            async with client.stream("/") as stream:
+                await stream.next_event()
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
+async def test_view_that_sends_nothing_still_ends_its_encoding(name: str) -> None:
+    class Empty(EventStreamView):
+        compress = (name,)
+
+        async def events(self) -> AsyncIterator[Any]:
+            return
+            yield  # an async generator that yields nothing
+
+    async with EventStreamClient(Empty, timeout=TIMEOUT) as client:
+        async with client.stream("/", headers={"Accept-Encoding": name}) as stream:
+            await stream.wait_ended()  # raises if the encoding did not end
+            assert stream.wire
+            assert stream.raw == b""
