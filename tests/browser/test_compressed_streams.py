@@ -71,13 +71,14 @@ def expected(first: int, last: int) -> list[dict[str, Any]]:
 
 
 def publish_for(app: CompressApp, seconds: float, first: int = 0) -> int:
-    """Publish two events every 0.1 s for `seconds`; the number of the next one."""
+    """Publish two events every 0.1 s for `seconds`, pausing 0.2 s (a ping) every
+    fifth time; the number of the next event."""
     n = first
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         app.publish(n, n + 2)
         n += 2
-        time.sleep(0.1)
+        time.sleep(0.2 if n % 10 == 0 else 0.1)
     return n
 
 
@@ -126,11 +127,14 @@ def test_curl_compressed_reads_and_resumes(app: CompressApp, encoding: str, tmp_
     reader = curl(None)
     while len(app.connections()) == before:  # curl's stream is open
         time.sleep(0.02)
-    app.publish(1000, 1006)
+    app.publish(1000, 1003)
+    time.sleep(0.2)  # a ping
+    app.publish(1003, 1006)
     out, _ = reader.communicate(timeout=10)
     assert reader.returncode == 0  # the stream ended cleanly at its max_lifetime
     events = EventParser().feed(out)
     assert [e.json() for e in events] == expected(1000, 1006)
+    assert b": ping\n" in out  # pings between events, decoded like them
     assert f"content-encoding: {encoding}" in heads.read_text().lower()
     app.publish(1006, 1010)  # missed while no stream is open
     resumed = curl(events[-1].id)
