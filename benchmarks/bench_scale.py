@@ -208,6 +208,8 @@ def run_fanout(sizes: Sizes, subscribers: int, log_dir: Path) -> dict[str, Any]:
         str(sizes.fanout_events),
         "--interval-ms",
         str(sizes.fanout_interval_ms),
+        "--source-hosts",
+        str(sizes.source_hosts),
         "--output",
         str(output),
     ]
