@@ -283,10 +283,13 @@ async def open_subscribers(
     target: int,
     completion: Completion | None,
     path: Callable[[int], str] = _events_path,
+    headers: Sequence[tuple[str, str]] = (),
+    counter: Callable[[int, Completion | None], RecordingCounter] = RecordingCounter,
 ) -> list[RecordingStream]:
     """Open ``count`` streams, ``batch`` at a time (each batch up to its heads).
 
-    Stream ``index`` (0 to count - 1) requests ``path(index)``, ``/events`` by default.
+    Stream ``index`` (0 to count - 1) requests ``path(index)``, ``/events`` by default,
+    with ``headers``, and counts its events with ``counter(target, completion)``.
     """
     streams: list[RecordingStream] = []
     try:
@@ -298,7 +301,8 @@ async def open_subscribers(
                         open_stream(
                             port,
                             path(index),
-                            RecordingCounter(target, completion),
+                            counter(target, completion),
+                            headers,
                             local_host=SOURCE_HOSTS[index % len(SOURCE_HOSTS)],
                         )
                         for index in range(first, first + size)
@@ -478,9 +482,16 @@ async def warm_up(servers: list[UvicornServer]) -> None:
 
 
 async def measure_fanout(
-    servers: list[UvicornServer], counts: list[int], sizes: Sizes
+    servers: list[UvicornServer],
+    counts: list[int],
+    sizes: Sizes,
+    headers: Sequence[tuple[str, str]] = (),
+    counter: Callable[[int, Completion | None], RecordingCounter] = RecordingCounter,
 ) -> dict[str, float]:
-    """Case 1 (one server) or 2 (two servers): open, publish through servers[0], collect."""
+    """Case 1 (one server) or 2 (two servers): open, publish through servers[0], collect.
+
+    Every subscriber sends ``headers`` and counts with ``counter`` (see `open_subscribers`).
+    """
     await warm_up(servers)
     total = sum(counts)
     completion = Completion(total)
@@ -489,7 +500,13 @@ async def measure_fanout(
     try:
         for server, count in zip(servers, counts, strict=True):
             streams += await open_subscribers(
-                server.port, count, sizes.batch, sizes.events, completion
+                server.port,
+                count,
+                sizes.batch,
+                sizes.events,
+                completion,
+                headers=headers,
+                counter=counter,
             )
         load_before = os.getloadavg()[0]
         for server, count in zip(servers, counts, strict=True):

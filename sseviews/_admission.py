@@ -37,6 +37,13 @@ from ._broadcast import (
     was_connected,
 )
 from ._checks import on_connect_result_problem, wiring_problem
+from ._compression import (
+    accept_encoding,
+    make_encoder,
+    mark_negotiated,
+    negotiate,
+    offered_encodings,
+)
 from ._events import Event
 from ._exceptions import BackendError, BroadcastNotConnected, InvalidLastEventId, InvalidToken
 from ._lifecycle import DisconnectReason, find_shutdown_signal
@@ -183,8 +190,14 @@ async def admit(
             groups = await _resolve_groups(view)
         except HTTPException as exc:
             return _refuse(view, counters, _refusal(exc))
+    encoding = None
+    if view.compress:
+        encoding = negotiate(accept_encoding(scope), offered_encodings(view.compress))
     if scope["method"] == "HEAD":  # answered as GET would be, without a stream
-        return _HeadOnly(response_start(view.headers), b"")
+        head = response_start(view.headers)
+        if view.compress:
+            mark_negotiated(head, encoding)
+        return _HeadOnly(head, b"")
     stream = Stream(
         view,
         view.receive,
@@ -193,6 +206,8 @@ async def admit(
         counters,
         hooked=type(view).on_disconnect is not base.on_disconnect,  # type: ignore[attr-defined]
     )
+    if encoding is not None:
+        stream.encoder = make_encoder(encoding)
     if view.token_claims is not None or view.max_lifetime is not None:
         schedule_end(stream, view.token_claims, view.max_lifetime)
     direct = type(view).events is base.events  # type: ignore[attr-defined]

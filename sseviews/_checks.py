@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._broadcast import Broadcast, check_group
+from ._compression import compress_problem
 from ._exceptions import EventShapeWarning, HookNameWarning, SettingNameWarning
 from ._metrics import Metrics
 from .stores.base import MAX_CURSOR_GROUPS
@@ -349,6 +350,9 @@ def check_settings(cls: Any) -> None:
         isinstance(key, str) and isinstance(value, str) for key, value in headers.items()
     ):
         raise TypeError(f"{cls.__name__}.headers must be a mapping of str to str, got {headers!r}")
+    problem = compress_problem(cls.__name__, cls.compress)
+    if problem is not None:
+        raise problem[0](problem[1])
     if cls.broadcast is not None and not isinstance(cls.broadcast, Broadcast):
         raise TypeError(f"{cls.__name__}.broadcast must be a Broadcast, got {cls.broadcast!r}")
     if cls.metrics is not None and not isinstance(cls.metrics, Metrics):

@@ -45,6 +45,7 @@ import anyio
 import anyio.lowlevel
 from starlette.types import Message, Receive, Send
 
+from ._compression import Encoder, compressed_start
 from ._events import Event, encode_comment, encode_data
 from ._exceptions import BackendError, SlowConsumer
 from ._lifecycle import DisconnectReason, register_stream, unregister_stream
@@ -114,6 +115,7 @@ class StreamOwner(Protocol):
     error_retry: ClassVar[int | None]
     retry: ClassVar[int | None]
     headers: ClassVar[Mapping[str, str]]
+    compress: ClassVar[bool | tuple[str, ...]]
     broadcast: ClassVar[Broadcast | None]
     announce_presence: ClassVar[bool]
 
@@ -160,6 +162,7 @@ class Stream:
         "buffer",
         "buffered",
         "counters",
+        "encoder",
         "events_scope",
         "farewell",
         "hooked",
@@ -221,6 +224,9 @@ class Stream:
         #: Events the producer may buffer ahead of the writer (a view that relays
         #: its subscription lowers it, so group events stay bounded by its settings).
         self.max_pending = 1 << 30
+        #: The negotiated encoding's encoder, for a compressed stream: every chunk the
+        #: writer sends goes through it. None: the stream is sent as it is.
+        self.encoder: Encoder | None = None
         self.reason: DisconnectReason | None = None
         #: Complete messages written last, with the terminal chunk, when the stream
         #: ends for a reason end_at() did not plan (the view's `sseviews.error`).
@@ -295,7 +301,10 @@ class Stream:
         try:
             # One frame for the whole stream: the request task's stack is what every
             # open stream keeps while it waits.
-            if not await self.start(response_start(view.headers), first_chunk(view.retry)):
+            head, first = response_start(view.headers), first_chunk(view.retry)
+            if view.compress:
+                head, first = compressed_start(head, first, self.encoder)
+            if not await self.start(head, first):
                 return  # the client is gone: only the teardown is left
             shutdown = self.shutdown
             if shutdown is not None:
@@ -637,6 +646,8 @@ class Stream:
                             last = ending[2]
                         else:
                             last = self.farewell
+                        if self.encoder is not None:
+                            last = self.encoder.finish(last)
                         end: Message = {"type": "http.response.body", "body": last}
                         if await self._send(end):
                             self._count(0, len(last))
@@ -660,6 +671,9 @@ class Stream:
                         due = math.inf if ping_interval is None else self.last_write + ping_interval
                         await writer.wait(min(due, end_at))
                         continue
+                    encoder = self.encoder
+                    if encoder is not None:
+                        data = encoder.encode(data, not count)  # a ping (no event): idle
                     body: Message = {"type": "http.response.body", "body": data, "more_body": True}
                     if not await self._send(body):
                         break

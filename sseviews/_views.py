@@ -68,6 +68,12 @@ class EventStreamView:
     they do not all come back together. None sends the event without `retry:`."""
     headers: ClassVar[Mapping[str, str]] = {}
     """Extra response headers; they may override the defaults (`cache-control`, ...)."""
+    compress: ClassVar[bool | tuple[str, ...]] = False
+    """Compress the stream when the request's `Accept-Encoding` allows it: False
+    (never), True (every encoding installed, preferring gzip, then zstd, then br), or a tuple of
+    encodings in order of preference, such as `("zstd", "br", "gzip")`. gzip needs
+    nothing; br needs `sseviews[brotli]` and zstd `sseviews[zstd]`. Each event is
+    flushed as it is sent (see the Compression page)."""
     shutdown_grace_period: ClassVar[float] = 0.0
     """Seconds `events()` may go on after shutdown starts, to send a farewell and
     return (see `is_shutting_down`)."""

@@ -30,6 +30,7 @@ import anyio.abc
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Scope
 
+from ._compression import Decoder
 from ._events import Event
 from ._eventtypes import EventTypes
 from ._exceptions import StreamEnded
@@ -185,6 +186,8 @@ class _Exchange:
         self.status_code: int | None = None
         self.headers = Headers()
         self.raw = bytearray()
+        self.wire = bytearray()  # the body as sent: compressed, for a compressed stream
+        self.decoder: Decoder | None = None
         self.ended = False
         self.error: BaseException | None = None
         self.parser = EventParser()
@@ -246,6 +249,9 @@ class _Exchange:
                 raise RuntimeError("the app sent http.response.start twice")
             self.status_code = message["status"]
             self.headers = Headers(raw=list(message.get("headers", [])))
+            encoding = self.headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                self.decoder = Decoder(encoding)  # ValueError for one it cannot read
         elif kind == "http.response.body":
             if self.status_code is None:
                 raise RuntimeError("the app sent a body before http.response.start")
@@ -256,6 +262,13 @@ class _Exchange:
             if self._disconnected.is_set():
                 return
             chunk: bytes = message.get("body", b"")
+            self.wire += chunk
+            if chunk and self.decoder is not None:
+                try:
+                    chunk = self.decoder.decode(chunk)
+                except ValueError as exc:
+                    self.fail_decoding(str(exc))
+                    chunk = b""
             if chunk:
                 self.raw += chunk
                 parsed = self.parser.feed(chunk)
@@ -264,7 +277,17 @@ class _Exchange:
                 self.events.extend(parsed)
             if not message.get("more_body", False):
                 self.ended = True
+                decoder = self.decoder
+                if decoder is not None and not decoder.ended and self.scope["method"] != "HEAD":
+                    self.fail_decoding(
+                        f"the app ended a {decoder.name} response before the end of its encoding"
+                    )
         self.notify()
+
+    def fail_decoding(self, problem: str) -> None:
+        """A compressed body that does not decode: raised to the test at its next read."""
+        if self.error is None:
+            self.error = AssertionError(problem)
 
     async def run(self, app: ASGIApp) -> None:
         try:
@@ -333,8 +356,13 @@ class EventStream:
 
     @property
     def raw(self) -> bytes:
-        """Every body byte received so far."""
+        """Every body byte received so far (decoded, for a compressed stream)."""
         return bytes(self._exchange.raw)
+
+    @property
+    def wire(self) -> bytes:
+        """Every body byte received so far, as sent (compressed, for a compressed stream)."""
+        return bytes(self._exchange.wire)
 
     @property
     def text(self) -> str:

@@ -46,6 +46,9 @@ from support import servers
 from support.processes import clean_env
 from support.raw import RawConnection
 
+from sseviews._compression import Decoder
+from sseviews.testing import EventParser
+
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -440,3 +443,41 @@ async def _assert_buffers_without_bound(server: Server, tag: str, client: RawCon
     # The stream ends only when the client goes away; the view then stops writing.
     assert disconnect["reason"] == "client_closed"
     assert disconnect["t"] - closed_at < 1.0
+
+
+# -- 5. a compressed stream ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+async def test_matrix_compressed_stream_flushes_each_event(server: Server, encoding: str) -> None:
+    tag = f"compressed-{encoding}"
+    client = await RawConnection.connect(server.port)
+    try:
+        request = (
+            f"GET /compressed?id={tag} HTTP/1.1\r\nHost: {HOST}\r\n"
+            f"Accept-Encoding: {encoding}\r\n\r\n"
+        )
+        await client.send(request.encode())
+        decoder = Decoder(encoding)
+        with anyio.fail_after(5):
+            head = await client.read_head()
+            assert head.status == 200
+            assert head.headers["content-encoding"] == encoding
+            assert head.headers["vary"] == "Accept-Encoding"
+            body = b""
+            # The first event arrives before the second exists: flushed, not buffered.
+            while b"\n\n" not in body:
+                body += decoder.decode(await client.read_chunk())
+            assert body == b'retry: 700\nid: 1\ndata: {"n":1,"text":"%s"}\n\n' % (b"first " * 20)
+            (server.record_path.parent / f"{server.record_path.name}.{tag}.go").touch()
+            while chunk := await client.read_chunk():
+                body += decoder.decode(chunk)
+    finally:
+        client.close()
+    assert decoder.ended  # the clean end finished the encoding
+    events = EventParser().feed(body)
+    assert [(e.id, e.event, e.json()["n"]) for e in events] == [
+        ("1", None, 1),
+        ("2", None, 2),
+        ("3", "last", 3),
+    ]

@@ -13,6 +13,7 @@ from sseviews import InvalidLastEventId
 from sseviews.stores.base import (
     MAX_CURSOR_GROUPS,
     Position,
+    Sweeper,
     check_retention,
     format_cursor,
     format_id,
@@ -337,3 +338,37 @@ async def test_memory_store_read_matches_a_model(
     after = list(range(cursor + 1, count + 1))
     expected = None if any(seq not in kept for seq in after) else after
     assert seqs(await read(store, wanted, cursor)) == expected
+
+
+async def test_sweeper_stop_waits_for_a_sweep_under_way_instead_of_cancelling_it() -> None:
+    # A store closes its connections once stop() returns: a sweep cut off in the
+    # middle of a query would then wait forever on a closed connection (seen as a
+    # hung event loop after a SQL store test). stop() lets it finish, and returns.
+    started = anyio.Event()
+    finished: list[bool] = []
+
+    async def sweep() -> None:
+        started.set()
+        await anyio.sleep(0.3)
+        finished.append(True)
+
+    sweeper = Sweeper(sweep, 0.01)
+    sweeper.start("test sweeper")
+    with anyio.fail_after(5):
+        await started.wait()
+        await sweeper.stop()
+    assert finished == [True]
+
+
+async def test_sweeper_stop_while_waiting_for_the_next_sweep_returns_at_once() -> None:
+    sweeps: list[bool] = []
+
+    async def sweep() -> None:
+        sweeps.append(True)
+
+    sweeper = Sweeper(sweep, 60)
+    sweeper.start("test sweeper")
+    await anyio.sleep(0.05)
+    with anyio.fail_after(1):
+        await sweeper.stop()
+    assert sweeps == []

@@ -14,6 +14,9 @@ Environment:
   ``redis://127.0.0.1:6379/0``: with Redis, several processes share the group.
 * ``FANOUT_PREFIX`` -- the Redis key/channel prefix (default ``sseviews-bench``).
 * ``FANOUT_RETENTION`` -- events kept per group (default: the library's 1000).
+* ``FANOUT_COMPRESS`` -- an encoding (``gzip``, ``br``, ``zstd``): ``/events`` is
+  then compressed for a client that accepts it (``benchmarks/bench_compression.py``).
+* ``FANOUT_PING`` -- the ping interval of ``/events`` in seconds (default: none).
 
 Replay routes (for the replay-rate case):
 
@@ -24,6 +27,11 @@ Replay routes (for the replay-rate case):
   ``publish`` allows, in this request, then answers JSON with the first and last
   ids, and the seconds it took.
 
+``GET /trim`` returns the heap's free pages to the system (glibc's
+``malloc_trim``), so that RSS read after it shows the memory still held, not
+memory freed earlier and kept by the allocator (the compression benchmark's
+RSS case).
+
 Routes shared with the other fan-out apps: see ``fanout_common.py``.
 
 Run with ``python -m uvicorn benchmarks.apps.fanout_sseviews:app`` from the repo
@@ -32,6 +40,8 @@ root.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import time
 from collections.abc import AsyncIterator
@@ -57,11 +67,16 @@ bc = Broadcast(
 )
 
 
+_compress = os.environ.get("FANOUT_COMPRESS")
+_ping = os.environ.get("FANOUT_PING")
+
+
 class Subscribe(EventStreamView):
     broadcast = bc
     groups: ClassVar[list[str]] = [GROUP]
-    ping_interval = None
+    ping_interval = float(_ping) if _ping else None
     send_timeout = None
+    compress = (_compress,) if _compress else False
 
 
 class ReplaySubscribe(EventStreamView):
@@ -95,6 +110,15 @@ async def publish_burst(request: Request) -> JSONResponse:
     return JSONResponse({"n": n, "first_id": first, "last_id": last, "seconds": seconds})
 
 
+async def trim(request: Request) -> JSONResponse:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return JSONResponse({"trimmed": False})
+    gc.collect()
+    return JSONResponse({"trimmed": bool(libc.malloc_trim(0))})
+
+
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     async with bc:
@@ -107,6 +131,7 @@ app = Starlette(
         *control_routes(publisher, lambda: bc.subscriber_count),
         Route("/replay-events", ReplaySubscribe),
         Route("/publish-burst", publish_burst),
+        Route("/trim", trim),
     ],
     lifespan=lifespan,
 )

@@ -306,18 +306,29 @@ def sweep_interval(ttl: float) -> float:
     return min(60.0, max(0.05, ttl / 4))
 
 
+#: Bound, in seconds, on one sweep: a sweep is never cancelled in the middle of its
+#: queries by `Sweeper.stop()`, which waits for it, so this also bounds `stop()`.
+SWEEP_TIMEOUT = 5.0
+
+
 class Sweeper:
     """A store's periodic sweep: a background task started by its `connect()`.
 
     It belongs to the store instance (never to the process), calls `sweep` every
-    `interval` seconds, and is stopped, within a second, by `stop()`. Exceptions
+    `interval` seconds, and is stopped by `stop()`: at once when it is waiting
+    for the next sweep, after the sweep under way otherwise (at most
+    `SWEEP_TIMEOUT`). A sweep is not cancelled in the middle of its queries by
+    `stop()`: the store closes its connections after `stop()` returns, and a
+    query cut off then would wait forever on a closed connection. Exceptions
     from `sweep` are logged by it, never raised.
     """
 
     def __init__(self, sweep: Callable[[], Awaitable[object]], interval: float) -> None:
         self._sweep = sweep
         self._interval = interval
-        self._scope = anyio.CancelScope()
+        self._stopping = False
+        # The wait for the next sweep, cancelled by stop().
+        self._nap: anyio.CancelScope | None = None
         self._done = anyio.Event()
         self._task: object = None
 
@@ -326,19 +337,26 @@ class Sweeper:
 
     async def _run(self) -> None:
         try:
-            with self._scope:
-                while True:
+            while not self._stopping:
+                with anyio.CancelScope() as nap:
+                    self._nap = nap
                     await anyio.sleep(self._interval)
-                    try:
+                self._nap = None
+                if self._stopping:
+                    return
+                try:
+                    with anyio.move_on_after(SWEEP_TIMEOUT):
                         await self._sweep()
-                    except Exception:
-                        logger.exception("sweeping idle groups failed; trying again later")
+                except Exception:
+                    logger.exception("sweeping idle groups failed; trying again later")
         finally:
             self._done.set()
 
     async def stop(self) -> None:
-        self._scope.cancel()
-        with anyio.move_on_after(1, shield=True):
+        self._stopping = True
+        if self._nap is not None:
+            self._nap.cancel()
+        with anyio.move_on_after(SWEEP_TIMEOUT + 1, shield=True):
             await self._done.wait()
 
 

@@ -110,6 +110,24 @@ class FloodView(RecordingView):
             record("yielded", id=self.tag, bytes=sent)
 
 
+class CompressedView(RecordingView):
+    """A compressed stream (any encoding the client accepts): one event, then a
+    second one only once the test has read the first (it creates the file
+    `<record file>.<id>.go`), then a last one, and a clean end."""
+
+    compress = True
+    retry = 700
+
+    async def events(self) -> AsyncIterator[Any]:
+        record("events", id=self.tag)
+        yield Event({"n": 1, "text": "first " * 20}, id="1")
+        gate = anyio.Path(f"{os.environ[RECORD_ENV]}.{self.tag}.go")
+        while not await gate.exists():  # noqa: ASYNC110 - a file that another process makes
+            await anyio.sleep(0.02)
+        yield Event({"n": 2, "text": "second " * 20}, id="2")
+        yield Event({"n": 3, "text": "third " * 20}, id="3", event="last")
+
+
 async def health(request: Request) -> JSONResponse:
     return JSONResponse({"pid": os.getpid()})
 
@@ -121,6 +139,7 @@ app = Starlette(
         Route("/ping", PingView),
         Route("/farewell", FarewellView),
         Route("/flood", FloodView),
+        Route("/compressed", CompressedView),
     ]
 )
 served = ShutdownMiddleware(app, handle_signals=True)
