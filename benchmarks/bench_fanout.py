@@ -212,9 +212,21 @@ class RecordingStream(SSEStreamProtocol):
         return b"".join(piece for _, piece in self.recorder.pieces)
 
 
-async def _connect(port: int, counter: RecordingCounter) -> RecordingStream:
+# The client's source addresses, taken in turn by the subscribers (--source-hosts):
+# more subscribers than one address has ephemeral ports need several.
+SOURCE_HOSTS: list[str] = [HOST]
+
+
+async def _connect(
+    port: int, counter: RecordingCounter, local_host: str | None = None
+) -> RecordingStream:
     loop = asyncio.get_running_loop()
-    _, stream = await loop.create_connection(lambda: RecordingStream(loop, counter), HOST, port)
+    _, stream = await loop.create_connection(
+        lambda: RecordingStream(loop, counter),
+        HOST,
+        port,
+        local_addr=None if local_host is None else (local_host, 0),
+    )
     return stream
 
 
@@ -241,10 +253,11 @@ async def open_stream(
     headers: Sequence[tuple[str, str]] = (),
     *,
     time_limit: float = REQUEST_TIMEOUT,
+    local_host: str | None = None,
 ) -> RecordingStream:
     """Connect, request ``path`` and wait for a 200 ``text/event-stream`` head."""
     async with asyncio.timeout(time_limit):
-        stream = await _connect(port, counter)
+        stream = await _connect(port, counter, local_host)
         try:
             stream.send_request(path, HOST, headers)
             head: ResponseHead = await stream.head
@@ -285,7 +298,13 @@ async def open_subscribers(
                 size = min(batch, count - first)
                 opened = await asyncio.gather(
                     *(
-                        open_stream(port, path(index), counter(target, completion), headers)
+                        open_stream(
+                            port,
+                            path(index),
+                            counter(target, completion),
+                            headers,
+                            local_host=SOURCE_HOSTS[index % len(SOURCE_HOSTS)],
+                        )
                         for index in range(first, first + size)
                     ),
                     return_exceptions=True,
@@ -1029,6 +1048,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--events", type=int, help="events published per measurement")
     parser.add_argument("--interval-ms", type=float, help="ms between two published events")
     parser.add_argument("--batch", type=int, help="subscribers connected concurrently")
+    parser.add_argument(
+        "--source-hosts",
+        type=int,
+        default=1,
+        help="subscribers connect from 127.0.0.1 to 127.0.0.N in turn (default 1)",
+    )
     parser.add_argument("--redis-subscribers", type=int, help="subscribers per Redis process")
     parser.add_argument("--replay-events", type=int, help="events published live, then replayed")
     harness.add_output_argument(parser, "fanout")
@@ -1052,6 +1077,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown server(s) or case(s) {unknown}")
     specs = [MEMORY_BY_KEY[key] for key in keys]
+
+    if not 1 <= args.source_hosts <= 254:
+        raise SystemExit("--source-hosts must be 1..254")
+    SOURCE_HOSTS[:] = [f"127.0.0.{index}" for index in range(1, args.source_hosts + 1)]
 
     needed = max(sizes.subscribers, 2 * sizes.redis_subscribers) + 200
     harness.ensure_nofile(needed, f"{needed} sockets")

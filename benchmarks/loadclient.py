@@ -337,20 +337,34 @@ def _swallow_unretrieved(future: asyncio.Future[Any]) -> None:
 # -- helpers -------------------------------------------------------------
 
 
-async def connect(host: str, port: int, *, time_limit: float = 10.0) -> SSEStreamProtocol:
-    """Open a TCP connection carrying a fresh :class:`SSEStreamProtocol`."""
+async def connect(
+    host: str, port: int, *, time_limit: float = 10.0, local_host: str | None = None
+) -> SSEStreamProtocol:
+    """Open a TCP connection carrying a fresh :class:`SSEStreamProtocol`.
+
+    ``local_host`` binds the client's end to that address (127.0.0.x), so more
+    streams than one address has ephemeral ports can be open at once.
+    """
     loop = asyncio.get_running_loop()
+    local_addr = None if local_host is None else (local_host, 0)
     async with asyncio.timeout(time_limit):
-        _, protocol = await loop.create_connection(lambda: SSEStreamProtocol(loop), host, port)
+        _, protocol = await loop.create_connection(
+            lambda: SSEStreamProtocol(loop), host, port, local_addr=local_addr
+        )
     return protocol
 
 
 async def open_stream(
-    host: str, port: int, path: str, *, time_limit: float = 10.0
+    host: str,
+    port: int,
+    path: str,
+    *,
+    time_limit: float = 10.0,
+    local_host: str | None = None,
 ) -> tuple[SSEStreamProtocol, ResponseHead]:
     """Connect, send the request and wait for the response head."""
     async with asyncio.timeout(time_limit):
-        protocol = await connect(host, port, time_limit=time_limit)
+        protocol = await connect(host, port, time_limit=time_limit, local_host=local_host)
         try:
             protocol.send_request(path, host)
             head = await protocol.head
@@ -389,19 +403,25 @@ async def open_many(
     *,
     concurrency: int = 200,
     time_limit: float = 30.0,
+    local_hosts: Sequence[str] = (),
 ) -> OpenManyResult:
     """Open ``count`` streams, at most ``concurrency`` handshakes in flight.
 
     Each stream is done once its response head arrived; ``time_limit`` bounds each
-    stream's connect + head. Failures are collected, not raised.
+    stream's connect + head. Failures are collected, not raised. ``local_hosts``
+    (loopback addresses such as ``127.0.0.2``) are the client's source addresses,
+    taken in turn; none: the system picks one.
     """
     semaphore = asyncio.Semaphore(concurrency)
     result = OpenManyResult([], [], [], 0.0, 0.0)
 
-    async def one() -> None:
+    async def one(index: int) -> None:
+        local_host = local_hosts[index % len(local_hosts)] if local_hosts else None
         async with semaphore:
             try:
-                protocol, head = await open_stream(host, port, path, time_limit=time_limit)
+                protocol, head = await open_stream(
+                    host, port, path, time_limit=time_limit, local_host=local_host
+                )
             except (OSError, ProtocolError, TimeoutError) as exc:
                 result.errors.append(f"{type(exc).__name__}: {exc}")
                 return
@@ -411,7 +431,7 @@ async def open_many(
 
     result.t_first_connect = time.perf_counter()
     try:
-        await asyncio.gather(*(one() for _ in range(count)))
+        await asyncio.gather(*(one(index) for index in range(count)))
     except BaseException:  # e.g. cancelled by an outer timeout: leak nothing
         result.close_all()
         raise

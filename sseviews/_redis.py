@@ -1,5 +1,11 @@
 """What the Redis backend and the Redis store share: the client, its errors, its name,
-and the names of a group's keys and channel.
+the names of a group's keys, and the contract of a group's live channel.
+
+The live channel contract: each group has one channel, `live_channel(prefix,
+group)`, and each message on it is `live_message(seq, wire)`, published from
+Python (the backend's `deliver`) or from a Lua script (a `RedisStore` with
+`publish=True`, presence announcements), which gets the same contract from
+`LUA_LIVE`.
 
 Imported only by `sseviews.backends.redis` and `sseviews.stores.redis`, which need
 the `redis` extra.
@@ -24,9 +30,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from ._exceptions import BackendError
+from ._reserved import JOIN_EVENT, LEAVE_EVENT
 
 __all__ = [
     "CLUSTER_SCHEMES",
+    "LUA_LIVE",
     "REDIS_ERRORS",
     "REDIS_SCHEMES",
     "ClusterScript",
@@ -39,9 +47,13 @@ __all__ = [
     "cluster_pool_size",
     "describe",
     "group_key",
+    "live_channel",
+    "live_channel_base",
+    "live_message",
     "open_client",
     "open_cluster_client",
     "parse_cluster_url",
+    "parse_live_message",
     "parse_sentinel_url",
     "redis_errors",
 ]
@@ -65,6 +77,61 @@ def group_key(prefix: str, kind: str, group: str) -> str:
     tag: on Redis Cluster every key and the channel of a group share its slot.
     """
     return f"{prefix}:{kind}:{{{group.translate(_ESCAPE)}}}"
+
+
+def live_channel(prefix: str, group: str) -> str:
+    """Return the name of `group`'s live channel, in the slot of the group's keys."""
+    return group_key(prefix, "live", group)
+
+
+def live_channel_base(prefix: str) -> str:
+    """Return what `LUA_LIVE`'s `live_channel` puts before a group's escaped name."""
+    return f"{prefix}:live:"
+
+
+def live_message(seq: int, wire: bytes) -> bytes:
+    """Return the message that carries event `seq` (0: ephemeral) on a live channel."""
+    return b"%d\0%s" % (seq, wire)
+
+
+def parse_live_message(body: bytes) -> tuple[int, bytes]:
+    """Split a live channel's message into its seq and wire.
+
+    Raises:
+        ValueError: The message does not start with a seq.
+    """
+    seq, _, wire = body.partition(b"\0")
+    return int(seq), wire
+
+
+def _lua_string(text: str) -> str:
+    if "'" in text or "\\" in text:
+        raise ValueError(f"cannot quote {text!r} as a plain Lua string")
+    return f"'{text}'"
+
+
+#: The live channel contract in Lua, to prepend to a script that publishes on it:
+#: `live_channel(base, group)` with `base` from `live_channel_base(prefix)`,
+#: `live_message(seq, wire)`, and `live_event(name, data)` for an
+#: ephemeral event, with `JOIN_EVENT` and `LEAVE_EVENT` as `_reserved` names them.
+LUA_LIVE = (
+    f"local JOIN_EVENT, LEAVE_EVENT = {_lua_string(JOIN_EVENT)}, {_lua_string(LEAVE_EVENT)}\n"
+    + r"""
+local function live_channel(base, group)
+  local escaped = string.gsub(group, '[%%:{}]',
+    {['%'] = '%25', [':'] = '%3A', ['{'] = '%7B', ['}'] = '%7D'})
+  return base .. '{' .. escaped .. '}'
+end
+
+local function live_message(seq, wire)
+  return seq .. '\0' .. wire
+end
+
+local function live_event(event, data)
+  return live_message('0', 'event: ' .. event .. '\ndata: ' .. data .. '\n\n')
+end
+"""
+)
 
 
 _SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")

@@ -1,8 +1,8 @@
 """The names sseviews reserves: the events it sends itself, and its ASGI scope keys.
 
 Every module that sends, parses or documents one of these takes it from here, so a
-name is spelt once (the Redis backend's Lua scripts spell `sseviews.join` and
-`sseviews.leave` again, as script text).
+name is spelt once (the Redis scripts get `sseviews.join` and `sseviews.leave`
+from here too, through `_redis.LUA_LIVE`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import logging
 
 import anyio
 import pytest
+import redis.asyncio
 from support.broadcast import Recorder, data, no_deliver
 from support.processes import free_port
 from support.redis import (
@@ -17,6 +18,7 @@ from support.redis import (
 )
 
 from sseviews import BackendError
+from sseviews._redis import LUA_LIVE, live_channel, live_channel_base, parse_live_message
 from sseviews.backends.redis import RedisBackend
 from sseviews.stores.base import id_line
 from sseviews.stores.redis import RedisStore
@@ -321,3 +323,17 @@ async def test_redis_backend_disconnect_after_a_delivery_closes_everything(prefi
         and getattr(conn, "_writer", None) is not None
     ]
     assert still_open == []
+
+
+async def test_redis_live_contract_is_the_same_in_lua_and_python() -> None:
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    script = LUA_LIVE + "return {live_channel(ARGV[1], ARGV[2]), live_event(JOIN_EVENT, ARGV[3])}"
+    try:
+        for group in ["plain", "a:b", "{tag}", "100%", "%3A", "é:{x}%"]:
+            channel, message = await client.eval(
+                script, 0, live_channel_base("p"), group, '{"id": 1}'
+            )
+            assert channel.decode() == live_channel("p", group)
+            assert parse_live_message(message) == (0, b'event: sseviews.join\ndata: {"id": 1}\n\n')
+    finally:
+        await client.aclose()

@@ -127,3 +127,28 @@ async def test_runtime_stream_tasks_cancels_and_awaits_children() -> None:
             tasks.start(child)
             await anyio.sleep(0.01)
     assert ended == ["child"]
+
+
+@pytest.mark.anyio
+async def test_runtime_background_task_outlives_the_scope_that_started_it() -> None:
+    runtime = current_runtime()
+    started = anyio.Event()
+    stop = anyio.Event()
+    stopped = anyio.Event()
+
+    async def run() -> None:
+        started.set()
+        try:
+            await stop.wait()
+        finally:
+            stopped.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group():  # a request's scope, say
+            handle = runtime.background(run, "a background task")
+        await started.wait()
+        await anyio.sleep(0.02)
+        assert not stopped.is_set()  # the scope that started it is over; it is not
+        stop.set()
+        await stopped.wait()
+    assert handle is not None

@@ -221,6 +221,24 @@ async def test_memory_store_swept_group_starts_a_new_epoch() -> None:
     assert await store.read_page("a", old, 1, 100) is None
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_memory_store_connect_sweeps_idle_groups_in_the_background() -> None:
+    store = MemoryStore(idle_expiry=0.05)
+    await store.connect()
+    try:
+        old = await store.append("a", b"data: x\n\n", no_deliver)
+        with anyio.fail_after(5):
+            for _ in range(200):
+                await anyio.sleep(0.02)
+                if (await store.head("a")).epoch != old.epoch:
+                    break
+            else:
+                pytest.fail("the idle group was never swept")
+    finally:
+        with anyio.fail_after(5):
+            await store.disconnect()
+
+
 # -- MemoryStore: reading and retention ----------------------------------------------------
 
 

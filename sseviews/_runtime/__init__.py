@@ -16,6 +16,8 @@ apart from its core. A stream asks `current_runtime()` once, when it opens.
   copy of its contextvars context, cancelled and awaited before it goes on.
 - `clock()`: anyio's clock; deadlines above are on it.
 - `task_key()`: an id of the running task.
+- `background()`: a task that belongs to an instance (a store's sweep), not to
+  the request that happened to start it; the caller holds it and stops it.
 """
 
 from __future__ import annotations
@@ -100,6 +102,12 @@ class Runtime(Protocol):
 
     def tasks(self) -> StreamTasks:
         """A new `StreamTasks`."""
+
+    def background(self, function: Callable[[], Coroutine[Any, Any, None]], name: str) -> object:
+        """Run `function()` in a task that outlives the caller's; hold the returned handle.
+
+        The function must catch its own errors and end when its owner stops it.
+        """
 
 
 def current_runtime() -> Runtime:

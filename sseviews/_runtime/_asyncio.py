@@ -203,5 +203,9 @@ class AsyncioRuntime:
     def tasks(self) -> StreamTasks:
         return StreamTasks()
 
+    def background(self, function: Callable[[], Coroutine[Any, Any, None]], name: str) -> object:
+        # The caller holds the task: the loop keeps only a weak reference to it.
+        return asyncio.get_running_loop().create_task(function(), name=name)
+
 
 RUNTIME = AsyncioRuntime()

@@ -123,5 +123,12 @@ class AnyioRuntime:
     def tasks(self) -> StreamTasks:
         return StreamTasks()
 
+    def background(self, function: Callable[[], Coroutine[Any, Any, None]], name: str) -> object:
+        # A system task: it belongs to no request's nursery, so the request that
+        # happened to start it can end first.
+        import trio
+
+        return trio.lowlevel.spawn_system_task(function, name=name)
+
 
 RUNTIME = AnyioRuntime()

@@ -34,7 +34,7 @@ from typing import Any
 import redis.asyncio
 
 from .._exceptions import BackendError
-from .._redis import ClusterScript, group_key
+from .._redis import LUA_LIVE, ClusterScript, group_key, live_channel
 
 __all__ = ["ClusterPresence"]
 
@@ -207,7 +207,7 @@ class ClusterPresence:
         keys = [
             group_key(self._prefix, "presence", group),
             group_key(self._prefix, "presence-owners", group),
-            group_key(self._prefix, "live", group),
+            live_channel(self._prefix, group),
         ]
         return keys, [op, self._process, *args]
 
@@ -298,19 +298,21 @@ def _text(reply: bytes | str) -> str:
 # live channel. ARGV: op, this process, then the op's own arguments.
 # A member's value is its announce flag (`0` or `1`) then its entry JSON; an
 # owner is `process \0 member`. Entries and process names never hold NUL.
-_GROUP_SCRIPT = r"""
+_GROUP_SCRIPT = (
+    LUA_LIVE
+    + r"""
 local members, owners, channel = KEYS[1], KEYS[2], KEYS[3]
 local op, proc = ARGV[1], ARGV[2]
 
 local function announce(event, entry)
-  redis.call('SPUBLISH', channel, '0\0' .. 'event: ' .. event .. '\ndata: ' .. entry .. '\n\n')
+  redis.call('SPUBLISH', channel, live_event(event, entry))
 end
 
 if op == 'join' then
   local member, flag, entry = ARGV[3], ARGV[4], ARGV[5]
   redis.call('HSET', members, member, flag .. entry)
   redis.call('ZADD', owners, 0, proc .. '\0' .. member)
-  if flag == '1' then announce('sseviews.join', entry) end
+  if flag == '1' then announce(JOIN_EVENT, entry) end
   return 1
 elseif op == 'leave' then
   local member, flag = ARGV[3], ARGV[4]
@@ -320,7 +322,7 @@ elseif op == 'leave' then
   if not value then return 0 end
   redis.call('HDEL', members, member)
   redis.call('ZREM', owners, proc .. '\0' .. member)
-  if flag == '1' then announce('sseviews.leave', string.sub(value, 2)) end
+  if flag == '1' then announce(LEAVE_EVENT, string.sub(value, 2)) end
   return 1
 elseif op == 'drop' then
   -- Remove up to `batch` members of a process; 1 if there may be more.
@@ -333,7 +335,7 @@ elseif op == 'drop' then
     if value then
       redis.call('HDEL', members, member)
       if string.sub(value, 1, 1) == '1' then
-        announce('sseviews.leave', string.sub(value, 2))
+        announce(LEAVE_EVENT, string.sub(value, 2))
       end
     end
     redis.call('ZREM', owners, owner)
@@ -361,6 +363,7 @@ elseif op == 'list' then
 end
 return redis.error_reply('unknown presence operation ' .. op)
 """
+)
 
 # The processes' registrations. KEYS: the processes sorted set. ARGV: op, this
 # process, registration lifetime (s), then for beat and sweep the most dead

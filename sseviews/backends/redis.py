@@ -48,12 +48,16 @@ from redis.exceptions import ResponseError
 
 from .._exceptions import BackendError
 from .._redis import (
+    LUA_LIVE,
     REDIS_ERRORS,
     close_client,
     cluster_node_error,
     describe,
-    group_key,
+    live_channel,
+    live_channel_base,
+    live_message,
     open_client,
+    parse_live_message,
     redis_errors,
 )
 from ._channels import Channels, Send
@@ -70,10 +74,9 @@ _CHANNELS_PER_COMMAND = 1000
 
 
 def dispatch_message(dispatch: Dispatch, group: str, channel: bytes, body: bytes) -> None:
-    """Hand one `seq \\0 wire` message of `group` to `dispatch`."""
-    seq, _, wire = body.partition(b"\0")
+    """Hand one `live_message` of `group` to `dispatch`."""
     try:
-        seq_number = int(seq)
+        seq_number, wire = parse_live_message(body)
     except ValueError:
         logger.warning("ignoring a malformed message on %r", channel.decode(errors="replace"))
         return
@@ -226,9 +229,7 @@ class RedisBackend(LiveBackend):
             BackendError: Redis cannot be reached.
         """
         with redis_errors(f"publishing to {self._where}"):
-            await self._client.publish(
-                group_key(self.prefix, "live", group), b"%d\0%s" % (seq, wire)
-            )
+            await self._client.publish(live_channel(self.prefix, group), live_message(seq, wire))
 
     # -- which groups this process receives ------------------------------------------
 
@@ -252,7 +253,7 @@ class RedisBackend(LiveBackend):
         self._channels.unsubscribe(groups)
 
     def _channel(self, group: str) -> bytes:
-        return group_key(self.prefix, "live", group).encode()
+        return live_channel(self.prefix, group).encode()
 
     # -- the pub/sub connection ------------------------------------------------------
 
@@ -413,7 +414,7 @@ class RedisBackend(LiveBackend):
             f"{prefix}:presence:",
             f"{prefix}:presence-procs",
             f"{prefix}:presence-proc:",
-            f"{prefix}:live:",
+            live_channel_base(prefix),
             self._process,
             # The process's deadline is refreshed every timeout/6 and lies timeout*2/3
             # ahead: once it passes, the next heartbeat of any process (at most
@@ -493,11 +494,13 @@ class RedisBackend(LiveBackend):
 
 # Every presence operation, in one script so that each is atomic and costs one
 # round trip. ARGV: op, group key base, processes key, process key base, live
-# channel base (`{prefix}:live:`), this process, registration lifetime (s), then
+# channel base (`live_channel_base`), this process, registration lifetime (s), then
 # the op's own arguments.
 # A member's value in its process hash is `announce \0 group \0 group ...`.
 # Group names never hold NUL or whitespace (check_group), entries never hold NUL.
-_PRESENCE_SCRIPT = r"""
+_PRESENCE_SCRIPT = (
+    LUA_LIVE
+    + r"""
 local op, gbase, procs, pbase, cbase, proc = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local lifetime = tonumber(ARGV[7])
 
@@ -505,12 +508,6 @@ local function gkey(group)
   return gbase .. (string.gsub(group, '[%%:]', {['%'] = '%25', [':'] = '%3A'}))
 end
 
--- A group's live channel, as group_key(prefix, 'live', group) names it.
-local function channel(group)
-  local escaped = string.gsub(group, '[%%:{}]',
-    {['%'] = '%25', [':'] = '%3A', ['{'] = '%7B', ['}'] = '%7D'})
-  return cbase .. '{' .. escaped .. '}'
-end
 
 local function now()
   local t = redis.call('TIME')
@@ -531,8 +528,7 @@ local function split(s)
 end
 
 local function announce(group, event, entry)
-  redis.call('PUBLISH', channel(group),
-    '0\0' .. 'event: ' .. event .. '\ndata: ' .. entry .. '\n\n')
+  redis.call('PUBLISH', live_channel(cbase, group), live_event(event, entry))
 end
 
 -- Remove a member from its groups (announcing its leave if asked).
@@ -542,7 +538,7 @@ local function remove(member, value)
     local key = gkey(parts[j])
     if parts[1] == '1' then
       local entry = redis.call('HGET', key, member)
-      if entry then announce(parts[j], 'sseviews.leave', entry) end
+      if entry then announce(parts[j], LEAVE_EVENT, entry) end
     end
     redis.call('HDEL', key, member)
   end
@@ -569,7 +565,7 @@ if op == 'join' then
   redis.call('HSET', pbase .. proc, member, flag .. '\0' .. table.concat(groups, '\0'))
   for _, group in ipairs(groups) do
     redis.call('HSET', gkey(group), member, entry)
-    if flag == '1' then announce(group, 'sseviews.join', entry) end
+    if flag == '1' then announce(group, JOIN_EVENT, entry) end
   end
   return 1
 elseif op == 'leave' then
@@ -615,3 +611,4 @@ elseif op == 'drop' then
 end
 return redis.error_reply('unknown presence operation ' .. op)
 """
+)

@@ -56,7 +56,8 @@ from .._redis import (
     close_client,
     cluster_pool_size,
     describe,
-    group_key,
+    live_channel,
+    live_message,
     open_cluster_client,
     redis_errors,
 )
@@ -258,7 +259,7 @@ class RedisClusterBackend(LiveBackend):
         with redis_errors(f"publishing to {self._where}"):
             async with self._limiter:
                 await self._client.execute_command(
-                    "SPUBLISH", self._channel(group), b"%d\0%s" % (seq, wire)
+                    "SPUBLISH", self._channel(group), live_message(seq, wire)
                 )
 
     # -- presence ----------------------------------------------------------------------
@@ -344,7 +345,7 @@ class RedisClusterBackend(LiveBackend):
     # -- which groups this process receives ------------------------------------------
 
     def _channel(self, group: str) -> bytes:
-        return group_key(self.prefix, "live", group).encode()
+        return live_channel(self.prefix, group).encode()
 
     def _owner(self, group: str) -> tuple[str, int]:
         node = self._client.nodes_manager.get_node_from_slot(key_slot(self._channel(group)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
@@ -14,9 +13,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import anyio
-import sniffio
 
 from .._exceptions import InvalidLastEventId
+from .._runtime import current_runtime
 
 logger = logging.getLogger("sseviews")
 
@@ -331,16 +330,10 @@ class Sweeper:
         # The wait for the next sweep, cancelled by stop().
         self._nap: anyio.CancelScope | None = None
         self._done = anyio.Event()
-        self._task: asyncio.Task[None] | None = None  # asyncio: held, see start()
+        self._task: object = None
 
     def start(self, name: str) -> None:
-        if sniffio.current_async_library() == "trio":
-            import trio
-
-            trio.lowlevel.spawn_system_task(self._run, name=name)
-        else:
-            # Held here: the loop keeps only a weak reference to a task.
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
+        self._task = current_runtime().background(self._run, name)
 
     async def _run(self) -> None:
         try:

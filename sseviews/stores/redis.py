@@ -46,6 +46,7 @@ import redis.asyncio
 from .._exceptions import BackendError
 from .._redis import (
     CLUSTER_SCHEMES,
+    LUA_LIVE,
     ClusterScript,
     check_cluster,
     check_not_cluster,
@@ -53,6 +54,7 @@ from .._redis import (
     cluster_pool_size,
     describe,
     group_key,
+    live_channel,
     open_client,
     open_cluster_client,
     redis_errors,
@@ -125,9 +127,10 @@ end
 # ARGV[5..8]: wire (without id line), retention (0: none), max age in ms (0: none),
 # how to publish ('': don't; 'PUBLISH', or 'SPUBLISH' on a Redis Cluster) on the
 # group's live channel, KEYS[3]: a key to the cluster, as it shares the group's hash
-# tag, so the group's slot. The message is `seq\0wire` (the wire with its id line).
+# tag, so the group's slot. The message is `live_message` (the wire with its id line).
 _APPEND = (
-    _PRELUDE
+    LUA_LIVE
+    + _PRELUDE
     + """
 local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if #newest > 0 and tonumber(string.match(newest[1][1], '^%d+')) > head then
@@ -180,7 +183,7 @@ if ttl > 0 then
 end
 
 if ARGV[8] ~= '' then
-  redis.call(ARGV[8], KEYS[3], seq .. '\\0' .. wire)
+  redis.call(ARGV[8], KEYS[3], live_message(seq, wire))
 end
 return {seq, epoch, renewed}
 """
@@ -358,7 +361,7 @@ class RedisStore(HistoryStore):
 
     def _append_keys(self, group: str) -> list[str]:
         # The channel is a key to the cluster: it routes the script to its slot.
-        return [*self._keys(group), group_key(self.prefix, "live", group)]
+        return [*self._keys(group), live_channel(self.prefix, group)]
 
     def _prelude_args(self, group: str) -> list[Any]:
         seen = self._seen.get(group)
