@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 import redis.asyncio
@@ -65,6 +65,7 @@ logger = logging.getLogger("sseviews.redis")
 #: node answers or the slot map does not cover a slot (a failover in progress).
 REDIS_ERRORS = (RedisError, OSError, TimeoutError, RedisClusterException)
 _URL_SCHEMES = ("redis", "rediss", "unix")
+_Client = TypeVar("_Client", redis.asyncio.Redis, redis.asyncio.RedisCluster)
 _ESCAPE = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
 
 
@@ -242,13 +243,10 @@ def open_cluster_client(
         ValueError: A malformed URL.
         TypeError: Neither a str nor a `redis.asyncio.RedisCluster`.
     """
-    if isinstance(url_or_client, redis.asyncio.RedisCluster):
-        return url_or_client, False
-    if not isinstance(url_or_client, str):
-        raise TypeError(
-            "expected a redis+cluster:// URL or a redis.asyncio.RedisCluster client, "
-            f"got {type(url_or_client).__name__}"
-        )
+    given = _ready_client(url_or_client, redis.asyncio.RedisCluster, "redis+cluster://")
+    if given is not None:
+        return given, False
+    assert isinstance(url_or_client, str)
     parsed = parse_cluster_url(url_or_client)
     options: dict[str, Any] = dict(parsed.options)
     if parsed.tls:
@@ -387,15 +385,30 @@ MAX_CONNECTIONS = 64
 POOL_TIMEOUT = 10.0
 
 
-# Returns (client, owned): a client made from a URL is ours to close.
-def open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio.Redis, bool]:
-    if isinstance(url_or_client, redis.asyncio.Redis):
-        return url_or_client, False
+def _ready_client(
+    url_or_client: object, client_class: type[_Client], scheme: str
+) -> _Client | None:
+    """The ready client given, or None for a URL (a str).
+
+    Raises:
+        TypeError: Neither a str nor a `client_class`.
+    """
+    if isinstance(url_or_client, client_class):
+        return url_or_client
     if not isinstance(url_or_client, str):
         raise TypeError(
-            "expected a redis:// URL or a redis.asyncio.Redis client, "
+            f"expected a {scheme} URL or a redis.asyncio.{client_class.__name__} client, "
             f"got {type(url_or_client).__name__}"
         )
+    return None
+
+
+# Returns (client, owned): a client made from a URL is ours to close.
+def open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio.Redis, bool]:
+    given = _ready_client(url_or_client, redis.asyncio.Redis, "redis://")
+    if given is not None:
+        return given, False
+    assert isinstance(url_or_client, str)
     scheme = url_or_client.partition("://")[0].lower()
     if scheme in CLUSTER_SCHEMES:
         raise ValueError(
