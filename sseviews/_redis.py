@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import Any, TypeVar
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 import redis.asyncio
 from redis.asyncio.cluster import ClusterNode
@@ -65,6 +65,7 @@ logger = logging.getLogger("sseviews.redis")
 #: node answers or the slot map does not cover a slot (a failover in progress).
 REDIS_ERRORS = (RedisError, OSError, TimeoutError, RedisClusterException)
 _URL_SCHEMES = ("redis", "rediss", "unix")
+_Client = TypeVar("_Client", redis.asyncio.Redis, redis.asyncio.RedisCluster)
 _ESCAPE = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
 
 
@@ -170,22 +171,10 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     Raises:
         ValueError: The URL is malformed; the message says which part.
     """
-    scheme, _, rest = url.partition("://")
-    scheme = scheme.lower()
-    if scheme not in _SENTINEL_SCHEMES:
-        raise ValueError(f"expected a Sentinel URL such as {_SENTINEL_EXAMPLE}")
-    userinfo, at, _ = rest.split("/", 1)[0].rpartition("@")
-    shown = url.replace(userinfo + at, "***@", 1) if at else url
-
-    def bad(what: str) -> ValueError:
-        return ValueError(f"{what} in Sentinel URL {shown!r}: expected {_SENTINEL_EXAMPLE}")
-
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:  # an unbalanced [ or ]
-        raise bad(f"a malformed IPv6 address ({exc})") from None
+    parts, username, password, bad = _split_url(
+        url, _SENTINEL_SCHEMES, "Sentinel", _SENTINEL_EXAMPLE
+    )
     hostlist = parts.netloc.rpartition("@")[2]
-
     sentinels = [_sentinel_address(host, bad) for host in hostlist.split(",")]
     path = [unquote(segment) for segment in parts.path.split("/")[1:]]
     if path and path[-1] == "":
@@ -194,33 +183,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         raise bad("no service name")
     if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise bad("a path other than /SERVICE_NAME or /SERVICE_NAME/DB")
-    if parts.fragment:
-        raise bad("a #fragment")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
-    options: dict[str, Any] = {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name in _FLOAT_OPTIONS:
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = 0.0
-            if not seconds > 0:
-                raise bad(f"{name}={value!r} (not a number of seconds > 0)")
-            options[name] = seconds
-        elif name in _STR_OPTIONS:
-            options[name] = value
-        else:
-            known = ", ".join((*_FLOAT_OPTIONS, *_STR_OPTIONS))
-            raise bad(f"an unknown query parameter {name!r} (known: {known})")
-    tls = scheme == "rediss+sentinel"
-    if not tls and ("ssl_ca_certs" in options or "ssl_cert_reqs" in options):
-        raise bad("ssl_ca_certs or ssl_cert_reqs without rediss+sentinel://")
-    if options.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
-        raise bad("ssl_cert_reqs other than none, optional or required")
+    tls, options = _url_options(parts, "rediss+sentinel", _FLOAT_OPTIONS, _STR_OPTIONS, bad)
     db = int(path[1]) if len(path) == 2 else 0
     return SentinelURL(sentinels, path[0], db, tls, username, password, options)
 
@@ -253,51 +216,16 @@ def parse_cluster_url(url: str) -> ClusterURL:
     Raises:
         ValueError: The URL is malformed; the message says which part.
     """
-    scheme, _, rest = url.partition("://")
-    scheme = scheme.lower()
-    if scheme not in CLUSTER_SCHEMES:
-        raise ValueError(f"expected a Redis Cluster URL such as {_CLUSTER_EXAMPLE}")
-    userinfo, at, _ = rest.split("/", 1)[0].rpartition("@")
-    shown = url.replace(userinfo + at, "***@", 1) if at else url
-
-    def bad(what: str) -> ValueError:
-        return ValueError(f"{what} in Redis Cluster URL {shown!r}: expected {_CLUSTER_EXAMPLE}")
-
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:  # an unbalanced [ or ]
-        raise bad(f"a malformed IPv6 address ({exc})") from None
+    parts, username, password, bad = _split_url(
+        url, CLUSTER_SCHEMES, "Redis Cluster", _CLUSTER_EXAMPLE
+    )
     hostlist = parts.netloc.rpartition("@")[2]
     nodes = [_address(host, bad, 6379, "node") for host in hostlist.split(",")]
     if parts.path not in ("", "/"):
         raise bad("a path (a cluster has only database 0: end the URL with / or nothing)")
-    if parts.fragment:
-        raise bad("a #fragment")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
-    options: dict[str, Any] = {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name in _CLUSTER_FLOAT_OPTIONS:
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = 0.0
-            if not seconds > 0:
-                raise bad(f"{name}={value!r} (not a number of seconds > 0)")
-            options[name] = seconds
-        elif name in _CLUSTER_STR_OPTIONS:
-            options[name] = value
-        else:
-            known = ", ".join((*_CLUSTER_FLOAT_OPTIONS, *_CLUSTER_STR_OPTIONS))
-            raise bad(f"an unknown query parameter {name!r} (known: {known})")
-    tls = scheme == "rediss+cluster"
-    if not tls and options.keys() & set(_CLUSTER_STR_OPTIONS):
-        raise bad("ssl_ca_certs or ssl_cert_reqs without rediss+cluster://")
-    if options.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
-        raise bad("ssl_cert_reqs other than none, optional or required")
+    tls, options = _url_options(
+        parts, "rediss+cluster", _CLUSTER_FLOAT_OPTIONS, _CLUSTER_STR_OPTIONS, bad
+    )
     return ClusterURL(nodes, tls, username, password, options)
 
 
@@ -315,13 +243,10 @@ def open_cluster_client(
         ValueError: A malformed URL.
         TypeError: Neither a str nor a `redis.asyncio.RedisCluster`.
     """
-    if isinstance(url_or_client, redis.asyncio.RedisCluster):
-        return url_or_client, False
-    if not isinstance(url_or_client, str):
-        raise TypeError(
-            "expected a redis+cluster:// URL or a redis.asyncio.RedisCluster client, "
-            f"got {type(url_or_client).__name__}"
-        )
+    given = _ready_client(url_or_client, redis.asyncio.RedisCluster, "redis+cluster://")
+    if given is not None:
+        return given, False
+    assert isinstance(url_or_client, str)
     parsed = parse_cluster_url(url_or_client)
     options: dict[str, Any] = dict(parsed.options)
     if parsed.tls:
@@ -336,6 +261,73 @@ def open_cluster_client(
         **options,
     )
     return client, True
+
+
+def _split_url(
+    url: str, schemes: Sequence[str], kind: str, example: str
+) -> tuple[SplitResult, str | None, str | None, Callable[[str], ValueError]]:
+    """Check a Sentinel or Cluster URL's scheme and split it.
+
+    Returns the split URL, the user and password, and a
+    function that makes the ValueError for a bad part (with the password hidden).
+    """
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme not in schemes:
+        raise ValueError(f"expected a {kind} URL such as {example}")
+    userinfo, at, _ = rest.split("/", 1)[0].rpartition("@")
+    shown = url.replace(userinfo + at, "***@", 1) if at else url
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{what} in {kind} URL {shown!r}: expected {example}")
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unbalanced [ or ]
+        raise bad(f"a malformed IPv6 address ({exc})") from None
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    return parts, username, password, bad
+
+
+def _url_options(
+    parts: SplitResult,
+    tls_scheme: str,
+    float_options: Sequence[str],
+    str_options: Sequence[str],
+    bad: Callable[[str], ValueError],
+) -> tuple[bool, dict[str, Any]]:
+    """Whether the URL asks for TLS, and its query parameters.
+
+    `float_options` take seconds > 0, `str_options` text; the TLS options need
+    `tls_scheme`. A #fragment is refused.
+    """
+    if parts.fragment:
+        raise bad("a #fragment")
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in float_options:
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = 0.0
+            if not seconds > 0:
+                raise bad(f"{name}={value!r} (not a number of seconds > 0)")
+            options[name] = seconds
+        elif name in str_options:
+            options[name] = value
+        else:
+            known = ", ".join((*float_options, *str_options))
+            raise bad(f"an unknown query parameter {name!r} (known: {known})")
+    tls = parts.scheme == tls_scheme
+    if not tls and ("ssl_ca_certs" in options or "ssl_cert_reqs" in options):
+        raise bad(f"ssl_ca_certs or ssl_cert_reqs without {tls_scheme}://")
+    if options.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
+        raise bad("ssl_cert_reqs other than none, optional or required")
+    return tls, options
 
 
 def _sentinel_address(host: str, bad: Any) -> tuple[str, int]:
@@ -393,15 +385,30 @@ MAX_CONNECTIONS = 64
 POOL_TIMEOUT = 10.0
 
 
-# Returns (client, owned): a client made from a URL is ours to close.
-def open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio.Redis, bool]:
-    if isinstance(url_or_client, redis.asyncio.Redis):
-        return url_or_client, False
+def _ready_client(
+    url_or_client: object, client_class: type[_Client], scheme: str
+) -> _Client | None:
+    """The ready client given, or None for a URL (a str).
+
+    Raises:
+        TypeError: Neither a str nor a `client_class`.
+    """
+    if isinstance(url_or_client, client_class):
+        return url_or_client
     if not isinstance(url_or_client, str):
         raise TypeError(
-            "expected a redis:// URL or a redis.asyncio.Redis client, "
+            f"expected a {scheme} URL or a redis.asyncio.{client_class.__name__} client, "
             f"got {type(url_or_client).__name__}"
         )
+    return None
+
+
+# Returns (client, owned): a client made from a URL is ours to close.
+def open_client(url_or_client: str | redis.asyncio.Redis) -> tuple[redis.asyncio.Redis, bool]:
+    given = _ready_client(url_or_client, redis.asyncio.Redis, "redis://")
+    if given is not None:
+        return given, False
+    assert isinstance(url_or_client, str)
     scheme = url_or_client.partition("://")[0].lower()
     if scheme in CLUSTER_SCHEMES:
         raise ValueError(

@@ -59,7 +59,8 @@ import asyncpg
 from .._exceptions import BackendError
 from .._presence import JOIN_EVENT, LEAVE_EVENT
 from ._channels import Channels, Send
-from .base import EPHEMERAL_SEQ, Dispatch, LiveBackend, OnFailure
+from ._common import ReconnectingBackend, first_error
+from .base import EPHEMERAL_SEQ, Dispatch, OnFailure
 
 __all__ = ["PostgresBackend", "channel_name", "history_url"]
 
@@ -167,7 +168,7 @@ class _Link:
         self.lost = asyncio.Event()
 
 
-class PostgresBackend(LiveBackend):
+class PostgresBackend(ReconnectingBackend):
     """Carries events between processes with PostgreSQL LISTEN/NOTIFY, one channel per group.
 
     Args:
@@ -188,21 +189,11 @@ class PostgresBackend(LiveBackend):
         ValueError: A bad URL, prefix or presence_timeout.
     """
 
-    #: First pause before reconnecting after the connection was lost, in seconds.
-    first_retry_delay = 0.1
-    #: Longest pause between two reconnection attempts, in seconds.
-    max_retry_delay = 2.0
-    #: Bound on one (re)connection attempt, and on one batch of LISTENs, in seconds.
-    attempt_timeout = 5.0
     #: Seconds the listening connection waits for its own test notification when it
     #: connects; none arriving means LISTEN does not work there (a pooler).
     listen_check_timeout = 3.0
     #: Seconds between two checks that the listening connection is still alive.
     health_check_interval = 10.0
-    #: Seconds this process keeps LISTENing to a group after its last stream in the
-    #: group ended. A stream that joins the group again meanwhile (a browser
-    #: reconnecting) costs no round trip.
-    unsubscribe_linger = 1.5
     #: Seconds a large event's row is kept in `{prefix}_live_payloads` for listeners.
     payload_ttl = 300.0
     #: Most connections of the publishing pool.
@@ -223,23 +214,10 @@ class PostgresBackend(LiveBackend):
                 "prefix must be 1 to 40 letters, digits or underscores, not starting "
                 f"with a digit, got {prefix!r}"
             )
-        if (
-            isinstance(presence_timeout, bool)
-            or not isinstance(presence_timeout, int | float)
-            or not presence_timeout > 0
-        ):
-            raise ValueError(
-                f"presence_timeout must be a number of seconds > 0, got {presence_timeout!r}"
-            )
-        #: Bound, in seconds, on how long the members of a process that died
-        #: without cleaning up stay listed (their leave is announced by then).
-        self.presence_timeout = float(presence_timeout)
-        self._process = secrets.token_hex(8)  # this backend's name in the presence tables
-        self._present = 0  # members of this process listed (or being listed)
+        self._init_presence(presence_timeout)
         # Leaves that failed (database down): retried by the heartbeat, or the member
         # would stay listed for as long as this process lives.
         self._unleft: list[str] = []
-        self._heartbeat: asyncio.Task[None] | None = None
         url, in_url = _split_url(url)
         if listen_url is not None and in_url is not None:
             raise ValueError("give listen_url either in the URL or as a keyword, not both")
@@ -634,21 +612,14 @@ class PostgresBackend(LiveBackend):
             name="sseviews postgres writer",
         )
         watcher = loop.create_task(link.lost.wait(), name="sseviews postgres watcher")
-        tasks = {reader, writer, watcher}
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
-        for task in (reader, writer):
-            error = None if task.cancelled() else task.exception()
-            if isinstance(error, _ERRORS):
-                return error
-            if isinstance(error, Exception):
-                logger.error("unexpected error listening on %s", self._where, exc_info=error)
-                return error
-        return ConnectionError("the connection was closed")
+        error = await first_error(
+            {reader, writer, watcher},
+            (reader, writer),
+            _ERRORS,
+            logger,
+            f"listening on {self._where}",
+        )
+        return error or ConnectionError("the connection was closed")
 
     async def _read(self, link: _Link, dispatch: Dispatch) -> None:
         channels = self._channels
@@ -719,8 +690,7 @@ class PostgresBackend(LiveBackend):
         self, member: str, groups: Sequence[str], entry: bytes, announce: bool
     ) -> None:
         """List `member` in `groups` in one transaction (which also announces it)."""
-        self._present += 1
-        try:
+        with self._joining():
             async with self._presence_transaction("joining presence") as conn:
                 await self._register(conn)
                 await conn.execute(
@@ -737,9 +707,6 @@ class PostgresBackend(LiveBackend):
                 if announce:
                     wire = _presence_wire(JOIN_EVENT, entry)
                     await self._notify(conn, [(group, EPHEMERAL_SEQ, wire) for group in groups])
-        except BaseException:
-            self._present -= 1
-            raise
 
     async def presence_leave(
         self, member: str, groups: Sequence[str], entry: bytes, announce: bool

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,7 +60,8 @@ from .._redis import (
     redis_errors,
 )
 from ._channels import Channels, Send
-from .base import Dispatch, LiveBackend, OnFailure
+from ._common import ReconnectingBackend, first_error
+from .base import Dispatch, OnFailure
 
 __all__ = ["RedisBackend"]
 
@@ -71,6 +71,17 @@ logger = logging.getLogger("sseviews.redis")
 # reconnection with many groups in use) is sent as several commands in one write,
 # so Redis serves other clients between them.
 _CHANNELS_PER_COMMAND = 1000
+
+
+async def connect_or_close(conn: AbstractConnection) -> AbstractConnection:
+    """Connect `conn`; disconnect it again if that fails or is cancelled."""
+    try:
+        await conn.connect()  # type: ignore[no-untyped-call]
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await conn.disconnect(nowait=True)
+        raise
+    return conn
 
 
 def dispatch_message(dispatch: Dispatch, group: str, channel: bytes, body: bytes) -> None:
@@ -86,7 +97,102 @@ def dispatch_message(dispatch: Dispatch, group: str, channel: bytes, body: bytes
         logger.exception("dispatching event %d of %r failed", seq_number, group)
 
 
-class RedisBackend(LiveBackend):
+class _RedisPresenceBackend(ReconnectingBackend):
+    """What `RedisBackend` and `RedisClusterBackend` share: the prefix check, and
+    presence around their scripts (the `_script_*` methods)."""
+
+    _where: str  # the server, for messages
+
+    def _init_redis(self, prefix: str, presence_timeout: float) -> None:
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
+        self._init_presence(presence_timeout)
+        # Leaves that failed (Redis down): retried by the heartbeat, or the member
+        # would stay listed for as long as this process lives.
+        self._unleft: list[tuple[str, tuple[str, ...], bool]] = []
+
+    async def _script_join(
+        self, member: str, groups: Sequence[str], entry: bytes, announce: bool
+    ) -> None:
+        raise NotImplementedError
+
+    async def _script_leave(self, member: str, groups: Sequence[str], announce: bool) -> None:
+        raise NotImplementedError
+
+    async def _script_beat(self, present: bool) -> bool:
+        """Refresh this process's deadline and sweep dead processes; return False
+        if this process had been removed meanwhile."""
+        raise NotImplementedError
+
+    async def _script_list(self, group: str, limit: int) -> list[bytes]:
+        raise NotImplementedError
+
+    async def _script_count(self, group: str) -> int:
+        raise NotImplementedError
+
+    async def presence_join(
+        self, member: str, groups: Sequence[str], entry: bytes, announce: bool
+    ) -> None:
+        """List `member` in `groups` (the script also announces it)."""
+        with self._joining(), redis_errors(f"joining presence on {self._where}"):
+            await self._script_join(member, groups, entry, announce)
+
+    async def presence_leave(
+        self, member: str, groups: Sequence[str], entry: bytes, announce: bool
+    ) -> None:
+        """Remove `member` from `groups` (the script also announces it)."""
+        try:
+            with redis_errors(f"leaving presence on {self._where}"):
+                await self._script_leave(member, groups, announce)
+        except BaseException:
+            self._unleft.append((member, tuple(groups), announce))
+            raise
+        self._present -= 1
+
+    async def presence_list(self, group: str, limit: int) -> list[bytes]:
+        """Return at most `limit` entries of `group`, after removing dead processes'."""
+        with redis_errors(f"reading presence from {self._where}"):
+            return await self._script_list(group, limit)
+
+    async def presence_count(self, group: str) -> int:
+        """Return the number of members of `group`, after removing dead processes'."""
+        with redis_errors(f"reading presence from {self._where}"):
+            return await self._script_count(group)
+
+    async def _beat(self) -> None:
+        """Refresh this process's deadline and sweep dead processes, every timeout/6."""
+        while self._heartbeat is not None:  # disconnect() clears it, then cancels this task
+            try:
+                # asyncio's own timeout (these backends are asyncio-only): it lets the
+                # native cancellation from disconnect() through, where anyio's
+                # fail_after swallowed it and the heartbeat never ended.
+                async with asyncio.timeout(self.attempt_timeout):
+                    while self._unleft:
+                        member, groups, announce = self._unleft[-1]
+                        await self._script_leave(member, groups, announce)
+                        self._unleft.pop()
+                        self._present -= 1
+                    kept = await self._script_beat(self._present > 0)
+                if not kept:
+                    logger.warning(
+                        "this process missed its presence heartbeats for more than %ss: "
+                        "other processes removed its members from presence",
+                        self.presence_timeout,
+                    )
+            except (*REDIS_ERRORS, BackendError, TimeoutError) as exc:
+                if self._heartbeat is None:
+                    # Cancelled by disconnect() in mid-command: redis-py may report
+                    # that cancellation as a connection error. Stop, don't retry.
+                    return
+                logger.warning("presence heartbeat to %s failed: %s", self._where, exc)
+            except Exception:
+                logger.exception("presence heartbeat to %s failed", self._where)
+            if self._heartbeat is None:
+                return
+            await anyio.sleep(self.presence_timeout / 6)
+
+
+class RedisBackend(_RedisPresenceBackend):
     """Carries events between processes with Redis pub/sub, one channel per group.
 
     Args:
@@ -103,18 +209,6 @@ class RedisBackend(LiveBackend):
         TypeError: `url_or_client` is neither a str nor a Redis client.
     """
 
-    #: First pause before reconnecting after the connection was lost, in seconds.
-    first_retry_delay = 0.1
-    #: Longest pause between two reconnection attempts, in seconds.
-    max_retry_delay = 2.0
-    #: Bound on one reconnection attempt, and on Redis confirming one batch of
-    #: subscribes, in seconds.
-    attempt_timeout = 5.0
-    #: Seconds this process stays subscribed to a group's channel after its last
-    #: stream in the group ended. A stream that joins the group again meanwhile (a
-    #: browser reconnecting) costs no round trip to Redis.
-    unsubscribe_linger = 1.5
-
     def __init__(
         self,
         url_or_client: str | redis.asyncio.Redis,
@@ -122,25 +216,7 @@ class RedisBackend(LiveBackend):
         prefix: str = "sseviews",
         presence_timeout: float = 30.0,
     ) -> None:
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
-        if (
-            isinstance(presence_timeout, bool)
-            or not isinstance(presence_timeout, int | float)
-            or not presence_timeout > 0
-        ):
-            raise ValueError(
-                f"presence_timeout must be a number of seconds > 0, got {presence_timeout!r}"
-            )
-        #: Bound, in seconds, on how long the members of a process that died
-        #: without cleaning up stay listed (their leave is announced by then).
-        self.presence_timeout = float(presence_timeout)
-        self._process = secrets.token_hex(8)  # this backend's name in presence keys
-        self._present = 0  # members of this process listed (or being listed) in Redis
-        self._heartbeat: asyncio.Task[None] | None = None
-        # Leaves that failed (Redis down): retried by the heartbeat, or the member
-        # would stay listed for as long as this process lives.
-        self._unleft: list[tuple[str, tuple[str, ...], bool]] = []
+        self._init_redis(prefix, presence_timeout)
         self._client, self._owned = open_client(url_or_client)
         self.prefix = prefix
         self._where = describe(self._client)
@@ -292,14 +368,7 @@ class RedisBackend(LiveBackend):
             raise cluster_node_error(self._where)
 
     async def _open(self) -> AbstractConnection:
-        conn = self._new_connection()
-        try:
-            await conn.connect()  # type: ignore[no-untyped-call]
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await conn.disconnect(nowait=True)
-            raise
-        return conn
+        return await connect_or_close(self._new_connection())
 
     def _sender(self, conn: AbstractConnection) -> Send:
         async def send(subscribe: list[bytes], unsubscribe: list[bytes]) -> None:
@@ -355,21 +424,11 @@ class RedisBackend(LiveBackend):
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read(conn, dispatch), name="sseviews redis pubsub reader")
         writer = loop.create_task(self._channels.run(), name="sseviews redis pubsub writer")
-        tasks = {reader, writer}
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
-        for task in (reader, writer):
-            error = None if task.cancelled() else task.exception()
-            if isinstance(error, REDIS_ERRORS):
-                return error
-            if isinstance(error, Exception):
-                logger.error("unexpected error reading from %s", self._where, exc_info=error)
-                return error
-        return ConnectionError("the subscription ended")  # unreachable: both loop forever
+        error = await first_error(
+            {reader, writer}, (reader, writer), REDIS_ERRORS, logger, f"reading from {self._where}"
+        )
+        # None is unreachable: both loop forever.
+        return error or ConnectionError("the subscription ended")
 
     async def _read(self, conn: AbstractConnection, dispatch: Dispatch) -> None:
         channels = self._channels
@@ -423,73 +482,24 @@ class RedisBackend(LiveBackend):
             *args,
         )
 
-    async def presence_join(
+    async def _script_join(
         self, member: str, groups: Sequence[str], entry: bytes, announce: bool
     ) -> None:
-        """List `member` in `groups` with one script call (which also announces it)."""
-        self._present += 1
-        try:
-            with redis_errors(f"joining presence on {self._where}"):
-                await self._presence("join", member, entry, "1" if announce else "0", *groups)
-        except BaseException:
-            self._present -= 1
-            raise
+        await self._presence("join", member, entry, "1" if announce else "0", *groups)
 
-    async def presence_leave(
-        self, member: str, groups: Sequence[str], entry: bytes, announce: bool
-    ) -> None:
-        """Remove `member` from `groups` with one script call (which also announces it)."""
-        try:
-            with redis_errors(f"leaving presence on {self._where}"):
-                await self._presence("leave", member, "1" if announce else "0", *groups)
-        except BaseException:
-            self._unleft.append((member, tuple(groups), announce))
-            raise
-        self._present -= 1
+    async def _script_leave(self, member: str, groups: Sequence[str], announce: bool) -> None:
+        await self._presence("leave", member, "1" if announce else "0", *groups)
 
-    async def presence_list(self, group: str, limit: int) -> list[bytes]:
-        """Return at most `limit` entries of `group`, after removing dead processes'."""
-        with redis_errors(f"reading presence from {self._where}"):
-            entries: list[bytes] = await self._presence("list", group, limit)
+    async def _script_beat(self, present: bool) -> bool:
+        return bool(await self._presence("beat", "1" if present else "0") != 0)
+
+    async def _script_list(self, group: str, limit: int) -> list[bytes]:
+        entries: list[bytes] = await self._presence("list", group, limit)
         return entries
 
-    async def presence_count(self, group: str) -> int:
-        """Return the number of members of `group`, after removing dead processes'."""
-        with redis_errors(f"reading presence from {self._where}"):
-            count: int = await self._presence("count", group)
+    async def _script_count(self, group: str) -> int:
+        count: int = await self._presence("count", group)
         return count
-
-    async def _beat(self) -> None:
-        """Refresh this process's deadline and sweep dead processes, every timeout/6."""
-        while self._heartbeat is not None:  # disconnect() clears it, then cancels this task
-            try:
-                # asyncio's own timeout (this backend is asyncio-only): it lets the
-                # native cancellation from disconnect() through, where anyio's
-                # fail_after swallowed it and the heartbeat never ended.
-                async with asyncio.timeout(self.attempt_timeout):
-                    while self._unleft:
-                        member, groups, announce = self._unleft[-1]
-                        await self._presence("leave", member, "1" if announce else "0", *groups)
-                        self._unleft.pop()
-                        self._present -= 1
-                    kept = await self._presence("beat", "1" if self._present else "0")
-                if kept == 0:
-                    logger.warning(
-                        "this process missed its presence heartbeats for more than %ss: "
-                        "other processes removed its members from presence",
-                        self.presence_timeout,
-                    )
-            except (*REDIS_ERRORS, TimeoutError) as exc:
-                if self._heartbeat is None:
-                    # Cancelled by disconnect() in mid-command: redis-py may report
-                    # that cancellation as a connection error. Stop, don't retry.
-                    return
-                logger.warning("presence heartbeat to %s failed: %s", self._where, exc)
-            except Exception:
-                logger.exception("presence heartbeat to %s failed", self._where)
-            if self._heartbeat is None:
-                return
-            await anyio.sleep(self.presence_timeout / 6)
 
 
 # Every presence operation, in one script so that each is atomic and costs one

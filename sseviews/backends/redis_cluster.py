@@ -35,7 +35,6 @@ import asyncio
 import importlib
 import logging
 import math
-import secrets
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -62,8 +61,9 @@ from .._redis import (
     redis_errors,
 )
 from ._channels import Channels, Rerouted, Send
-from .base import Dispatch, GroupsLost, LiveBackend, OnFailure
-from .redis import dispatch_message
+from ._common import first_error
+from .base import Dispatch, GroupsLost, OnFailure
+from .redis import _RedisPresenceBackend, connect_or_close, dispatch_message
 
 __all__ = ["RedisClusterBackend"]
 
@@ -101,7 +101,7 @@ class _Shard:
         self.pending: deque[tuple[bool, bytes]] = deque()
 
 
-class RedisClusterBackend(LiveBackend):
+class RedisClusterBackend(_RedisPresenceBackend):
     """Carries events between processes with Redis Cluster sharded pub/sub.
 
     Args:
@@ -117,17 +117,6 @@ class RedisClusterBackend(LiveBackend):
         TypeError: `url_or_client` is neither a str nor a RedisCluster client.
     """
 
-    #: First pause before reconnecting a shard, in seconds.
-    first_retry_delay = 0.1
-    #: Longest pause between two reconnection attempts of a shard, in seconds.
-    max_retry_delay = 2.0
-    #: Bound on one connection attempt, on reloading the slot map, and on a
-    #: master confirming one batch of subscribes, in seconds.
-    attempt_timeout = 5.0
-    #: Seconds this process stays subscribed to a group's channel after its last
-    #: stream in the group ended.
-    unsubscribe_linger = 1.5
-
     def __init__(
         self,
         url_or_client: str | redis.asyncio.RedisCluster,
@@ -135,26 +124,8 @@ class RedisClusterBackend(LiveBackend):
         prefix: str = "sseviews",
         presence_timeout: float = 30.0,
     ) -> None:
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
-        if (
-            isinstance(presence_timeout, bool)
-            or not isinstance(presence_timeout, int | float)
-            or not presence_timeout > 0
-        ):
-            raise ValueError(
-                f"presence_timeout must be a number of seconds > 0, got {presence_timeout!r}"
-            )
-        #: Bound, in seconds, on how long the members of a process that died
-        #: without cleaning up stay listed (their leave is announced by then).
-        self.presence_timeout = float(presence_timeout)
-        self._process = secrets.token_hex(8)  # this backend's name in presence keys
-        self._present = 0  # members of this process listed (or being listed)
+        self._init_redis(prefix, presence_timeout)
         self._presence: Any = None  # a ClusterPresence, made by connect()
-        self._heartbeat: asyncio.Task[None] | None = None
-        # Leaves that failed (a master down): retried by the heartbeat, or the
-        # member would stay listed for as long as this process lives.
-        self._unleft: list[tuple[str, tuple[str, ...], bool]] = []
         self._client, self._owned = open_cluster_client(url_or_client)
         self.prefix = prefix
         self._where = describe(self._client)
@@ -274,73 +245,25 @@ class RedisClusterBackend(LiveBackend):
             )
         return self._presence
 
-    async def presence_join(
+    async def _script_join(
         self, member: str, groups: Sequence[str], entry: bytes, announce: bool
     ) -> None:
-        """List `member` in `groups`, one script on each group's master."""
-        presence = self._presence_of()
-        self._present += 1
-        try:
-            with redis_errors(f"joining presence on {self._where}"):
-                await presence.join(member, groups, entry, announce)
-        except BaseException:
-            self._present -= 1
-            raise
+        # One script on each group's master.
+        await self._presence_of().join(member, groups, entry, announce)
 
-    async def presence_leave(
-        self, member: str, groups: Sequence[str], entry: bytes, announce: bool
-    ) -> None:
-        """Remove `member` from `groups`, one script on each group's master."""
-        presence = self._presence_of()
-        try:
-            with redis_errors(f"leaving presence on {self._where}"):
-                await presence.leave(member, groups, announce)
-        except BaseException:
-            self._unleft.append((member, tuple(groups), announce))
-            raise
-        self._present -= 1
+    async def _script_leave(self, member: str, groups: Sequence[str], announce: bool) -> None:
+        await self._presence_of().leave(member, groups, announce)
 
-    async def presence_list(self, group: str, limit: int) -> list[bytes]:
-        """Return at most `limit` entries of `group`."""
-        presence = self._presence_of()
-        with redis_errors(f"reading presence from {self._where}"):
-            entries: list[bytes] = await presence.list(group, limit)
+    async def _script_beat(self, present: bool) -> bool:
+        return bool(await self._presence_of().beat(present))
+
+    async def _script_list(self, group: str, limit: int) -> list[bytes]:
+        entries: list[bytes] = await self._presence_of().list(group, limit)
         return entries
 
-    async def presence_count(self, group: str) -> int:
-        """Return the number of members of `group`."""
-        presence = self._presence_of()
-        with redis_errors(f"reading presence from {self._where}"):
-            count: int = await presence.count(group)
+    async def _script_count(self, group: str) -> int:
+        count: int = await self._presence_of().count(group)
         return count
-
-    async def _beat(self) -> None:
-        """Refresh this process's registration and sweep dead processes, every
-        timeout/6."""
-        while self._heartbeat is not None:
-            try:
-                async with asyncio.timeout(self.attempt_timeout):
-                    while self._unleft:
-                        member, groups, announce = self._unleft[-1]
-                        await self._presence.leave(member, groups, announce)
-                        self._unleft.pop()
-                        self._present -= 1
-                    kept = await self._presence.beat(self._present > 0)
-                if not kept:
-                    logger.warning(
-                        "this process missed its presence heartbeats for more than %ss: "
-                        "other processes removed its members from presence",
-                        self.presence_timeout,
-                    )
-            except (*REDIS_ERRORS, BackendError, TimeoutError) as exc:
-                if self._heartbeat is None:
-                    return
-                logger.warning("presence heartbeat to %s failed: %s", self._where, exc)
-            except Exception:
-                logger.exception("presence heartbeat to %s failed", self._where)
-            if self._heartbeat is None:
-                return
-            await anyio.sleep(self.presence_timeout / 6)
 
     # -- which groups this process receives ------------------------------------------
 
@@ -497,15 +420,8 @@ class RedisClusterBackend(LiveBackend):
         return conn
 
     async def _open(self, shard: _Shard) -> AbstractConnection:
-        conn = self._new_connection(shard)
-        try:
-            with anyio.fail_after(self.attempt_timeout):
-                await conn.connect()  # type: ignore[no-untyped-call]
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await conn.disconnect(nowait=True)
-            raise
-        return conn
+        with anyio.fail_after(self.attempt_timeout):
+            return await connect_or_close(self._new_connection(shard))
 
     def _sender(self, shard: _Shard, conn: AbstractConnection) -> Send:
         async def send(subscribe: list[bytes], unsubscribe: list[bytes]) -> None:
@@ -597,21 +513,10 @@ class RedisClusterBackend(LiveBackend):
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read(shard, conn), name="sseviews redis shard reader")
         writer = loop.create_task(shard.channels.run(), name="sseviews redis shard writer")
-        tasks = {reader, writer}
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
-        for task in (reader, writer):
-            error = None if task.cancelled() else task.exception()
-            if isinstance(error, REDIS_ERRORS):
-                return error
-            if isinstance(error, Exception):
-                logger.error("unexpected error reading from %s", shard.name, exc_info=error)
-                return error
-        return ConnectionError("the subscription ended")
+        error = await first_error(
+            {reader, writer}, (reader, writer), REDIS_ERRORS, logger, f"reading from {shard.name}"
+        )
+        return error or ConnectionError("the subscription ended")
 
     async def _read(self, shard: _Shard, conn: AbstractConnection) -> None:
         channels = shard.channels
