@@ -17,9 +17,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -30,13 +28,12 @@ from redis.crc import key_slot
 from support.broadcast import Recorder, no_deliver
 from support.failover import (
     FAILOVER_TIMEOUT,
+    FailoverDrill,
     Published,
     Subscriber,
     conflicting_ids,
     judge,
-    poll_until,
     position_of,
-    post,
 )
 from support.redis import unique_prefix
 from support.redis_topology import HOST, RedisCluster, RedisNode
@@ -576,87 +573,19 @@ async def test_redis_cluster_failover_keeps_the_guarantee_for_subscribers_on_two
     rooms = (lost_room, kept_room)
     both = f"{lost_room}+{kept_room}"
     subscribers = [Subscriber(server, room) for server in (a, b) for room in (*rooms, both)]
-    published: list[Published] = []
-    failed = 0
-    via = a
-    stop = anyio.Event()
-    stopped = anyio.Event()
-    stats: dict[str, Any] = {}
+    drill = FailoverDrill(http, (a, b), rooms, subscribers, TIMEOUT)
 
-    async def publisher() -> None:
-        nonlocal failed
-        n = 0
-        while not stop.is_set():
-            room = rooms[n % 2]
-            payload = {"n": n}
-            event_id = await post(http, via, room, payload)
-            if event_id is None:
-                failed += 1
-                await anyio.sleep(0.05)
-            else:
-                published.append(Published(room, event_id, payload))
-            n += 1
-            await anyio.sleep(0.005)
-        stopped.set()
-
-    def progress() -> str:
-        clients = [
-            f"{s.name}: {len(s.received)} events, {s.connects} connects, done={s.done.is_set()}"
-            for s in subscribers
-        ]
-        return f"{len(published)} published, {failed} failed, {stats}; {clients}"
-
-    @contextmanager
-    def within(seconds: float, what: str) -> Iterator[None]:
-        try:
-            with anyio.fail_after(seconds):
-                yield
-        except TimeoutError:
-            logs = "\n".join(f"--- {s.name}:\n{s.log()[-2000:]}" for s in (a, b))
-            raise AssertionError(f"{what}: not within {seconds}s; {progress()}\n{logs}") from None
-
-    async def published_at_least(count: int) -> None:
-        with within(FAILOVER_TIMEOUT, f"{count} events published"):
-            await poll_until(lambda: len(published) >= count)
-
-    async with anyio.create_task_group() as tg:
-        for subscriber in subscribers:
-            tg.start_soon(subscriber.run, http)
-        with within(TIMEOUT, "every subscriber subscribed"):
-            for subscriber in subscribers:
-                await subscriber.subscribed.wait()
-        tg.start_soon(publisher)
-        await published_at_least(100)
-        killed_at = len(published)
+    async def fail_over(drill: FailoverDrill) -> None:
         started = time.monotonic()
         await anyio.to_thread.run_sync(redis_cluster.kill_master, victim)
-        via = b
+        drill.via = b
         await anyio.to_thread.run_sync(
             redis_cluster.wait_for_failover, victim, replica, FAILOVER_TIMEOUT
         )
-        stats["failover_s"] = round(time.monotonic() - started, 2)
-        await published_at_least(killed_at + 50)
-        after = published[-1].data["n"]
+        drill.stats["failover_s"] = round(time.monotonic() - started, 2)
 
-        def new_events(subscriber: Subscriber) -> int:
-            return sum(
-                1
-                for e in subscriber.received
-                if e.event is None and e.id is not None and e.json().get("n", -1) > after
-            )
-
-        with within(FAILOVER_TIMEOUT, "every subscriber live after the failover"):
-            await poll_until(lambda: all(new_events(s) >= 10 for s in subscribers))
-        stop.set()
-        with within(TIMEOUT, "the publisher stopped"):
-            await stopped.wait()
-        with within(FAILOVER_TIMEOUT, "every subscriber received an end marker"):
-            n = 0
-            while not all(subscriber.done.is_set() for subscriber in subscribers):
-                await post(http, (a, b)[n // 2 % 2], rooms[n % 2], {"done": True})
-                n += 1
-                await anyio.sleep(0.1)
-        tg.cancel_scope.cancel()
+    await drill.run(fail_over)
+    published = drill.published
 
     views = [view for subscriber in subscribers for view in per_room(subscriber, published)]
     streams = [s.room for s in subscribers for _ in s.room.split("+")]
@@ -669,9 +598,9 @@ async def test_redis_cluster_failover_keeps_the_guarantee_for_subscribers_on_two
     conflicts = conflicting_ids(published, [*one_room, *views])
     report = {
         "published": len(published),
-        "failed_publishes": failed,
-        "killed_after": killed_at,
-        **stats,
+        "failed_publishes": drill.failed,
+        "killed_after": drill.killed_at,
+        **drill.stats,
         "epochs": sorted({position_of(p.id)[0] for p in published}),
         "conflicting_count": len(conflicts),
         "subscribers": [

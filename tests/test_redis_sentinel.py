@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -28,13 +27,12 @@ import redis
 from support.broadcast import Recorder, data, no_deliver
 from support.failover import (
     FAILOVER_TIMEOUT,
-    Published,
+    FailoverDrill,
     Subscriber,
     conflicting_ids,
     judge,
     poll_until,
     position_of,
-    post,
 )
 from support.redis import unique_prefix
 from support.redis_topology import RedisNode, SentinelGroup, spare_ports
@@ -296,110 +294,32 @@ async def test_sentinel_failover_keeps_the_guarantee_for_subscribers_on_two_proc
     a, b = sentinel_servers
     rooms = ("one", "two")
     subscribers = [Subscriber(server, room) for server in (a, b) for room in rooms]
-    published: list[Published] = []
-    failed = 0
-    via = a
-    stop = anyio.Event()
-    stopped = anyio.Event()
-    stats: dict[str, Any] = {}
+    drill = FailoverDrill(http, (a, b), rooms, subscribers, TIMEOUT)
 
-    async def publisher() -> None:
-        nonlocal failed
-        n = 0
-        while not stop.is_set():
-            room = rooms[n % 2]
-            data = {"n": n}
-            event_id = await post(http, via, room, data)
-            if event_id is None:
-                failed += 1
-                await anyio.sleep(0.05)
-            else:
-                published.append(Published(room, event_id, data))
-            n += 1
-            await anyio.sleep(0.005)
-        stopped.set()
-
-    def progress() -> str:
-        now = time.monotonic()
-        clients = [
-            f"{s.name}: {len(s.received)} events, {s.connects} connects, done={s.done.is_set()}, "
-            f"streaming={s.streaming} (read {now - s.last_read:.1f}s ago), last_id={s.last_id}, "
-            f"last events {[(e.event, e.id, e.data) for e in s.received[-3:]]}"
-            for s in subscribers
-        ]
-        tail = [(p.room, p.id) for p in published[-4:]]
-        return f"{len(published)} published (last {tail}), {failed} failed, {stats}; {clients}"
-
-    @contextmanager
-    def within(seconds: float, what: str) -> Iterator[None]:
-        try:
-            with anyio.fail_after(seconds):
-                yield
-        except TimeoutError:
-            logs = "\n".join(f"--- {s.name}:\n{s.log()[-2000:]}" for s in (a, b))
-            raise AssertionError(f"{what}: not within {seconds}s; {progress()}\n{logs}") from None
-
-    async def published_at_least(count: int) -> None:
-        with within(FAILOVER_TIMEOUT, f"{count} events published"):
-            await poll_until(lambda: len(published) >= count)
-
-    async with anyio.create_task_group() as tg:
-        for subscriber in subscribers:
-            tg.start_soon(subscriber.run, http)
-        with within(TIMEOUT, "every subscriber subscribed"):
-            for subscriber in subscribers:
-                await subscriber.subscribed.wait()
-        tg.start_soon(publisher)
-        await published_at_least(100)
+    async def fail_over(drill: FailoverDrill) -> None:
         if lagging:
             replica = await anyio.to_thread.run_sync(sentinel_group.detach_replica)
-            count = len(published)
-            await published_at_least(count + 30)
-            stats["published_while_lagging"] = len(published) - count
-        killed_at = len(published)
+            count = len(drill.published)
+            await drill.published_at_least(count + 30)
+            drill.stats["published_while_lagging"] = len(drill.published) - count
+            drill.killed_at = len(drill.published)
         started = time.monotonic()
         old: RedisNode = await anyio.to_thread.run_sync(sentinel_group.kill_master)
-        via = b
+        drill.via = b
         if lagging:
             await anyio.to_thread.run_sync(sentinel_group.reattach_replica, replica, old)
         await anyio.to_thread.run_sync(sentinel_group.wait_for_failover, old, FAILOVER_TIMEOUT)
-        stats["failover_s"] = round(time.monotonic() - started, 2)
-        await published_at_least(killed_at + 50)
-        # Publishing goes on until every subscriber is live again and has
-        # received 10 events published after the failover.
-        after = published[-1].data["n"]
+        drill.stats["failover_s"] = round(time.monotonic() - started, 2)
 
-        def new_events(subscriber: Subscriber) -> int:
-            return sum(
-                1
-                for e in subscriber.received
-                if e.event is None and e.id is not None and e.json().get("n", -1) > after
-            )
-
-        with within(FAILOVER_TIMEOUT, "every subscriber live on the new master"):
-            await poll_until(lambda: all(new_events(s) >= 10 for s in subscribers))
-        stop.set()
-        with within(TIMEOUT, "the publisher stopped"):
-            await stopped.wait()
-        # End markers, in each room, through each server in turn, until every
-        # subscriber has one: a subscriber that resubscribes after a marker was
-        # published gets a reset past it, and needs the next one.
-        with within(FAILOVER_TIMEOUT, "every subscriber received an end marker"):
-            n = 0
-            while not all(subscriber.done.is_set() for subscriber in subscribers):
-                room = rooms[n % 2]
-                await post(http, (a, b)[n // 2 % 2], room, {"done": True})
-                n += 1
-                await anyio.sleep(0.1)
-        tg.cancel_scope.cancel()
-
+    await drill.run(fail_over)
+    published = drill.published
     outcomes = [judge(subscriber, published) for subscriber in subscribers]
     conflicts = conflicting_ids(published, subscribers)
     report = {
         "published": len(published),
-        "failed_publishes": failed,
-        "killed_after": killed_at,
-        **stats,
+        "failed_publishes": drill.failed,
+        "killed_after": drill.killed_at,
+        **drill.stats,
         "epochs": sorted({position_of(p.id)[0] for p in published}),
         "conflicting_ids": conflicts[:10],
         "conflicting_count": len(conflicts),

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,3 +189,126 @@ async def post(http: httpx.AsyncClient, server: ServerProcess, room: str, data: 
         return None
     event_id: str = response.json()["id"]
     return event_id
+
+
+class FailoverDrill:
+    """Two processes, browser-like subscribers on both, and a publisher through one of
+    them, around a failover that `run()` is given.
+
+    The publisher posts to `rooms` in turn, through `via` (A until the failover
+    hook switches it). `run(fail_over)` opens every subscriber, publishes 100
+    events, awaits `fail_over(drill)` (which kills the master, sets `via`, waits
+    for the promotion, records `stats`, and sets `killed_at` if it published
+    before the kill), then publishes 50 events past `killed_at` and on until
+    every subscriber has 10 events published after the failover, and ends each
+    one with a `done` marker. The test judges `published` and the subscribers
+    after.
+    """
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        servers: tuple[ServerProcess, ServerProcess],
+        rooms: tuple[str, str],
+        subscribers: list[Subscriber],
+        timeout: float,
+    ) -> None:
+        self.http = http
+        self.servers = servers
+        self.rooms = rooms
+        self.subscribers = subscribers
+        self.timeout = timeout
+        self.published: list[Published] = []
+        self.failed = 0
+        self.via = servers[0]
+        self.stats: dict[str, Any] = {}
+        #: How many events were published when the master was killed.
+        self.killed_at = 0
+        self._stop = anyio.Event()
+        self._stopped = anyio.Event()
+
+    async def _publish(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            room = self.rooms[n % 2]
+            data = {"n": n}
+            event_id = await post(self.http, self.via, room, data)
+            if event_id is None:
+                self.failed += 1
+                await anyio.sleep(0.05)
+            else:
+                self.published.append(Published(room, event_id, data))
+            n += 1
+            await anyio.sleep(0.005)
+        self._stopped.set()
+
+    def progress(self) -> str:
+        now = time.monotonic()
+        clients = [
+            f"{s.name}: {len(s.received)} events, {s.connects} connects, done={s.done.is_set()}, "
+            f"streaming={s.streaming} (read {now - s.last_read:.1f}s ago), last_id={s.last_id}, "
+            f"last events {[(e.event, e.id, e.data) for e in s.received[-3:]]}"
+            for s in self.subscribers
+        ]
+        tail = [(p.room, p.id) for p in self.published[-4:]]
+        return (
+            f"{len(self.published)} published (last {tail}), {self.failed} failed, "
+            f"{self.stats}; {clients}"
+        )
+
+    @contextmanager
+    def within(self, seconds: float, what: str) -> Iterator[None]:
+        """Fail with the drill's progress and both servers' logs after `seconds`."""
+        try:
+            with anyio.fail_after(seconds):
+                yield
+        except TimeoutError:
+            logs = "\n".join(f"--- {s.name}:\n{s.log()[-2000:]}" for s in self.servers)
+            raise AssertionError(
+                f"{what}: not within {seconds}s; {self.progress()}\n{logs}"
+            ) from None
+
+    async def published_at_least(self, count: int) -> None:
+        with self.within(FAILOVER_TIMEOUT, f"{count} events published"):
+            await poll_until(lambda: len(self.published) >= count)
+
+    async def run(self, fail_over: Callable[[FailoverDrill], Awaitable[None]]) -> None:
+        subscribers = self.subscribers
+        async with anyio.create_task_group() as tg:
+            for subscriber in subscribers:
+                tg.start_soon(subscriber.run, self.http)
+            with self.within(self.timeout, "every subscriber subscribed"):
+                for subscriber in subscribers:
+                    await subscriber.subscribed.wait()
+            tg.start_soon(self._publish)
+            await self.published_at_least(100)
+            self.killed_at = len(self.published)
+            await fail_over(self)
+            await self.published_at_least(self.killed_at + 50)
+            # Publishing goes on until every subscriber is live again and has
+            # received 10 events published after the failover.
+            after = self.published[-1].data["n"]
+
+            def new_events(subscriber: Subscriber) -> int:
+                return sum(
+                    1
+                    for e in subscriber.received
+                    if e.event is None and e.id is not None and e.json().get("n", -1) > after
+                )
+
+            with self.within(FAILOVER_TIMEOUT, "every subscriber live after the failover"):
+                await poll_until(lambda: all(new_events(s) >= 10 for s in subscribers))
+            self._stop.set()
+            with self.within(self.timeout, "the publisher stopped"):
+                await self._stopped.wait()
+            # End markers, in each room, through each server in turn, until every
+            # subscriber has one: a subscriber that resubscribes after a marker was
+            # published gets a reset past it, and needs the next one.
+            with self.within(FAILOVER_TIMEOUT, "every subscriber received an end marker"):
+                n = 0
+                while not all(subscriber.done.is_set() for subscriber in subscribers):
+                    room = self.rooms[n % 2]
+                    await post(self.http, self.servers[n // 2 % 2], room, {"done": True})
+                    n += 1
+                    await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()
