@@ -254,7 +254,7 @@ class Stream:
 
     def clock(self) -> float:
         """Anyio's clock."""
-        return self._runtime.clock()
+        return self._writer.clock()
 
     # -- the request task -------------------------------------------------------------
 

@@ -46,6 +46,9 @@ class Waiter(Protocol):
     def close(self) -> None:
         """Drop what the waiter holds for a deadline: nobody will wait on it again."""
 
+    def clock(self) -> float:
+        """Anyio's clock, on which `wait()`'s deadline is (read from the waiter's own loop)."""
+
 
 class CancelRegion(Protocol):
     """A `with` block of one task that `cancel()` or a deadline ends early."""

@@ -60,6 +60,11 @@ class Waiter:
                 self._arm(deadline)
         return future
 
+    def clock(self) -> float:
+        # The loop's own clock: asyncio.get_running_loop() would make a getpid()
+        # system call on every read (CPython checks for a fork).
+        return self._loop.time()
+
     def close(self) -> None:
         timer, self._timer = self._timer, None
         if timer is not None:

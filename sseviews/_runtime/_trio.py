@@ -34,6 +34,9 @@ class Waiter:
     def wait(self, deadline: float = math.inf) -> Awaitable[bool]:
         return self._wait(deadline)
 
+    def clock(self) -> float:
+        return anyio.current_time()
+
     async def _wait(self, deadline: float) -> bool:
         event = self._event = anyio.Event()
         try:
