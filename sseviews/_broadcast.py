@@ -521,9 +521,11 @@ class Broadcast:
             else:
                 await live.deliver(group, seq, wire)
 
-        position = await self.store.append(group, event.encode(), deliver)
-        # Let the writers run between publishes: a burst must not starve them.
+        # Let the writers run between publishes (a burst must not starve them), before
+        # the event is stored: a publish cancelled here has published nothing, and one
+        # that stored its event returns its id at once, in the order of the appends.
         await anyio.lowlevel.checkpoint()
+        position = await self.store.append(group, event.encode(), deliver)
         return format_id(*position)
 
     def _sqlite_history(self) -> bool:

@@ -61,7 +61,9 @@ class MemoryStore(HistoryStore):
         self.max_age = max_age
         self.idle_expiry = idle_expiry
         self._groups: dict[str, _Group] = {}
-        self._lock = anyio.Lock()
+        # Orders the appends with their live delivery, which may await (on Redis). An
+        # uncontended acquire does not yield: `Broadcast.publish()` has just yielded.
+        self._lock = anyio.Lock(fast_acquire=True)
         self._sweeper: Sweeper | None = None
 
     @property
