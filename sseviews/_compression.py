@@ -3,9 +3,10 @@
 A view with `compress` set answers a request whose `Accept-Encoding` allows it
 with a compressed body: gzip always, br with the optional `brotli` package, zstd
 with the optional `zstandard` package. The stream's writer hands each chunk it
-sends to the stream's encoder, which compresses it and flushes it whole (a sync
-flush), so every event, ping and final event reaches the client at once; the
-clean end of a stream finishes the encoding (gzip's trailer, zstd's frame end).
+sends to the stream's encoder, which compresses it and flushes it whole (gzip: a
+partial flush, zstd: the end of a block, brotli: a flush), so every event, ping
+and final event reaches the client at once; the clean end of a stream finishes
+the encoding (gzip's trailer, zstd's frame end).
 
 Memory per stream stays small:
 
@@ -240,7 +241,7 @@ def _gzip_preamble(first: bytes) -> tuple[bytes, int]:
 
 
 class GzipEncoder:
-    """gzip (RFC 1952) as a series of raw deflate blocks, each send sync-flushed."""
+    """gzip (RFC 1952) as a series of raw deflate blocks, each send flushed."""
 
     __slots__ = ("_crc", "_deflate", "_size")
     name = "gzip"
@@ -262,10 +263,14 @@ class GzipEncoder:
         self._crc = zlib.crc32(data, self._crc)
         self._size += len(data)
         if idle:
-            # A FULL flush ends the dictionary: a new compressor continues from here.
+            # A FULL flush ends the dictionary on a byte boundary: a new compressor
+            # continues from here.
             self._deflate = None
             return deflate.compress(data) + deflate.flush(zlib.Z_FULL_FLUSH)  # type: ignore[no-any-return]
-        return deflate.compress(data) + deflate.flush(zlib.Z_SYNC_FLUSH)  # type: ignore[no-any-return]
+        # A PARTIAL flush ends the block with the data, then a 10-bit empty block
+        # rather than a sync flush's 4-byte marker: the decoder has every byte of
+        # `data`, and the next block goes on from the bits still pending.
+        return deflate.compress(data) + deflate.flush(zlib.Z_PARTIAL_FLUSH)  # type: ignore[no-any-return]
 
     def finish(self, last: bytes) -> bytes:
         deflate = self._deflate if self._deflate is not None else _deflater()
