@@ -8,10 +8,10 @@ partial flush, zstd: the end of a block, brotli: a flush), so every event, ping
 and final event reaches the client at once; the clean end of a stream finishes
 the encoding (gzip's trailer, zstd's frame end).
 
-Memory per stream stays small:
+Memory per idle stream stays small:
 
-- each encoder uses a small window and little memory (see the `GZIP_*`,
-  `BROTLI_*` and `ZSTD_*` settings below, and docs/compression.md);
+- each encoder's level, window and tables are the `GZIP_*`, `BROTLI_*` and
+  `ZSTD_*` settings below (their cost is in docs/compression.md);
 - a stream holds no compressor until its first event: the gzip header and the
   `retry:` preamble are compressed once per process and shared (a FULL flush
   makes the deflate blocks that follow independent of them, and zstd frames
@@ -67,23 +67,28 @@ ENCODINGS = ("gzip", "zstd", "br")
 EXTRAS = {"br": "brotli", "zstd": "zstd"}
 _MODULES = {"br": "brotli", "zstd": "zstandard"}
 
-# gzip: deflate level 6 with a 4 KiB window and memLevel 5, about 35 KiB while a
-# stream holds its compressor (zlib's defaults, a 32 KiB window and memLevel 8,
-# hold about 256 KiB).
+# The settings come from `python benchmarks/bench_compression.py --matrix` (the
+# table in docs/compression.md): the best ratio on flushed events whose CPU per
+# delivery stays well within twice an uncompressed stream's. A gzip or zstd stream
+# holds its compressor only while it streams (it drops it at idle), so a larger
+# window costs memory per active stream only.
+# gzip: level 6 with zlib's largest window (32 KiB) and memLevel 5 (level 9 costs
+# far more CPU for a few bytes; memLevel 8 holds more memory for the same bytes).
 GZIP_LEVEL = 6
-GZIP_WBITS = 12
+GZIP_WBITS = 15
 GZIP_MEMLEVEL = 5
-# brotli: quality 5 and the smallest window (1 KiB), about 270 KiB per stream
-# once it holds its compressor. Qualities 0 and 1 (16 KiB) do not compress small
-# flushed chunks at all; quality 4 holds 520 KiB.
+# brotli: quality 5 and a 64 KiB window, which holds no more memory than the
+# smallest one. A brotli stream keeps its compressor to its end, and no quality
+# that compresses flushed events holds less (qualities 0 and 1 hold little but
+# do not compress them; quality 2 and up hold about as much).
 BROTLI_QUALITY = 5
-BROTLI_LGWIN = 10
-# zstd: level 6 with a 4 KiB window and 1 K-entry hash and chain tables, about
-# 45 KiB while a stream holds its compressor (level 3's own tables hold 800 KiB).
+BROTLI_LGWIN = 16
+# zstd: level 6 with a 128 KiB window and 32 K-entry hash and chain tables (the
+# same CPU as a 4 KiB window; level 9 does no better, level 3 worse).
 ZSTD_LEVEL = 6
-ZSTD_WINDOW_LOG = 12
-ZSTD_HASH_LOG = 10
-ZSTD_CHAIN_LOG = 10
+ZSTD_WINDOW_LOG = 17
+ZSTD_HASH_LOG = 15
+ZSTD_CHAIN_LOG = 15
 
 # A gzip member header: deflate, no name, no time, unknown OS (RFC 1952).
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
