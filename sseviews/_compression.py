@@ -68,14 +68,16 @@ EXTRAS = {"br": "brotli", "zstd": "zstd"}
 _MODULES = {"br": "brotli", "zstd": "zstandard"}
 
 # The settings come from `python benchmarks/bench_compression.py --matrix` (the
-# table in docs/compression.md): the best ratio on flushed events whose CPU per
-# delivery stays well within twice an uncompressed stream's. A gzip or zstd stream
-# holds its compressor only while it streams (it drops it at idle), so a larger
-# window costs memory per active stream only.
-# gzip: level 6 with zlib's largest window (32 KiB) and memLevel 5 (level 9 costs
-# far more CPU for a few bytes; memLevel 8 holds more memory for the same bytes).
+# table in docs/compression.md). A gzip or zstd stream drops its compressor at
+# idle, but a stream that never idles (a dashboard sending every second) holds it
+# for its whole life, so the windows stay small: each step up in window size buys
+# a few percent of bytes for tens of KiB per active stream.
+# gzip: level 6 with an 8 KiB window (wbits 13) and memLevel 5: about 52 KiB per
+# active stream (the 32 KiB window compresses the chat stream 7% more and holds
+# 131 KiB; level 9 costs more CPU for a few bytes; memLevel 8 holds more memory
+# for the same bytes).
 GZIP_LEVEL = 6
-GZIP_WBITS = 15
+GZIP_WBITS = 13
 GZIP_MEMLEVEL = 5
 # brotli: quality 5 and a 64 KiB window, which holds no more memory than the
 # smallest one. A brotli stream keeps its compressor to its end, and no quality
@@ -83,12 +85,13 @@ GZIP_MEMLEVEL = 5
 # do not compress them; quality 2 and up hold about as much).
 BROTLI_QUALITY = 5
 BROTLI_LGWIN = 16
-# zstd: level 6 with a 128 KiB window and 32 K-entry hash and chain tables (the
-# same CPU as a 4 KiB window; level 9 does no better, level 3 worse).
+# zstd: level 6 with a 16 KiB window and 4 K-entry hash and chain tables: about
+# 101 KiB per active stream (a 128 KiB window compresses the chat stream 6% more
+# and holds 256 KiB; level 9 does no better, level 3 worse).
 ZSTD_LEVEL = 6
-ZSTD_WINDOW_LOG = 17
-ZSTD_HASH_LOG = 15
-ZSTD_CHAIN_LOG = 15
+ZSTD_WINDOW_LOG = 14
+ZSTD_HASH_LOG = 12
+ZSTD_CHAIN_LOG = 12
 
 # A gzip member header: deflate, no name, no time, unknown OS (RFC 1952).
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
