@@ -3,14 +3,15 @@
 A view with `compress` set answers a request whose `Accept-Encoding` allows it
 with a compressed body: gzip always, br with the optional `brotli` package, zstd
 with the optional `zstandard` package. The stream's writer hands each chunk it
-sends to the stream's encoder, which compresses it and flushes it whole (a sync
-flush), so every event, ping and final event reaches the client at once; the
-clean end of a stream finishes the encoding (gzip's trailer, zstd's frame end).
+sends to the stream's encoder, which compresses it and flushes it whole (gzip: a
+partial flush, zstd: the end of a block, brotli: a flush), so every event, ping
+and final event reaches the client at once; the clean end of a stream finishes
+the encoding (gzip's trailer, zstd's frame end).
 
-Memory per stream stays small:
+Memory per idle stream stays small:
 
-- each encoder uses a small window and little memory (see the `GZIP_*`,
-  `BROTLI_*` and `ZSTD_*` settings below, and docs/compression.md);
+- each encoder's level, window and tables are the `GZIP_*`, `BROTLI_*` and
+  `ZSTD_*` settings below (their cost is in docs/compression.md);
 - a stream holds no compressor until its first event: the gzip header and the
   `retry:` preamble are compressed once per process and shared (a FULL flush
   makes the deflate blocks that follow independent of them, and zstd frames
@@ -66,23 +67,31 @@ ENCODINGS = ("gzip", "zstd", "br")
 EXTRAS = {"br": "brotli", "zstd": "zstd"}
 _MODULES = {"br": "brotli", "zstd": "zstandard"}
 
-# gzip: deflate level 6 with a 4 KiB window and memLevel 5, about 35 KiB while a
-# stream holds its compressor (zlib's defaults, a 32 KiB window and memLevel 8,
-# hold about 256 KiB).
+# The settings come from `python benchmarks/bench_compression.py --matrix` (the
+# table in docs/compression.md). A gzip or zstd stream drops its compressor at
+# idle, but a stream that never idles (a dashboard sending every second) holds it
+# for its whole life, so the windows stay small: each step up in window size buys
+# a few percent of bytes for tens of KiB per active stream.
+# gzip: level 6 with an 8 KiB window (wbits 13) and memLevel 5: about 52 KiB per
+# active stream (the 32 KiB window compresses the chat stream 7% more and holds
+# 131 KiB; level 9 costs more CPU for a few bytes; memLevel 8 holds more memory
+# for the same bytes).
 GZIP_LEVEL = 6
-GZIP_WBITS = 12
+GZIP_WBITS = 13
 GZIP_MEMLEVEL = 5
-# brotli: quality 5 and the smallest window (1 KiB), about 270 KiB per stream
-# once it holds its compressor. Qualities 0 and 1 (16 KiB) do not compress small
-# flushed chunks at all; quality 4 holds 520 KiB.
+# brotli: quality 5 and a 64 KiB window, which holds no more memory than the
+# smallest one. A brotli stream keeps its compressor to its end, and no quality
+# that compresses flushed events holds less (qualities 0 and 1 hold little but
+# do not compress them; quality 2 and up hold about as much).
 BROTLI_QUALITY = 5
-BROTLI_LGWIN = 10
-# zstd: level 6 with a 4 KiB window and 1 K-entry hash and chain tables, about
-# 45 KiB while a stream holds its compressor (level 3's own tables hold 800 KiB).
+BROTLI_LGWIN = 16
+# zstd: level 6 with a 16 KiB window and 4 K-entry hash and chain tables: about
+# 101 KiB per active stream (a 128 KiB window compresses the chat stream 6% more
+# and holds 256 KiB; level 9 does no better, level 3 worse).
 ZSTD_LEVEL = 6
-ZSTD_WINDOW_LOG = 12
-ZSTD_HASH_LOG = 10
-ZSTD_CHAIN_LOG = 10
+ZSTD_WINDOW_LOG = 14
+ZSTD_HASH_LOG = 12
+ZSTD_CHAIN_LOG = 12
 
 # A gzip member header: deflate, no name, no time, unknown OS (RFC 1952).
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
@@ -240,7 +249,7 @@ def _gzip_preamble(first: bytes) -> tuple[bytes, int]:
 
 
 class GzipEncoder:
-    """gzip (RFC 1952) as a series of raw deflate blocks, each send sync-flushed."""
+    """gzip (RFC 1952) as a series of raw deflate blocks, each send flushed."""
 
     __slots__ = ("_crc", "_deflate", "_size")
     name = "gzip"
@@ -262,10 +271,14 @@ class GzipEncoder:
         self._crc = zlib.crc32(data, self._crc)
         self._size += len(data)
         if idle:
-            # A FULL flush ends the dictionary: a new compressor continues from here.
+            # A FULL flush ends the dictionary on a byte boundary: a new compressor
+            # continues from here.
             self._deflate = None
             return deflate.compress(data) + deflate.flush(zlib.Z_FULL_FLUSH)  # type: ignore[no-any-return]
-        return deflate.compress(data) + deflate.flush(zlib.Z_SYNC_FLUSH)  # type: ignore[no-any-return]
+        # A PARTIAL flush ends the block with the data, then a 10-bit empty block
+        # rather than a sync flush's 4-byte marker: the decoder has every byte of
+        # `data`, and the next block goes on from the bits still pending.
+        return deflate.compress(data) + deflate.flush(zlib.Z_PARTIAL_FLUSH)  # type: ignore[no-any-return]
 
     def finish(self, last: bytes) -> bytes:
         deflate = self._deflate if self._deflate is not None else _deflater()

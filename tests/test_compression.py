@@ -132,6 +132,24 @@ def test_gzip_encoder_frees_its_compressor_when_idle_and_shares_the_preamble() -
     assert first._deflate is None  # type: ignore[attr-defined]
 
 
+def test_gzip_encoder_partial_flushes_events_and_full_flushes_at_idle() -> None:
+    encoder = make_encoder("gzip")
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert inflate.decompress(encoder.start(b"retry: 10\n")) == b"retry: 10\n"
+    for n in range(20):
+        chunk = b"id: %d\ndata: %s\n\n" % (n, reading(n))
+        wire = encoder.encode(chunk, False)
+        # A partial flush: no sync flush's empty stored block, 4 bytes saved per event,
+        # and still every byte of the event decodes at once.
+        assert not wire.endswith(b"\x00\x00\xff\xff"), n
+        assert inflate.decompress(wire) == chunk
+    # At idle, a FULL flush ends on a byte boundary, so a new compressor can go on.
+    wire = encoder.encode(b": ping\n\n", True)
+    assert wire.endswith(b"\x00\x00\xff\xff")
+    assert inflate.decompress(wire) == b": ping\n\n"
+    assert inflate.decompress(encoder.encode(b"data: again\n\n", False)) == b"data: again\n\n"
+
+
 def test_decoder_rejects_an_unknown_or_broken_body() -> None:
     with pytest.raises(ValueError, match="cannot decode Content-Encoding 'deflate'"):
         Decoder("deflate")

@@ -3,8 +3,10 @@
 `/feed/{encoding}` streams the group `feed` compressed with that one encoding
 (`identity` for none); every stream ends after `max_lifetime` (0.7 s), so each
 client reconnects several times with its Last-Event-ID, and pings after 0.15 s
-of silence. `/?encoding=gzip` opens
-the same feed twice: with the browser's own `EventSource` and with `sseviews.js`.
+of silence. `/quiet/{encoding}` streams the same group with no pings and no
+end, so nothing but each event's own write can carry it to the client.
+`/?encoding=gzip` opens the feed twice (`&feed=quiet`: the quiet one): with the
+browser's own `EventSource` and with `sseviews.js`.
 `/stats` lists, per connection: the encoding asked for, the request's
 `Accept-Encoding` and its Last-Event-ID.
 """
@@ -30,14 +32,16 @@ PAGE = """<!doctype html>
 <script src="/sseviews.js"></script></head>
 <body><p id="native"></p><p id="helper"></p>
 <script>
-  const encoding = new URLSearchParams(location.search).get("encoding");
+  const params = new URLSearchParams(location.search);
+  const encoding = params.get("encoding");
+  const feed = "/" + (params.get("feed") || "feed") + "/" + encoding;
   window.native = []; window.helper = [];
-  const source = new EventSource("/feed/" + encoding + "?client=native");
+  const source = new EventSource(feed + "?client=native");
   source.addEventListener("item", (e) => {
     window.native.push(JSON.parse(e.data));
     document.getElementById("native").textContent = "EventSource: " + window.native.length;
   });
-  const stream = sseviews.connect("/feed/" + encoding + "?client=helper",
+  const stream = sseviews.connect(feed + "?client=helper",
                                   {minDelay: 100, maxDelay: 500});
   stream.on("item", (data) => {
     window.helper.push(data);
@@ -74,13 +78,20 @@ FEEDS = {
     for encoding in ("gzip", "br", "zstd")
 }
 FEEDS["identity"] = Feed
+QUIET = {
+    encoding: type(f"Quiet_{encoding}", (view,), {"ping_interval": None, "max_lifetime": None})
+    for encoding, view in FEEDS.items()
+}
 
 
 class ByEncoding:
-    """Dispatch `/feed/{encoding}` to the view that compresses with it."""
+    """Dispatch `/feed/{encoding}` (or `/quiet/{encoding}`) to the view that compresses with it."""
+
+    def __init__(self, views: dict[str, type[EventStreamView]]) -> None:
+        self.views = views
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        view = FEEDS[scope["path_params"]["encoding"]]
+        view = self.views[scope["path_params"]["encoding"]]
         await view(scope, receive, send)
 
 
@@ -111,7 +122,8 @@ app = Starlette(
         Route("/publish", publish, methods=["POST"]),
         Route("/stats", stats),
         js_route("/sseviews.js"),
-        Route("/feed/{encoding}", ByEncoding()),
+        Route("/feed/{encoding}", ByEncoding(FEEDS)),
+        Route("/quiet/{encoding}", ByEncoding(QUIET)),
     ],
     lifespan=lifespan,
 )

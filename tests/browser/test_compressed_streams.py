@@ -1,6 +1,7 @@
 """Compressed streams end to end, under a real uvicorn: Chromium's `EventSource` and
 `sseviews.js` in the browser, and `curl --compressed`. Each reads every event exactly,
-across reconnections that resume with Last-Event-ID (the app's streams end every 0.7 s).
+across reconnections that resume with Last-Event-ID (the app's streams end every 0.7 s),
+and each gets every event of a stream without pings before the next one is sent.
 
 The app is `compress_app.py`.
 """
@@ -8,6 +9,8 @@ The app is `compress_app.py`.
 from __future__ import annotations
 
 import json
+import os
+import selectors
 import subprocess
 import sys
 import time
@@ -141,3 +144,64 @@ def test_curl_compressed_reads_and_resumes(app: CompressApp, encoding: str, tmp_
     out, _ = resumed.communicate(timeout=10)
     assert resumed.returncode == 0
     assert [e.json() for e in EventParser().feed(out)] == expected(1006, 1010)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_browser_gets_each_compressed_event_before_the_next(
+    app: CompressApp, browser: Browser, encoding: str
+) -> None:
+    # The quiet feed sends no pings: only each event's own flushed write can carry it.
+    context = browser.new_context(extra_http_headers={"Accept-Encoding": encoding})
+    try:
+        page = context.new_page()
+        before = len(app.connections())
+        page.goto(f"{app.base}/?encoding={encoding}&feed=quiet")
+        deadline = time.monotonic() + 5
+        while len(app.connections()) < before + 2:  # both streams are open
+            assert time.monotonic() < deadline, app.connections()[before:]
+            time.sleep(0.02)
+        for n in range(2000, 2008):
+            app.publish(n, n + 1)
+            count = n - 2000 + 1
+            page.wait_for_function(
+                f"window.native.length >= {count} && window.helper.length >= {count}",
+                timeout=3_000,
+            )
+        assert page.evaluate("window.native") == expected(2000, 2008)
+        assert page.evaluate("window.helper") == expected(2000, 2008)
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_curl_compressed_gets_each_event_before_the_next(app: CompressApp, encoding: str) -> None:
+    before = len(app.connections())
+    command = ["curl", "--silent", "--show-error", "--no-buffer", "--compressed"]
+    command += ["-H", f"Accept-Encoding: {encoding}", "--max-time", "10"]
+    reader = subprocess.Popen([*command, f"{app.base}/quiet/{encoding}"], stdout=subprocess.PIPE)
+    assert reader.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(reader.stdout, selectors.EVENT_READ)
+    parser = EventParser()
+    events = []
+    try:
+        deadline = time.monotonic() + 5
+        while len(app.connections()) == before:  # curl's stream is open
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for n in range(2000, 2008):
+            app.publish(n, n + 1)
+            deadline = time.monotonic() + 3
+            while len(events) < n - 2000 + 1:
+                left = deadline - time.monotonic()
+                assert left > 0, f"event {n} held back; decoded so far: {events}"
+                if selector.select(left):
+                    chunk = os.read(reader.stdout.fileno(), 65536)
+                    assert chunk, "curl ended early"
+                    events += parser.feed(chunk)
+    finally:
+        selector.close()
+        reader.kill()
+        reader.wait()
+        reader.stdout.close()
+    assert [e.json() for e in events] == expected(2000, 2008)
