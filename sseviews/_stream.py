@@ -316,11 +316,37 @@ class Stream:
                             await self._listen()
                     else:
                         tasks.start(self._listen, LISTENER_TASK)
+                        # events() is iterated in this frame rather than one of its
+                        # own: this frame is kept while the stream is open anyway.
                         try:
-                            await self._produce(events, look_at)
+                            with self.open_events_scope():
+                                async for item in events:
+                                    if isinstance(item, Event):
+                                        data = item.encode()
+                                    else:
+                                        if look_at is not None:
+                                            look_at(item)  # the first value that is not an Event
+                                            look_at = None
+                                        data = encode_data(item)
+                                    if self.push(data):
+                                        await self.wait_for_space()
+                            self.stop(
+                                DisconnectReason.SHUTDOWN
+                                if self.shutting_down
+                                else DisconnectReason.COMPLETED
+                            )
+                        except Exception as error:
+                            self._events_failed(error)
                         finally:
-                            self._finishing = True
-                            self._writer.wake()
+                            try:
+                                # A generator that returned, raised, or was cancelled at
+                                # an await has already finished: only one left at a
+                                # yield has finally blocks to run.
+                                if getattr(events, "ag_frame", True) is not None:
+                                    await self._close_events(events)
+                            finally:
+                                self._finishing = True
+                                self._writer.wake()
                     while not self._written:
                         await self._request.wait()
             finally:
@@ -454,39 +480,18 @@ class Stream:
 
     # -- the producer -----------------------------------------------------------------
 
-    async def _produce(
-        self, agen: AsyncIterator[Any], look_at: Callable[[object], None] | None
-    ) -> None:
-        """Iterate `events()` in this task, encoding each item into the buffer."""
-        try:
-            with self.open_events_scope():
-                async for item in agen:
-                    if isinstance(item, Event):
-                        data = item.encode()
-                    else:
-                        if look_at is not None:
-                            look_at(item)  # only the first value that is not an Event
-                            look_at = None
-                        data = encode_data(item)
-                    if self.push(data):
-                        await self.wait_for_space()
-            ended = self.shutting_down
-            self.stop(DisconnectReason.SHUTDOWN if ended else DisconnectReason.COMPLETED)
-        except SlowConsumer as exc:
+    def _events_failed(self, error: Exception) -> None:
+        """End the stream because iterating `events()` raised `error` (call it from
+        the `except` block: the traceback is logged)."""
+        if isinstance(error, SlowConsumer):  # from the subscription events() relays
             if self.reason is None:
-                logger.warning("%s: %s; disconnecting", self.view.describe(), exc)
+                logger.warning("%s: %s; disconnecting", self.view.describe(), error)
                 self.stop(DisconnectReason.SLOW_CONSUMER)
-        except Exception:
-            if self.reason is None:
-                logger.exception("%s: events() raised; ending the stream", self.view.describe())
-                self.fail()
-            else:
-                logger.exception("%s: events() raised while closing", self.view.describe())
-        finally:
-            # A generator that returned, raised, or was cancelled at an await has
-            # already finished: only one left at a yield has finally blocks to run.
-            if getattr(agen, "ag_frame", True) is not None:
-                await self._close_events(agen)
+        elif self.reason is None:
+            logger.exception("%s: events() raised; ending the stream", self.view.describe())
+            self.fail()
+        else:
+            logger.exception("%s: events() raised while closing", self.view.describe())
 
     async def _close_events(self, agen: Any) -> None:
         """Close `events()` left at a yield: shielded, and bounded by disconnect_timeout."""
