@@ -87,6 +87,9 @@ class Applicant(StreamOwner, Protocol):
     max_buffer_events: ClassVar[int]
     max_buffer_bytes: ClassVar[int]
     presence_info_max_bytes: ClassVar[int]
+    # (groups, max_groups, their unique names) once a request checked a list or
+    # tuple set on the class: see _resolve_groups.
+    _checked_groups: ClassVar[tuple[Any, int, tuple[str, ...]] | None]
     scope: Scope
     receive: Receive
     send: Send
@@ -187,7 +190,7 @@ async def admit(
             )
     else:
         try:
-            groups = await _resolve_groups(view)
+            groups = await _resolve_groups(view, base)
         except HTTPException as exc:
             return _refuse(view, counters, _refusal(exc))
     encoding = None
@@ -267,12 +270,46 @@ async def admit(
     return stream
 
 
-async def _resolve_groups(view: Applicant) -> list[str]:
+async def _resolve_groups(view: Applicant, base: type) -> list[str]:
     value = view.groups
-    if callable(value):
+    cls = type(view)
+    checked = cls._checked_groups
+    if checked is not None and checked[0] == value and checked[1] == view.max_groups:
+        groups = list(checked[2])  # the class's own names, checked by an earlier request
+    elif callable(value):
         value = value()
         if inspect.isawaitable(value):
             value = await value
+        groups = _check_groups(view, value)
+    else:
+        groups = _check_groups(view, value)
+        if type(value) in (list, tuple):
+            # The same for every request: later ones skip the checks. A copy, so a
+            # list changed in place later is not taken for the one checked here.
+            cls._checked_groups = (type(value)(value), view.max_groups, tuple(groups))
+    claims = view.token_claims
+    authorizes = cls.authorize_group is not base.authorize_group  # type: ignore[attr-defined]
+    if claims is None and not authorizes:
+        return groups
+    for group in groups:
+        if claims is not None:
+            check_token_group(claims, group)
+        if authorizes:
+            allowed = view.authorize_group(group)
+            if inspect.isawaitable(allowed):
+                allowed = await allowed
+            if not allowed:
+                raise HTTPException(403, f"not allowed to join group {group!r}")
+    return groups
+
+
+def _check_groups(view: Applicant, value: Any) -> list[str]:
+    """The unique names of `value` (the view's `groups`, or what its method returned).
+
+    Raises:
+        TypeError: `value` is a str.
+        HTTPException: 400 for too many groups, or an invalid name.
+    """
     if isinstance(value, str):
         raise TypeError(f"{type(view).__name__}.groups must return a list of names, not a str")
     groups = list(dict.fromkeys(value))  # unique, in order
@@ -285,15 +322,6 @@ async def _resolve_groups(view: Applicant) -> list[str]:
             check_group(group)
         except (TypeError, ValueError) as exc:
             raise HTTPException(400, f"invalid group name: {exc}") from None
-    claims = view.token_claims
-    for group in groups:
-        if claims is not None:
-            check_token_group(claims, group)
-        allowed = view.authorize_group(group)
-        if inspect.isawaitable(allowed):
-            allowed = await allowed
-        if not allowed:
-            raise HTTPException(403, f"not allowed to join group {group!r}")
     return groups
 
 

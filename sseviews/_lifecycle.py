@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import importlib
 import logging
 import signal
 import threading
@@ -26,6 +27,11 @@ import sniffio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._reserved import SHUTDOWN_KEY
+
+# The C function that `signal.getsignal` wraps: the same handler, never turned into an enum.
+_getsignal: Callable[[int], Any] = getattr(
+    importlib.import_module("_signal"), "getsignal", signal.getsignal
+)
 
 __all__ = [
     "DisconnectReason",
@@ -318,7 +324,10 @@ def _uvicorn_server() -> Any | None:
     # uvicorn's Server.serve() installs its bound method `handle_exit` as the
     # SIGTERM/SIGINT handler for as long as it runs, and restores the previous
     # handler afterwards, so the handler leads to the server running right now.
-    handler = signal.getsignal(signal.SIGTERM)
+    # Read with the C function itself: this runs once per request, and the
+    # `signal.getsignal` wrapper tries to turn every handler into a `Handlers`
+    # member, raising and catching a ValueError for each callable one.
+    handler = _getsignal(signal.SIGTERM)
     server = getattr(handler, "__self__", None)
     if server is None or not hasattr(server, "should_exit") or not hasattr(server, "handle_exit"):
         return None

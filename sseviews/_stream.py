@@ -75,6 +75,9 @@ DROP_REASONS = frozenset(
 # Upper bound on the writes that end a stream during shutdown, in seconds, so a
 # client that stopped reading cannot hold the server's exit.
 SHUTDOWN_WRITE_TIMEOUT = 1.0
+# The names of a stream's child tasks (in task dumps and debuggers).
+WRITER_TASK = "sseviews stream writer"
+LISTENER_TASK = "sseviews stream listener"
 
 
 _DEFAULT_HEADERS: dict[str, str] = {
@@ -182,7 +185,6 @@ class Stream:
         "taken",
         "task",
         "view",
-        "wake",
     )
 
     def __init__(
@@ -237,9 +239,6 @@ class Stream:
         self.events_scope: anyio.CancelScope | None = None
         runtime = self._runtime = current_runtime()
         self._writer = runtime.waiter()  # the writer waits here for something to send
-        #: Wake the writer: events are waiting in the source (the Waiter's own method,
-        #: so a publisher's wake-up is one call).
-        self.wake = self._writer.wake
         # The request task waits here: for room in the buffer, or for the writer to end.
         self._request = runtime.waiter()
         self._listening: CancelRegion | None = None  # the request task's receive()
@@ -297,21 +296,18 @@ class Stream:
             counters.open += 1
             counters.streams += 1
         self.task = self._runtime.task_key()
-        view = self.view
         try:
             # One frame for the whole stream: the request task's stack is what every
-            # open stream keeps while it waits.
-            head, first = response_start(view.headers), first_chunk(view.retry)
-            if view.compress:
-                head, first = compressed_start(head, first, self.encoder)
-            if not await self.start(head, first):
+            # open stream keeps while it waits. The head is built in the call, so
+            # this frame never holds it.
+            if not await self.start(*self._opening()):
                 return  # the client is gone: only the teardown is left
             shutdown = self.shutdown
             if shutdown is not None:
                 register_stream(shutdown, self)
             try:
                 async with self._runtime.tasks() as tasks:
-                    tasks.start(self._write)
+                    tasks.start(self._write, WRITER_TASK)
                     if events is None:
                         # The request task listens, and the writer (woken once per
                         # burst of group events) runs in a task with a shallow stack.
@@ -319,12 +315,38 @@ class Stream:
                             self._listening = listening  # cancelled when the writer ends
                             await self._listen()
                     else:
-                        tasks.start(self._listen)
+                        tasks.start(self._listen, LISTENER_TASK)
+                        # events() is iterated in this frame rather than one of its
+                        # own: this frame is kept while the stream is open anyway.
                         try:
-                            await self._produce(events, look_at)
+                            with self.open_events_scope():
+                                async for item in events:
+                                    if isinstance(item, Event):
+                                        data = item.encode()
+                                    else:
+                                        if look_at is not None:
+                                            look_at(item)  # the first value that is not an Event
+                                            look_at = None
+                                        data = encode_data(item)
+                                    if self.push(data):
+                                        await self.wait_for_space()
+                            self.stop(
+                                DisconnectReason.SHUTDOWN
+                                if self.shutting_down
+                                else DisconnectReason.COMPLETED
+                            )
+                        except Exception as error:
+                            self._events_failed(error)
                         finally:
-                            self._finishing = True
-                            self._writer.wake()
+                            try:
+                                # A generator that returned, raised, or was cancelled at
+                                # an await has already finished: only one left at a
+                                # yield has finally blocks to run.
+                                if getattr(events, "ag_frame", True) is not None:
+                                    await self._close_events(events)
+                            finally:
+                                self._finishing = True
+                                self._writer.wake()
                     while not self._written:
                         await self._request.wait()
             finally:
@@ -342,6 +364,14 @@ class Stream:
                     subscription.close()
                     if self.presence is not None:
                         await self._leave_presence(self.presence)
+
+    def _opening(self) -> tuple[Message, bytes]:
+        """The response head and the first body chunk (see `start()`)."""
+        view = self.view
+        head, first = response_start(view.headers), first_chunk(view.retry)
+        if view.compress:
+            head, first = compressed_start(head, first, self.encoder)
+        return head, first
 
     def fail(self) -> None:
         """End the stream with `ERROR`: the `sseviews.error` event last, no details.
@@ -366,7 +396,8 @@ class Stream:
     def send_from(self, subscription: Subscription) -> None:
         """Write straight from `subscription` (a view without `events()`)."""
         self.subscription = self.source = subscription
-        subscription.on_ready = self.wake
+        # The waiter's own method, so a publisher's wake-up is one call.
+        subscription.on_ready = self._writer.wake
         subscription.on_error = self._subscription_failed
 
     def relay(self, subscription: Subscription, max_pending: int) -> None:
@@ -449,40 +480,18 @@ class Stream:
 
     # -- the producer -----------------------------------------------------------------
 
-    async def _produce(
-        self, agen: AsyncIterator[Any], look_at: Callable[[object], None] | None
-    ) -> None:
-        """Iterate `events()` in this task, encoding each item into the buffer."""
-        describe = self.view.describe
-        try:
-            with self.open_events_scope():
-                async for item in agen:
-                    if isinstance(item, Event):
-                        data = item.encode()
-                    else:
-                        if look_at is not None:
-                            look_at(item)  # only the first value that is not an Event
-                            look_at = None
-                        data = encode_data(item)
-                    if self.push(data):
-                        await self.wait_for_space()
-            ended = self.shutting_down
-            self.stop(DisconnectReason.SHUTDOWN if ended else DisconnectReason.COMPLETED)
-        except SlowConsumer as exc:
+    def _events_failed(self, error: Exception) -> None:
+        """End the stream because iterating `events()` raised `error` (call it from
+        the `except` block: the traceback is logged)."""
+        if isinstance(error, SlowConsumer):  # from the subscription events() relays
             if self.reason is None:
-                logger.warning("%s: %s; disconnecting", describe(), exc)
+                logger.warning("%s: %s; disconnecting", self.view.describe(), error)
                 self.stop(DisconnectReason.SLOW_CONSUMER)
-        except Exception:
-            if self.reason is None:
-                logger.exception("%s: events() raised; ending the stream", describe())
-                self.fail()
-            else:
-                logger.exception("%s: events() raised while closing", describe())
-        finally:
-            # A generator that returned, raised, or was cancelled at an await has
-            # already finished: only one left at a yield has finally blocks to run.
-            if getattr(agen, "ag_frame", True) is not None:
-                await self._close_events(agen)
+        elif self.reason is None:
+            logger.exception("%s: events() raised; ending the stream", self.view.describe())
+            self.fail()
+        else:
+            logger.exception("%s: events() raised while closing", self.view.describe())
 
     async def _close_events(self, agen: Any) -> None:
         """Close `events()` left at a yield: shielded, and bounded by disconnect_timeout."""

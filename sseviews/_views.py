@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
@@ -133,6 +134,10 @@ class EventStreamView:
     # Whether this class has warned about a yielded value shaped like another SSE
     # library's event (see _checks.lookalike_problem): once per class.
     _lookalike_warned: ClassVar[bool] = False
+    # A list or tuple `groups`, once checked by a request (see _admission).
+    _checked_groups: ClassVar[tuple[Any, int, tuple[str, ...]] | None] = None
+    # _look_at bound to the class once, so that a stream holds no callable of its own.
+    _looker: ClassVar[Callable[[object], None]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -144,6 +149,8 @@ class EventStreamView:
         cls._event_types = compile_event_types(cls)
         cls._open_streams = 0  # each view class counts its own streams
         cls._lookalike_warned = False
+        cls._checked_groups = None
+        cls._looker = functools.partial(_look_at, cls)
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -317,7 +324,8 @@ class EventStreamView:
             events = self._events(stream)
         elif self._event_types is not None:
             self._event_types.relayed(self)  # checked by a test client, if any
-        return events, None if type(self)._lookalike_warned else self._look_at
+        view = type(self)
+        return events, None if view._lookalike_warned else view._looker
 
     def _events(self, stream: Stream) -> AsyncIterator[Any] | None:
         """`events()`, checked against `event_types`; None (the stream fails) if it
@@ -337,10 +345,13 @@ class EventStreamView:
             agen = event_types.checked(self, agen)
         return agen
 
-    def _look_at(self, item: object) -> None:
-        """Warn (once per class) when `item` is shaped like another SSE library's event."""
-        problem = lookalike_problem(item)
-        if problem is not None:
-            view = type(self)
-            view._lookalike_warned = True
-            warn_lookalike(view, view.events, problem)
+
+def _look_at(view: type[EventStreamView], item: object) -> None:
+    """Warn (once per class) when `item` is shaped like another SSE library's event."""
+    problem = lookalike_problem(item)
+    if problem is not None:
+        view._lookalike_warned = True
+        warn_lookalike(view, view.events, problem)
+
+
+EventStreamView._looker = functools.partial(_look_at, EventStreamView)

@@ -120,13 +120,14 @@ async def test_runtime_stream_tasks_cancels_and_awaits_children() -> None:
         try:
             await anyio.sleep(10)
         finally:
-            ended.append("child")
+            ended.append(anyio.get_current_task().name)
 
     with anyio.fail_after(5):
         async with runtime.tasks() as tasks:
-            tasks.start(child)
+            tasks.start(child, "a child")
+            tasks.start(child, "another child")
             await anyio.sleep(0.01)
-    assert ended == ["child"]
+    assert sorted(ended) == ["a child", "another child"]
 
 
 @pytest.mark.anyio

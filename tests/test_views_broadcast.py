@@ -200,6 +200,37 @@ async def test_view_more_groups_than_max_groups_gets_400() -> None:
             assert stream.status_code == 200
 
 
+async def test_view_static_groups_changed_after_a_request_are_checked_again() -> None:
+    # A list set on the class is checked once and remembered; a list changed in
+    # place, or replaced, is not taken for the one checked.
+    broadcast = Broadcast("memory://")
+    view = room_view(broadcast, groups=["a"])
+    app = app_for(broadcast, Route("/s", view))
+    async with EventStreamClient(app, timeout=TIMEOUT) as client:
+        async with client.stream("/s") as stream:
+            assert broadcast.subscriber_count == 1
+        view.groups.append("b")
+        async with client.stream("/s") as stream:
+            assert broadcast.subscriber_count == 2  # a subscriber per group
+            await broadcast.publish("b", "for b")
+            assert [e.data for e in await read(stream, 1)] == ["for b"]
+        view.groups.append("not a name")
+        for _ in range(2):
+            response = await client.get("/s")
+            assert response.status_code == 400
+            assert response.text.startswith("invalid group name")
+        view.groups = ("c",)
+        async with client.stream("/s") as stream:
+            await broadcast.publish("b", "not for c")
+            await broadcast.publish("c", "for c")
+            assert [e.data for e in await read(stream, 1)] == ["for c"]
+        view.max_groups = 0
+        response = await client.get("/s")
+        assert response.status_code == 400
+        assert "too many groups" in response.text
+    assert broadcast.subscriber_count == 0
+
+
 @pytest.mark.parametrize("room", ["a b", "%00", "tab%09", "x" * 250])
 async def test_view_invalid_group_name_from_path_gets_400(room: str) -> None:
     broadcast = Broadcast("memory://")

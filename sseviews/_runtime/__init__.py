@@ -84,8 +84,9 @@ class StreamTasks(Protocol):
         tb: TracebackType | None,
     ) -> bool | None: ...
 
-    def start(self, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run `function()` in a child task of the stream; it must catch its own errors."""
+    def start(self, function: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        """Run `function()` in a child task of the stream, named `name`; it must catch
+        its own errors."""
 
 
 class Runtime(Protocol):

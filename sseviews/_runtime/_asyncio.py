@@ -163,13 +163,16 @@ class StreamTasks:
     __slots__ = ("_tasks",)
 
     def __init__(self) -> None:
-        self._tasks: list[asyncio.Task[None]] = []
+        # A tuple: a stream starts one or two children, and a list would hold spare room.
+        self._tasks: tuple[asyncio.Task[None], ...] = ()
 
     async def __aenter__(self) -> StreamTasks:
         return self
 
-    def start(self, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(function()))
+    def start(self, function: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        # Named by the caller: on Python 3.11 an unnamed task formats a name of its own.
+        task = asyncio.get_running_loop().create_task(function(), name=name)
+        self._tasks += (task,)
 
     async def __aexit__(
         self,

@@ -93,8 +93,8 @@ class StreamTasks:
         await self._group.__aenter__()
         return self
 
-    def start(self, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self._group.start_soon(function)
+    def start(self, function: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        self._group.start_soon(function, name=name)
 
     async def __aexit__(
         self,
