@@ -107,8 +107,11 @@ SETTLE_TIMEOUT = 30.0  # until the server reports no open stream, after the clie
 SHUTDOWN_LIMIT = 2.0  # SIGTERM to exit, with streams open
 MAX_ERRORS_KEPT = 20
 # Of the streams expected open at once, how many must be on average for the load to
-# count (fewer: the clients could not reconnect as fast as the churn asks).
-HELD_FRACTION = 0.8
+# count (fewer: the clients could not reconnect as fast as the churn asks). The
+# client shares the machine's 2 cores with the server: on the 2026-12-07 machine it
+# held 569 to 674 of 981 on average, the code before and after that day's changes
+# alike, where the machine of 2026-12-02 held over 80%.
+HELD_FRACTION = 0.5
 
 
 # -- the server process ---------------------------------------------------------------
@@ -922,6 +925,7 @@ class ShutdownConfig:
     rate: float = 50.0
     publish_before: float = 1.0  # seconds of publishing to the open streams before SIGTERM
     concurrency: int = 200
+    exit_limit: float = SHUTDOWN_LIMIT  # seconds from SIGTERM to exit
 
 
 async def _shutdown(config: ShutdownConfig, server: Server) -> dict[str, Any]:
@@ -1006,8 +1010,8 @@ def run_shutdown(config: ShutdownConfig, workdir: Path) -> Report:
         + (f"; first error: {result['errors'][0]}" if result["errors"] else ""),
     )
     report.check(
-        f"exits within {SHUTDOWN_LIMIT:g} s of SIGTERM",
-        seconds is not None and seconds < SHUTDOWN_LIMIT,
+        f"exits within {config.exit_limit:g} s of SIGTERM",
+        seconds is not None and seconds < config.exit_limit,
         f"{seconds:.2f} s" if seconds is not None else "still running after 10 s",
     )
     report.check(
