@@ -7,14 +7,14 @@ apart from its core. A stream asks `current_runtime()` once, when it opens.
 - `Waiter`: one task waits (with an optional deadline) until another part of the
   stream, or a publisher, wakes it. Waits are level-triggered by the caller: it
   checks its condition, then waits without an `await` in between, so a wake-up
-  that came while nobody waited is never needed and is a no-op.
+  that came while nobody waited is never needed and is a no-op. Its `clock()`
+  is anyio's clock, read from the waiter's own loop: every deadline here is on it.
 - `CancelRegion`: a stretch of one task that another part of the stream can end
   early, or a deadline can (a send that takes too long). Leaving the region
   swallows that cancellation and only that one: a cancellation from outside (the
   server, a middleware's timeout) goes on up.
 - `StreamTasks`: the child tasks of one stream, started by the request task in a
   copy of its contextvars context, cancelled and awaited before it goes on.
-- `clock()`: anyio's clock; deadlines above are on it.
 - `task_key()`: an id of the running task.
 - `background()`: a task that belongs to an instance (a store's sweep), not to
   the request that happened to start it; the caller holds it and stops it.
@@ -91,9 +91,6 @@ class StreamTasks(Protocol):
 
 class Runtime(Protocol):
     """One async library's implementation of the seam."""
-
-    def clock(self) -> float:
-        """Anyio's clock."""
 
     def task_key(self) -> int:
         """Identify the running task."""

@@ -196,9 +196,6 @@ class AsyncioRuntime:
 
     __slots__ = ()
 
-    def clock(self) -> float:
-        return asyncio.get_running_loop().time()
-
     def task_key(self) -> int:
         return id(asyncio.current_task())
 

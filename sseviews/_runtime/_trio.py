@@ -111,9 +111,6 @@ class AnyioRuntime:
 
     __slots__ = ()
 
-    def clock(self) -> float:
-        return anyio.current_time()
-
     def task_key(self) -> int:
         return anyio.get_current_task().id
 
