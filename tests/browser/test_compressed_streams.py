@@ -16,11 +16,12 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser
+from playwright.sync_api import Browser, Page
 from support.processes import clean_env, free_port, stop_process, wait_until_serving
 
 from sseviews.testing import EventParser
@@ -73,6 +74,17 @@ def expected(first: int, last: int) -> list[dict[str, Any]]:
     return [{"n": n, "text": TEXT * (1 + n % 3)} for n in range(first, last)]
 
 
+@contextmanager
+def page_accepting(browser: Browser, encoding: str) -> Iterator[Page]:
+    """A page whose requests accept only `encoding`, closed with its context."""
+    # Chromium asks for br and zstd only over HTTPS: the header makes it ask here too.
+    context = browser.new_context(extra_http_headers={"Accept-Encoding": encoding})
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
 def publish_for(app: CompressApp, seconds: float, first: int = 0) -> int:
     """Publish two events every 0.1 s for `seconds`, pausing 0.2 s (a ping) every
     fifth time; the number of the next event."""
@@ -89,10 +101,7 @@ def publish_for(app: CompressApp, seconds: float, first: int = 0) -> int:
 def test_browser_reads_compressed_streams_across_reconnections(
     app: CompressApp, browser: Browser, encoding: str
 ) -> None:
-    # Chromium asks for br and zstd only over HTTPS: the header makes it ask here too.
-    context = browser.new_context(extra_http_headers={"Accept-Encoding": encoding})
-    try:
-        page = context.new_page()
+    with page_accepting(browser, encoding) as page:
         page.goto(f"{app.base}/?encoding={encoding}")
         first = len(app.connections())
         page.wait_for_function("window.native !== undefined")
@@ -103,8 +112,6 @@ def test_browser_reads_compressed_streams_across_reconnections(
         )
         assert page.evaluate("window.native") == expected(0, total)
         assert page.evaluate("window.helper") == expected(0, total)
-    finally:
-        context.close()
     mine = [c for c in app.connections()[first:] if c["encoding"] == encoding]
     for client in ("native", "helper"):
         streams = [c for c in mine if c["client"] == client]
@@ -151,9 +158,7 @@ def test_browser_gets_each_compressed_event_before_the_next(
     app: CompressApp, browser: Browser, encoding: str
 ) -> None:
     # The quiet feed sends no pings: only each event's own flushed write can carry it.
-    context = browser.new_context(extra_http_headers={"Accept-Encoding": encoding})
-    try:
-        page = context.new_page()
+    with page_accepting(browser, encoding) as page:
         before = len(app.connections())
         page.goto(f"{app.base}/?encoding={encoding}&feed=quiet")
         deadline = time.monotonic() + 5
@@ -169,8 +174,6 @@ def test_browser_gets_each_compressed_event_before_the_next(
             )
         assert page.evaluate("window.native") == expected(2000, 2008)
         assert page.evaluate("window.helper") == expected(2000, 2008)
-    finally:
-        context.close()
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
