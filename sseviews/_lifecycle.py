@@ -5,16 +5,16 @@ is found per request, either in the ASGI scope (put there by `ShutdownMiddleware
 or by the test client) or, under uvicorn, on the running `uvicorn.Server` itself.
 Two servers started one after another in one process each get their own.
 
-Under other servers, `ShutdownMiddleware(app, handle_signals=True)` triggers its
-own signal from SIGTERM/SIGINT, chained in front of the server's handlers; its
-state lives on the middleware instance.
+Under uvicorn, sseviews chains a handler in front of the server's SIGTERM/SIGINT
+handler at the first request, so the streams end before uvicorn starts its own
+shutdown. Under other servers, `ShutdownMiddleware(app, handle_signals=True)` does
+the same with its own signal; its state lives on the middleware instance.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import importlib
 import logging
 import signal
 import threading
@@ -27,11 +27,6 @@ import sniffio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._reserved import SHUTDOWN_KEY
-
-# The C function that `signal.getsignal` wraps: the same handler, never turned into an enum.
-_getsignal: Callable[[int], Any] = getattr(
-    importlib.import_module("_signal"), "getsignal", signal.getsignal
-)
 
 __all__ = [
     "DisconnectReason",
@@ -232,10 +227,12 @@ class _SignalChain:
       and waits for its open connections, which the trigger ends.
     """
 
-    __slots__ = ("_held", "_loop", "_passed", "_previous", "_shutdown", "_timer")
+    __slots__ = ("_held", "_loop", "_passed", "_previous", "_shutdown", "_timer", "server")
 
-    def __init__(self, shutdown: ShutdownSignal) -> None:
+    def __init__(self, shutdown: ShutdownSignal, *, server: Any = None) -> None:
         self._shutdown = shutdown
+        #: The uvicorn `Server` whose handler this chain calls (None: any server's).
+        self.server = server
         self._previous: dict[int, Callable[[int, FrameType | None], object]] = {}
         self._held: list[tuple[int, FrameType | None]] = []
         self._passed = False
@@ -260,6 +257,11 @@ class _SignalChain:
             if callable(previous):  # not SIG_DFL, SIG_IGN, or a handler set outside Python
                 self._previous[signum] = previous
                 signal.signal(signum, self._handle)
+
+    @property
+    def installed(self) -> bool:
+        """Whether the chain stands in front of the server's SIGTERM handler."""
+        return signal.SIGTERM in self._previous
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # A Python signal handler runs between two bytecodes of the main thread,
@@ -317,51 +319,94 @@ def find_shutdown_signal(scope: Scope) -> ShutdownSignal | None:
         found = extensions.get(SHUTDOWN_KEY)
         if found is not None:
             return found  # type: ignore[no-any-return]
-    return _uvicorn_signal()
-
-
-def _uvicorn_server() -> Any | None:
-    # uvicorn's Server.serve() installs its bound method `handle_exit` as the
-    # SIGTERM/SIGINT handler for as long as it runs, and restores the previous
-    # handler afterwards, so the handler leads to the server running right now.
-    # Read with the C function itself: this runs once per request, and the
-    # `signal.getsignal` wrapper tries to turn every handler into a `Handlers`
-    # member, raising and catching a ValueError for each callable one.
-    handler = _getsignal(signal.SIGTERM)
-    server = getattr(handler, "__self__", None)
-    if server is None or not hasattr(server, "should_exit") or not hasattr(server, "handle_exit"):
-        return None
-    return server
-
-
-def _uvicorn_signal() -> ShutdownSignal | None:
-    server = _uvicorn_server()
-    if server is None:
-        return None
-    found: ShutdownSignal | None = server.__dict__.get(_UVICORN_ATTR)
-    if found is None:
-        found = ShutdownSignal()
-        server.__dict__[_UVICORN_ATTR] = found
-    if server.should_exit:
-        found.trigger()
-    elif found._watcher is None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # pragma: no cover - uvicorn always runs asyncio
-            return found
-        found._watcher = loop.create_task(_watch_uvicorn(server, found))
-    return found
-
-
-async def _watch_uvicorn(server: Any, found: ShutdownSignal) -> None:
-    """Trigger `found` when `server.should_exit` flips; live only while streams are open."""
     try:
-        # Let the stream that started us register before the first look.
-        await asyncio.sleep(_UVICORN_POLL)
-        while not server.should_exit:
-            if not found._streams:
-                return  # the next stream starts a new watcher
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: not uvicorn either
+        return None
+    watched = _watched
+    if watched is not None and watched.loop is loop:
+        return watched.signal
+    return _uvicorn_signal(loop)
+
+
+class _UvicornShutdown:
+    """The shutdown of the uvicorn `Server` that serves this process's requests.
+
+    uvicorn's `Server.serve()` installs its bound method `handle_exit` as the
+    SIGTERM and SIGINT handler for as long as it runs (in the main thread), and
+    restores the previous handlers afterwards: the handler leads to the server.
+    sseviews chains a handler in front of it (see `_SignalChain`), so the streams
+    end before uvicorn starts its own shutdown, which then finds no open
+    connection to wait for; and it watches `Server.should_exit`, which code that
+    runs uvicorn may also set directly.
+    """
+
+    __slots__ = ("chain", "loop", "server", "signal", "watcher")
+
+    def __init__(self, server: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+        self.signal = ShutdownSignal()
+        self.chain: _SignalChain | None = None
+        self.watcher: asyncio.Task[None] | None = None
+
+    def installed(self) -> bool:
+        """Whether uvicorn's SIGTERM handler, or the chain in front of it, is still installed."""
+        handler = signal.getsignal(signal.SIGTERM)
+        chain = self.chain
+        if chain is not None:
+            return handler == chain._handle
+        return bool(handler == self.server.handle_exit)
+
+    def watch(self) -> None:
+        """Watch `should_exit` while streams are open (from a task of the server's loop)."""
+        global _watched
+        if self.server.should_exit:
+            self.signal.trigger()
+        elif self.watcher is None:
+            self.watcher = self.loop.create_task(self._watch())
+            # While the watcher runs, requests on this loop find this signal without
+            # reading the signal handler (see find_shutdown_signal).
+            _watched = self
+
+    async def _watch(self) -> None:
+        global _watched
+        found = self.signal
+        try:
+            # Let the stream that started us register before the first look.
             await asyncio.sleep(_UVICORN_POLL)
-        found.trigger()
-    finally:
-        found._watcher = None
+            while not self.server.should_exit:
+                if not found._streams or not self.installed():
+                    return  # the next stream looks again, and starts a new watcher
+                await asyncio.sleep(_UVICORN_POLL)
+            found.trigger()
+        finally:
+            self.watcher = None
+            if _watched is self:
+                _watched = None
+
+
+# The uvicorn server whose streams are being watched, found without reading the signal
+# handler while its watcher runs.
+_watched: _UvicornShutdown | None = None
+
+
+def _uvicorn_signal(loop: asyncio.AbstractEventLoop) -> ShutdownSignal | None:
+    if threading.current_thread() is not threading.main_thread():
+        return None  # uvicorn handles signals only when it runs in the main thread
+    handler = signal.getsignal(signal.SIGTERM)
+    owner = getattr(handler, "__self__", None)
+    if isinstance(owner, _SignalChain):
+        owner = owner.server  # sseviews' chain, in front of uvicorn's handler
+    if owner is None or not hasattr(owner, "should_exit") or not hasattr(owner, "handle_exit"):
+        return None
+    shutdown: _UvicornShutdown | None = owner.__dict__.get(_UVICORN_ATTR)
+    if shutdown is None or shutdown.loop is not loop:
+        shutdown = owner.__dict__[_UVICORN_ATTR] = _UvicornShutdown(owner, loop)
+    if shutdown.chain is None and handler == owner.handle_exit:
+        # First request: put the streams' shutdown in front of uvicorn's.
+        chain = _SignalChain(shutdown.signal, server=owner)
+        if chain.installed:
+            shutdown.chain = chain
+    shutdown.watch()
+    return shutdown.signal
