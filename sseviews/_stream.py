@@ -521,8 +521,9 @@ class Stream:
         if self.session is not None or self.hooked:
             await self._run_on_disconnect(reason)
         self.task = None
-        log = logger.warning if reason is DisconnectReason.SEND_TIMEOUT else logger.debug
-        log("%s: stream ended (%s)", self.view.describe(), reason.value)
+        level = logging.WARNING if reason is DisconnectReason.SEND_TIMEOUT else logging.DEBUG
+        if logger.isEnabledFor(level):  # describe() formats a string: only for a line logged
+            logger.log(level, "%s: stream ended (%s)", self.view.describe(), reason.value)
 
     async def _run_on_disconnect(self, reason: DisconnectReason) -> None:
         view = self.view
