@@ -6,9 +6,11 @@ or by the test client) or, under uvicorn, on the running `uvicorn.Server` itself
 Two servers started one after another in one process each get their own.
 
 Under uvicorn, sseviews chains a handler in front of the server's SIGTERM/SIGINT
-handler at the first request, so the streams end before uvicorn starts its own
-shutdown. Under other servers, `ShutdownMiddleware(app, handle_signals=True)` does
-the same with its own signal; its state lives on the middleware instance.
+handler at the first request, so the streams are told to end before uvicorn
+starts its own shutdown (which then waits for them). Under other servers,
+`ShutdownMiddleware(app, handle_signals=True)` chains one with its own signal, and
+holds the server's handler until the streams have ended; its state lives on the
+middleware instance.
 """
 
 from __future__ import annotations
@@ -227,12 +229,16 @@ class _SignalChain:
       and waits for its open connections, which the trigger ends.
     """
 
-    __slots__ = ("_held", "_loop", "_passed", "_previous", "_shutdown", "_timer", "server")
+    __slots__ = ("_held", "_hold", "_loop", "_passed", "_previous", "_shutdown", "_timer", "server")
 
     def __init__(self, shutdown: ShutdownSignal, *, server: Any = None) -> None:
         self._shutdown = shutdown
         #: The uvicorn `Server` whose handler this chain calls (None: any server's).
+        #: uvicorn's shutdown waits for open connections by itself, and stops
+        #: accepting new ones first: it hears the signal right after the streams are
+        #: told to end, not once they have ended.
         self.server = server
+        self._hold = server is None
         self._previous: dict[int, Callable[[int, FrameType | None], object]] = {}
         self._held: list[tuple[int, FrameType | None]] = []
         self._passed = False
@@ -281,9 +287,12 @@ class _SignalChain:
         if len(self._held) > 1:
             self._pass_on()  # a second signal: the server hears both, in order, now
             return
+        self._shutdown.trigger()
+        if not self._hold:
+            self._pass_on()
+            return
         assert self._loop is not None
         self._timer = self._loop.call_later(_DRAIN_LIMIT, self._pass_on)
-        self._shutdown.trigger()
         self._shutdown._when_drained(self._pass_on)
 
     def _pass_on(self) -> None:
@@ -336,9 +345,9 @@ class _UvicornShutdown:
     SIGTERM and SIGINT handler for as long as it runs (in the main thread), and
     restores the previous handlers afterwards: the handler leads to the server.
     sseviews chains a handler in front of it (see `_SignalChain`), so the streams
-    end before uvicorn starts its own shutdown, which then finds no open
-    connection to wait for; and it watches `Server.should_exit`, which code that
-    runs uvicorn may also set directly.
+    are told to end on the signal itself, in the loop step before uvicorn hears
+    it; and it watches `Server.should_exit`, which code that runs uvicorn may also
+    set directly.
     """
 
     __slots__ = ("chain", "loop", "server", "signal", "watcher")

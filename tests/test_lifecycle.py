@@ -219,3 +219,87 @@ async def test_shutdown_middleware_lifespan_shutdown_reaches_the_app_after_the_s
             while len(received) < 2:  # noqa: ASYNC110 - the app's task appends
                 await anyio.sleep(0.01)
     assert received == ["lifespan.startup", "lifespan.shutdown"]
+
+
+# -- uvicorn, found through its own handler ----------------------------------------
+
+
+@pytest.fixture
+def uvicorn_handler() -> Iterator[object]:
+    """A real `uvicorn.Server` whose `handle_exit` is the SIGTERM/SIGINT handler, as
+    `Server.serve()` installs it; the previous handlers come back after."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(_noop_app))
+    saved = {
+        signum: signal.signal(signum, server.handle_exit)
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield server
+    finally:
+        for signum, previous in saved.items():
+            signal.signal(signum, previous)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_uvicorn_streams_are_told_before_uvicorn_hears_the_signal(
+    uvicorn_handler: object,
+) -> None:
+    server: object = uvicorn_handler
+    found = lifecycle.find_shutdown_signal({"type": "http"})
+    assert found is not None
+    assert lifecycle.find_shutdown_signal({"type": "http"}) is found  # one per server
+    stream = Stream()
+    seen_at_exit: list[bool] = []
+
+    def handle_exit(signum: int, frame: FrameType | None) -> None:
+        seen_at_exit.append(stream.stopping)
+
+    lifecycle.register_stream(found, stream)
+    # uvicorn's handler, behind sseviews': what it saw when it was called.
+    chain = signal.getsignal(signal.SIGTERM)
+    assert getattr(chain, "__self__", None) is not server
+    chain.__self__._previous[signal.SIGTERM] = handle_exit  # type: ignore[union-attr]
+
+    await _deliver(signal.SIGTERM)
+    # uvicorn heard the signal right away, with the stream still open (uvicorn waits
+    # for open connections by itself, after it stops accepting new ones), and after
+    # the stream was told to end.
+    assert seen_at_exit == [True]
+    lifecycle.unregister_stream(found, stream)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_uvicorn_should_exit_set_by_code_is_heard_while_streams_are_open(
+    uvicorn_handler: object,
+) -> None:
+    server = uvicorn_handler
+    found = lifecycle.find_shutdown_signal({"type": "http"})
+    assert found is not None
+    stopping = anyio.Event()
+    stream = Stream()
+    stream.begin_shutdown = stopping.set  # type: ignore[method-assign]
+    lifecycle.register_stream(found, stream)
+    server.should_exit = True  # type: ignore[attr-defined]
+    with anyio.fail_after(1):  # the watcher looks every 0.05 s
+        await stopping.wait()
+    assert found.is_set
+    lifecycle.unregister_stream(found, stream)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_uvicorn_outside_the_main_thread_gets_no_signal(uvicorn_handler: object) -> None:
+    def in_a_thread() -> ShutdownSignal | None:
+        async def find() -> ShutdownSignal | None:
+            return lifecycle.find_shutdown_signal({"type": "http"})
+
+        return asyncio.run(find())
+
+    assert await anyio.to_thread.run_sync(in_a_thread) is None
+    assert lifecycle.find_shutdown_signal({"type": "http"}) is not None
+
+
+async def test_no_uvicorn_no_signal() -> None:
+    # No uvicorn handler installed (and, on trio, no asyncio loop at all).
+    assert lifecycle.find_shutdown_signal({"type": "http"}) is None

@@ -393,10 +393,8 @@ async def test_server_shutdown_grace_period_sends_farewell(tmp_path: Path) -> No
             code = await _exit_code(server, within=5)
             assert server.exit_seconds < 1.0 + 2.0
             assert code in _expected_exit_codes((), signal.SIGTERM)
-            # sseviews' handler stands in front of uvicorn's: uvicorn hears the signal
-            # once the stream has used its grace period and ended, and has no open
-            # connection to wait for.
-            assert WAITING_HANG not in server.log()
+            # (uvicorn may log "Waiting for connections to close" here: it does wait, for
+            # as long as the view uses its grace period, which bounds the wait.)
             assert "Finished server process" in server.log()
         finally:
             client.close()
