@@ -639,6 +639,9 @@ class Stream:
         writer = self._writer
         ending = self._ending
         end_at = math.inf if ending is None else ending[0]
+        # Whether the last wait ended at its deadline: only then can a ping be due.
+        # Woken by wake(), the writer has just written, or was told to stop.
+        timed_out = True
         try:
             # Cancelled when a send times out, or when nobody reads any more.
             with self._runtime.region() as scope:
@@ -667,6 +670,7 @@ class Stream:
                         continue
                     elif (
                         ping_interval is not None
+                        and timed_out
                         and self.clock() - self.last_write >= ping_interval - 0.001
                     ):
                         ping = self.view.ping_message()
@@ -679,7 +683,7 @@ class Stream:
                             counters.pings += 1
                     else:  # idle until woken, or until the next ping or the planned end
                         due = math.inf if ping_interval is None else self.last_write + ping_interval
-                        await writer.wait(min(due, end_at))
+                        timed_out = not await writer.wait(due if due < end_at else end_at)
                         continue
                     encoder = self.encoder
                     if encoder is not None:
@@ -712,9 +716,12 @@ class Stream:
         timeout = self.send_timeout
         if self.shutting_down or self.reason is not None:
             timeout = min(timeout or math.inf, SHUTDOWN_WRITE_TIMEOUT)
-        now = self.clock()
+        now = self._writer.clock()
+        scope = self._scope
         if timeout is not None:
-            self._limit_send(now + timeout)
+            deadline = self._send_deadline = now + timeout  # as _limit_send(), inline
+            if scope is not None:
+                scope.set_deadline(deadline)
         self._sending = True
         try:
             await self.send(message)
@@ -733,10 +740,8 @@ class Stream:
             return False
         finally:
             self._sending = False
-        if timeout is not None:
-            scope = self._scope
-            if scope is not None:
-                scope.set_deadline(math.inf)  # no send in flight: nothing to bound
+        if timeout is not None and scope is not None:
+            scope.set_deadline(math.inf)  # no send in flight: nothing to bound
         # From the start of the write: a ping is due an interval after it, which
         # saves reading the clock again on every write (the fan-out's hot path).
         self.last_write = now
