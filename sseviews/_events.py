@@ -14,6 +14,7 @@ import decimal
 import enum
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["Event", "check_line", "dumps", "encode_comment", "encode_data", "event_from_wire"]
@@ -164,13 +165,12 @@ class Event:
     Events are immutable: their wire bytes are computed once, when they are built.
     """
 
-    __slots__ = ("_wire", "comment", "data", "event", "id", "retry")
+    # Two slots, each set once: the fields as one tuple, and the wire bytes. A view
+    # builds an Event for every message it yields, so setting six slots one by one
+    # (through object.__setattr__, since assignment raises) was most of its cost.
+    __slots__ = ("_fields", "_wire")
 
-    data: Any
-    event: str | None
-    id: str | None
-    retry: int | None
-    comment: str | None
+    _fields: tuple[Any, str | None, str | None, int | None, str | None]
     _wire: bytes
 
     def __init__(
@@ -182,41 +182,53 @@ class Event:
         retry: int | None = None,
         comment: str | None = None,
     ) -> None:
-        if isinstance(id, int) and not isinstance(id, bool):
-            id = str(id)
-        check_line("event", event)
-        check_line("id", id, allow_nul=False)  # type: ignore[arg-type]
-        assert id is None or isinstance(id, str)
-        if retry is not None:
-            if not isinstance(retry, int) or isinstance(retry, bool):
-                raise TypeError(
-                    f"Event retry must be an int of milliseconds, got {type(retry).__name__}"
-                )
-            if retry < 0:
-                raise ValueError(f"Event retry must be a non-negative int, got {retry}")
-        if comment is not None and not isinstance(comment, str):
-            raise TypeError(f"Event comment must be a str or None, got {type(comment).__name__}")
+        if type(data) is str and "\n" not in data and "\r" not in data:
+            text = "data: " + data + "\n"
+        elif data is not None:
+            text = _data_field(_data_text(data))
+        else:
+            text = ""
+        if event is None and id is None and retry is None and comment is None:
+            text += "\n"  # the common case: data only
+        else:
+            if id is not None:
+                if isinstance(id, int) and not isinstance(id, bool):
+                    id = str(id)
+                check_line("id", id, allow_nul=False)  # type: ignore[arg-type]
+            if event is not None:
+                check_line("event", event)
+            text = _fields_text(text, event, id, retry, comment)  # type: ignore[arg-type]
+        try:
+            wire = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"event text must be encodable as UTF-8: {exc}") from None
+        _set_fields(self, (data, event, id, retry, comment))
+        _set_wire(self, wire)
 
-        parts: list[str] = []
-        if comment is not None:
-            parts.extend([": " + line + "\n" for line in _split_lines(comment)])
-        if event is not None:
-            parts.append("event: " + event + "\n")
-        if id is not None:
-            parts.append("id: " + id + "\n")
-        if retry is not None:
-            parts.append(f"retry: {retry}\n")
-        if data is not None:
-            parts.append(_data_field(_data_text(data)))
-        parts.append("\n")
+    @property
+    def data(self) -> Any:
+        """The payload, as given."""
+        return self._fields[0]
 
-        set_ = object.__setattr__
-        set_(self, "data", data)
-        set_(self, "event", event)
-        set_(self, "id", id)
-        set_(self, "retry", retry)
-        set_(self, "comment", comment)
-        set_(self, "_wire", _encode_utf8("".join(parts)))
+    @property
+    def event(self) -> str | None:
+        """The event name (`event:` field), or None."""
+        return self._fields[1]
+
+    @property
+    def id(self) -> str | None:
+        """The event id (`id:` field), or None; an `int` id is kept as a `str`."""
+        return self._fields[2]
+
+    @property
+    def retry(self) -> int | None:
+        """The reconnection delay in milliseconds (`retry:` field), or None."""
+        return self._fields[3]
+
+    @property
+    def comment(self) -> str | None:
+        """The comment (`: ` lines), or None."""
+        return self._fields[4]
 
     def encode(self) -> bytes:
         """Return the message's wire bytes, ending with a blank line."""
@@ -237,13 +249,7 @@ class Event:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Event):
             return NotImplemented
-        return (self.data, self.event, self.id, self.retry, self.comment) == (
-            other.data,
-            other.event,
-            other.id,
-            other.retry,
-            other.comment,
-        )
+        return self._fields == other._fields
 
     __hash__ = None  # type: ignore[assignment]  # data may be a dict
 
@@ -256,7 +262,40 @@ class Event:
         return f"Event({', '.join(fields)})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self.data, self.event, self.id, self.retry, self.comment))
+        return (_rebuild, self._fields)
+
+
+# Set each slot once, past Event.__setattr__ (which raises): the slots' own setters.
+_set_fields: Callable[[Event, tuple[Any, ...]], None] = Event.__dict__["_fields"].__set__
+_set_wire: Callable[[Event, bytes], None] = Event.__dict__["_wire"].__set__
+
+
+def _fields_text(
+    text: str, event: str | None, id: str | None, retry: int | None, comment: str | None
+) -> str:
+    """The field lines of an event with more than data, before its `data:` lines `text`,
+    and the blank line that ends it."""
+    if retry is not None:
+        if not isinstance(retry, int) or isinstance(retry, bool):
+            raise TypeError(
+                f"Event retry must be an int of milliseconds, got {type(retry).__name__}"
+            )
+        if retry < 0:
+            raise ValueError(f"Event retry must be a non-negative int, got {retry}")
+    if comment is not None and not isinstance(comment, str):
+        raise TypeError(f"Event comment must be a str or None, got {type(comment).__name__}")
+    parts: list[str] = []
+    if comment is not None:
+        parts.extend([": " + line + "\n" for line in _split_lines(comment)])
+    if event is not None:
+        parts.append("event: " + event + "\n")
+    if id is not None:
+        parts.append("id: " + id + "\n")
+    if retry is not None:
+        parts.append(f"retry: {retry}\n")
+    parts.append(text)
+    parts.append("\n")
+    return "".join(parts)
 
 
 def _rebuild(
@@ -281,12 +320,16 @@ def event_from_wire(wire: bytes) -> Event:
         else:
             fields[name] = value
     clone = object.__new__(Event)
-    set_ = object.__setattr__
-    set_(clone, "data", "\n".join(data) if data else None)
-    set_(clone, "event", fields.get("event"))
-    set_(clone, "id", fields.get("id"))
     retry = fields.get("retry")
-    set_(clone, "retry", int(retry) if retry is not None else None)
-    set_(clone, "comment", "\n".join(comments) if comments else None)
-    set_(clone, "_wire", wire)
+    _set_fields(
+        clone,
+        (
+            "\n".join(data) if data else None,
+            fields.get("event"),
+            fields.get("id"),
+            int(retry) if retry is not None else None,
+            "\n".join(comments) if comments else None,
+        ),
+    )
+    _set_wire(clone, wire)
     return clone

@@ -452,10 +452,14 @@ class Stream:
 
     def push(self, data: bytes) -> bool:
         """Buffer one encoded message; True when the caller must `wait_for_space()`."""
-        self.buffer.append(data)
-        self.buffered += len(data)
-        self._writer.wake()
-        return self.buffered >= HIGH_WATER or len(self.buffer) >= self.max_pending
+        buffer = self.buffer
+        if not buffer:
+            # A writer with nothing to send waits for this; with something in the
+            # buffer, it was woken already, or takes it before it waits again.
+            self._writer.wake()
+        buffer.append(data)
+        buffered = self.buffered = self.buffered + len(data)
+        return buffered >= HIGH_WATER or len(buffer) >= self.max_pending
 
     async def wait_for_space(self) -> None:
         """Wait until the writer has taken the buffer (backpressure on `events()`)."""
