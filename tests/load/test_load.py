@@ -41,8 +41,8 @@ def test_load_sigterm_with_10000_streams_exits_without_waiting(tmp_path: Path) -
     # 10k writers are woken at once by the shutdown, and each must still end its
     # stream while the event loop is that busy. Ending 10k streams is CPU work that
     # the client's 10k connections share 2 cores with: 1.17 s on the machine of
-    # 2026-12-02, 2.5 to 4.4 s on that of 2026-12-07 for the code before and after
-    # that day's changes alike. The README gives the measured figure; this bound
+    # 2026-12-02, 2.5 to 4.4 s on a slower one of 2026-12-07, 1.48 to 2.05 s on
+    # another that day. The README gives the measured figure; this bound
     # catches a shutdown that waits (without sseviews ending its streams, uvicorn
     # waits for open connections as long as they stay open).
     report = run_shutdown(ShutdownConfig(streams=10_000, rate=2.0, exit_limit=8.0), tmp_path)
