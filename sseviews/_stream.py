@@ -338,15 +338,7 @@ class Stream:
                         except Exception as error:
                             self._events_failed(error)
                         finally:
-                            try:
-                                # A generator that returned, raised, or was cancelled at
-                                # an await has already finished: only one left at a
-                                # yield has finally blocks to run.
-                                if getattr(events, "ag_frame", True) is not None:
-                                    await self._close_events(events)
-                            finally:
-                                self._finishing = True
-                                self._writer.wake()
+                            await self._events_over(events)
                     while not self._written:
                         await self._request.wait()
             finally:
@@ -355,15 +347,32 @@ class Stream:
                     # shutdown).
                     self.reason = DisconnectReason.SHUTDOWN
         finally:
-            try:
-                await self._teardown(self.reason or DisconnectReason.SHUTDOWN)
-            finally:
-                self.release()
-                subscription = self.subscription
-                if subscription is not None:
-                    subscription.close()
-                    if self.presence is not None:
-                        await self._leave_presence(self.presence)
+            await self._end()
+
+    async def _events_over(self, events: AsyncIterator[Any]) -> None:
+        """`events()` is done: close it if it was left at a yield, then let the
+        writer send what is buffered and end the response."""
+        try:
+            # A generator that returned, raised, or was cancelled at an await has
+            # already finished: only one left at a yield has finally blocks to run.
+            if getattr(events, "ag_frame", True) is not None:
+                await self._close_events(events)
+        finally:
+            self._finishing = True
+            self._writer.wake()
+
+    async def _end(self) -> None:
+        """The teardown, `on_disconnect` first; then leave the shutdown, the groups and
+        their presence."""
+        try:
+            await self._teardown(self.reason or DisconnectReason.SHUTDOWN)
+        finally:
+            self.release()
+            subscription = self.subscription
+            if subscription is not None:
+                subscription.close()
+                if self.presence is not None:
+                    await self._leave_presence(self.presence)
 
     def _opening(self) -> tuple[Message, bytes]:
         """The response head and the first body chunk (see `start()`)."""
