@@ -92,12 +92,11 @@ class ShutdownSignal:
     another thread use `loop.call_soon_threadsafe(signal.trigger)`.
     """
 
-    __slots__ = ("__weakref__", "_drained", "_streams", "_triggered", "_watcher")
+    __slots__ = ("__weakref__", "_drained", "_streams", "_triggered")
 
     def __init__(self) -> None:
         self._streams: set[Stoppable] = set()
         self._triggered = False
-        self._watcher: asyncio.Task[None] | None = None
         self._drained: list[Callable[[], object]] = []
 
     @property
@@ -229,7 +228,7 @@ class _SignalChain:
       and waits for its open connections, which the trigger ends.
     """
 
-    __slots__ = ("_held", "_hold", "_loop", "_passed", "_previous", "_shutdown", "_timer", "server")
+    __slots__ = ("_held", "_loop", "_passed", "_previous", "_shutdown", "_timer", "server")
 
     def __init__(self, shutdown: ShutdownSignal, *, server: Any = None) -> None:
         self._shutdown = shutdown
@@ -238,7 +237,6 @@ class _SignalChain:
         #: accepting new ones first: it hears the signal right after the streams are
         #: told to end, not once they have ended.
         self.server = server
-        self._hold = server is None
         self._previous: dict[int, Callable[[int, FrameType | None], object]] = {}
         self._held: list[tuple[int, FrameType | None]] = []
         self._passed = False
@@ -264,11 +262,6 @@ class _SignalChain:
                 self._previous[signum] = previous
                 signal.signal(signum, self._handle)
 
-    @property
-    def installed(self) -> bool:
-        """Whether the chain stands in front of the server's SIGTERM handler."""
-        return signal.SIGTERM in self._previous
-
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # A Python signal handler runs between two bytecodes of the main thread,
         # maybe inside the event loop's own code: it only hands the work over.
@@ -288,7 +281,7 @@ class _SignalChain:
             self._pass_on()  # a second signal: the server hears both, in order, now
             return
         self._shutdown.trigger()
-        if not self._hold:
+        if self.server is not None:
             self._pass_on()
             return
         assert self._loop is not None
@@ -413,9 +406,9 @@ def _uvicorn_signal(loop: asyncio.AbstractEventLoop) -> ShutdownSignal | None:
     if shutdown is None or shutdown.loop is not loop:
         shutdown = owner.__dict__[_UVICORN_ATTR] = _UvicornShutdown(owner, loop)
     if shutdown.chain is None and handler == owner.handle_exit:
-        # First request: put the streams' shutdown in front of uvicorn's.
-        chain = _SignalChain(shutdown.signal, server=owner)
-        if chain.installed:
-            shutdown.chain = chain
+        # First request: put the streams' shutdown in front of uvicorn's. This is
+        # the main thread, on asyncio, and uvicorn's handler is a callable one: the
+        # chain always installs itself here.
+        shutdown.chain = _SignalChain(shutdown.signal, server=owner)
     shutdown.watch()
     return shutdown.signal
