@@ -730,11 +730,8 @@ class Stream:
         if self.shutting_down or self.reason is not None:
             timeout = min(timeout or math.inf, SHUTDOWN_WRITE_TIMEOUT)
         now = self._writer.clock()
-        scope = self._scope
         if timeout is not None:
-            deadline = self._send_deadline = now + timeout  # as _limit_send(), inline
-            if scope is not None:
-                scope.set_deadline(deadline)
+            self._limit_send(now + timeout)
         self._sending = True
         try:
             await self.send(message)
@@ -753,8 +750,10 @@ class Stream:
             return False
         finally:
             self._sending = False
-        if timeout is not None and scope is not None:
-            scope.set_deadline(math.inf)  # no send in flight: nothing to bound
+        if timeout is not None:
+            scope = self._scope
+            if scope is not None:
+                scope.set_deadline(math.inf)  # no send in flight: nothing to bound
         # From the start of the write: a ping is due an interval after it, which
         # saves reading the clock again on every write (the fan-out's hot path).
         self.last_write = now
